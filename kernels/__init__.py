@@ -1,0 +1,37 @@
+"""Kernel contract, backend registry and torch reference twins.
+
+    kv_append(k_cache, v_cache, k_new, v_new, positions)            -> None (in place)
+    verify_attention(q, k_cache, v_cache, positions, scale, active_mask=None) -> out
+
+See ``reference.py`` for the exact semantics and shapes. A model resolves its backend once
+(``kernel_backend=`` of ``from_pretrained`` or env ``VERISPEC_KERNELS``); the module-level
+functions here dispatch to the backend made active by :func:`use_backend` (default torch).
+"""
+
+from . import reference
+from .registry import (
+    CONTRACT,
+    KernelSet,
+    available_backends,
+    default_backend_name,
+    get_backend,
+    kv_append,
+    register_backend,
+    register_backend_loader,
+    use_backend,
+    verify_attention,
+)
+
+__all__ = [
+    "CONTRACT",
+    "KernelSet",
+    "available_backends",
+    "default_backend_name",
+    "get_backend",
+    "kv_append",
+    "reference",
+    "register_backend",
+    "register_backend_loader",
+    "use_backend",
+    "verify_attention",
+]

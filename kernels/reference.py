@@ -1,0 +1,143 @@
+"""Torch reference twins of the kernel contract (always available, any device).
+
+Every other backend is checked against these functions (``verispec.kernels.testing``).
+They favour clarity over speed, but are written to be usable as the CPU production path:
+no per-element Python loops, softmax in fp32, work proportional to the used cache length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["kv_append", "verify_attention", "check_kv_append_args", "check_verify_attention_args"]
+
+
+def _positions_list(positions: torch.Tensor, batch: int, name: str = "positions") -> list[int]:
+    if not isinstance(positions, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B], got {type(positions).__name__}")
+    if positions.dim() != 1 or positions.shape[0] != batch:
+        raise ValueError(f"{name} must have shape [B={batch}], got {tuple(positions.shape)}")
+    if positions.dtype.is_floating_point or positions.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {positions.dtype}")
+    return positions.tolist()
+
+
+def check_kv_append_args(k_cache, v_cache, k_new, v_new, positions) -> list[int]:
+    """Validate kv_append arguments; return positions as a host list."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache/v_cache must both be [B, H_kv, S_max, D]; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_new.dim() != 4 or k_new.shape != v_new.shape:
+        raise ValueError(f"k_new/v_new must both be [B, H_kv, T, D]; got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    B, H_kv, S_max, D = k_cache.shape
+    if (k_new.shape[0], k_new.shape[1], k_new.shape[3]) != (B, H_kv, D):
+        raise ValueError(f"k_new {tuple(k_new.shape)} does not match cache [B={B}, H_kv={H_kv}, *, D={D}]")
+    if k_new.dtype != k_cache.dtype or v_new.dtype != v_cache.dtype:
+        raise TypeError(f"new K/V dtype {k_new.dtype} differs from cache dtype {k_cache.dtype}")
+    T = k_new.shape[2]
+    pos = _positions_list(positions, B)
+    for b, p in enumerate(pos):
+        if p < 0 or p + T > S_max:
+            raise IndexError(
+                f"kv_append out of range: row {b} writes slots {p}..{p + T - 1} but the cache holds {S_max} slots"
+            )
+    return pos
+
+
+def kv_append(
+    k_cache: torch.Tensor,  # [B, H_kv, S_max, D]
+    v_cache: torch.Tensor,  # [B, H_kv, S_max, D]
+    k_new: torch.Tensor,  # [B, H_kv, T, D]
+    v_new: torch.Tensor,  # [B, H_kv, T, D]
+    positions: torch.Tensor,  # [B] int, first slot written per row
+) -> None:
+    """Write T new K/V rows per batch row at slots positions[b] .. positions[b]+T-1, in place."""
+    pos = check_kv_append_args(k_cache, v_cache, k_new, v_new, positions)
+    T = k_new.shape[2]
+    if all(p == pos[0] for p in pos):
+        p = pos[0]
+        k_cache[:, :, p : p + T].copy_(k_new)
+        v_cache[:, :, p : p + T].copy_(v_new)
+        return
+    for b, p in enumerate(pos):
+        k_cache[b, :, p : p + T].copy_(k_new[b])
+        v_cache[b, :, p : p + T].copy_(v_new[b])
+
+
+def check_verify_attention_args(q, k_cache, v_cache, positions, active_mask) -> list[int]:
+    """Validate verify_attention arguments; return positions as a host list."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, T, D], got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache/v_cache must both be [B, H_kv, S_max, D]; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    B, H, T, D = q.shape
+    Bc, H_kv, S_max, Dc = k_cache.shape
+    if Bc != B or Dc != D:
+        raise ValueError(f"q {tuple(q.shape)} and cache {tuple(k_cache.shape)} disagree on B or D")
+    if H % H_kv != 0:
+        raise ValueError(f"query heads H={H} must be a multiple of KV heads H_kv={H_kv} (GQA)")
+    pos = _positions_list(positions, B)
+    for b, p in enumerate(pos):
+        if p < 0 or p + T > S_max:
+            raise IndexError(f"verify_attention: row {b} attends slots 0..{p + T - 1} but the cache holds {S_max}")
+    if active_mask is not None:
+        if active_mask.dtype != torch.bool or tuple(active_mask.shape) != (B, T, T):
+            raise ValueError(f"active_mask must be a bool tensor [B={B}, T={T}, T={T}], got {active_mask.dtype} {tuple(active_mask.shape)}")
+    return pos
+
+
+def attention_mask(
+    positions: torch.Tensor,  # [B]
+    T: int,
+    S: int,
+    active_mask: torch.Tensor | None = None,  # [B, T, T] bool
+) -> torch.Tensor:
+    """Boolean mask [B, T, S]: query t of row b may see slot j.
+
+    The rectangular (cache + new tokens) causal mask of a multi-token verify pass: the T new
+    tokens sit at slots positions[b] .. positions[b]+T-1, so query t sees every prior slot and
+    the active slots up to its own (bottom-right aligned). ``active_mask`` replaces that causal
+    active part, e.g. for token trees.
+    """
+    dev = positions.device
+    j = torch.arange(S, device=dev)  # [S]
+    t = torch.arange(T, device=dev)  # [T]
+    pos = positions.to(torch.long)[:, None, None]  # [B, 1, 1]
+    if active_mask is None:
+        return j[None, None, :] <= pos + t[None, :, None]
+    prior = j[None, None, :] < pos  # [B, 1, S]
+    rel = j[None, None, :] - pos  # [B, 1, S] slot index inside the active block
+    in_active = (rel >= 0) & (rel < T)
+    rel_c = rel.clamp(0, T - 1).expand(-1, T, -1)  # [B, T, S]
+    act = torch.gather(active_mask, 2, rel_c) & in_active
+    return prior | act
+
+
+def verify_attention(
+    q: torch.Tensor,  # [B, H, T, D]
+    k_cache: torch.Tensor,  # [B, H_kv, S_max, D], already holding the T new tokens
+    v_cache: torch.Tensor,  # [B, H_kv, S_max, D]
+    positions: torch.Tensor,  # [B] slot of each row's first new token
+    scale: float,
+    active_mask: torch.Tensor | None = None,  # [B, T, T] bool
+) -> torch.Tensor:  # [B, H, T, D] in q.dtype
+    """Attention of T new queries per row over the prior cache plus the active block."""
+    pos = check_verify_attention_args(q, k_cache, v_cache, positions, active_mask)
+    B, H, T, D = q.shape
+    H_kv = k_cache.shape[1]
+    G = H // H_kv  # query heads per KV head; head h uses KV head h // G
+    S = max(pos) + T  # slots any query can see; the rest of S_max is never read
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 softmax (fp64 stays fp64 for tests)
+    k = k_cache[:, :, :S].to(acc)  # [B, H_kv, S, D]
+    v = v_cache[:, :, :S].to(acc)  # [B, H_kv, S, D]
+    qf = q.to(acc).reshape(B, H_kv, G * T, D)  # [B, H_kv, G*T, D]
+    scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # [B, H_kv, G*T, S]
+    allowed = attention_mask(positions, T, S, active_mask)  # [B, T, S]
+    allowed = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G*T, S] in acc
+    out = torch.matmul(probs, v)  # [B, H_kv, G*T, D]
+    return out.reshape(B, H, T, D).to(q.dtype)

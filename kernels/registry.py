@@ -1,0 +1,127 @@
+"""Backend registry: a backend is a named set of kernels, chosen once per model.
+
+Built-in backends: ``torch`` (reference, always there), ``nki`` and ``triton`` (loaded lazily
+on first use). Research users add their own with :func:`register_backend`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import reference
+
+log = logging.getLogger("verispec.kernels")
+
+# The kernels of the contract; a backend may also carry extra named kernels (e.g. accept_reject).
+CONTRACT = ("verify_attention", "kv_append")
+
+_REFERENCE = {"verify_attention": reference.verify_attention, "kv_append": reference.kv_append}
+_backends: dict[str, dict[str, Callable]] = {"torch": dict(_REFERENCE)}
+_loaders: dict[str, Callable[[], dict[str, Callable]]] = {}
+_active: list[str] = []  # stack driven by use_backend()
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The kernels a model calls, resolved once. ``fallbacks`` names kernels taken from torch."""
+
+    name: str
+    verify_attention: Callable
+    kv_append: Callable
+    extras: dict = field(default_factory=dict)
+    fallbacks: tuple = ()
+
+    def get(self, kernel: str) -> Callable | None:
+        if kernel in CONTRACT:
+            return getattr(self, kernel)
+        return self.extras.get(kernel)
+
+
+def register_backend(name: str, **kernels: Callable) -> None:
+    """Register (or replace) backend ``name`` with the given kernels.
+
+    Kernels not given fall back to the torch reference when the backend is resolved.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError("backend name must be a non-empty string")
+    for k, fn in kernels.items():
+        if not callable(fn):
+            raise TypeError(f"kernel {k!r} of backend {name!r} is not callable")
+    _backends[name] = dict(kernels)
+
+
+def register_backend_loader(name: str, loader: Callable[[], dict[str, Callable]]) -> None:
+    """Register a backend whose kernels are imported on first use (keeps heavy imports lazy)."""
+    _loaders[name] = loader
+
+
+def _load(name: str) -> dict[str, Callable]:
+    if name in _backends:
+        return _backends[name]
+    if name in _loaders:
+        kernels = _loaders[name]()  # may raise ImportError with a reason
+        _backends[name] = dict(kernels)
+        return _backends[name]
+    raise KeyError(f"unknown kernel backend {name!r}; available: {', '.join(available_backends())}")
+
+
+def available_backends() -> list[str]:
+    """Names of registered backends (lazy ones included; they may still fail to import)."""
+    return sorted(set(_backends) | set(_loaders))
+
+
+def default_backend_name(device: str | None = None) -> str:
+    """The backend used when none is named: env ``VERISPEC_KERNELS``, else triton on CUDA, else torch."""
+    env = os.environ.get("VERISPEC_KERNELS")
+    if env:
+        return env
+    if device is not None and str(device).startswith("cuda"):
+        try:
+            _load("triton")
+            return "triton"
+        except Exception:  # triton missing or broken: the reference still works
+            return "torch"
+    return "torch"
+
+
+def get_backend(name: str | None = None, device: str | None = None) -> KernelSet:
+    """Resolve a backend once into a :class:`KernelSet` (missing kernels fall back to torch)."""
+    if name is None:
+        name = _active[-1] if _active else default_backend_name(device)
+    kernels = _load(name)
+    resolved, fallbacks = {}, []
+    for k in CONTRACT:
+        if k in kernels:
+            resolved[k] = kernels[k]
+        else:
+            resolved[k] = _REFERENCE[k]
+            fallbacks.append(k)
+    if fallbacks:
+        log.warning("kernel backend %r has no %s; using the torch reference for it", name, ", ".join(fallbacks))
+    extras = {k: v for k, v in kernels.items() if k not in CONTRACT}
+    return KernelSet(name=name, extras=extras, fallbacks=tuple(fallbacks), **resolved)
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Make ``name`` the backend of the module-level kernels (and of models built inside)."""
+    get_backend(name)  # fail early on unknown names
+    _active.append(name)
+    try:
+        yield get_backend(name)
+    finally:
+        _active.pop()
+
+
+def verify_attention(q, k_cache, v_cache, positions, scale, active_mask=None):
+    """Module-level entry: dispatches to the backend active now (see :func:`use_backend`)."""
+    return get_backend().verify_attention(q, k_cache, v_cache, positions, scale, active_mask)
+
+
+def kv_append(k_cache, v_cache, k_new, v_new, positions):
+    """Module-level entry: dispatches to the backend active now (see :func:`use_backend`)."""
+    return get_backend().kv_append(k_cache, v_cache, k_new, v_new, positions)

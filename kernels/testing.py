@@ -1,0 +1,227 @@
+"""Conformance check of a kernel backend against the torch reference.
+
+    report = check_backend("my_backend")      # or a KernelSet
+    print(report); assert report.passed
+
+Cases are awkward on purpose: T from 1 to 16 and a prefill length, cache lengths that are not a
+multiple of any tile, head_dim 64 and 128, GQA ratios 1/2/7, rows at different positions, a
+token-tree ``active_mask``, fp32 and bf16. Stale cache slots hold large finite garbage, so a
+kernel that reads past a row's visible slots gives a wrong answer.
+
+Tolerance (as in flash-attention's tests): the truth is the reference in float64; a backend's
+error may be at most ``2 x`` the error of plain PyTorch attention at the same low precision
+(matmuls in that dtype, softmax in fp32) plus a few ulps. ``kv_append`` must be bit-exact,
+must leave every other slot untouched, and must raise on an out-of-range write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from . import reference
+from .registry import KernelSet, get_backend
+
+
+@dataclass(frozen=True)
+class AttnCase:
+    B: int
+    H: int
+    H_kv: int
+    T: int
+    D: int
+    positions: tuple  # one per row
+    S_max: int
+    tree: bool = False  # use a random (causal-diagonal) active_mask
+
+    def describe(self) -> str:
+        g = self.H // self.H_kv
+        tree = " tree" if self.tree else ""
+        return f"B={self.B} H={self.H}/{self.H_kv}(g{g}) T={self.T} D={self.D} pos={list(self.positions)} S_max={self.S_max}{tree}"
+
+
+@dataclass(frozen=True)
+class AppendCase:
+    B: int
+    H_kv: int
+    T: int
+    D: int
+    positions: tuple
+    S_max: int
+
+    def describe(self) -> str:
+        return f"B={self.B} H_kv={self.H_kv} T={self.T} D={self.D} pos={list(self.positions)} S_max={self.S_max}"
+
+
+def default_attention_cases(quick: bool = False) -> list[AttnCase]:
+    cases = [
+        AttnCase(1, 4, 4, 1, 64, (0,), 8),  # first token, ratio 1
+        AttnCase(2, 4, 2, 1, 64, (77, 5), 100),  # decode, rows apart
+        AttnCase(3, 14, 2, 5, 64, (509, 0, 250), 530),  # ratio 7, verify T=5
+        AttnCase(2, 8, 4, 16, 128, (1100, 33), 1130),  # T=16, D=128, past 1024
+        AttnCase(1, 7, 1, 37, 64, (0,), 40),  # prefill, MQA-like ratio 7
+        AttnCase(2, 4, 2, 3, 128, (12, 600), 700, True),  # token tree
+    ]
+    if quick:
+        return cases
+    for T in (2, 4, 7, 8, 11):
+        cases.append(AttnCase(2, 6, 3, T, 64, (513, 3), 530))
+    cases += [
+        AttnCase(1, 2, 2, 1, 128, (4095,), 4096),  # last slot of the cache
+        AttnCase(4, 4, 4, 13, 64, (0, 1, 127, 511), 600),
+        AttnCase(2, 14, 2, 8, 128, (300, 1000), 1024, True),
+    ]
+    return cases
+
+
+def default_append_cases(quick: bool = False) -> list[AppendCase]:
+    cases = [
+        AppendCase(1, 2, 1, 64, (0,), 8),
+        AppendCase(3, 2, 5, 64, (10, 0, 27), 32),  # rows at different positions
+        AppendCase(2, 4, 16, 128, (113, 0), 129),  # write ending on the last slot
+    ]
+    if not quick:
+        cases += [AppendCase(2, 1, 37, 64, (0, 3), 40), AppendCase(4, 3, 2, 128, (1, 9, 4, 0), 11)]
+    return cases
+
+
+@dataclass
+class CaseResult:
+    kernel: str
+    case: str
+    dtype: str
+    max_err: float
+    tol: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class ConformanceReport:
+    backend: str
+    results: list[CaseResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.results) and all(r.ok for r in self.results)
+
+    @property
+    def failures(self) -> list[CaseResult]:
+        return [r for r in self.results if not r.ok]
+
+    def __str__(self) -> str:
+        lines = [f"conformance of backend {self.backend!r}: {'PASS' if self.passed else 'FAIL'}"]
+        lines.append(f"  {'kernel':<17}{'dtype':<10}{'max_err':>11}{'tol':>11}  result  case")
+        for r in self.results:
+            lines.append(
+                f"  {r.kernel:<17}{r.dtype:<10}{r.max_err:>11.3g}{r.tol:>11.3g}  {'ok' if r.ok else 'FAIL':<6}  {r.case}"
+                + (f"  [{r.note}]" if r.note else "")
+            )
+        return "\n".join(lines)
+
+
+def _naive_low_precision(q, k_cache, v_cache, positions, scale, active_mask):
+    """Plain PyTorch attention at the inputs' precision: the baseline error a kernel may have."""
+    B, H, T, D = q.shape
+    H_kv = k_cache.shape[1]
+    G = H // H_kv
+    S = int(positions.max()) + T
+    k = k_cache[:, :, :S].repeat_interleave(G, dim=1)  # [B, H, S, D]
+    v = v_cache[:, :, :S].repeat_interleave(G, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # matmul in q.dtype
+    allowed = reference.attention_mask(positions, T, S, active_mask)[:, None]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def _make_attention_inputs(c: AttnCase, dtype, device, gen):
+    q = torch.randn(c.B, c.H, c.T, c.D, generator=gen, dtype=torch.float64)
+    k = torch.randn(c.B, c.H_kv, c.S_max, c.D, generator=gen, dtype=torch.float64)
+    v = torch.randn(c.B, c.H_kv, c.S_max, c.D, generator=gen, dtype=torch.float64)
+    for b, p in enumerate(c.positions):  # stale slots: large finite garbage
+        k[b, :, p + c.T :] = 1e4
+        v[b, :, p + c.T :] = -1e4
+    mask = None
+    if c.tree:
+        mask = torch.rand(c.B, c.T, c.T, generator=gen) < 0.5
+        mask = torch.tril(mask) | torch.eye(c.T, dtype=torch.bool)  # each token sees itself
+    pos = torch.tensor(c.positions, dtype=torch.int32)
+    cast = lambda x: x.to(dtype).to(device)  # noqa: E731
+    return (q, k, v, pos, mask), (cast(q), cast(k), cast(v), pos.to(device), None if mask is None else mask.to(device))
+
+
+def _check_attention(ks: KernelSet, c: AttnCase, dtype, device, gen) -> CaseResult:
+    (q, k, v, pos, mask), (ql, kl, vl, posl, maskl) = _make_attention_inputs(c, dtype, device, gen)
+    scale = c.D**-0.5
+    # truth: the reference on the low-precision values, computed in float64
+    truth = reference.verify_attention(ql.double().cpu(), kl.double().cpu(), vl.double().cpu(), pos, scale, mask)
+    base = _naive_low_precision(ql.cpu(), kl.cpu(), vl.cpu(), pos, scale, mask).double()
+    base_err = (base - truth).abs().max().item()
+    eps = torch.finfo(dtype).eps
+    tol = 2.0 * base_err + eps * truth.abs().max().item()  # 2x baseline + one ulp of the output
+    name = str(dtype).replace("torch.", "")
+    try:
+        out = ks.verify_attention(ql, kl, vl, posl, scale, maskl)
+    except Exception as e:  # a crash is a failure with its reason
+        return CaseResult("verify_attention", c.describe(), name, float("nan"), tol, False, f"{type(e).__name__}: {e}")
+    if tuple(out.shape) != (c.B, c.H, c.T, c.D) or out.dtype != dtype:
+        return CaseResult("verify_attention", c.describe(), name, float("nan"), tol, False, f"got {tuple(out.shape)} {out.dtype}")
+    err = (out.double().cpu() - truth).abs().max().item()
+    ok = err <= tol  # NaN compares False
+    return CaseResult("verify_attention", c.describe(), name, err, tol, ok)
+
+
+def _check_append(ks: KernelSet, c: AppendCase, dtype, device, gen) -> list[CaseResult]:
+    name = str(dtype).replace("torch.", "")
+    kc = torch.randn(c.B, c.H_kv, c.S_max, c.D, generator=gen).to(dtype)
+    vc = torch.randn(c.B, c.H_kv, c.S_max, c.D, generator=gen).to(dtype)
+    kn = torch.randn(c.B, c.H_kv, c.T, c.D, generator=gen).to(dtype)
+    vn = torch.randn(c.B, c.H_kv, c.T, c.D, generator=gen).to(dtype)
+    pos = torch.tensor(c.positions, dtype=torch.int32)
+    ek, ev = kc.clone(), vc.clone()
+    reference.kv_append(ek, ev, kn, vn, pos)
+    gk, gv = kc.clone().to(device), vc.clone().to(device)
+    results = []
+    try:
+        ks.kv_append(gk, gv, kn.to(device), vn.to(device), pos.to(device))
+        err = max((gk.cpu().float() - ek.float()).abs().max().item(), (gv.cpu().float() - ev.float()).abs().max().item())
+        results.append(CaseResult("kv_append", c.describe(), name, err, 0.0, err == 0.0))
+    except Exception as e:
+        results.append(CaseResult("kv_append", c.describe(), name, float("nan"), 0.0, False, f"{type(e).__name__}: {e}"))
+    # an out-of-range write must raise, never write silently
+    bad = list(c.positions)
+    bad[-1] = c.S_max - c.T + 1
+    try:
+        ks.kv_append(gk, gv, kn.to(device), vn.to(device), torch.tensor(bad, dtype=torch.int32).to(device))
+        raised = False
+    except Exception:
+        raised = True
+    results.append(
+        CaseResult("kv_append(oob)", c.describe(), name, 0.0, 0.0, raised, "" if raised else "out-of-range write did not raise")
+    )
+    return results
+
+
+def check_backend(
+    backend: str | KernelSet,
+    *,
+    device: str = "cpu",
+    dtypes=(torch.float32, torch.bfloat16),
+    attention_cases: list[AttnCase] | None = None,
+    append_cases: list[AppendCase] | None = None,
+    quick: bool = False,
+    seed: int = 0,
+) -> ConformanceReport:
+    """Run ``backend`` against the torch reference on awkward shapes; return a readable report."""
+    ks = backend if isinstance(backend, KernelSet) else get_backend(backend, device=device)
+    attention_cases = default_attention_cases(quick) if attention_cases is None else attention_cases
+    append_cases = default_append_cases(quick) if append_cases is None else append_cases
+    report = ConformanceReport(ks.name)
+    gen = torch.Generator().manual_seed(seed)
+    for dtype in dtypes:
+        for c in attention_cases:
+            report.results.append(_check_attention(ks, c, dtype, device, gen))
+        for c in append_cases:
+            report.results.extend(_check_append(ks, c, dtype, device, gen))
+    return report

@@ -1,0 +1,24 @@
+"""Llama-family decoder, KV cache, checkpoint/tokenizer loading and LlamaForSampling."""
+
+from .cache import KVCache
+from .config import ConfigError, LlamaConfig, RopeScaling
+from .decoder import Decoder
+from .for_sampling import LlamaForSampling, amp_dtype, open_source
+from .loader import CheckpointError, SafetensorsSource
+from .sampling import SamplingParams, logits_to_probs, sample_categorical
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Decoder",
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForSampling",
+    "RopeScaling",
+    "SafetensorsSource",
+    "SamplingParams",
+    "amp_dtype",
+    "logits_to_probs",
+    "open_source",
+    "sample_categorical",
+]

@@ -1,0 +1,166 @@
+"""The Llama-family decoder: RMSNorm, RoPE (default/linear/llama3), GQA attention, SwiGLU MLP.
+
+No I/O, no sampling, no distributed code here: tensor parallelism rewrites a built model
+(``verispec.parallel``), loaders fill its parameters (``verispec.model.loader``). One forward
+serves prefill, one-token decode and k-token verify; attention and cache writes go through
+the kernel contract (``verispec.kernels``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import KernelSet
+from .cache import KVCache
+from .config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, scale in the model dtype (as the reference implementation does)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:  # [D/2] fp32
+    D = config.head_dim
+    # explicit CPU: the table must be real even when the model is built on the meta device
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64, device="cpu").float() / D))
+    rs = config.rope_scaling
+    if rs.rope_type == "linear":
+        return inv / rs.factor
+    if rs.rope_type == "llama3":
+        old = rs.original_max_position_embeddings
+        low_wavelen = old / rs.low_freq_factor
+        high_wavelen = old / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rs.factor, inv)  # long wavelengths: divide
+        smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    """GQA attention. ``n_heads``/``n_kv_heads`` are this rank's heads (a TP plan may lower them)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        E, D = config.hidden_size, config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = D
+        self.scale = D**-0.5
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(E, self.n_heads * D, bias=bias)
+        self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=bias)
+        self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * D, E, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, E]
+        cos: torch.Tensor,  # [B, 1, T, D] in x.dtype
+        sin: torch.Tensor,  # [B, 1, T, D]
+        k_cache: torch.Tensor,  # [B, H_kv, S_max, D]
+        v_cache: torch.Tensor,  # [B, H_kv, S_max, D]
+        positions: torch.Tensor,  # [B] first cache slot of this block per row
+        kernels: KernelSet,
+        active_mask: torch.Tensor | None,  # [B, T, T] bool or None (causal)
+    ) -> torch.Tensor:  # [B, T, E]
+        B, T, _ = x.shape
+        D = self.head_dim
+        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        kernels.kv_append(k_cache, v_cache, k, v, positions)
+        o = kernels.verify_attention(q, k_cache, v_cache, positions, self.scale, active_mask)  # [B, H, T, D]
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        E, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(E, F_, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(E, F_, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(F_, E, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, positions, kernels, active_mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, positions, kernels, active_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.*`` and ``lm_head``)."""
+
+    def __init__(self, config: LlamaConfig, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # RoPE table for every slot of the cache: [S_max, D] fp32, cast per forward
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device="cpu"), rope_inv_freq(config))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos(), persistent=False)
+        self.register_buffer("rope_sin", emb.sin(), persistent=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B] first cache slot per row
+        cache: KVCache,
+        kernels: KernelSet,
+        logits_at: torch.Tensor | None = None,  # [B, n] token indices in T whose logits are wanted
+        active_mask: torch.Tensor | None = None,  # [B, T, T] bool (token trees)
+        position_ids: torch.Tensor | None = None,  # [B, T] RoPE positions (default positions + t)
+        num_layers: int | None = None,  # run only the first N layers (layer-skip self-draft)
+    ) -> torch.Tensor:  # [B, T or n, V] fp32
+        B, T = input_ids.shape
+        if position_ids is None:
+            position_ids = positions[:, None].long() + torch.arange(T, device=input_ids.device)  # [B, T]
+        h = self.model.embed_tokens(input_ids)  # [B, T, E]
+        cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
+        sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
+        layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
+        for i, layer in enumerate(layers):
+            h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
+        if logits_at is not None:
+            idx = logits_at.long()
+            h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
+        return self.lm_head(self.model.norm(h)).float()

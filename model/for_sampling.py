@@ -1,0 +1,292 @@
+"""LlamaForSampling: a loaded decoder + its static KV cache + target-only sampling.
+
+The API mirrors transformers-neuronx: ``from_pretrained(..., n_positions, batch_size, tp_degree,
+amp)``, ``enable_speculative_decoder(k)``, ``sample(input_ids, sequence_length)``. It is also the
+model interface the speculative loop drives (``forward``, ``keep_rows``, ``vocab_size``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ..kernels import KernelSet, get_backend
+from .cache import KVCache
+from .config import LlamaConfig
+from .decoder import Decoder
+from .loader import SafetensorsSource, TensorSource, check_source, expected_tensors, materialize
+from .prompts import normalize_prompts, validate_eos
+from .sampling import SamplingParams, logits_to_probs, make_generator, sample_categorical
+
+log = logging.getLogger("verispec.model")
+
+AMP_DTYPES = {"f32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "fp16": torch.float16}
+
+
+def amp_dtype(amp: str) -> torch.dtype:
+    try:
+        return AMP_DTYPES[amp]
+    except KeyError:
+        raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}") from None
+
+
+def open_source(path_or_name: str | os.PathLike, progress: bool = False) -> tuple[LlamaConfig, TensorSource, Path]:
+    """Resolve an HF directory, a .gguf file or a registered model name to (config, source, path)."""
+    p = Path(os.path.expanduser(str(path_or_name)))
+    if p.is_dir():
+        return LlamaConfig.from_json_file(p / "config.json"), SafetensorsSource(p), p
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            from .gguf_source import GGUFSource
+
+            src = GGUFSource(p)
+            return src.config, src, p
+        raise ValueError(f"{p}: not a model directory or a .gguf file")
+    from .hub import is_registered, resolve
+
+    if is_registered(str(path_or_name)):
+        return open_source(resolve(str(path_or_name), progress=progress), progress)
+    raise FileNotFoundError(
+        f"{path_or_name}: no such directory or file, and not a registered model name (see `verispec fetch --list`)"
+    )
+
+
+class LlamaForSampling:
+    def __init__(
+        self,
+        decoder: Decoder,
+        *,
+        n_positions: int,
+        batch_size: int,
+        amp: str = "f32",
+        kernels: KernelSet | None = None,
+        device: str | torch.device = "cpu",
+        tp=None,
+        source_path: Path | None = None,
+    ):
+        self.decoder = decoder
+        self.config: LlamaConfig = decoder.config
+        self.n_positions = n_positions
+        self.batch_size = batch_size
+        self.amp = amp
+        self.dtype = amp_dtype(amp)
+        self.device = torch.device(device)
+        self.kernels = kernels if kernels is not None else get_backend(None, device=str(self.device))
+        self.tp = tp  # verispec.parallel state when tp_degree > 1
+        self.source_path = source_path
+        attn = decoder.model.layers[0].self_attn
+        self.cache = KVCache(
+            len(decoder.model.layers), batch_size, attn.n_kv_heads, n_positions, attn.head_dim, self.dtype, self.device
+        )
+        self.speculation_lengths: list[int] = []
+        self.last_stats: dict = {}
+        self._tokenizer = None
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_name: str | os.PathLike,
+        n_positions: int = 2048,
+        batch_size: int = 1,
+        tp_degree: int = 1,
+        amp: str = "f32",
+        kernel_backend: str | None = None,
+        device: str | torch.device = "cpu",
+        progress: bool = False,
+    ) -> "LlamaForSampling":
+        dtype = amp_dtype(amp)
+        for name, v in (("n_positions", n_positions), ("batch_size", batch_size), ("tp_degree", tp_degree)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        kernels = get_backend(kernel_backend, device=str(device))  # chosen once, here
+        config, source, path = open_source(path_or_name, progress=progress)
+        if n_positions > config.max_position_embeddings:
+            log.warning(
+                "n_positions=%d exceeds the model's max_position_embeddings=%d", n_positions, config.max_position_embeddings
+            )
+        with torch.device("meta"):
+            decoder = Decoder(config, n_positions)
+        check_source(source, expected_tensors(decoder), config.tie_word_embeddings)
+        shard_fn, tp = None, None
+        if tp_degree != 1:
+            from ..parallel.plan import apply_tensor_parallel
+
+            shard_fn, tp = apply_tensor_parallel(decoder, tp_degree)
+        bar = _progress_bar(progress, f"loading {path.name}")
+        materialize(decoder, source, dtype, device, shard_fn=shard_fn, progress=bar)
+        decoder.rope_cos = decoder.rope_cos.to(device)
+        decoder.rope_sin = decoder.rope_sin.to(device)
+        decoder.eval()
+        model = cls(
+            decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
+            source_path=path,
+        )
+        return model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (from tokenizer.json or the GGUF vocabulary), loaded on first use."""
+        if self._tokenizer is None:
+            if self.source_path is None:
+                raise ValueError("this model was not loaded from a path; it has no tokenizer")
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_pretrained(self.source_path)
+        return self._tokenizer
+
+    def reset(self) -> None:
+        """Forget all sequences. The cache is position-indexed, so nothing needs clearing:
+        the next prefill writes from slot 0 and the mask never shows older slots."""
+        self.last_stats = {}
+
+    def enable_speculative_decoder(self, k) -> None:
+        """Declare the speculation lengths (tokens scored per verify pass) this model will serve."""
+        ks = [k] if isinstance(k, int) and not isinstance(k, bool) else list(k) if isinstance(k, (list, tuple)) else None
+        if not ks or any(isinstance(x, bool) or not isinstance(x, int) for x in ks):
+            raise TypeError(f"k must be an int or a non-empty list of ints, got {k!r}")
+        for x in ks:
+            if not 1 <= x < self.n_positions:
+                raise ValueError(f"speculation length k={x} out of range: need 1 <= k < n_positions={self.n_positions}")
+        self.speculation_lengths = sorted(set(ks))
+
+    # ---- the model interface driven by samplers and the speculative loop ------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T] with B <= batch_size
+        positions: torch.Tensor,  # [B] first cache slot per row
+        logits_at: torch.Tensor | None = None,  # [B, n]
+        active_mask: torch.Tensor | None = None,  # [B, T, T]
+        num_layers: int | None = None,
+        position_ids: torch.Tensor | None = None,  # [B, T]
+    ) -> torch.Tensor:  # [B, T or n, V] fp32
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if B > self.batch_size:
+            raise ValueError(f"batch of {B} rows exceeds batch_size={self.batch_size} given to from_pretrained")
+        if positions.shape != (B,):
+            raise ValueError(f"positions must be [B={B}], got {tuple(positions.shape)}")
+        end = int(positions.max()) + T
+        if int(positions.min()) < 0 or end > self.n_positions:
+            raise ValueError(f"sequence longer than n_positions={self.n_positions}: a row would reach slot {end - 1}")
+        dev = self.device
+        return self.decoder(
+            input_ids.to(dev), positions.to(dev), self.cache, self.kernels,
+            logits_at=None if logits_at is None else logits_at.to(dev),
+            active_mask=None if active_mask is None else active_mask.to(dev),
+            position_ids=None if position_ids is None else position_ids.to(dev),
+            num_layers=num_layers,
+        )
+
+    def sync_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Make every tensor-parallel rank agree on sampled tokens (rank 0's win). No-op at tp=1."""
+        if self.tp is None:
+            return tokens
+        return self.tp.broadcast_tokens(tokens)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Continue only cache rows ``rows`` (moved to the front, in order)."""
+        self.cache.keep_rows(rows)
+
+    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """Fill the cache with right-padded prompts from slot 0; return last-token logits [B, V].
+
+        Padding after a row's prompt writes K/V past its valid length, which the causal mask
+        hides from that row's real tokens and later writes overwrite.
+        """
+        lengths = torch.tensor([len(p) for p in prompts])
+        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = p
+        pos = torch.zeros(len(prompts), dtype=torch.long)
+        return self.forward(ids, pos, logits_at=(lengths - 1)[:, None])[:, 0]
+
+    # ---- target-only sampling -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        input_ids,
+        sequence_length: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id=None,
+    ) -> torch.Tensor:  # [B, sequence_length]
+        """Target-only sampling. Rows finished by EOS are filled with that EOS id after it."""
+        params = SamplingParams(temperature, top_k, top_p)
+        prompts = normalize_prompts(input_ids, self.vocab_size, self.batch_size, sequence_length, self.n_positions)
+        eos = validate_eos(eos_token_id, self.vocab_size)
+        gen = make_generator(seed)
+        B = len(prompts)
+        out = torch.empty(B, sequence_length, dtype=torch.long)
+        lengths = [len(p) for p in prompts]
+        for b, p in enumerate(prompts):
+            out[b, : len(p)] = p
+        t0 = time.perf_counter()
+        logits = self.prefill(prompts)  # [B, V]
+        t_prefill = time.perf_counter() - t0
+        active = [b for b in range(B) if lengths[b] < sequence_length]
+        if len(active) < B:
+            self.keep_rows(active)
+            logits = logits[active]
+        n_new = 0
+        while active:
+            probs = logits_to_probs(logits, params)  # [b, V]
+            tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
+            tok = self.sync_tokens(tok)
+            keep, pos = [], []
+            for i, b in enumerate(active):
+                out[b, lengths[b]] = tok[i]
+                lengths[b] += 1
+                n_new += 1
+                if int(tok[i]) in eos:
+                    out[b, lengths[b] :] = int(tok[i])
+                elif lengths[b] < sequence_length:
+                    keep.append(i)
+            if not keep:
+                break
+            if len(keep) < len(active):
+                self.keep_rows(keep)
+            active = [active[i] for i in keep]
+            tok = tok[keep]
+            pos = torch.tensor([lengths[b] - 1 for b in active])
+            logits = self.forward(tok[:, None], pos)[:, 0]
+        dt = time.perf_counter() - t0
+        self.last_stats = {
+            "new_tokens": n_new,
+            "prefill_s": t_prefill,
+            "decode_s": dt - t_prefill,
+            "tokens_per_s": n_new / max(dt - t_prefill, 1e-9),
+        }
+        return out
+
+
+def _progress_bar(enabled: bool, label: str):
+    if not enabled:
+        return None
+    from rich.progress import Progress
+
+    prog = Progress(transient=True)
+    task = prog.add_task(label, total=None)
+    prog.start()
+
+    def update(i: int, n: int) -> None:
+        prog.update(task, completed=i, total=n)
+        if i == n:
+            prog.stop()
+
+    return update

@@ -1,0 +1,95 @@
+"""Sampling parameters and the logits -> probabilities -> token path shared by target-only
+sampling and the speculative loop (which must apply the SAME processing to both models).
+
+Order, as in Hugging Face: temperature, then top-k, then top-p. Temperature 0 means greedy:
+the distribution is one-hot on the argmax (lowest id on ties), so exact acceptors and the
+greedy path agree on what "the target's choice" is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {k!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1)):
+            raise ValueError(f"top_p must be in (0, 1] or None, got {p!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def check_logits(logits: torch.Tensor, who: str = "model") -> None:
+    if torch.isnan(logits).any():
+        raise FloatingPointError(f"{who} produced NaN logits; refusing to sample from them")
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[..., V] logits -> [..., V] fp32 probabilities after temperature/top-k/top-p."""
+    check_logits(logits)
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    x = logits / params.temperature
+    V = x.shape[-1]
+    if params.top_k is not None and params.top_k < V:
+        kth = torch.topk(x, params.top_k, dim=-1).values[..., -1:]  # [..., 1]
+        x = x.masked_fill(x < kth, float("-inf"))  # ties with the k-th value are kept
+    if params.top_p is not None and params.top_p < 1:
+        x = _top_p_filter(x, params.top_p)
+    return torch.softmax(x, dim=-1)
+
+
+def _top_p_filter(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
+    sorted_x, order = torch.sort(x, dim=-1, descending=True)
+    p = torch.softmax(sorted_x, dim=-1)
+    mass_before = torch.cumsum(p, dim=-1) - p  # mass of strictly more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return x.masked_fill(drop, float("-inf"))
+
+
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: row i takes the first id whose cumulative mass exceeds u_i * total.
+
+    probs [N, V] (need not be normalised), uniforms [N] in [0, 1) -> ids [N] (int64). A
+    zero-probability id is never returned. Deterministic given the uniforms.
+    """
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    x = uniforms.to(cdf.device, torch.float64)[:, None] * cdf[:, -1:]  # [N, 1]
+    ids = torch.searchsorted(cdf, x, right=True).squeeze(-1)  # first cdf > x
+    over = ids >= probs.shape[-1]
+    if over.any():  # u*total rounded up to total: take the last id with mass
+        last = (probs > 0).long().cumsum(-1).argmax(-1)
+        ids = torch.where(over, last, ids)
+    return ids
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        g.manual_seed(seed)
+    return g

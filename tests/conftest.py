@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random Llama/Qwen2 checkpoints written by transformers (the test oracle)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+
+def build_tiny_hf(path, arch: str = "llama", seed: int = 0, **overrides):
+    """Save a tiny random HF model with ``save_pretrained``; return (path, the HF model)."""
+    import transformers
+
+    cfg = dict(TINY, **overrides)
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    elif arch == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
+    else:
+        raise ValueError(arch)
+    model = model.float().eval()
+    model.save_pretrained(path)
+    return str(path), model
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    """Factory: tiny_hf(arch="llama", **config_overrides) -> (dir, hf_model)."""
+    counter = [0]
+
+    def make(arch="llama", **overrides):
+        counter[0] += 1
+        return build_tiny_hf(tmp_path / f"{arch}{counter[0]}", arch, **overrides)
+
+    return make

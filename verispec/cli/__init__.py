@@ -1,0 +1,54 @@
+"""The ``verispec`` command line. Each subcommand lives in its own module here and exposes
+``register(subparsers)``, which adds its parser and sets ``func(args) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Subcommand modules, in the order ``verispec --help`` lists them.
+COMMANDS = ["generate", "check", "bench", "fetch", "convert"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from verispec import __version__
+
+    parser = argparse.ArgumentParser(prog="verispec", description="Exact speculative decoding for Llama-family models.")
+    parser.add_argument("--version", action="version", version=f"verispec {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"verispec.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"verispec.cli.{name}":
+                continue  # subcommand not part of this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, OSError) as e:
+        if args.verbose:
+            raise
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False, markup=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
