@@ -6,10 +6,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import sys
 
-# Subcommand modules, in the order ``verispec --help`` lists them.
-COMMANDS = ["generate", "check", "bench", "fetch", "convert"]
+# Listed first in ``verispec --help``; any other module here with ``register`` follows.
+FIRST = ["generate", "check", "bench"]
+
+
+def _commands() -> list[str]:
+    import verispec.cli as pkg
+
+    found = sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+    return [c for c in FIRST if c in found] + [c for c in found if c not in FIRST]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,14 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"verispec {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug information")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"verispec.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"verispec.cli.{name}":
-                continue  # subcommand not part of this build
-            raise
-        mod.register(sub)
+    for name in _commands():
+        mod = importlib.import_module(f"verispec.cli.{name}")
+        if hasattr(mod, "register"):
+            mod.register(sub)
     return parser
 
 

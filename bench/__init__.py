@@ -1,0 +1,1 @@
+"""Benchmarks (``verispec bench NAME``). Results: JSON (and PNG plots) in bench/results/."""
