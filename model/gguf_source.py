@@ -127,6 +127,11 @@ class GGUFSource:
 
     # ---- metadata -> LlamaConfig ----------------------------------------------------------------
 
+    def _get_f32(self, key: str, default: float) -> float:
+        """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+        v = self._get(key)
+        return default if v is None else float(str(np.float32(v)))
+
     def _get(self, key: str, default=None, required: bool = False):
         if key in self.metadata:
             return self.metadata[key]
@@ -164,7 +169,7 @@ class GGUFSource:
         if scaling_type in ("none", None):
             rope = RopeScaling()
         elif scaling_type == "linear":
-            rope = RopeScaling(rope_type="linear", factor=float(self._get(a + "rope.scaling.factor", required=True)))
+            rope = RopeScaling(rope_type="linear", factor=self._get_f32(a + "rope.scaling.factor", 0.0))
         else:
             raise ConfigError(f"{self.path}: unsupported rope scaling type {scaling_type!r} (supported: none, linear)")
         eos = []
@@ -181,8 +186,8 @@ class GGUFSource:
             num_attention_heads=n_heads,
             num_key_value_heads=int(self._get(a + "attention.head_count_kv", n_heads)),
             head_dim=head_dim,
-            rms_norm_eps=float(self._get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(self._get(a + "rope.freq_base", 10000.0)),
+            rms_norm_eps=self._get_f32(a + "attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=self._get_f32(a + "rope.freq_base", 10000.0),
             rope_scaling=rope,
             max_position_embeddings=int(self._get(a + "context_length", 2048)),
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,

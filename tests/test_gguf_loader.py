@@ -1,0 +1,114 @@
+"""GGUF loading: verispec logits from a GGUF written like llama.cpp's converter equal HF's."""
+
+import numpy as np
+import pytest
+import torch
+from tiny_gguf import byte_level_vocab, llama_cpp_permute, write_tiny_gguf
+
+from verispec.model import GGUFSource, LlamaForSampling
+from verispec.model.gguf_source import permute_rope_rows, unpermute_rope_rows
+
+TOL = 1e-4
+
+CASES = {
+    # name: (arch, hf overrides, gguf dtype)
+    "llama-untied-f32": ("llama", dict(vocab_size=300), np.float32),
+    "llama-tied-f32": ("llama", dict(vocab_size=300, tie_word_embeddings=True), np.float32),
+    "llama-bias-gqa1-f32": ("llama", dict(vocab_size=300, attention_bias=True, num_key_value_heads=1), np.float32),
+    "llama-tied-f16": ("llama", dict(vocab_size=300, tie_word_embeddings=True), np.float16),
+    "qwen2-bias-untied-f32": ("qwen2", dict(vocab_size=300), np.float32),
+    "qwen2-bias-tied-f16": ("qwen2", dict(vocab_size=300, tie_word_embeddings=True), np.float16),
+}
+
+
+def _randomize_biases(hf):
+    """Non-zero q/k/v biases (so a wrong bias permutation shows). HF Llama's attention_bias also
+    gives o_proj a bias, which the decoder does not model: keep that one zero."""
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.zero_() if "o_proj" in name else p.normal_(0, 0.5)
+
+
+def _f16_reference(hf):
+    """The HF model with its matrices rounded through fp16, as the F16 GGUF stores them."""
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.copy_(p.half().float())
+    return hf
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gguf_logits_match_hf(case, tiny_hf, tmp_path):
+    arch, over, dtype = CASES[case]
+    _, hf = tiny_hf(arch, **over)
+    _randomize_biases(hf)
+    path = write_tiny_gguf(tmp_path / "m.gguf", hf, arch, dtype=dtype, with_vocab_size=(case != "llama-tied-f32"))
+    if dtype == np.float16:
+        hf = _f16_reference(hf)
+    m = LlamaForSampling.from_pretrained(path, n_positions=64, batch_size=2)
+    assert m.config.model_type == arch
+    assert m.config.tie_word_embeddings == over.get("tie_word_embeddings", False)
+    assert m.config.attention_bias == (arch == "qwen2" or over.get("attention_bias", False))
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits  # [2, 20, V]
+    out = m.forward(ids[:, :12], torch.tensor([0, 0]))
+    assert (out - ref[:, :12]).abs().max() < TOL
+    out = m.forward(ids[:, 12:20], torch.tensor([12, 12]))  # verify block at an offset
+    assert (out - ref[:, 12:20]).abs().max() < TOL
+
+
+def test_gguf_config_from_metadata(tiny_hf, tmp_path):
+    _, hf = tiny_hf("llama", vocab_size=300, tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=50000.0)
+    src = GGUFSource(write_tiny_gguf(tmp_path / "m.gguf", hf, "llama", with_vocab_size=False))
+    c = src.config
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (300, 64, 96, 2)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (4, 2, 16)
+    assert c.rms_norm_eps == 1e-5 and c.rope_theta == 50000.0  # f32 metadata read back as written
+    assert c.tie_word_embeddings and "lm_head.weight" not in src.names()
+    assert c.bos_token_id == 1 and c.eos_token_id == (2,)
+    assert src.shape("model.layers.0.self_attn.k_proj.weight") == (32, 64)
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = torch.arange(6 * 8 * 5, dtype=torch.float32).reshape(6 * 8, 5)
+    for n_head in (1, 2, 6):
+        stored = torch.from_numpy(llama_cpp_permute(w.numpy(), n_head, None))
+        assert not torch.equal(stored, w)
+        assert torch.equal(unpermute_rope_rows(stored, n_head), w)
+        assert torch.equal(permute_rope_rows(w, n_head), stored)
+    b = torch.arange(16, dtype=torch.float32)  # biases are permuted the same way
+    assert torch.equal(unpermute_rope_rows(torch.from_numpy(llama_cpp_permute(b.numpy(), 2, None)), 2), b)
+
+
+def test_quantized_tensor_dequantizes_within_its_step(tmp_path):
+    """A Q8_0 tensor comes back within half a quantization step of the original values."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 64)).astype(np.float32)
+    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w.add_tensor("blk.0.ffn_up.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    t = reader.tensors[0]
+    assert t.tensor_type.name == "Q8_0"
+    # bypass the config (this file has no metadata) and use the source's tensor path directly
+    src = GGUFSource.__new__(GGUFSource)
+    src.path, src._reader, src._tensors = tmp_path / "q.gguf", reader, {"mlp.up_proj.weight": t}
+    src.config = type("C", (), {"model_type": "qwen2"})()
+    y = src.load("mlp.up_proj.weight").numpy()
+    step = np.abs(x).reshape(8, 2, 32).max(-1, keepdims=True) / 127  # Q8_0: one scale per 32 values
+    assert y.shape == x.shape
+    assert np.all(np.abs(y - x).reshape(8, 2, 32) <= step / 2 + 1e-6)
+    half = src.load("mlp.up_proj.weight", shard=(0, 2, 5))
+    assert torch.equal(half, torch.from_numpy(y[2:5]))
+
+
+def test_byte_level_vocab_helper_is_consistent():
+    tokens, merges, types = byte_level_vocab(300)
+    assert len(tokens) == len(types) == 300 and len(set(tokens)) == 300
+    assert all(a + b in tokens for a, b in (m.split(" ") for m in merges))
