@@ -200,6 +200,8 @@ def fetch(name: str, progress: bool = True, index_url: str | None = None, force:
     with _locked(root / f".{model.name}.lock"):
         if not force and final.is_file() and final.stat().st_size == model.size:
             return final  # another process finished it while we waited
+        for stale in root.glob(f".fetch-{model.name}-*"):  # left by a killed fetch; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".fetch-{model.name}-"))
         try:
             with _Bars(progress) as bars:

