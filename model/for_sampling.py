@@ -46,12 +46,13 @@ def open_source(path_or_name: str | os.PathLike, progress: bool = False) -> tupl
             src = GGUFSource(p)
             return src.config, src, p
         raise ValueError(f"{p}: not a model directory or a .gguf file")
-    from .hub import is_registered, resolve
+    from .hub import is_registered, resolve, suggestion
 
     if is_registered(str(path_or_name)):
         return open_source(resolve(str(path_or_name), progress=progress), progress)
     raise FileNotFoundError(
-        f"{path_or_name}: no such directory or file, and not a registered model name (see `verispec fetch --list`)"
+        f"{path_or_name}: no such directory or file, and not a registered model name{suggestion(str(path_or_name))} "
+        f"(see `verispec fetch --list`)"
     )
 
 
