@@ -124,6 +124,10 @@ class LlamaForSampling:
         decoder.rope_cos = decoder.rope_cos.to(device)
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
+        if torch.device(device).type == "cpu":
+            from ..kernels.cpu import use_skinny_linear
+
+            use_skinny_linear(decoder)  # decode/verify products stream each weight once
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
             source_path=path,
