@@ -14,6 +14,7 @@ fast loads.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -76,6 +77,52 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def llama3_rope_factors(head_dim: int, theta: float, rs: RopeScaling) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1 rope scaling, as llama.cpp stores them in ``rope_freqs``."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    wavelen = 2 * math.pi / freqs
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    mid = 1.0 / ((1 - smooth) / rs.factor + smooth)
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, rs.factor, mid))
+
+
+def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float, original_ctx: int,
+                                where: str) -> RopeScaling:
+    """Recover llama3 rope-scaling parameters from a ``rope_freqs`` tensor.
+
+    In the smooth band, ``(1/f - 1/factor) / (1 - 1/factor)`` is linear in ``1/wavelength`` with
+    slope ``original_ctx / (high - low)`` and intercept ``-low / (high - low)``, so two smooth
+    points fix ``low`` and ``high`` for a given ``original_ctx``. The result is accepted only if
+    it reproduces every stored factor; anything else is refused rather than approximated.
+    """
+    f = np.asarray(factors, dtype=np.float64)
+    if f.shape != (head_dim // 2,):
+        raise ConfigError(f"{where}: rope_freqs has shape {f.shape}, expected ({head_dim // 2},)")
+    factor = float(f.max())
+    if np.allclose(f, 1.0, rtol=0, atol=1e-6):
+        return RopeScaling()
+    inv_wavelen = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)) / (2 * math.pi)
+    mid = (f > 1 + 1e-6) & (f < factor - 1e-6)
+    low, high = 1.0, 4.0  # Llama 3.1/3.2's values; kept when the band holds fewer than 2 points
+    if mid.sum() >= 2:
+        smooth = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inv_wavelen[mid], smooth, 1)
+        span = original_ctx / slope
+        low = -intercept * span
+        high = low + span
+    rs = RopeScaling(rope_type="llama3", factor=factor, low_freq_factor=float(low), high_freq_factor=float(high),
+                     original_max_position_embeddings=int(original_ctx))
+    if not np.allclose(llama3_rope_factors(head_dim, theta, rs), f, rtol=1e-5, atol=1e-6):
+        raise ConfigError(
+            f"{where}: rope_freqs does not follow llama3 rope scaling (no factor/low/high/original context "
+            f"reproduces it); this rope variant is not supported"
+        )
+    return rs
+
+
 def _read_reader(path: Path):
     import gguf
 
@@ -123,6 +170,8 @@ class GGUFSource:
                     f"which the gguf package cannot dequantize"
                 )
             self._tensors[hf_name(t.name)] = t
+        # llama3 rope scaling travels as a tensor of per-frequency factors, not as a weight
+        self._rope_freqs = self._tensors.pop("rope_freqs.weight", None)
         self.config = self._build_config()
 
     # ---- metadata -> LlamaConfig ----------------------------------------------------------------
@@ -160,13 +209,22 @@ class GGUFSource:
         hidden = int(self._get(a + "embedding_length", required=True))
         n_heads = int(self._get(a + "attention.head_count", required=True))
         head_dim = int(self._get(a + "attention.key_length", 0) or 0)
+        value_dim = int(self._get(a + "attention.value_length", head_dim) or 0)
+        if value_dim != head_dim:
+            raise ConfigError(f"{self.path}: key length {head_dim} differs from value length {value_dim}; not supported")
         scaling_type = self._get(a + "rope.scaling.type", "none")
-        if "rope_freqs.weight" in self._tensors:
-            raise ConfigError(
-                f"{self.path}: llama3-style rope frequency factors (rope_freqs tensor) are not supported "
-                f"in GGUF files; load the original HF checkpoint instead"
+        theta = self._get_f32(a + "rope.freq_base", 10000.0)
+        if self._rope_freqs is not None:
+            if scaling_type not in ("none", None):
+                raise ConfigError(f"{self.path}: both rope_freqs and rope scaling type {scaling_type!r}")
+            from gguf.quants import dequantize
+
+            factors = dequantize(self._rope_freqs.data, self._rope_freqs.tensor_type).reshape(-1)
+            rope = llama3_scaling_from_factors(
+                factors, head_dim or hidden // n_heads, theta,
+                int(self._get(a + "rope.scaling.original_context_length", 8192)), str(self.path),
             )
-        if scaling_type in ("none", None):
+        elif scaling_type in ("none", None):
             rope = RopeScaling()
         elif scaling_type == "linear":
             rope = RopeScaling(rope_type="linear", factor=self._get_f32(a + "rope.scaling.factor", 0.0))
@@ -187,7 +245,7 @@ class GGUFSource:
             num_key_value_heads=int(self._get(a + "attention.head_count_kv", n_heads)),
             head_dim=head_dim,
             rms_norm_eps=self._get_f32(a + "attention.layer_norm_rms_epsilon", 1e-6),
-            rope_theta=self._get_f32(a + "rope.freq_base", 10000.0),
+            rope_theta=theta,
             rope_scaling=rope,
             max_position_embeddings=int(self._get(a + "context_length", 2048)),
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,

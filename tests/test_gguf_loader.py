@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from tiny_gguf import byte_level_vocab, llama_cpp_permute, write_tiny_gguf
+from tiny_gguf import byte_level_vocab, llama_cpp_permute, llama_cpp_rope_freqs, write_tiny_gguf
 
-from verispec.model import GGUFSource, LlamaForSampling
-from verispec.model.gguf_source import permute_rope_rows, unpermute_rope_rows
+from verispec.model import ConfigError, GGUFSource, LlamaForSampling
+from verispec.model.gguf_source import llama3_rope_factors, permute_rope_rows, unpermute_rope_rows
 
 TOL = 1e-4
 
@@ -112,3 +112,38 @@ def test_byte_level_vocab_helper_is_consistent():
     tokens, merges, types = byte_level_vocab(300)
     assert len(tokens) == len(types) == 300 and len(set(tokens)) == 300
     assert all(a + b in tokens for a, b in (m.split(" ") for m in merges))
+
+
+def test_llama3_rope_freqs_tensor_matches_hf_rope_scaling(tiny_hf, tmp_path):
+    """llama.cpp stores Llama 3.1 rope scaling as per-frequency factors; far-out positions show it."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 256}
+    _, hf = tiny_hf("llama", vocab_size=300, head_dim=32, rope_theta=10000.0, rope_scaling=scaling,
+                    max_position_embeddings=1024)
+    freqs = llama_cpp_rope_freqs(32, 10000.0, 8.0, 1.0, 4.0, 256)
+    assert 2 <= ((freqs > 1) & (freqs < 8)).sum()  # the smooth band is populated
+    path = write_tiny_gguf(tmp_path / "l3.gguf", hf, "llama", extra_tensors={"rope_freqs.weight": freqs})
+    src = GGUFSource(path)
+    rs = src.config.rope_scaling
+    assert rs.rope_type == "llama3" and rs.factor == 8.0
+    # only (high - low) and low / original_ctx are identifiable; with the default 8192 context the
+    # recovered factors must still give HF's frequencies
+    assert "rope_freqs.weight" not in src.names()
+    base = 1.0 / 10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    recovered = base / torch.from_numpy(llama3_rope_factors(32, 10000.0, rs))
+    assert torch.allclose(recovered.float(), hf.model.rotary_emb.inv_freq, rtol=1e-5, atol=0)
+    m = LlamaForSampling.from_pretrained(path, n_positions=700)
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(600, 612)[None]  # [1, 12] rotary positions far past the original context
+    with torch.no_grad():
+        ref = hf(ids, position_ids=pos).logits
+    out = m.forward(ids, torch.tensor([0]), position_ids=pos)
+    assert (out - ref).abs().max() < TOL
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused(tiny_hf, tmp_path):
+    _, hf = tiny_hf("llama", vocab_size=300)
+    odd = np.array([1, 3, 1, 5, 2, 8, 1, 1], dtype=np.float32)  # head_dim 16: 8 factors, no llama3 shape
+    path = write_tiny_gguf(tmp_path / "odd.gguf", hf, "llama", extra_tensors={"rope_freqs.weight": odd})
+    with pytest.raises(ConfigError, match=r"odd\.gguf: rope_freqs does not follow llama3 rope scaling"):
+        GGUFSource(path)

@@ -120,13 +120,6 @@ def test_gguf_unknown_tensor_is_named(llama_dir, tmp_path):
         LlamaForSampling.from_pretrained(path)
 
 
-def test_gguf_llama3_rope_freqs_refused(llama_dir, tmp_path):
-    extra = {"rope_freqs.weight": np.ones(8, dtype=np.float32)}
-    path = write_tiny_gguf(tmp_path / "r.gguf", llama_dir[1], "llama", extra_tensors=extra)
-    with pytest.raises(ConfigError, match="rope_freqs"):
-        GGUFSource(path)
-
-
 def test_gguf_unsupported_pre_tokenizer(llama_dir, tmp_path):
     path = write_tiny_gguf(tmp_path / "p.gguf", llama_dir[1], "llama", pre="chatglm-bpe")
     with pytest.raises(TokenizerError, match=r"p\.gguf: unsupported pre-tokenizer tokenizer\.ggml\.pre='chatglm-bpe'"):

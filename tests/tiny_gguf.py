@@ -66,6 +66,10 @@ def write_tiny_gguf(path, hf_model, arch: str, dtype=np.float32, with_vocab_size
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    if head_dim != cfg.hidden_size // n_head:  # the converter writes it only when it differs
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
     w.add_rope_freq_base(theta)
     if with_vocab_size:
@@ -112,3 +116,21 @@ def write_tiny_gguf(path, hf_model, arch: str, dtype=np.float32, with_vocab_size
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def llama_cpp_rope_freqs(head_dim: int, theta: float, factor: float, low: float, high: float, old_ctx: int):
+    """The ``rope_freqs`` tensor llama.cpp's converter writes for llama3 rope scaling (loop form)."""
+    import math
+
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
