@@ -24,6 +24,40 @@ CHATS = [
 ]
 
 
+def _bytes_to_unicode() -> dict:
+    """GPT-2's printable stand-ins for the 256 byte values."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
+
+
+def independent_smollm_encode(text: str, tokens: list, merges: list, specials: list) -> list:
+    """A from-scratch reading of SmolLM2's tokenizer (specials, digits one by one, GPT-2 split,
+    byte-level BPE by merge rank), sharing only the GGUF's vocabulary with the code under test."""
+    import regex
+
+    vocab = {t: i for i, t in enumerate(tokens)}
+    rank = {tuple(m.split(" ")): r for r, m in enumerate(merges)}
+    b2u = _bytes_to_unicode()
+    gpt2 = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    ids = []
+    for chunk in regex.split("(" + "|".join(regex.escape(s) for s in specials) + ")", text):
+        if chunk in specials:
+            ids.append(vocab[chunk])
+            continue
+        for piece in regex.split(r"(\p{N})", chunk):
+            for word in gpt2.findall(piece):
+                parts = [b2u[b] for b in word.encode()]
+                while len(parts) > 1:
+                    pairs = [(rank.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+                    best, i = min(pairs)
+                    if best == 1 << 30:
+                        break
+                    parts[i : i + 2] = [parts[i] + parts[i + 1]]
+                ids += [vocab[p] for p in parts]
+    return ids
+
+
 @pytest.fixture(scope="module")
 def gguf_path():
     return hub.resolve("smollm2-135m", progress=False)
@@ -77,6 +111,13 @@ def test_tokenizer_round_trips_match_hf(gguf_path, hf_tokenizer):
         assert tok.decode(ids) == hf_tokenizer.decode(ids) == text
         assert tok.decode(ids, skip_special_tokens=True) == hf_tokenizer.decode(ids, skip_special_tokens=True)
     assert tok.encode("<|im_start|>user")[0] == 1  # markup is one special token, not characters
+    from verispec.model import GGUFSource
+
+    src = GGUFSource(gguf_path)
+    tokens, merges = src.field_array("tokenizer.ggml.tokens"), src.field_array("tokenizer.ggml.merges")
+    specials = [t for t, ty in zip(tokens, src.field_array("tokenizer.ggml.token_type")) if ty == 3]
+    for text in TEXTS:
+        assert tok.encode(text) == independent_smollm_encode(text, tokens, merges, specials), text
     assert tok.encode("2024") == [tok.encode(d)[0] for d in "2024"]  # SmolLM2 splits digits one by one
 
 
