@@ -1,5 +1,6 @@
 """GGUF checkpoints as a TensorSource: tensors renamed to Hugging Face's convention, dequantized to
-fp32 with the ``gguf`` package, and a LlamaConfig read from the file's metadata.
+fp32 with the ``gguf`` package (``gguf.quants``), and a LlamaConfig read from the file's metadata
+(parsed by ``gguf_file``).
 
 Two llama.cpp conventions are undone here:
 - ``llama``-arch files store the rows of Q and K permuted for interleaved-pair RoPE (llama.cpp's
@@ -7,7 +8,7 @@ Two llama.cpp conventions are undone here:
   the permutation is inverted on load. ``qwen2`` files are written unpermuted.
 - GGUF shapes are listed fastest-axis first; HF shapes are the reverse.
 
-Nothing is cached: each ``load`` dequantizes its tensor from the memory-mapped file (about 15 s
+Nothing is cached: each ``load`` dequantizes its tensor from the memory-mapped file (15-25 s
 for all of Qwen2.5-Coder-1.5B Q4_K_M). ``verispec convert`` writes an HF directory for repeated
 fast loads.
 """
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ConfigError, LlamaConfig, RopeScaling
+from .gguf_file import TensorInfo, read_gguf, tensor_array
 from .loader import CheckpointError, Shard
 
 # GGUF tensor name -> HF name. ``{i}`` is the block index.
@@ -123,25 +125,6 @@ def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float
     return rs
 
 
-def _read_reader(path: Path):
-    import gguf
-
-    size = path.stat().st_size
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on corrupt input
-        if size < 4 or path.read_bytes()[:4] != b"GGUF":
-            raise CheckpointError(f"{path}: not a GGUF file (bad magic bytes)") from None
-        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CheckpointError(
-                f"{path}: truncated GGUF file: tensor {t.name} needs bytes up to {end}, the file has {size}"
-            )
-    return reader
-
-
 class GGUFSource:
     """A single GGUF file read through a memory map. ``config`` comes from its metadata."""
 
@@ -151,28 +134,28 @@ class GGUFSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        self._reader = _read_reader(self.path)
-        self.metadata = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("tokenizer.ggml.") and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                              "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-                continue  # large arrays: read on demand by the tokenizer
-            try:
-                self.metadata[key] = field.contents()
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: corrupt metadata field {key!r} ({e})") from None
-        supported = set(gguf.quants._type_traits) | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
-        self._tensors = {}
-        for t in self._reader.tensors:
-            if t.tensor_type not in supported:
+        if self.path.stat().st_size < 4:
+            raise CheckpointError(f"{self.path}: not a GGUF file (bad magic bytes)")
+        self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.metadata, infos = read_gguf(self.path, self._buf)
+        supported = {int(t) for t in gguf.quants._type_traits} | {int(gguf.GGMLQuantizationType.F32),
+                                                                   int(gguf.GGMLQuantizationType.F16)}
+        self._tensors: dict[str, TensorInfo] = {}
+        for t in infos:
+            if t.ggml_type not in supported:
                 raise CheckpointError(
-                    f"{self.path}: tensor {t.name} has quantization type {t.tensor_type.name}, "
+                    f"{self.path}: tensor {t.name} has quantization type {gguf.GGMLQuantizationType(t.ggml_type).name}, "
                     f"which the gguf package cannot dequantize"
                 )
             self._tensors[hf_name(t.name)] = t
         # llama3 rope scaling travels as a tensor of per-frequency factors, not as a weight
         self._rope_freqs = self._tensors.pop("rope_freqs.weight", None)
-        self.config = self._build_config()
+        try:
+            self.config = self._build_config()
+        except (TypeError, ValueError) as e:  # ConfigError from validation, or a mistyped metadata value
+            if str(self.path) in str(e):
+                raise
+            raise ConfigError(f"{self.path}: invalid model metadata: {e}") from None
 
     # ---- metadata -> LlamaConfig ----------------------------------------------------------------
 
@@ -190,8 +173,7 @@ class GGUFSource:
 
     def field_array(self, key: str) -> list | None:
         """A (possibly large) array field such as ``tokenizer.ggml.tokens``; None when absent."""
-        field = self._reader.fields.get(key)
-        return None if field is None else field.contents()
+        return self.metadata.get(key)
 
     def _build_config(self) -> LlamaConfig:
         arch = self._get("general.architecture", required=True)
@@ -202,10 +184,10 @@ class GGUFSource:
         a = arch + "."
         vocab = self._get(a + "vocab_size")
         if vocab is None:
-            tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+            tokens = self.metadata.get("tokenizer.ggml.tokens")
             if tokens is None:
                 raise CheckpointError(f"{self.path}: no {a}vocab_size and no tokenizer.ggml.tokens to count")
-            vocab = len(tokens.data)
+            vocab = len(tokens)
         hidden = int(self._get(a + "embedding_length", required=True))
         n_heads = int(self._get(a + "attention.head_count", required=True))
         head_dim = int(self._get(a + "attention.key_length", 0) or 0)
@@ -217,9 +199,7 @@ class GGUFSource:
         if self._rope_freqs is not None:
             if scaling_type not in ("none", None):
                 raise ConfigError(f"{self.path}: both rope_freqs and rope scaling type {scaling_type!r}")
-            from gguf.quants import dequantize
-
-            factors = dequantize(self._rope_freqs.data, self._rope_freqs.tensor_type).reshape(-1)
+            factors = self._dequantize(self._rope_freqs).reshape(-1)
             rope = llama3_scaling_from_factors(
                 factors, head_dim or hidden // n_heads, theta,
                 int(self._get(a + "rope.scaling.original_context_length", 8192)), str(self.path),
@@ -262,24 +242,30 @@ class GGUFSource:
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple:
-        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+        return self._tensors[name].shape
 
     def gguf_type(self, name: str) -> str:
         """The stored quantization type (``Q4_K``, ``F16``, ...) of an HF-named tensor."""
-        return self._tensors[name].tensor_type.name
+        from gguf import GGMLQuantizationType
 
-    def load(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        return GGMLQuantizationType(self._tensors[name].ggml_type).name
+
+    def _dequantize(self, info: TensorInfo) -> np.ndarray:
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        qtype = GGMLQuantizationType(info.ggml_type)
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            arr = dequantize(tensor_array(self._buf, info), qtype)
         except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from None
+            raise CheckpointError(f"{self.path}: cannot dequantize {info.name} ({qtype.name}): {e}") from None
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not arr.flags.writeable:  # F32 tensors are views of the read-only memory map
             arr = arr.copy()
-        w = torch.from_numpy(arr).reshape(self.shape(name))
+        return arr
+
+    def load(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        w = torch.from_numpy(self._dequantize(self._tensors[name])).reshape(self.shape(name))
         if self.config.model_type == "llama":
             if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
                 w = unpermute_rope_rows(w, self.config.num_attention_heads)

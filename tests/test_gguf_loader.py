@@ -83,29 +83,25 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert torch.equal(unpermute_rope_rows(torch.from_numpy(llama_cpp_permute(b.numpy(), 2, None)), 2), b)
 
 
-def test_quantized_tensor_dequantizes_within_its_step(tmp_path):
+def test_quantized_tensor_dequantizes_within_its_step(tiny_hf, tmp_path):
     """A Q8_0 tensor comes back within half a quantization step of the original values."""
-    import gguf
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(8, 64)).astype(np.float32)
-    q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
-    w.add_tensor("blk.0.ffn_up.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
-    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
-    t = reader.tensors[0]
-    assert t.tensor_type.name == "Q8_0"
-    # bypass the config (this file has no metadata) and use the source's tensor path directly
-    src = GGUFSource.__new__(GGUFSource)
-    src.path, src._reader, src._tensors = tmp_path / "q.gguf", reader, {"mlp.up_proj.weight": t}
-    src.config = type("C", (), {"model_type": "qwen2"})()
-    y = src.load("mlp.up_proj.weight").numpy()
-    step = np.abs(x).reshape(8, 2, 32).max(-1, keepdims=True) / 127  # Q8_0: one scale per 32 values
+    _, hf = tiny_hf("llama", vocab_size=300)
+    path = write_tiny_gguf(tmp_path / "q.gguf", hf, "llama", q8_0=("blk.0.ffn_up.weight", "blk.1.attn_q.weight"))
+    src = GGUFSource(path)
+    assert src.gguf_type("model.layers.0.mlp.up_proj.weight") == "Q8_0"
+    x = hf.model.layers[0].mlp.up_proj.weight.detach().numpy()  # [96, 64]
+    y = src.load("model.layers.0.mlp.up_proj.weight").numpy()
+    step = np.abs(x).reshape(96, 2, 32).max(-1, keepdims=True) / 127  # Q8_0: one scale per 32 values
+    # half a step of rounding, plus the scale's own fp16 rounding (relative 2**-11) times |q| <= 127
+    bound = step * (0.5 + 127 * 2.0**-11) + 1e-7
     assert y.shape == x.shape
-    assert np.all(np.abs(y - x).reshape(8, 2, 32) <= step / 2 + 1e-6)
-    half = src.load("mlp.up_proj.weight", shard=(0, 2, 5))
-    assert torch.equal(half, torch.from_numpy(y[2:5]))
+    assert np.all(np.abs(y - x).reshape(96, 2, 32) <= bound)
+    assert not np.array_equal(y, x)  # it really went through quantization
+    part = src.load("model.layers.0.mlp.up_proj.weight", shard=(0, 2, 5))
+    assert torch.equal(part, torch.from_numpy(y[2:5]))
+    # a quantized, permuted Q projection is un-permuted after dequantization
+    q = src.load("model.layers.1.self_attn.q_proj.weight")
+    assert (q - hf.model.layers[1].self_attn.q_proj.weight).abs().max() < 0.01
 
 
 def test_byte_level_vocab_helper_is_consistent():

@@ -100,6 +100,22 @@ def test_truncated_gguf_at_any_point(cut, llama_gguf, tmp_path_factory):
         GGUFSource(p)
 
 
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flips=st.lists(st.tuples(st.integers(4, 6000), st.integers(0, 255)), min_size=1, max_size=4))
+def test_corrupt_gguf_header_bytes_never_crash(flips, llama_gguf, tmp_path_factory):
+    """Garbage in the metadata/tensor directory either still parses or raises a checkpoint or
+    config error naming the file; never an IndexError, MemoryError or struct.error."""
+    data = bytearray(open(llama_gguf, "rb").read())
+    for at, value in flips:
+        data[at] = value
+    p = tmp_path_factory.mktemp("flip") / "flip.gguf"
+    p.write_bytes(bytes(data))
+    try:
+        GGUFSource(p)
+    except (CheckpointError, ConfigError) as e:
+        assert "flip.gguf" in str(e)
+
+
 def test_unsupported_quant_type(llama_dir, tmp_path):
     extra = {"blk.0.odd.weight": np.zeros((4, 8), dtype=np.int32)}  # I32: nothing to dequantize
     path = write_tiny_gguf(tmp_path / "q.gguf", llama_dir[1], "llama", extra_tensors=extra)

@@ -55,7 +55,7 @@ def byte_level_vocab(n: int) -> tuple[list[str], list[str], list[int]]:
 
 def write_tiny_gguf(path, hf_model, arch: str, dtype=np.float32, with_vocab_size: bool = True,
                     with_tokenizer: bool = True, pre: str = "gpt-2", arch_name: str | None = None,
-                    extra_tensors: dict | None = None, skip: tuple = ()) -> str:
+                    extra_tensors: dict | None = None, skip: tuple = (), q8_0: tuple = ()) -> str:
     cfg = hf_model.config
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
     w = gguf.GGUFWriter(str(path), arch_name or arch)
@@ -92,7 +92,11 @@ def write_tiny_gguf(path, hf_model, arch: str, dtype=np.float32, with_vocab_size
         if name in skip:
             return
         arr = np.ascontiguousarray(arr.astype(dtype if arr.ndim == 2 else np.float32))  # norms stay F32
-        w.add_tensor(name, arr)
+        if name in q8_0:
+            q = gguf.quants.quantize(arr.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, arr)
 
     put("token_embd.weight", state["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
