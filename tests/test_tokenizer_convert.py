@@ -48,6 +48,21 @@ def test_saved_tokenizer_loads_in_transformers_identically(tiny_gguf, tmp_path):
     assert again.chat_template == tok.chat_template and hft.eos_token == "<|im_end|>"
 
 
+def test_reads_a_directory_transformers_saved(tiny_gguf, tmp_path):
+    """transformers' own save_pretrained layout (chat template possibly in chat_template.jinja)."""
+    import transformers
+
+    tok = Tokenizer.from_pretrained(tiny_gguf[0])
+    tok.save(tmp_path / "ours")
+    hft = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
+    hft.save_pretrained(str(tmp_path / "theirs"))
+    back = Tokenizer.from_pretrained(tmp_path / "theirs")
+    assert back.chat_template == tok.chat_template
+    assert (back.bos_token, back.eos_token) == (tok.bos_token, tok.eos_token)
+    for t in TEXTS:
+        assert back.encode(t) == tok.encode(t)
+
+
 def test_chat_template_environment_matches_transformers():
     """tojson without ASCII escaping, loop controls, trim/lstrip blocks, raise_exception."""
     from transformers.utils.chat_template_utils import render_jinja_template
