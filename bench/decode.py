@@ -1,5 +1,5 @@
 """``verispec bench decode``: target-only decode speed at batch 1, next to the memory bandwidth
-measured in the same run.
+measured in the same run (JSON and a PNG bar chart in bench/results/).
 
 Batch-1 decode streams every weight matrix once per token, so its floor is
 ``weight bytes read per token / memory read bandwidth``. Reported per model and dtype:
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 DEFAULT_MODELS = "smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b"
 PROMPT = "def quicksort(arr):\n    "
@@ -101,10 +102,34 @@ def run(args) -> int:
     bw_after = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
     path = write_json("decode", {"memory_bandwidth": bw, "memory_bandwidth_after": bw_after,
                                  "prompt": PROMPT, "results": rows}, args.out)
+    plot = _plot(rows, bw, path.with_suffix(".png"))
     table = Table("model", "amp", "tokens/s", "MB/token", "weight GB/s", "% of read BW")
     for r in rows:
         table.add_row(r["model"], r["amp"], f"{r['tokens_per_s']:.2f}", f"{r['weight_bytes_per_token'] / 1e6:.1f}",
                       f"{r['achieved_weight_GBps']:.2f}", f"{100 * r['fraction_of_read_bandwidth']:.1f}")
     console.print(table)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path} and {plot}")
     return 0
+
+
+def _plot(rows: list[dict], bw: dict, out):
+    """Achieved weight bandwidth per model and dtype against the measured read bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{Path(r['model']).name[:22]}\n{r['amp']}" for r in rows]  # a path shows its file name
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.7 * len(rows)), 4))
+    bars = ax.bar(labels, [r["achieved_weight_GBps"] for r in rows], color="tab:blue")
+    ax.axhline(bw["read_GBps"], color="tab:red", linestyle="--", label=f"measured read {bw['read_GBps']:.1f} GB/s")
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['tokens_per_s']:.1f} tok/s", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("weight bytes/token x tokens/s (GB/s)")
+    ax.set_title("batch-1 decode: achieved weight bandwidth")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

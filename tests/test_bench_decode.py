@@ -18,6 +18,7 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
                    "--bandwidth-bytes", str(1 << 22), "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "decode.json").read_text())
+    assert (out / "decode.png").stat().st_size > 0
     assert data["benchmark"] == "decode" and data["memory_bandwidth"]["read_GBps"] > 0
     rows = {r["amp"]: r for r in data["results"]}
     assert set(rows) == {"f32", "bf16"}
