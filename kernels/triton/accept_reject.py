@@ -52,7 +52,7 @@ def _accept_reject(
     # exponential race over the vocabulary for the recovered token (residual) and the bonus
     # or fallback token (p); the target row is the first unaccepted slot
     q_row = tl.maximum(tl.minimum(accepted, G - 1), 0)
-    has_drafts = G > 0
+    q_len = tl.where(q_row < G, V, 0)  # no q row to read when G = 0
     best_res = tl.full([], float("-inf"), tl.float32)
     best_res_id = tl.full([], 0, tl.int64)
     best_p = tl.full([], float("-inf"), tl.float32)
@@ -62,7 +62,7 @@ def _accept_reject(
         v = v0 + tl.arange(0, BLOCK_V)  # [BLOCK_V] token ids
         v_ok = v < V
         p_a = tl.load(p_ptr + b * s_p_b + accepted * s_p_i + v * s_p_v, mask=v_ok, other=0.0)
-        q_a = tl.load(q_ptr + b * s_q_b + q_row * s_q_i + v * s_q_v, mask=v_ok & has_drafts, other=0.0)
+        q_a = tl.load(q_ptr + b * s_q_b + q_row * s_q_i + v * s_q_v, mask=v < q_len, other=0.0)
         e = tl.load(e_ptr + b * s_e_b + v * s_e_v, mask=v_ok, other=1.0)
         residual = tl.maximum(p_a - q_a, 0.0)
         res_max = tl.maximum(res_max, tl.max(residual, axis=0))
