@@ -20,9 +20,9 @@ except ImportError as e:  # the registry reports this when the backend is asked 
         f"importing it failed: {e}"
     ) from e
 
-from .accept_reject import accept_reject
+from .rejection import accept_reject
 from .attention import verify_attention
-from .kv_append import kv_append
+from .append import kv_append
 from .launch import TritonBackendUnavailable, interpreting
 
 KERNELS = {"verify_attention": verify_attention, "kv_append": kv_append, "accept_reject": accept_reject}

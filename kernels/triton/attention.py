@@ -22,6 +22,8 @@ from .launch import check_launchable, kernel, positions_on_host
 
 LOG2_E = 1.4426950408889634
 MIN_SPLIT_KEYS = 256  # a slice shorter than this costs more to combine than it saves
+MAX_SPLITS = 128  # the combine kernel holds all slices of a row in one tile
+WAVES = 4  # aim for about this many slice programs per SM (several fit on one SM at once)
 INTERPRETER_SM_COUNT = 8  # stand-in for the SM count when no GPU is involved
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -161,15 +163,40 @@ def _sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT
 
 
+def launch_config(G: int, T: int, D: int, dtype: torch.dtype) -> dict:
+    """Tiles and launch options of the slice kernel for a shape.
+
+    Chosen so that shared memory stays under 99 KiB (the smallest limit among sm_80+ GPUs;
+    checked by compiling every branch in the tests) and the fp32 accumulator fits in
+    registers. Not tuned on hardware yet.
+    """
+    block_d = max(16, triton.next_power_of_2(D))
+    fp32 = dtype == torch.float32
+    max_m = (64 if fp32 else 128) // (2 if block_d > 128 else 1)
+    block_m = min(max_m, max(16, triton.next_power_of_2(G * T)))
+    if fp32:  # fp32 tiles are twice the bytes: narrower key blocks, two pipeline stages
+        block_n = 32 if block_d <= 128 else 16
+    else:
+        block_n = 64 if block_m * block_d < 128 * 128 else 32
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_m <= 64 else 8,
+                num_stages=2 if fp32 else 3)
+
+
+def combine_config(splits: int, D: int) -> dict:
+    block_s, block_d = max(2, triton.next_power_of_2(splits)), max(16, triton.next_power_of_2(D))
+    return dict(BLOCK_S=block_s, BLOCK_D=block_d, num_warps=8 if block_s * block_d > 4096 else 4)
+
+
 def plan_splits(n_programs: int, keys: int, block_n: int, sm_count: int, num_splits: int | None = None) -> tuple[int, int]:
-    """(num_splits, keys per split): about two waves of programs, no slice under MIN_SPLIT_KEYS."""
+    """(num_splits, keys per split): about WAVES programs per SM, no slice under MIN_SPLIT_KEYS,
+    at most MAX_SPLITS slices."""
     if num_splits is None:
-        wanted = -(-2 * sm_count // max(n_programs, 1))
-        num_splits = max(1, min(wanted, -(-keys // MIN_SPLIT_KEYS)))
-    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be a positive integer or None, got {num_splits!r}")
-    split_len = -(-(-(-keys // num_splits)) // block_n) * block_n  # ceil to a multiple of block_n
-    return -(-keys // split_len), split_len
+        wanted = triton.cdiv(WAVES * sm_count, max(n_programs, 1))
+        num_splits = max(1, min(wanted, triton.cdiv(keys, MIN_SPLIT_KEYS), MAX_SPLITS))
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an integer in 1..{MAX_SPLITS} or None, got {num_splits!r}")
+    split_len = triton.cdiv(triton.cdiv(keys, num_splits), block_n) * block_n  # whole key blocks
+    return triton.cdiv(keys, split_len), split_len
 
 
 def verify_attention(
@@ -199,19 +226,16 @@ def verify_attention(
     if B == 0 or H == 0 or T == 0 or D == 0:
         return out
 
-    block_d = max(16, triton.next_power_of_2(D))
-    block_m = min(128, max(16, triton.next_power_of_2(G * T)))
-    block_n = 32 if block_m * block_d >= 128 * 128 else 64  # keep the fp32 accumulator in registers
-    n_m = triton.cdiv(G * T, block_m)
-    splits, split_len = plan_splits(B * H_kv * n_m, keys, block_n, _sm_count(q.device), num_splits)
+    config = launch_config(G, T, D, q.dtype)
+    n_m = triton.cdiv(G * T, config["BLOCK_M"])
+    splits, split_len = plan_splits(B * H_kv * n_m, keys, config["BLOCK_N"], _sm_count(q.device), num_splits)
 
     positions = positions.contiguous()
     has_mask = active_mask is not None
     tree = active_mask.view(torch.uint8) if has_mask else positions  # dummy pointer when unused
     sm = tree.stride() if has_mask else (0, 0, 0)
     flags = dict(
-        HAS_MASK=has_mask, IEEE_FP32=q.dtype == torch.float32, UPCAST_DOT=interpret and q.dtype != torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4 if block_m <= 64 else 8,
+        HAS_MASK=has_mask, IEEE_FP32=q.dtype == torch.float32, UPCAST_DOT=interpret and q.dtype != torch.float32, **config
     )
     common = (*q.stride(), *k_cache.stride(), *v_cache.stride(), *sm)
     if splits == 1:
@@ -230,6 +254,6 @@ def verify_attention(
     )
     _combine_slices[(B * H * T,)](
         part, lse, out, part.stride(0), lse.stride(0), *out.stride(), H, T, D, splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+        **combine_config(splits, D),
     )
     return out

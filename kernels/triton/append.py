@@ -41,6 +41,11 @@ def _kv_append(
     tl.store(v_cache_ptr + b * svc_b + h * svc_h + slot[:, None] * svc_s + d[None, :] * svc_d, v, mask=ok)
 
 
+def launch_config(T: int, D: int) -> dict:
+    block_t, block_d = min(MAX_BLOCK_T, triton.next_power_of_2(T)), triton.next_power_of_2(D)
+    return dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_t * block_d >= 1024 else 1)
+
+
 def kv_append(
     k_cache: torch.Tensor,  # [B, H_kv, S_max, D]
     v_cache: torch.Tensor,  # [B, H_kv, S_max, D]
@@ -55,11 +60,10 @@ def kv_append(
     T = k_new.shape[2]
     if B == 0 or H_kv == 0 or T == 0 or D == 0:
         return
-    block_d = triton.next_power_of_2(D)
-    block_t = min(MAX_BLOCK_T, triton.next_power_of_2(T))
-    _kv_append[(B * H_kv, triton.cdiv(T, block_t))](
+    config = launch_config(T, D)
+    _kv_append[(B * H_kv, triton.cdiv(T, config["BLOCK_T"]))](
         k_cache, v_cache, k_new, v_new, positions.contiguous(),
         *k_cache.stride(), *v_cache.stride(), *k_new.stride(), *v_new.stride(),
         H_kv, T, D, S_max,
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_t * block_d >= 1024 else 1,
+        **config,
     )

@@ -84,6 +84,13 @@ def _accept_reject(
     tl.store(accepted_ptr + b, accepted.to(tl.int64))
 
 
+def launch_config(g: int, V: int) -> dict:
+    # no fused multiply-adds: every rounding must be the twin's (there is no a * b + c here
+    # today; this keeps it so if one is added)
+    return dict(BLOCK_G=max(2, triton.next_power_of_2(g + 1)), BLOCK_V=min(BLOCK_V, max(16, triton.next_power_of_2(V))),
+                num_warps=4, enable_fp_fusion=False)
+
+
 def _check_args(draft_ids, draft_probs, target_probs, uniforms, exponentials) -> None:
     for name, t in (("draft_ids", draft_ids), ("draft_probs", draft_probs), ("target_probs", target_probs),
                     ("uniforms", uniforms), ("exponentials", exponentials)):
@@ -153,8 +160,6 @@ def accept_reject(
     _accept_reject[(B,)](
         ids, q, p, u, e, accepted, tokens,
         *ids.stride(), *q.stride(), *p.stride(), *u.stride(), *e.stride(), *tokens.stride(),
-        g, V,
-        BLOCK_G=max(2, triton.next_power_of_2(g + 1)), BLOCK_V=min(BLOCK_V, max(16, triton.next_power_of_2(V))),
-        num_warps=4,
+        g, V, **launch_config(g, V),
     )
     return accepted, tokens
