@@ -102,7 +102,6 @@ def attention_rows(Ts, Ls, *, B, H, H_kv, D, dtype, device, copy_GBps, timer) ->
             row["triton_GBps"] = row["min_bytes"] / row["triton_s"] / 1e9
             row["fraction_of_copy_bw"] = row["triton_GBps"] / copy_GBps
             rows.append(row)
-            del q, k, v, out
     return rows
 
 
@@ -141,8 +140,6 @@ def model_step_rows(Ls, *, k: int, dtype, device, backends, shape: dict, timer_r
                 pos = torch.tensor([L - T], device=device)
                 step[T] = time_fn(lambda: model.forward(ids, pos), warmup=2, repeats=timer_repeats, device=device)["median_s"]
             rows.append(dict(backend=backend, L=L, k=k, decode_s=step[1], verify_s=step[k], ratio=step[k] / step[1]))
-        del model
-    del decoder
     return rows
 
 
