@@ -88,6 +88,7 @@ class GreedyTokenAcceptor:
     """
 
     lossless = False
+    exact_when_greedy = True  # at temperature 0 it is target-only greedy decoding
     name = "greedy"
 
     def __call__(self, draft_ids, draft_probs, target_probs, rng):

@@ -112,9 +112,6 @@ class SpeculativeGenerator:
             )
         self.measure_decode_step = measure_decode_step
         self.device = torch.device(getattr(target, "device", "cpu"))
-        if is_lossless(self.acceptor) is False:
-            log.warning("acceptor %s is LOSSY: its output is not distributed as target-only sampling",
-                        acceptor_name(self.acceptor))
         self.last_stats: SpecStats | None = None
 
     # ---- public API -----------------------------------------------------------------------------
@@ -145,6 +142,10 @@ class SpeculativeGenerator:
     @torch.inference_mode()
     def _run(self, input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id):
         params = SamplingParams(temperature, top_k, top_p)
+        exact_here = is_lossless(self.acceptor) or (params.greedy and getattr(self.acceptor, "exact_when_greedy", False))
+        if is_lossless(self.acceptor) is False and not exact_here:
+            log.warning("acceptor %s is LOSSY: its output is not distributed as target-only sampling",
+                        acceptor_name(self.acceptor))
         V = self.target.vocab_size
         prompts, padded, lengths = prepare_prompts(input_ids, V, self.batch_size, sequence_length, self.n_positions)
         eos = validate_eos(eos_token_id, V)

@@ -27,3 +27,20 @@ class FixedRandomness:
 def probs(*rows) -> torch.Tensor:
     """probs([.5, .3, .2], [...]) -> [1, n, V] fp32 (one batch row)."""
     return torch.tensor([list(r) for r in rows], dtype=torch.float32)[None]
+
+
+class CountingAcceptor:
+    """An exact acceptor written outside the library (rejection sampling) that counts its calls:
+    what a research user would pass to ``verispec check --acceptor module:attr``."""
+
+    lossless = True
+    name = "counting"
+    calls = 0
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        from verispec.spec import rejection_sample
+
+        type(self).calls += 1
+        B, g = draft_ids.shape
+        return rejection_sample(draft_ids, draft_probs, target_probs, rng.uniforms(B, g),
+                                rng.exponentials(B, target_probs.shape[-1]))
