@@ -66,3 +66,30 @@ def test_sampling_with_the_same_seed_is_reproducible(models):
     b = gen.sample(ps, 30, temperature=1.0, top_p=0.9, seed=7)
     c = gen.sample(ps, 30, temperature=1.0, top_p=0.9, seed=8)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct in fp32 (fetched into the model cache on first use)."""
+    model = LlamaForSampling.from_pretrained("smollm2-135m", n_positions=256, batch_size=3, amp="f32")
+    tok = model.tokenizer
+    questions = ["Write a Python function that checks whether a string is a palindrome.",
+                 "What is the capital of France? Answer in one sentence.",
+                 "List three prime numbers and explain why they are prime."]
+    chats = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)) for q in questions]
+    assert len({len(c) for c in chats}) == 3  # three different prompt lengths
+    return model, chats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [[0], [1], [0, 1, 2]], ids=["prompt0", "prompt1", "batch3-ragged"])
+def test_smollm2_speculative_greedy_equals_target_greedy(smollm2, rows):
+    model, chats = smollm2
+    ps = [chats[i] for i in rows]
+    seq_len = max(len(p) for p in ps) + NEW_TOKENS
+    expected = model.sample(ps, seq_len, temperature=0)
+    for draft in ("self:8", "ngram"):
+        gen = SpeculativeGenerator(draft, model, 4)
+        out = gen.sample(ps, seq_len, temperature=0)
+        assert torch.equal(out, expected), (draft, rows)
+        assert gen.last_stats.proposed_drafts > 0
