@@ -12,19 +12,15 @@ Also: achieved weight bandwidth of target-only decoding against a bandwidth meas
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
 from .common import measure_memory_bandwidth, results_dir, write_json
 
-CODE_PROMPTS = [
-    "def quicksort(arr):",
-    "class LRUCache:\n    def __init__(self, capacity: int):",
-    "# Return the n-th Fibonacci number\ndef fib(n):",
-    "import json\n\ndef load_config(path):",
-    "def binary_search(items, target):\n    lo, hi = 0, len(items) - 1",
-]
+PROMPTS_FILE = Path(__file__).with_name("prompts.json")  # the fixed prompt sets shared by the benchmarks
 
 
 def register(sub) -> None:
@@ -37,7 +33,8 @@ def register(sub) -> None:
     p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel-backend", default=None)
-    p.add_argument("--prompts", type=int, default=len(CODE_PROMPTS), help="how many built-in code prompts to use")
+    p.add_argument("--prompt-set", default="code", help="prompt set of bench/prompts.json (code, prose)")
+    p.add_argument("--prompts", type=int, default=4, help="how many prompts of the set to use")
     p.add_argument("--random-prompts", action="store_true", help="random token prompts (models without tokenizer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
@@ -64,8 +61,18 @@ def _prompts(target, args) -> list[torch.Tensor]:
     if args.random_prompts:
         g = torch.Generator().manual_seed(args.seed)
         return [torch.randint(0, target.vocab_size, (8 + 3 * i,), generator=g) for i in range(args.prompts)]
+    sets = json.loads(PROMPTS_FILE.read_text())
+    if args.prompt_set not in sets or args.prompt_set == "description":
+        raise ValueError(f"unknown prompt set {args.prompt_set!r}; {PROMPTS_FILE} has {sorted(k for k in sets if k != 'description')}")
     tok = target.tokenizer
-    return [torch.tensor(tok.encode(text)) for text in CODE_PROMPTS[: args.prompts]]
+    out = []
+    for text in sets[args.prompt_set][: args.prompts]:
+        if tok.chat_template:  # instruct models get the user message in their chat template
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+        else:
+            ids = tok.encode(text)
+        out.append(torch.tensor(ids))
+    return out
 
 
 def _weight_bytes(model) -> int:
@@ -127,7 +134,7 @@ def run(args) -> int:
     temps = _floats(args.temperatures, "temperatures")
     from verispec.model import open_source
 
-    # room for the built-in prompts (< 256 tokens), the new tokens and one verify block
+    # room for the fixed prompts (< 256 tokens with a chat template), the new tokens and one verify block
     n_positions = min(256 + args.max_new_tokens + max(ks), open_source(args.target)[0].max_position_embeddings)
     target = _load(args.target, args, n_positions)
     draft = args.draft if args.draft == "ngram" or args.draft.startswith(("self:", "ngram:")) else _load(

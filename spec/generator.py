@@ -99,8 +99,9 @@ class SpeculativeGenerator:
         if draft is None:
             if self.policy.max_k != 1:
                 raise ValueError("a draft is needed for k > 1 (a model, 'ngram', 'self:N' or a provider)")
-            draft = "ngram"  # never asked for a proposal at k = 1
-        self.draft = make_draft(draft, target)
+        self.draft = make_draft("ngram" if draft is None else draft, target)  # k = 1 never asks for proposals
+        if draft is None:
+            self.draft.name = "none"
         if hasattr(self.draft, "bind"):
             self.draft.bind(target)
         self.acceptor = make_acceptor(acceptor, target)
