@@ -11,6 +11,7 @@ functions here dispatch to the backend made active by :func:`use_backend` (defau
 from . import reference
 from .registry import (
     CONTRACT,
+    BackendUnavailable,
     KernelSet,
     available_backends,
     default_backend_name,
@@ -23,6 +24,7 @@ from .registry import (
 )
 
 __all__ = [
+    "BackendUnavailable",
     "CONTRACT",
     "KernelSet",
     "available_backends",

@@ -25,6 +25,11 @@ _loaders: dict[str, Callable[[], dict[str, Callable]]] = {}
 _active: list[str] = []  # stack driven by use_backend()
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend's kernels cannot run on the given tensors here (e.g. triton on CPU tensors
+    without its interpreter). Raised by the kernels themselves, with what to do instead."""
+
+
 @dataclass(frozen=True)
 class KernelSet:
     """The kernels a model calls, resolved once. ``fallbacks`` names kernels taken from torch."""

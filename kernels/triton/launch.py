@@ -19,6 +19,8 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
+from ..registry import BackendUnavailable
+
 INTERPRET_ENV = "TRITON_INTERPRET"
 
 
@@ -32,7 +34,7 @@ def kernel(fn):
     return InterpretedFunction(fn) if interpreting() else JITFunction(fn)
 
 
-class TritonBackendUnavailable(RuntimeError):
+class TritonBackendUnavailable(BackendUnavailable):
     """The triton backend cannot run on the given tensors (CPU tensors without the interpreter)."""
 
 
