@@ -67,10 +67,13 @@ def default_attention_cases(quick: bool = False) -> list[AttnCase]:
         return cases
     for T in (2, 4, 7, 8, 11):
         cases.append(AttnCase(2, 6, 3, T, 64, (513, 3), 530))
+    for T in (3, 6, 9, 10, 12, 14, 15):  # with the above, every T in 1..16
+        cases.append(AttnCase(1, 4, 2, T, 64, (T + 500,), T + 517))
     cases += [
         AttnCase(1, 2, 2, 1, 128, (4095,), 4096),  # last slot of the cache
         AttnCase(4, 4, 4, 13, 64, (0, 1, 127, 511), 600),
         AttnCase(2, 14, 2, 8, 128, (300, 1000), 1024, True),
+        AttnCase(1, 2, 1, 130, 64, (3,), 140),  # prefill of more than 128 tokens after a short prefix
     ]
     return cases
 
@@ -201,6 +204,20 @@ def _check_append(ks: KernelSet, c: AppendCase, dtype, device, gen) -> list[Case
         CaseResult("kv_append(oob)", c.describe(), name, 0.0, 0.0, raised, "" if raised else "out-of-range write did not raise")
     )
     return results
+
+
+def check_attention_case(backend: str | KernelSet, case: AttnCase, dtype=torch.float32, device: str = "cpu",
+                         seed: int = 0) -> CaseResult:
+    """One verify_attention case against the reference (random inputs from ``seed``)."""
+    ks = backend if isinstance(backend, KernelSet) else get_backend(backend, device=device)
+    return _check_attention(ks, case, dtype, device, torch.Generator().manual_seed(seed))
+
+
+def check_append_case(backend: str | KernelSet, case: AppendCase, dtype=torch.float32, device: str = "cpu",
+                      seed: int = 0) -> list[CaseResult]:
+    """One kv_append case (bit-exact write, then an out-of-range write that must raise)."""
+    ks = backend if isinstance(backend, KernelSet) else get_backend(backend, device=device)
+    return _check_append(ks, case, dtype, device, torch.Generator().manual_seed(seed))
 
 
 def check_backend(
