@@ -155,7 +155,7 @@ class Context:
         tracker = None
         if affine:
             self.rng.shuffle(order)
-            if self.check_affine:
+            if self.check_affine and len(order) > 1:  # one iteration carries nothing
                 tracker = AffineLoop(body_depth=len(self.scopes))
                 self.affine.append(tracker)
         try:
