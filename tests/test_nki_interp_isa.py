@@ -238,12 +238,17 @@ def test_nc_transpose_on_tensor_and_vector_engine(where):
 # ---- vector and scalar engines --------------------------------------------------------------
 
 BINARY = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply, "divide": np.divide,
-          "maximum": np.maximum, "minimum": np.minimum}
+          "maximum": np.maximum, "minimum": np.minimum,
+          # comparisons: 1.0 where true, 0.0 where false
+          "equal": lambda a, b: (a == b) * 1.0, "not_equal": lambda a, b: (a != b) * 1.0,
+          "greater": lambda a, b: (a > b) * 1.0, "greater_equal": lambda a, b: (a >= b) * 1.0,
+          "less": lambda a, b: (a < b) * 1.0, "less_equal": lambda a, b: (a <= b) * 1.0}
 
 
 @pytest.mark.parametrize("name", sorted(BINARY))
 def test_tensor_tensor_ops(name):
     a, b = f32(4, 6), f32(4, 6) + 3.0
+    b[0, :3] = a[0, :3]  # some equal elements for the comparisons
 
     def k(a, b):
         r = sb((4, 6))

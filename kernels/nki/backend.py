@@ -20,6 +20,7 @@ import torch
 
 from .. import reference
 from ._nki import REAL_NKI, nki
+from .accept_reject import accept_reject_kernel
 from .kv_append import kv_append_kernel
 from .verify_attention import verify_attention_kernel
 
@@ -30,7 +31,7 @@ MAX_HEAD_DIM = 128  # q^T and K^T put head_dim on the partitions
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16}
 
 # Interpreter counters of the latest call of each kernel (None under the real nki package).
-last_stats: dict = {"verify_attention": None, "kv_append": None}
+last_stats: dict = {"verify_attention": None, "kv_append": None, "accept_reject": None}
 _noticed: set[str] = set()
 
 
@@ -120,6 +121,35 @@ def verify_attention(q, k_cache, v_cache, positions, scale, active_mask=None) ->
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def accept_reject(draft_ids, draft_probs, target_probs, uniforms, exponentials):
+    """Contract of :func:`verispec.spec.rejection.rejection_sample` (same decisions given the
+    same random numbers), through the NKI kernel. Returns (accepted [B] int64, tokens [B, g+1])."""
+    B, g = draft_ids.shape
+    V = target_probs.shape[-1]
+    if draft_probs.shape != (B, g, V) or target_probs.shape != (B, g + 1, V):
+        raise ValueError(
+            f"shape mismatch: draft_ids {tuple(draft_ids.shape)}, draft_probs {tuple(draft_probs.shape)}, "
+            f"target_probs {tuple(target_probs.shape)} (expected [B, g], [B, g, V], [B, g+1, V])"
+        )
+    if uniforms.shape != (B, g) or exponentials.shape != (B, V):
+        raise ValueError(f"uniforms must be [B, g] and exponentials [B, V]; got {tuple(uniforms.shape)}, {tuple(exponentials.shape)}")
+    if V >= 1 << 24:
+        raise ValueError(f"vocabulary of {V} tokens: ids must stay exact in float32 (< 2^24)")
+    f32 = lambda t: to_numpy(t.float())  # noqa: E731 - the rule is defined in fp32
+    accepted, tokens = [], []
+    for b0 in range(0, B, 128):  # one row per partition
+        rows = slice(b0, min(B, b0 + 128))
+        acc, tok = _simulate(
+            accept_reject_kernel, "accept_reject", to_numpy(draft_ids[rows].to(torch.int32)), f32(draft_probs[rows]),
+            f32(target_probs[rows]), f32(uniforms[rows]), f32(exponentials[rows]),
+        )
+        accepted.append(torch.from_numpy(np.asarray(acc)[:, 0].astype(np.int64)))
+        tokens.append(torch.from_numpy(np.asarray(tok).astype(np.int64)))
+    dev = target_probs.device
+    return torch.cat(accepted).to(dev), torch.cat(tokens).to(dev)
+
+
 def kernels() -> dict:
-    """The kernels of backend ``nki`` (for ``register_backend_loader``)."""
-    return {"verify_attention": verify_attention, "kv_append": kv_append}
+    """The kernels of backend ``nki`` (for ``register_backend_loader``); ``accept_reject`` is
+    an extra kernel (``KernelSet.get("accept_reject")``)."""
+    return {"verify_attention": verify_attention, "kv_append": kv_append, "accept_reject": accept_reject}

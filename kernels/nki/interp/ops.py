@@ -35,6 +35,13 @@ multiply = MathOp("multiply", binary=np.multiply, reduce=np.multiply)
 divide = MathOp("divide", binary=np.divide)
 maximum = MathOp("maximum", binary=np.maximum, reduce=np.maximum)
 minimum = MathOp("minimum", binary=np.minimum, reduce=np.minimum)
+# comparisons give 1.0 where true and 0.0 where false
+equal = MathOp("equal", binary=lambda a, b: np.equal(a, b).astype(np.float32))
+not_equal = MathOp("not_equal", binary=lambda a, b: np.not_equal(a, b).astype(np.float32))
+greater = MathOp("greater", binary=lambda a, b: np.greater(a, b).astype(np.float32))
+greater_equal = MathOp("greater_equal", binary=lambda a, b: np.greater_equal(a, b).astype(np.float32))
+less = MathOp("less", binary=lambda a, b: np.less(a, b).astype(np.float32))
+less_equal = MathOp("less_equal", binary=lambda a, b: np.less_equal(a, b).astype(np.float32))
 exp = MathOp("exp", unary=np.exp)
 reciprocal = MathOp("reciprocal", unary=lambda x: 1.0 / x)
 rsqrt = MathOp("rsqrt", unary=lambda x: 1.0 / np.sqrt(x))
@@ -44,4 +51,5 @@ copy = MathOp("copy", unary=lambda x: x)
 max = MathOp("max", reduce=np.maximum)  # noqa: A001 - NKI's name
 sum = MathOp("sum", reduce=np.add)  # noqa: A001 - NKI's name
 
-ALL = [add, subtract, multiply, divide, maximum, minimum, exp, reciprocal, rsqrt, silu, copy, max, sum]
+ALL = [add, subtract, multiply, divide, maximum, minimum, equal, not_equal, greater, greater_equal, less, less_equal,
+       exp, reciprocal, rsqrt, silu, copy, max, sum]
