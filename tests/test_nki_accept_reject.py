@@ -7,17 +7,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nki_lanes import LANES
 
 from verispec.kernels import get_backend
-from verispec.kernels.nki._nki import REAL_NKI
 from verispec.spec.rejection import rejection_sample
-
-LANES = [
-    pytest.param("interpreter", marks=pytest.mark.skipif(
-        REAL_NKI, reason="the kernels are bound to AWS's nki in this process; set VERISPEC_NKI=interp for the interpreter")),
-    pytest.param("nki.simulate", marks=[pytest.mark.neuron, pytest.mark.skipif(
-        not REAL_NKI, reason="needs AWS's nki package (nki.simulate); it is not importable here")]),
-]
 
 
 def _inputs(B, g, V, mode, seed):

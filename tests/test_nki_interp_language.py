@@ -45,7 +45,7 @@ def test_load_with_dtype_converts():
     x = f32(2, 3)
 
     def k(x):
-        return store(nl.load(x, dtype=nl.bfloat16))
+        return store(nl.load(x, dtype="bfloat16"))  # NKI dtypes may be given by name
 
     got = run(k, x)
     assert got.dtype == nl.bfloat16

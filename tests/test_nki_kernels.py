@@ -15,19 +15,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nki_lanes import LANES, interp_only
 
 from verispec.kernels import get_backend, reference
 from verispec.kernels.nki import backend
-from verispec.kernels.nki._nki import REAL_NKI
 from verispec.kernels.testing import AppendCase, AttnCase, check_append_case, check_attention_case, check_backend
 
-LANES = [
-    pytest.param("interpreter", marks=pytest.mark.skipif(
-        REAL_NKI, reason="the kernels are bound to AWS's nki in this process; set VERISPEC_NKI=interp for the interpreter")),
-    pytest.param("nki.simulate", marks=[pytest.mark.neuron, pytest.mark.skipif(
-        not REAL_NKI, reason="needs AWS's nki package (nki.simulate); it is not importable here")]),
-]
-interp_only = pytest.mark.skipif(REAL_NKI, reason="checks verispec's interpreter, and the kernels are bound to AWS's nki here")
 SETTINGS = settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 

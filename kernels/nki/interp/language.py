@@ -8,7 +8,7 @@ import numpy as np
 
 from . import isa
 from .context import current
-from .dtypes import bfloat16, bool_, float16, float32, int8, int32, uint8, uint32  # noqa: F401 - API
+from .dtypes import as_dtype, bfloat16, bool_, float16, float32, int8, int32, uint8, uint32  # noqa: F401 - API
 from .errors import NKIError
 from .ops import (  # noqa: F401 - the operators are part of nki.language
     MathOp,
@@ -137,7 +137,7 @@ def load(src: Tensor, dtype=None) -> Tensor:
     """HBM -> a new SBUF tile of the same shape (one DMA)."""
     tile = ndarray(src.shape, src.dtype, SBUF)
     isa.dma_copy(tile, src)
-    if dtype is not None and np.dtype(dtype) != src.dtype:
+    if dtype is not None and as_dtype(dtype) != src.dtype:
         converted = ndarray(src.shape, dtype, SBUF)
         isa.tensor_copy(converted, tile)
         return converted
