@@ -208,3 +208,31 @@ def test_unknown_target_and_instructions_outside_a_kernel():
 def test_returning_an_on_chip_tile_is_an_error():
     with pytest.raises(NKIError, match="returns HBM tensors"):
         run(lambda x: nl.load(x), f32(2, 2))
+
+
+def test_tile_size_constants_and_hbm_scratch():
+    assert (nl.tile_size.pmax, nl.tile_size.psum_fmax) == (128, 512)
+    assert (nl.tile_size.gemm_stationary_fmax, nl.tile_size.gemm_moving_fmax) == (128, 512)
+    x = f32(3, 5)
+
+    def k(x):
+        scratch = nl.ndarray((3, 5), dtype=nl.float32, buffer=nl.hbm)  # kernel-private HBM
+        nisa.dma_copy(dst=scratch, src=x)
+        return store(nl.load(scratch))
+
+    np.testing.assert_array_equal(run(k, x), x)
+    assert last_stats().hbm_read_bytes == 2 * 60 and last_stats().hbm_write_bytes == 2 * 60
+
+
+def test_fresh_on_chip_tiles_hold_nan_or_sentinel():
+    seen = {}
+
+    def k():
+        for name, dt in (("f32", nl.float32), ("bf16", nl.bfloat16), ("i32", nl.int32), ("u8", nl.uint8)):
+            seen[name] = nl.ndarray((2, 3), dtype=dt, buffer=nl.sbuf).alloc.data.copy()  # what an engine would read
+        seen["psum"] = nl.ndarray((2, 3), dtype=nl.float32, buffer=nl.psum).alloc.data.copy()
+
+    run(k)
+    for name in ("f32", "bf16", "psum"):
+        assert np.isnan(seen[name].astype(np.float32)).all(), name
+    assert (seen["i32"] == np.iinfo(np.int32).min).all() and (seen["u8"] == 255).all()
