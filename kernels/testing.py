@@ -3,9 +3,9 @@
     report = check_backend("my_backend")      # or a KernelSet
     print(report); assert report.passed
 
-Cases are awkward on purpose: T from 1 to 16 and a prefill length, cache lengths that are not a
-multiple of any tile, head_dim 64 and 128, GQA ratios 1/2/7, rows at different positions, a
-token-tree ``active_mask``, fp32 and bf16. Stale cache slots hold large finite garbage, so a
+Cases are awkward on purpose: every T from 1 to 16 and prefills of 37 and 130 tokens, cache
+lengths that are not a multiple of any tile, head_dim 64 and 128, GQA ratios 1/2/7, rows at
+different positions, a token-tree ``active_mask``, fp32 and bf16. Stale cache slots hold large finite garbage, so a
 kernel that reads past a row's visible slots gives a wrong answer.
 
 Tolerance (as in flash-attention's tests): the truth is the reference in float64; a backend's
