@@ -23,6 +23,15 @@ from .registry import (
     verify_attention,
 )
 
+
+def _load_nki() -> dict:
+    from .nki.backend import kernels
+
+    return kernels()
+
+
+register_backend_loader("nki", _load_nki)  # imported on first use: the interpreter stays unloaded until then
+
 __all__ = [
     "BackendUnavailable",
     "CONTRACT",

@@ -23,6 +23,7 @@ _REFERENCE = {"verify_attention": reference.verify_attention, "kv_append": refer
 _backends: dict[str, dict[str, Callable]] = {"torch": dict(_REFERENCE)}
 _loaders: dict[str, Callable[[], dict[str, Callable]]] = {}
 _active: list[str] = []  # stack driven by use_backend()
+_noticed: set = set()  # (backend, missing kernels) already logged
 
 
 class BackendUnavailable(RuntimeError):
@@ -57,6 +58,7 @@ def register_backend(name: str, **kernels: Callable) -> None:
         if not callable(fn):
             raise TypeError(f"kernel {k!r} of backend {name!r} is not callable")
     _backends[name] = dict(kernels)
+    _noticed.difference_update({k for k in _noticed if k[0] == name})
 
 
 def register_backend_loader(name: str, loader: Callable[[], dict[str, Callable]]) -> None:
@@ -105,7 +107,8 @@ def get_backend(name: str | None = None, device: str | None = None) -> KernelSet
         else:
             resolved[k] = _REFERENCE[k]
             fallbacks.append(k)
-    if fallbacks:
+    if fallbacks and (name, tuple(fallbacks)) not in _noticed:  # once per backend, not once per call
+        _noticed.add((name, tuple(fallbacks)))
         log.warning("kernel backend %r has no %s; using the torch reference for it", name, ", ".join(fallbacks))
     extras = {k: v for k, v in kernels.items() if k not in CONTRACT}
     return KernelSet(name=name, extras=extras, fallbacks=tuple(fallbacks), **resolved)

@@ -3,9 +3,9 @@
     report = check_backend("my_backend")      # or a KernelSet
     print(report); assert report.passed
 
-Cases are awkward on purpose: T from 1 to 16 and a prefill length, cache lengths that are not a
-multiple of any tile, head_dim 64 and 128, GQA ratios 1/2/7, rows at different positions, a
-token-tree ``active_mask``, fp32 and bf16. Stale cache slots hold large finite garbage, so a
+Cases are awkward on purpose: every T from 1 to 16 and prefills of 37 and 130 tokens, cache
+lengths that are not a multiple of any tile, head_dim 64 and 128, GQA ratios 1/2/7, rows at
+different positions, a token-tree ``active_mask``, fp32 and bf16. Stale cache slots hold large finite garbage, so a
 kernel that reads past a row's visible slots gives a wrong answer.
 
 Tolerance (as in flash-attention's tests): the truth is the reference in float64; a backend's
@@ -67,10 +67,13 @@ def default_attention_cases(quick: bool = False) -> list[AttnCase]:
         return cases
     for T in (2, 4, 7, 8, 11):
         cases.append(AttnCase(2, 6, 3, T, 64, (513, 3), 530))
+    for T in (3, 6, 9, 10, 12, 14, 15):  # with the above, every T in 1..16
+        cases.append(AttnCase(1, 4, 2, T, 64, (T + 500,), T + 517))
     cases += [
         AttnCase(1, 2, 2, 1, 128, (4095,), 4096),  # last slot of the cache
         AttnCase(4, 4, 4, 13, 64, (0, 1, 127, 511), 600),
         AttnCase(2, 14, 2, 8, 128, (300, 1000), 1024, True),
+        AttnCase(1, 2, 1, 130, 64, (3,), 140),  # prefill of more than 128 tokens after a short prefix
     ]
     return cases
 
@@ -201,6 +204,20 @@ def _check_append(ks: KernelSet, c: AppendCase, dtype, device, gen) -> list[Case
         CaseResult("kv_append(oob)", c.describe(), name, 0.0, 0.0, raised, "" if raised else "out-of-range write did not raise")
     )
     return results
+
+
+def check_attention_case(backend: str | KernelSet, case: AttnCase, dtype=torch.float32, device: str = "cpu",
+                         seed: int = 0) -> CaseResult:
+    """One verify_attention case against the reference (random inputs from ``seed``)."""
+    ks = backend if isinstance(backend, KernelSet) else get_backend(backend, device=device)
+    return _check_attention(ks, case, dtype, device, torch.Generator().manual_seed(seed))
+
+
+def check_append_case(backend: str | KernelSet, case: AppendCase, dtype=torch.float32, device: str = "cpu",
+                      seed: int = 0) -> list[CaseResult]:
+    """One kv_append case (bit-exact write, then an out-of-range write that must raise)."""
+    ks = backend if isinstance(backend, KernelSet) else get_backend(backend, device=device)
+    return _check_append(ks, case, dtype, device, torch.Generator().manual_seed(seed))
 
 
 def check_backend(

@@ -1,0 +1,222 @@
+"""``nki.language``: dtypes, buffers, allocation, loops, SPMD ids and the tile-level math of the
+subset. The math functions return a new SBUF (or PSUM) tile and are built from ``nki.isa``
+instructions, so they are counted and rule-checked the same way."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import isa
+from .context import current
+from .dtypes import as_dtype, bfloat16, bool_, float16, float32, int8, int32, uint8, uint32  # noqa: F401 - API
+from .errors import NKIError
+from .ops import (  # noqa: F401 - the operators are part of nki.language
+    MathOp,
+    add,
+    copy,
+    divide,
+    equal,
+    exp,
+    greater,
+    greater_equal,
+    less,
+    less_equal,
+    max,
+    maximum,
+    minimum,
+    multiply,
+    not_equal,
+    reciprocal,
+    rsqrt,
+    silu,
+    subtract,
+    sum,
+)
+from .tensor import HBM, PSUM, SBUF, Tensor
+
+sbuf = SBUF
+psum = PSUM
+hbm = HBM
+shared_hbm = "shared_hbm"
+private_hbm = "private_hbm"
+
+
+class tile_size:  # noqa: N801 - NKI's name
+    pmax = 128
+    psum_fmax = 512
+    gemm_stationary_fmax = 128
+    gemm_moving_fmax = 512
+
+
+# ---- allocation -----------------------------------------------------------------------------
+
+
+def ndarray(shape, dtype, buffer=None, name: str = "", **_ignored) -> Tensor:
+    """A fresh tensor. On-chip ones are NaN/sentinel-filled (rule 9) and live until the end of
+    the enclosing loop iteration (or the kernel)."""
+    buffer = SBUF if buffer is None else buffer
+    if buffer in (HBM, shared_hbm, private_hbm):
+        return current().allocate(shape, dtype, HBM, name, shared=buffer == shared_hbm)
+    if buffer not in (SBUF, PSUM):
+        raise NKIError(f"unknown buffer {buffer!r}; use nl.sbuf, nl.psum, nl.hbm or nl.shared_hbm")
+    return current().allocate(shape, dtype, buffer, name)
+
+
+def full(shape, fill_value, dtype, buffer=None, name: str = "") -> Tensor:
+    t = ndarray(shape, dtype, buffer, name)
+    if t.buffer == HBM:
+        current().store(t, t.resolve(None), np.full(t.shape, fill_value))
+    else:
+        isa.memset(t, fill_value)
+    return t
+
+
+def zeros(shape, dtype, buffer=None, name: str = "") -> Tensor:
+    return full(shape, 0, dtype, buffer, name)
+
+
+def ds(start, size) -> slice:
+    """A dynamic-slice-style ``start:start+size`` (compile-time integers)."""
+    return slice(start, start + size)
+
+
+# ---- loops ----------------------------------------------------------------------------------
+
+
+def _indices(start, stop, step) -> list[int]:
+    if stop is None:
+        start, stop = 0, start
+    for v in (start, stop, step):
+        if isinstance(v, Tensor):
+            raise NKIError("loop bounds must be compile-time integers, not runtime tensors")
+    return list(range(int(start), int(stop), int(step)))
+
+
+def affine_range(start, stop=None, step=1):
+    """Iterations with no loop-carried dependency: run in a shuffled, seeded order (rule 10)."""
+    return current().loop(_indices(start, stop, step), affine=True)
+
+
+def sequential_range(start, stop=None, step=1):
+    """Iterations that depend on each other: run in order."""
+    return current().loop(_indices(start, stop, step), affine=False)
+
+
+def static_range(start, stop=None, step=1):
+    """Fully unrolled at trace time: run in order."""
+    return current().loop(_indices(start, stop, step), affine=False)
+
+
+# ---- SPMD -----------------------------------------------------------------------------------
+
+
+def program_id(axis: int = 0) -> int:
+    ctx = current()
+    if not 0 <= axis < len(ctx.grid):
+        raise NKIError(f"program_id({axis}): the kernel was launched with grid {list(ctx.grid)}")
+    return ctx.program_id[axis]
+
+
+def num_programs(axes=None) -> int:
+    ctx = current()
+    if axes is None:
+        return int(np.prod(ctx.grid)) if ctx.grid else 1
+    if not 0 <= axes < len(ctx.grid):
+        raise NKIError(f"num_programs({axes}): the kernel was launched with grid {list(ctx.grid)}")
+    return ctx.grid[axes]
+
+
+def program_ndim() -> int:
+    return len(current().grid)
+
+
+# ---- data movement --------------------------------------------------------------------------
+
+
+def load(src: Tensor, dtype=None) -> Tensor:
+    """HBM -> a new SBUF tile of the same shape (one DMA)."""
+    tile = ndarray(src.shape, src.dtype, SBUF)
+    isa.dma_copy(tile, src)
+    if dtype is not None and as_dtype(dtype) != src.dtype:
+        converted = ndarray(src.shape, dtype, SBUF)
+        isa.tensor_copy(converted, tile)
+        return converted
+    return tile
+
+
+def store(dst: Tensor, value: Tensor) -> None:
+    """An on-chip tile -> HBM (one DMA; converted first if the dtypes differ)."""
+    if value.dtype != dst.dtype:
+        converted = ndarray(value.shape, dst.dtype, SBUF)
+        isa.tensor_copy(converted, value)
+        value = converted
+    isa.dma_copy(dst, value)
+
+
+# ---- tile math ------------------------------------------------------------------------------
+
+
+def call_op(op: MathOp, *args, dtype=None, **kwargs) -> Tensor:
+    """The high-level form of an operator: a new SBUF tile holding the result."""
+    if op.reduce is not None and op.binary is None:  # nl.max / nl.sum
+        return _reduce(op, *args, dtype=dtype, **kwargs)
+    if op.unary is not None:
+        (x,) = args
+        dst = ndarray(x.shape, dtype or x.dtype, SBUF)
+        if op is reciprocal:
+            isa.reciprocal(dst, x)
+        else:
+            isa.activation(dst, op, x)
+        return dst
+    x, y = args
+    if not isinstance(x, Tensor):  # number <op> tile
+        dst = ndarray(y.shape, dtype or y.dtype, SBUF)
+        isa.tensor_scalar(dst, y, op, x, reverse0=True)
+        return dst
+    dst = ndarray(x.shape, dtype or x.dtype, SBUF)
+    if isinstance(y, Tensor) and y.shape == x.shape:
+        isa.tensor_tensor(dst, x, y, op)
+    else:
+        isa.tensor_scalar(dst, x, op, y)
+    return dst
+
+
+def _reduce(op: MathOp, x: Tensor, axis, keepdims: bool = False, dtype=None) -> Tensor:
+    axes = isa._reduce_axes(f"nl.{op.name}", x, axis)
+    kept = [1 if d in axes else n for d, n in enumerate(x.shape)]
+    shape = kept if keepdims or len(x.shape) - len(axes) < 2 else [n for d, n in enumerate(x.shape) if d not in axes]
+    dst = ndarray(shape, dtype or x.dtype, SBUF)
+    isa.tensor_reduce(dst, op, x, axes, keepdims=True)
+    return dst
+
+
+def where(condition: Tensor, x, y, dtype=None) -> Tensor:
+    """Element-wise select: x where condition is non-zero, else y (tiles or numbers)."""
+    ctx = current()
+    ctx.count("vector", "where")
+    c = ctx.read(condition, "where", "condition").astype(bool)
+    vals = [ctx.read(v, "where", r).astype(np.float32) if isinstance(v, Tensor) else np.float32(v) for v, r in ((x, "x"), (y, "y"))]
+    like = x if isinstance(x, Tensor) else y if isinstance(y, Tensor) else condition
+    dst = ndarray(condition.shape, dtype or like.dtype, SBUF)
+    ctx.write(dst, np.where(c, *vals), "where")
+    return dst
+
+
+def transpose(x: Tensor, dtype=None) -> Tensor:
+    """x[P, F] -> a PSUM tile [F, P] through the tensor engine (rule 7: at most 128 x 128)."""
+    dst = ndarray((isa._free(x), x.shape[0]), dtype or x.dtype, PSUM)
+    isa.nc_transpose(dst, x)
+    return dst
+
+
+def matmul(x: Tensor, y: Tensor, transpose_x: bool = False) -> Tensor:
+    """x @ y into a float32 PSUM tile. ``transpose_x=True`` means x is given as [K, M] already;
+    otherwise x [M, K] is first transposed on the tensor engine (what the compiler inserts)."""
+    stationary = x
+    if not transpose_x:
+        xt = transpose(x)
+        stationary = ndarray(xt.shape, x.dtype, SBUF)
+        isa.tensor_copy(stationary, xt)
+    dst = ndarray((isa._free(stationary), isa._free(y)), float32, PSUM)
+    isa.nc_matmul(dst, stationary, y)
+    return dst

@@ -1,0 +1,138 @@
+"""``nki.jit`` and ``nki.simulate``: run a kernel function on NumPy arrays.
+
+The kernel body runs as plain Python against this package's ``nki.language``/``nki.isa``, the
+way AWS's own CPU simulator runs it. Array arguments become HBM tensors (no copy, so a kernel
+that writes an input in place writes the caller's array, if it is C-contiguous); other
+arguments (ints, floats) are compile-time constants. What the kernel returns (HBM tensors) comes
+back as NumPy arrays.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import context
+from .context import Context, RunStats
+from .errors import NKIError
+from .tensor import HBM, Tensor
+
+
+@dataclass(frozen=True)
+class Options:
+    """How the interpreter runs: the target's SBUF size, the seed of affine_range orders, and
+    whether affine loops are checked for loop-carried dependencies (rule 10)."""
+
+    target: str = "trn1"
+    seed: int = 0
+    check_affine: bool = True
+
+
+_defaults = Options()
+_last_stats: list[RunStats | None] = [None]
+
+
+def set_defaults(**kwargs) -> Options:
+    """Change the default options of later runs (e.g. ``set_defaults(target="trn2")``)."""
+    global _defaults
+    _defaults = Options(**{**_defaults.__dict__, **kwargs})
+    return _defaults
+
+
+def last_stats() -> RunStats | None:
+    """Counters of the most recent kernel call (instructions per engine, DMA bytes)."""
+    return _last_stats[0]
+
+
+class Kernel:
+    """A kernel function marked with ``@nki.jit``; ``kernel[grid]`` launches an SPMD grid."""
+
+    def __init__(self, fn, grid: tuple = ()):
+        self.fn = fn
+        self.grid = grid
+        self.__name__ = getattr(fn, "__name__", "kernel")
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self.__wrapped__ = fn
+
+    def __getitem__(self, grid) -> "Kernel":
+        grid = grid if isinstance(grid, tuple) else (grid,)
+        if not grid or any(isinstance(g, bool) or not isinstance(g, (int, np.integer)) or g < 1 for g in grid):
+            raise NKIError(f"launch grid must be positive integers, got {grid!r}")
+        return Kernel(self.fn, tuple(int(g) for g in grid))
+
+    def __call__(self, *args, **kwargs):
+        return run(self, args, kwargs, _defaults)
+
+    def __repr__(self) -> str:
+        return f"<nki kernel {self.__name__}{list(self.grid) if self.grid else ''}>"
+
+
+def jit(fn=None, **_options):
+    """Mark a kernel function (``@nki.jit`` or ``@nki.jit(...)``)."""
+    if fn is None:
+        return lambda f: Kernel(f)
+    return fn if isinstance(fn, Kernel) else Kernel(fn)
+
+
+class Simulation:
+    """``nki.simulate(kernel)``: calling it runs the kernel; ``.stats`` holds that run's counters."""
+
+    def __init__(self, kernel: Kernel, options: Options):
+        self.kernel = kernel
+        self.options = options
+        self.stats: RunStats | None = None
+
+    def __call__(self, *args, **kwargs):
+        out = run(self.kernel, args, kwargs, self.options)
+        self.stats = last_stats()
+        return out
+
+
+def simulate(kernel, *, target: str | None = None, seed: int | None = None, check_affine: bool | None = None) -> Simulation:
+    """Run ``kernel`` on the CPU through the interpreter. Keyword options override the defaults."""
+    kernel = kernel if isinstance(kernel, Kernel) else Kernel(kernel)
+    given = {k: v for k, v in (("target", target), ("seed", seed), ("check_affine", check_affine)) if v is not None}
+    return Simulation(kernel, Options(**{**_defaults.__dict__, **given}))
+
+
+def run(kernel: Kernel, args, kwargs, options: Options):
+    ctx = Context(options.target, options.seed, options.check_affine)
+    context.push(ctx)
+    try:
+        wrapped_args = [_wrap(ctx, a, f"arg{i}") for i, a in enumerate(args)]
+        wrapped_kwargs = {k: _wrap(ctx, v, k) for k, v in kwargs.items()}
+        ctx.grid = kernel.grid
+        result = None
+        programs = itertools.product(*[range(g) for g in kernel.grid]) if kernel.grid else [()]
+        for pid in programs:
+            ctx.program_id = pid
+            ctx._shared_cursor = 0
+            result = kernel.fn(*wrapped_args, **wrapped_kwargs)
+            ctx.close_scope()  # kernel-level on-chip allocations end with the program
+            ctx.open_scope()
+        return _unwrap(result)
+    finally:
+        context.pop()
+        _last_stats[0] = ctx.stats
+
+
+def _wrap(ctx: Context, value, name: str):
+    if isinstance(value, np.ndarray):
+        return ctx.wrap_input(value, name)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, np.ndarray) for v in value):
+        return type(value)(_wrap(ctx, v, f"{name}[{i}]") for i, v in enumerate(value))
+    return value
+
+
+def _unwrap(result):
+    if result is None:
+        return None
+    if isinstance(result, Tensor):
+        if result.buffer != HBM:
+            raise NKIError(f"a kernel returns HBM tensors; {result.describe()} is on chip (store it to an nl.shared_hbm tensor)")
+        return result.alloc.data
+    if isinstance(result, (list, tuple)):
+        return type(result)(_unwrap(r) for r in result)
+    raise NKIError(f"a kernel returns HBM tensors, got {type(result).__name__}")
