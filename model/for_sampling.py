@@ -117,7 +117,8 @@ class LlamaForSampling:
         if tp_degree != 1:
             from ..parallel.plan import apply_tensor_parallel
 
-            shard_fn, tp = apply_tensor_parallel(decoder, tp_degree)
+            shard_fn, tp = apply_tensor_parallel(decoder, tp_degree, device=device)
+            device = tp.device  # cuda -> cuda:LOCAL_RANK, one GPU per rank
         bar = _progress_bar(progress, f"loading {path.name}")
         materialize(decoder, source, dtype, device, shard_fn=shard_fn, progress=bar)
         decoder.rope_cos = decoder.rope_cos.to(device)
