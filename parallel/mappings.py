@@ -44,9 +44,11 @@ def run_collective(what: str, fn: Callable[[], object]):
         rank = dist.get_rank() if dist.is_initialized() else "?"
         world = dist.get_world_size() if dist.is_initialized() else "?"
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        timeout = collective_timeout_s()
+        within = "the process group's timeout" if timeout is None else f"{timeout:g} s"
         raise TensorParallelError(
             f"tensor-parallel {what} failed on rank {rank} of {world}: another rank exited or did not answer "
-            f"within {collective_timeout_s():g} s, so this rank stops too ({first_line})"
+            f"within {within}, so this rank stops too ({first_line})"
         ) from e
 
 

@@ -30,7 +30,7 @@ class _State:
     size: int | None = None
     group = None
     backend: str | None = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float | None = None  # None: the process group was made elsewhere, with its own timeout
     owns_process_group = False
     nxd = None  # neuronx_distributed.parallel_state when that implementation is in use
 
@@ -114,7 +114,7 @@ def initialize_model_parallel(
     _state.nxd = nxd
     _state.size = size
     _state.backend = dist.get_backend()
-    _state.timeout_s = timeout_s
+    _state.timeout_s = timeout_s if _state.owns_process_group else None
 
 
 def model_parallel_is_initialized() -> bool:
@@ -147,7 +147,8 @@ def get_tensor_model_parallel_src_rank() -> int:
     return dist.get_global_rank(_state.group, 0) if _state.group is not dist.group.WORLD else 0
 
 
-def collective_timeout_s() -> float:
+def collective_timeout_s() -> float | None:
+    """Seconds a collective waits for the other ranks (None: set by whoever made the process group)."""
     return _state.timeout_s
 
 
@@ -159,4 +160,4 @@ def destroy_model_parallel() -> None:
         dist.destroy_process_group()
     _state.size = _state.group = _state.backend = _state.nxd = None
     _state.owns_process_group = False
-    _state.timeout_s = DEFAULT_TIMEOUT_S
+    _state.timeout_s = None
