@@ -135,9 +135,10 @@ def verify_attention(
     v = v_cache[:, :, :S].to(acc)  # [B, H_kv, S, D]
     qf = q.to(acc).reshape(B, H_kv, G * T, D)  # [B, H_kv, G*T, D]
     scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # [B, H_kv, G*T, S]
-    allowed = attention_mask(positions, T, S, active_mask)  # [B, T, S]
-    allowed = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    if not (T == 1 and active_mask is None and min(pos) == max(pos)):  # else every slot < S is visible
+        allowed = attention_mask(positions, T, S, active_mask)  # [B, T, S]
+        allowed = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+        scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G*T, S] in acc
     out = torch.matmul(probs, v)  # [B, H_kv, G*T, D]
     return out.reshape(B, H, T, D).to(q.dtype)

@@ -46,12 +46,13 @@ def open_source(path_or_name: str | os.PathLike, progress: bool = False) -> tupl
             src = GGUFSource(p)
             return src.config, src, p
         raise ValueError(f"{p}: not a model directory or a .gguf file")
-    from .hub import is_registered, resolve
+    from .hub import is_registered, resolve, suggestion
 
     if is_registered(str(path_or_name)):
         return open_source(resolve(str(path_or_name), progress=progress), progress)
     raise FileNotFoundError(
-        f"{path_or_name}: no such directory or file, and not a registered model name (see `verispec fetch --list`)"
+        f"{path_or_name}: no such directory or file, and not a registered model name{suggestion(str(path_or_name))} "
+        f"(see `verispec fetch --list`)"
     )
 
 
@@ -124,6 +125,10 @@ class LlamaForSampling:
         decoder.rope_cos = decoder.rope_cos.to(device)
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
+        if torch.device(device).type == "cpu":
+            from ..kernels.cpu import use_skinny_linear
+
+            use_skinny_linear(decoder)  # decode/verify products stream each weight once
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
             source_path=path,

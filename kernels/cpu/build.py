@@ -1,0 +1,99 @@
+"""Builds the native CPU kernels (gemv.c) into a shared library on first use.
+
+Compiled with the system C compiler (no torch headers: about a second) into
+``$VERISPEC_HOME/build`` (default ~/.cache/verispec/build), keyed by source, flags and CPU,
+and loaded with ctypes. Where there is no compiler or the build fails, :func:`available` is
+False and callers keep torch's kernels. ``VERISPEC_NATIVE=0`` disables them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares torch's OpenMP)
+
+log = logging.getLogger("verispec.kernels.cpu")
+
+SOURCES = [Path(__file__).with_name("gemv.c")]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lib = None
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    home = os.environ.get("VERISPEC_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "verispec")
+    return Path(home) / "build"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return flags
+
+
+def _build() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    src = b"".join(p.read_bytes() for p in SOURCES)
+    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    out = _cache_dir() / f"native-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError(f"compiling the native CPU kernels failed: {res.stderr.strip()[:500]}")
+        os.replace(tmp, out)  # atomic: concurrent builders never see a half-written library
+    # torch is imported, so its libgomp.so.1 is loaded and this library shares that OpenMP runtime
+    lib = ctypes.CDLL(str(out))
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    for name in ("verispec_gemv_bf16", "verispec_gemv_f32"):
+        fn = getattr(lib, name)
+        fn.argtypes = [vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
+        fn.restype = None
+    lib.verispec_gemv_isa.restype = ctypes.c_int
+    lib.verispec_stream_read.argtypes = [vp, i64, ctypes.c_int]
+    lib.verispec_stream_read.restype = ctypes.c_double
+    return lib
+
+
+def get_lib():
+    global _lib, _error
+    if _lib is None and _error is None:
+        if os.environ.get("VERISPEC_NATIVE", "1") == "0":
+            _error = "disabled by VERISPEC_NATIVE=0"
+        else:
+            try:
+                _lib = _build()
+            except Exception as e:  # no compiler, failed build: torch's kernels still work
+                _error = str(e)
+                log.warning("native CPU decode kernels unavailable (%s); using torch's", e)
+    return _lib
+
+
+def available() -> bool:
+    return get_lib() is not None
+
+
+def build_info() -> dict:
+    lib = get_lib()
+    isa = {2: "avx512-bf16", 1: "avx512f", 0: "scalar"}[lib.verispec_gemv_isa()] if lib else None
+    return {"available": lib is not None, "isa": isa, "error": _error}
+
+
+def build_error() -> str | None:
+    return _error

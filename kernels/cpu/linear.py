@@ -1,0 +1,75 @@
+"""Skinny matrix products (gemv.c) for decode, and a Linear that uses them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .build import available, build_error, get_lib
+
+MAX_M = 16  # rows per native call (gemv.c's MAX_M); more rows are split
+
+def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.bfloat16, torch.float32)
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and weight.is_contiguous()
+        and not x.requires_grad
+        and not weight.requires_grad
+    )
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x [..., K] with few rows, via gemv.c when it applies."""
+    lib = get_lib()
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if lib is None or rows == 0 or rows > 4 * MAX_M or not _fits(x, weight, bias):
+        return F.linear(x, weight, bias)
+    N = weight.shape[0]
+    x2 = x.reshape(rows, K).contiguous()  # [M, K]
+    y = torch.empty(rows, N, dtype=x.dtype)  # [M, N]
+    fn = lib.verispec_gemv_bf16 if x.dtype == torch.bfloat16 else lib.verispec_gemv_f32
+    b = bias.contiguous().data_ptr() if bias is not None else None
+    nt = torch.get_num_threads()
+    for m0 in range(0, rows, MAX_M):
+        m = min(MAX_M, rows - m0)
+        fn(x2[m0].data_ptr(), weight.data_ptr(), b, y[m0].data_ptr(), m, K, N, nt)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def stream_read(buf: torch.Tensor) -> float:
+    """Read every float of ``buf`` (fp32, contiguous, CPU) with the native streaming kernel;
+    return their sum. For bandwidth measurement; raises if the native library is unavailable."""
+    lib = get_lib()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {build_error()}")
+    if buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device.type != "cpu":
+        raise ValueError("stream_read needs a contiguous fp32 CPU tensor")
+    return lib.verispec_stream_read(buf.data_ptr(), buf.numel(), torch.get_num_threads())
+
+
+class SkinnyLinear(nn.Linear):
+    """An nn.Linear whose few-row products go through gemv.c (larger ones through torch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return skinny_linear(x, self.weight, self.bias)
+
+
+def use_skinny_linear(module: nn.Module) -> int:
+    """Switch every plain nn.Linear in ``module`` to SkinnyLinear in place; return how many.
+
+    Parameters are kept (tied weights stay tied). Subclasses of nn.Linear (e.g. tensor-parallel
+    layers) are left alone. A no-op when the native kernels are unavailable.
+    """
+    if not available():
+        return 0
+    n = 0
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = SkinnyLinear
+            n += 1
+    return n

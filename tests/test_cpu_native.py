@@ -1,0 +1,76 @@
+"""The native CPU decode kernels (kernels/cpu/gemv.c) against float64 matrix products."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verispec.kernels import cpu as native
+from verispec.kernels.cpu.linear import skinny_linear
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native CPU kernels not built")
+
+
+def _errors(x, w, b):
+    ref = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    ours = skinny_linear(x, w, b).double()
+    torch_err = (torch.nn.functional.linear(x, w, b).double() - ref).abs().max().item()
+    return (ours - ref).abs().max().item(), torch_err
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    M=st.integers(1, 40),
+    K=st.integers(1, 300),
+    N=st.integers(1, 70),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    bias=st.booleans(),
+)
+def test_skinny_linear_matches_float64(M, K, N, dtype, bias):
+    g = torch.Generator().manual_seed(M * 1000003 + K * 1009 + N)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    ours, theirs = _errors(x, w, b)
+    # at most 2x torch's own error at this precision, plus one output ulp for bf16 rounding
+    ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * (x.double().abs() @ w.double().abs().T).max().item()
+    assert ours <= 2 * theirs + ulp + 1e-6
+
+
+def test_rows_are_bitwise_independent_of_batch_rows():
+    """A token's product is the same bits in a k-token verify pass as in a one-token step."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(7, 1000, generator=g).to(dtype)
+        w = torch.randn(300, 1000, generator=g).to(dtype)
+        together = skinny_linear(x, w)
+        alone = torch.cat([skinny_linear(x[i : i + 1], w) for i in range(7)])
+        assert torch.equal(together, alone)
+
+
+def test_falls_back_to_torch_where_it_does_not_apply():
+    w = torch.randn(8, 16)
+    x = torch.randn(3, 16, dtype=torch.float64)  # fp64: not a native dtype
+    assert torch.equal(skinny_linear(x, w.double()), torch.nn.functional.linear(x, w.double()))
+    xt = torch.randn(3, 16)
+    wt = torch.randn(16, 8).T  # non-contiguous weight
+    assert torch.allclose(skinny_linear(xt, wt), torch.nn.functional.linear(xt, wt))
+
+
+def test_model_uses_native_linear_and_keeps_tied_weights(tiny_hf):
+    from verispec.kernels.cpu import SkinnyLinear
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama", tie_word_embeddings=True)
+    m = LlamaForSampling.from_pretrained(path, n_positions=32)
+    linears = [mod for mod in m.decoder.modules() if isinstance(mod, torch.nn.Linear)]
+    assert linears and all(type(mod) is SkinnyLinear for mod in linears)
+    assert m.decoder.lm_head.weight is m.decoder.model.embed_tokens.weight
+
+
+def test_stream_read_sums_the_buffer():
+    for n in (4096 * 3, 4096 * 2 + 77, 5):
+        buf = torch.arange(n, dtype=torch.float32) % 7
+        assert native.stream_read(buf) == pytest.approx(buf.double().sum().item())
+    with pytest.raises(ValueError):
+        native.stream_read(torch.zeros(10, dtype=torch.float64))
