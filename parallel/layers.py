@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.cpu import skinny_linear  # F.linear, or the native kernel for few-row CPU products
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     even_sizes,
@@ -114,7 +115,7 @@ class ColumnParallelLinear(_ShardedModule):
         self.bias_shard = (0, start, stop) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out or out_local]
-        y = F.linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        y = skinny_linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
         if self.gather_output:
             return gather_from_tensor_model_parallel_region(y, self.output_sizes)
         return y
@@ -154,7 +155,7 @@ class RowParallelLinear(_ShardedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local or in] -> [..., out]
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        y = reduce_from_tensor_model_parallel_region(skinny_linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -4,9 +4,6 @@ or hung rank) instead of hanging."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -237,27 +234,6 @@ def test_neuronx_distributed_state_is_used_when_importable(tmp_path):
     assert r["calls"] == [("init", 1)]
     assert (r["size"], r["rank"]) == (1001, 2000)
     assert r["calls_after_destroy"] == [("init", 1), ("destroy",)]
-
-
-def test_script_under_torchrun(tiny_paths, tmp_path):
-    """The documented way: a script started by torchrun loads with tp_degree=2 and generates."""
-    script = tmp_path / "tp_script.py"
-    script.write_text(textwrap.dedent("""
-        import sys
-        import torch.distributed as dist
-        from verispec.model import LlamaForSampling
-        model = LlamaForSampling.from_pretrained(sys.argv[1], n_positions=64, batch_size=2, tp_degree=2)
-        out = model.sample([[1, 2, 3], [4, 5]], 16, temperature=0)
-        print(f"RANK{dist.get_rank()} {out.tolist()}", flush=True)
-    """))
-    path = tiny_paths["llama-kv-replicated"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), path]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    expected = LlamaForSampling.from_pretrained(path, n_positions=64, batch_size=2).sample([[1, 2, 3], [4, 5]], 16,
-                                                                                           temperature=0)
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
-    assert lines == [f"RANK0 {expected.tolist()}", f"RANK1 {expected.tolist()}"]
 
 
 def test_torchrun_command():
