@@ -249,3 +249,30 @@ def test_run_ranks_kills_what_outlives_its_deadline():
     assert [r.value for r in fast] == [0, 1] and all(r.ok for r in fast)
     slow = run_ranks(tp_workers.sleep_then_return, 1, (60.0,), timeout_s=2)
     assert slow[0].exitcode is None and slow[0].error.startswith("TimeoutError")
+
+
+def test_a_loaded_shard_does_not_keep_the_full_tensor_alive():
+    """A source may return a narrowed view (GGUF dequantizes whole tensors); the parameter must
+    own only its shard, or every rank would still hold the full tensor."""
+    from torch import nn
+
+    from verispec.model.loader import materialize
+
+    full = torch.arange(40.0).reshape(8, 5)  # [out=8, in=5]
+
+    class ViewSource:
+        def names(self):
+            return ["weight"]
+
+        def shape(self, name):
+            return (8, 5)
+
+        def load(self, name, shard=None):
+            dim, start, stop = shard
+            return full.narrow(dim, start, stop - start)  # a view into the whole tensor
+
+    with torch.device("meta"):
+        layer = nn.Linear(5, 2, bias=False)  # this rank's 2 rows of 8
+    materialize(layer, ViewSource(), torch.float32, shard_fn=lambda name: (0, 4, 6))
+    assert torch.equal(layer.weight, full[4:6])
+    assert layer.weight.untyped_storage().nbytes() == 2 * 5 * 4
