@@ -83,6 +83,8 @@ def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, threads: in
         record["error"] = f"{type(e).__name__}: {e}"
         record["traceback"] = traceback.format_exc()
     record["seconds"] = time.perf_counter() - t0
+    if "error" not in record:
+        _wait_for_peers()
     tmp = Path(out).with_suffix(".tmp")
     tmp.write_bytes(pickle.dumps(record))
     tmp.rename(out)
@@ -90,6 +92,25 @@ def _rank_main(fn, rank: int, world_size: int, port: int, env: dict, threads: in
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if "error" not in record else 1)
+
+
+def _wait_for_peers(timeout_s: float = 10.0) -> None:
+    """Leave only once every rank is done: a rank that exits right after a collective can reset
+    the connection before a peer has read its last message. Failures here are ignored (a peer
+    that died or hung was already reported by the code under test)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - best effort, see above
+        pass
 
 
 def run_ranks(

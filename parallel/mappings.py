@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from .state import (
     TensorParallelError,
+    model_parallel_is_initialized,
     collective_timeout_s,
     get_tensor_model_parallel_group,
     get_tensor_model_parallel_rank,
@@ -173,3 +174,12 @@ def broadcast_from_rank0(x: torch.Tensor) -> torch.Tensor:
     src = get_tensor_model_parallel_src_rank()
     run_collective("broadcast", lambda: dist.broadcast(buf, src=src, group=get_tensor_model_parallel_group()))
     return buf
+
+
+def broadcast_tokens_if_parallel(tokens: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tokens`` on every rank when a tensor-parallel group is active; else ``tokens``."""
+    if not model_parallel_is_initialized() or get_tensor_model_parallel_size() == 1:
+        return tokens
+    on_gpu = dist.get_backend(get_tensor_model_parallel_group()) == "nccl"  # NCCL moves CUDA tensors only
+    comm = tokens.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else tokens
+    return broadcast_from_rank0(comm).to(tokens.device)

@@ -97,15 +97,12 @@ def initialize_model_parallel(
                 f"`torchrun --nproc-per-node {size} your_script.py` (or `verispec generate --tp-degree {size}`, "
                 "which does this itself)."
             )
+        # checked before joining the group, so no rank leaves while another is still joining
+        _check_world(size, int(os.environ["WORLD_SIZE"]))
         backend = backend or default_backend("cpu")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         _state.owns_process_group = True
-    world = dist.get_world_size()
-    if world != size:
-        raise TensorParallelError(
-            f"tp_degree={size} does not match the number of processes ({world}): tensor parallelism here spans "
-            f"all processes, so tp_degree must be 1 (replicated) or {world} (torchrun --nproc-per-node {size})"
-        )
+    _check_world(size, dist.get_world_size())
     if nxd is not None:
         nxd.initialize_model_parallel(tensor_model_parallel_size=size)
         _state.group = nxd.get_tensor_model_parallel_group()
@@ -115,6 +112,14 @@ def initialize_model_parallel(
     _state.size = size
     _state.backend = dist.get_backend()
     _state.timeout_s = timeout_s if _state.owns_process_group else None
+
+
+def _check_world(size: int, world: int) -> None:
+    if world != size:
+        raise TensorParallelError(
+            f"tp_degree={size} does not match the number of processes ({world}): tensor parallelism here spans "
+            f"all processes, so tp_degree must be 1 (replicated) or {world} (torchrun --nproc-per-node {size})"
+        )
 
 
 def model_parallel_is_initialized() -> bool:

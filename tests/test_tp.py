@@ -112,6 +112,7 @@ def test_sampled_tokens_are_rank0s_on_every_rank(sharded):
         # rank 1 sampled with another seed; rank 0's broadcast tokens must still win everywhere
         assert sharded[0][case]["sampled_tp"] == sharded[1][case]["sampled_tp"]
         assert sharded[0][case]["sampled_tp"] == sharded[0][case]["sampled_tp1_seed0"]
+        assert sharded[0][case]["sampled_replicated"] == sharded[1][case]["sampled_replicated"]
     rows = [row for case in CASES for row in sharded[0][case]["sampled_tp"]]
     assert len({tuple(r) for r in rows}) > 1  # really sampled, not a constant
 

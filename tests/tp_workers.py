@@ -70,6 +70,8 @@ def sharded_vs_unsharded(rank: int, world: int, cases: dict) -> dict:
         # each rank seeds differently: only the broadcast of rank 0's tokens makes them agree
         res["sampled_tp"] = tp.sample(prompts, 24, temperature=1.0, seed=100 + rank).tolist()
         res["sampled_tp1_seed0"] = ref.sample(prompts, 24, temperature=1.0, seed=100).tolist()
+        # a tp_degree=1 model in a tensor-parallel job (a replicated draft) also takes rank 0's tokens
+        res["sampled_replicated"] = ref.sample(prompts, 24, temperature=1.0, seed=200 + rank).tolist()
         out[name] = res
     return out
 
