@@ -35,3 +35,12 @@ __all__ = [
     "use_backend",
     "verify_attention",
 ]
+
+
+def _load_triton_backend() -> dict:
+    from .triton import KERNELS  # ImportError, with its reason, when triton is missing
+
+    return KERNELS
+
+
+register_backend_loader("triton", _load_triton_backend)

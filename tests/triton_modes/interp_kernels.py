@@ -1,0 +1,121 @@
+"""The triton backend's verify_attention and kv_append on Triton's CPU interpreter.
+
+Run by tests/test_triton_modes.py in a child process started with TRITON_INTERPRET=1 (Triton
+fixes its mode when it is first imported, so the variable cannot be set for some tests only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verispec.kernels import reference
+from verispec.kernels.testing import AttnCase, check_backend
+from verispec.kernels.triton import interpreting, kv_append, verify_attention
+
+
+@pytest.fixture(autouse=True)
+def _check_interpreter_mode():
+    assert interpreting(), "run this file with TRITON_INTERPRET=1 set before triton is imported"
+
+
+def test_conformance_fp32_bf16():
+    # the full default case list: T 1..16 and 37, GQA 1/2/7, D 64/128, unaligned cache lengths,
+    # rows at different positions, token trees, last cache slot, long caches split into slices
+    report = check_backend("triton")
+    assert report.passed, str(report)
+    assert len(report.results) >= 40
+
+
+def test_conformance_fp16():
+    cases = [AttnCase(2, 14, 2, 5, 64, (300, 7), 320), AttnCase(1, 4, 1, 16, 128, (1000,), 1016, True)]
+    report = check_backend("triton", dtypes=(torch.float16,), attention_cases=cases, append_cases=[])
+    assert report.passed, str(report)
+
+
+def _inputs(B, H, H_kv, T, D, S_max, positions, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=gen).to(dtype)  # [B, H, T, D]
+    k = torch.randn(B, H_kv, S_max, D, generator=gen).to(dtype)  # [B, H_kv, S_max, D]
+    v = torch.randn(B, H_kv, S_max, D, generator=gen).to(dtype)
+    return q, k, v, torch.tensor(positions)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_every_split_count_gives_the_same_answer(tree):
+    # rows far apart: some slices are empty for the short row, and slice edges fall inside the active block
+    q, k, v, pos = _inputs(2, 6, 2, 7, 64, 900, (850, 40), torch.float32)
+    mask = None
+    if tree:
+        gen = torch.Generator().manual_seed(1)
+        mask = torch.tril(torch.rand(2, 7, 7, generator=gen) < 0.5) | torch.eye(7, dtype=torch.bool)
+    truth = reference.verify_attention(q.double(), k.double(), v.double(), pos, 0.125, mask)
+    for splits in (1, 2, 3, 4):
+        out = verify_attention(q, k, v, pos, 0.125, mask, num_splits=splits)
+        err = (out.double() - truth).abs().max().item()
+        assert err < 2e-6, f"num_splits={splits}: max error {err}"
+
+
+def test_non_contiguous_inputs_and_int64_positions():
+    # the decoder passes q as a transposed view of [B, T, H, D]
+    B, H, H_kv, T, D = 2, 4, 2, 3, 32
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(B, T, H, D, generator=gen).transpose(1, 2)  # [B, H, T, D], strided
+    k = torch.randn(B, H_kv, 50, D, generator=gen)
+    v = torch.randn(B, 50, H_kv, D, generator=gen).transpose(1, 2)  # [B, H_kv, S_max, D], strided
+    pos = torch.tensor([20, 47], dtype=torch.int64)
+    out = verify_attention(q, k, v, pos, D**-0.5)
+    truth = reference.verify_attention(q.double(), k.double(), v.double(), pos, D**-0.5)
+    assert out.shape == (B, H, T, D) and out.dtype == torch.float32
+    assert (out.double() - truth).abs().max().item() < 2e-6
+    # kv_append into a strided cache from a strided block
+    k_new = torch.randn(B, T, H_kv, D, generator=gen).transpose(1, 2)  # [B, H_kv, T, D]
+    v_new = torch.randn(B, T, H_kv, D, generator=gen).transpose(1, 2)
+    pos = torch.tensor([0, 47], dtype=torch.int64)
+    ek, ev = k.clone(), v.clone()
+    reference.kv_append(ek, ev, k_new, v_new, pos)
+    kv_append(k, v, k_new, v_new, pos)
+    assert torch.equal(k, ek) and torch.equal(v, ev)
+
+
+def test_small_head_dim_and_single_slot():
+    q, k, v, pos = _inputs(1, 3, 3, 1, 8, 1, (0,), torch.float32)  # D = 8 pads to the 16-wide tile
+    out = verify_attention(q, k, v, pos, 1.0)
+    # one visible slot: softmax weight 1, the output is that slot's value row for every head
+    assert torch.allclose(out[0, :, 0], v[0, :, 0], atol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+    q, k, v, pos = _inputs(2, 4, 2, 2, 16, 10, (3, 8), torch.float32)
+    with pytest.raises(IndexError, match="row 1"):
+        verify_attention(q, k, v, torch.tensor([3, 9]), 0.25)  # 9 + 2 > 10 slots
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        verify_attention(q.double(), k.double(), v.double(), pos, 0.25)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32"):
+        verify_attention(q, k.bfloat16(), v.bfloat16(), pos, 0.25)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        verify_attention(q[:, :3], k, v, pos, 0.25)
+    with pytest.raises(IndexError, match="out of range"):
+        kv_append(k, v, k[:, :, :2], v[:, :, :2], torch.tensor([-1, 0]))
+
+
+def test_tiny_model_logits_match_torch_backend(tiny_hf):
+    """Prefill, a T=5 verify pass and a decode step through the decoder: same logits as torch."""
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("qwen2", num_attention_heads=6, num_key_value_heads=2, hidden_size=96)
+    models = {name: LlamaForSampling.from_pretrained(path, n_positions=64, batch_size=2, kernel_backend=name)
+              for name in ("torch", "triton")}
+    assert models["triton"].kernels.name == "triton"
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 97, (2, 9), generator=gen)
+    block = torch.randint(0, 97, (2, 5), generator=gen)
+    step = torch.randint(0, 97, (2, 1), generator=gen)
+    logits = {}
+    for name, m in models.items():
+        a = m.forward(prompt, torch.tensor([0, 0]))
+        b = m.forward(block, torch.tensor([9, 4]))  # rows at different positions
+        c = m.forward(step, torch.tensor([14, 6]))
+        logits[name] = (a, b, c)
+    for x, y in zip(logits["torch"], logits["triton"]):
+        assert (x - y).abs().max().item() < 1e-4
