@@ -40,9 +40,13 @@ def _randomize_biases(hf) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-def _checkpoint(dir_, arch, over) -> str:
-    path, hf = build_tiny_hf(dir_, arch, **over)
+def _checkpoint(dir_, arch, over, seed: int = 0, logit_scale: float = 1.0) -> str:
+    """A tiny checkpoint with non-zero biases; ``logit_scale`` sharpens its next-token
+    distributions (random tiny models are nearly uniform, where almost any draft is accepted)."""
+    path, hf = build_tiny_hf(dir_, arch, seed=seed, **over)
     _randomize_biases(hf)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(logit_scale)
     hf.save_pretrained(path)
     return path
 

@@ -203,3 +203,33 @@ def nxd_delegation(rank: int, world: int, fake_dir: str) -> dict:
 def sleep_then_return(rank: int, world: int, seconds: float) -> int:
     time.sleep(seconds)
     return rank
+
+
+def speculative_greedy(rank: int, world: int, target_path: str, drafts: dict, k: int) -> dict:
+    """Greedy speculative output with the target at tp_degree=world (drafts at tp_degree 1 and
+    world) next to tp_degree=1 speculative and target-only output; and sampled speculative
+    output with a different seed per rank."""
+    from verispec.model import LlamaForSampling
+    from verispec.spec import SpeculativeGenerator
+
+    def load(path, tp_degree):
+        return LlamaForSampling.from_pretrained(path, n_positions=N_POS, batch_size=3, tp_degree=tp_degree)
+
+    def run(draft, target, **sampling):
+        gen = SpeculativeGenerator(draft, target, k)
+        tokens = gen.sample(prompts, 34, **sampling).tolist()
+        return tokens, gen.last_stats.acceptance_rate
+
+    target_1, target_n = load(target_path, 1), load(target_path, world)
+    prompts = [s[:n] for s, n in zip(_prompts(target_1.vocab_size, seed=4), LENS)]
+    res = {"target_only_tp1": target_1.sample(prompts, 34, temperature=0).tolist()}
+    for name, path in drafts.items():
+        draft_1, draft_n = load(path, 1), load(path, world)
+        r = res[name] = {}
+        r["spec_tp1"], _ = run(draft_1, target_1, temperature=0)
+        r["target_tp_draft_tp1"], r["greedy_acceptance"] = run(draft_1, target_n, temperature=0)
+        r["target_tp_draft_tp"], _ = run(draft_n, target_n, temperature=0)
+        r["sampled_tp1"], _ = run(draft_1, target_1, temperature=1.0, seed=50)
+        # each rank seeds differently: the draft's and the acceptor's choices must be rank 0's
+        r["sampled"], r["sampled_acceptance"] = run(draft_1, target_n, temperature=1.0, seed=50 + rank)
+    return res
