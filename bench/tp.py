@@ -110,7 +110,7 @@ def _speculative(target, ids, length: int, opts: dict, world: int) -> dict:
     t0 = time.perf_counter()
     tokens = gen.sample(ids, length, temperature=0)
     wall = time.perf_counter() - t0
-    stats = getattr(gen, "last_stats", None) or {}
+    stats = gen.last_stats.to_dict() if gen.last_stats is not None else {}
     new = int(tokens.shape[1]) - ids.shape[1]
     return {"ran": True, "draft_tp_degree": draft_tp, "draft_load_s": load_s, "draft_param_bytes": _param_bytes(draft),
             "wall_s": wall, "new_tokens": new, "tokens_per_s_wall": new / wall, "digest": _digest(tokens),
@@ -153,6 +153,8 @@ def run(args) -> int:
     base = runs[0]
     for r in runs:
         r["target_tokens_identical_to_first"] = r["target_only"]["digest"] == base["target_only"]["digest"]
+        if (r.get("speculative") or {}).get("ran"):  # greedy: speculative must decode what the target does
+            r["speculative_tokens_identical_to_target_only"] = r["speculative"]["digest"] == r["target_only"]["digest"]
     data = {"options": opts, "memory_bandwidth": bandwidth, "runs": runs,
             "note": "greedy decoding on fixed prompt ids; tokens/s from each rank's rank-0 timing"}
     path = write_json(args.name, data, args.out_dir)
