@@ -11,8 +11,9 @@ from verispec.cli import main
 @pytest.mark.dist
 def test_bench_tp_smoke(tmp_path):
     path, _ = build_tiny_hf(tmp_path / "tiny", "llama")
+    draft, _ = build_tiny_hf(tmp_path / "draft", "llama", seed=1, num_hidden_layers=1)
     out = tmp_path / "results"
-    rc = main(["bench", "tp", "--target", path, "--draft", "none", "--tp", "1", "2", "--amp", "f32",
+    rc = main(["bench", "tp", "--target", path, "--draft", draft, "--tp", "1", "2", "--amp", "f32",
                "--prompt-len", "5", "--new-tokens", "6", "--bandwidth-mib", "8", "--threads-per-rank", "1", "--out-dir", str(out)])
     assert rc == 0
     data = json.loads((out / "tp.json").read_text())
@@ -25,3 +26,7 @@ def test_bench_tp_smoke(tmp_path):
     for r in runs[2]["per_rank"]:
         assert r["peak_rss_bytes"] >= r["rss_after_target_bytes"] > 0
     assert runs[2]["target_only"]["tokens_per_s"] > 0
+    for r in runs.values():  # greedy fp32: speculative decodes the target-only tokens, at every tp_degree
+        assert r["speculative"]["ran"] and r["speculative"]["draft_tp_degree"] == 1
+        assert r["speculative_tokens_identical_to_target_only"]
+        assert r["speculative"]["stats"]["proposed_drafts"] > 0

@@ -134,6 +134,30 @@ def test_kv_heads_replicated_over_four_ranks(tmp_path):
         assert r["sampled_tp"] == res[0]["rep4"]["sampled_tp"]
 
 
+def test_greedy_speculative_tp2_equals_tp1(tiny_paths, tmp_path):
+    """Target at tp_degree=2 with a draft at tp_degree 1 (replicated) or 2: greedy speculative
+    output is token for token the tp_degree=1 output, and sampled output is rank 0's on every rank."""
+    target = _checkpoint(tmp_path / "target", "qwen2", {}, logit_scale=6.0)
+    other = _checkpoint(tmp_path / "draft", "qwen2", dict(num_hidden_layers=1), seed=1, logit_scale=6.0)
+    drafts = {"other-model": other, "target-itself": target}
+    res = _ok(run_ranks(tp_workers.speculative_greedy, WORLD, (target, drafts, 4), timeout_s=300, threads_per_rank=1))
+    for rank_res in res:
+        expected = rank_res["target_only_tp1"]
+        for name in drafts:
+            r = rank_res[name]
+            assert r["spec_tp1"] == expected
+            assert r["target_tp_draft_tp1"] == expected, name
+            assert r["target_tp_draft_tp"] == expected, name
+    # the acceptor's paths all ran: all accepted, all rejected (greedy), and a mix (sampled)
+    assert res[0]["target-itself"]["greedy_acceptance"] == 1.0
+    assert res[0]["other-model"]["greedy_acceptance"] < 0.5
+    assert 0.1 < res[0]["other-model"]["sampled_acceptance"] < 0.9
+    for name in drafts:
+        # rank 0 seeded as the tp_degree=1 run was: every rank emits that run's tokens
+        assert res[0][name]["sampled"] == res[1][name]["sampled"] == res[0][name]["sampled_tp1"]
+        assert res[0][name]["sampled_tp1"] != res[0]["target_only_tp1"]  # really sampled
+
+
 def test_mapping_functions_and_layers():
     res = _ok(run_ranks(tp_workers.mapping_functions, WORLD, timeout_s=120, threads_per_rank=1))
     for rank, r in enumerate(res):
