@@ -118,7 +118,8 @@ class LlamaForSampling:
         if tp_degree != 1:
             from ..parallel.plan import apply_tensor_parallel
 
-            shard_fn, tp = apply_tensor_parallel(decoder, tp_degree)
+            shard_fn, tp = apply_tensor_parallel(decoder, tp_degree, device=device)
+            device = tp.device  # cuda -> cuda:LOCAL_RANK, one GPU per rank
         bar = _progress_bar(progress, f"loading {path.name}")
         materialize(decoder, source, dtype, device, shard_fn=shard_fn, progress=bar)
         decoder.rope_cos = decoder.rope_cos.to(device)
@@ -196,10 +197,14 @@ class LlamaForSampling:
         )
 
     def sync_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Make every tensor-parallel rank agree on sampled tokens (rank 0's win). No-op at tp=1."""
-        if self.tp is None:
-            return tokens
-        return self.tp.broadcast_tokens(tokens)
+        """Make every tensor-parallel rank agree on sampled tokens (rank 0's win). A tp_degree=1
+        model inside a tensor-parallel job (a draft replicated on every rank) takes part too, so
+        what it feeds the target is the same everywhere; outside such a job, a no-op."""
+        if self.tp is not None:
+            return self.tp.broadcast_tokens(tokens)
+        from ..parallel.mappings import broadcast_tokens_if_parallel
+
+        return broadcast_tokens_if_parallel(tokens)
 
     def keep_rows(self, rows: list[int]) -> None:
         """Continue only cache rows ``rows`` (moved to the front, in order)."""

@@ -166,7 +166,10 @@ def materialize(
         t = source.load(name, shard)
         if tuple(t.shape) != tuple(p.shape):
             raise CheckpointError(f"{name}: loaded shape {tuple(t.shape)} but the model expects {tuple(p.shape)}")
-        new = nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        t = t.to(device=device, dtype=dtype).contiguous()
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            t = t.clone()  # a shard that is a view would keep the source's whole tensor alive
+        new = nn.Parameter(t, requires_grad=False)
         loaded[id(p)] = new
         setattr(module, attr, new)
         if progress:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
@@ -15,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"])
     p.add_argument("--n-positions", type=int, default=2048)
     p.add_argument("--kernel-backend", default=None)
+    p.add_argument("--tp-degree", type=int, default=1,
+                   help="tensor-parallel degree: N > 1 starts N processes under torchrun (N must divide the heads)")
     p.set_defaults(func=run)
 
 
@@ -22,11 +27,20 @@ def run(args) -> int:
     import torch
     from rich.console import Console
 
-    from verispec.model import LlamaForSampling
+    from verispec.model import LlamaForSampling, open_source
+    from verispec.parallel.launch import in_torchrun, relaunch_under_torchrun
+    from verispec.parallel.plan import check_tp_degree
 
-    console = Console()
+    if args.tp_degree > 1 and not in_torchrun():
+        # resolve (fetch) the model and check the split once, here, rather than once per rank
+        check_tp_degree(open_source(args.target, progress=True)[0], args.tp_degree)
+        # one process per rank; each runs this same command line and finds itself inside torchrun
+        return relaunch_under_torchrun(args.tp_degree, "verispec", getattr(args, "argv", None) or sys.argv[1:])
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    console = Console(quiet=not is_rank0)  # every rank holds the same tokens; one prints them
     model = LlamaForSampling.from_pretrained(
-        args.target, n_positions=args.n_positions, amp=args.amp, kernel_backend=args.kernel_backend, progress=True
+        args.target, n_positions=args.n_positions, amp=args.amp, kernel_backend=args.kernel_backend,
+        tp_degree=args.tp_degree, progress=is_rank0,
     )
     tok = model.tokenizer
     ids = torch.tensor([tok.encode(args.prompt)])
