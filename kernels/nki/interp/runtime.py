@@ -35,10 +35,12 @@ _last_stats: list[RunStats | None] = [None]
 
 
 def set_defaults(**kwargs) -> Options:
-    """Change the default options of later runs (e.g. ``set_defaults(target="trn2")``)."""
+    """Change the default options of later runs (e.g. ``set_defaults(target="trn2")``); return
+    the previous defaults, so ``set_defaults(**old.__dict__)`` restores them."""
     global _defaults
+    old = _defaults
     _defaults = Options(**{**_defaults.__dict__, **kwargs})
-    return _defaults
+    return old
 
 
 def last_stats() -> RunStats | None:
