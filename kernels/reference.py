@@ -94,8 +94,9 @@ def attention_mask(
     T: int,
     S: int,
     active_mask: torch.Tensor | None = None,  # [B, T, T] bool
+    start: int = 0,
 ) -> torch.Tensor:
-    """Boolean mask [B, T, S]: query t of row b may see slot j.
+    """Boolean mask [B, T, S - start]: query t of row b may see slot j (columns from ``start``).
 
     The rectangular (cache + new tokens) causal mask of a multi-token verify pass: the T new
     tokens sit at slots positions[b] .. positions[b]+T-1, so query t sees every prior slot and
@@ -103,15 +104,15 @@ def attention_mask(
     active part, e.g. for token trees.
     """
     dev = positions.device
-    j = torch.arange(S, device=dev)  # [S]
+    j = torch.arange(start, S, device=dev)  # [S - start]
     t = torch.arange(T, device=dev)  # [T]
     pos = positions.to(torch.long)[:, None, None]  # [B, 1, 1]
     if active_mask is None:
         return j[None, None, :] <= pos + t[None, :, None]
-    prior = j[None, None, :] < pos  # [B, 1, S]
-    rel = j[None, None, :] - pos  # [B, 1, S] slot index inside the active block
+    prior = j[None, None, :] < pos  # [B, 1, S - start]
+    rel = j[None, None, :] - pos  # [B, 1, S - start] slot index inside the active block
     in_active = (rel >= 0) & (rel < T)
-    rel_c = rel.clamp(0, T - 1).expand(-1, T, -1)  # [B, T, S]
+    rel_c = rel.clamp(0, T - 1).expand(-1, T, -1)  # [B, T, S - start]
     act = torch.gather(active_mask, 2, rel_c) & in_active
     return prior | act
 
@@ -134,11 +135,12 @@ def verify_attention(
     k = k_cache[:, :, :S].to(acc)  # [B, H_kv, S, D]
     v = v_cache[:, :, :S].to(acc)  # [B, H_kv, S, D]
     qf = q.to(acc).reshape(B, H_kv, G * T, D)  # [B, H_kv, G*T, D]
-    scores = torch.matmul(qf, k.transpose(-1, -2)) * scale  # [B, H_kv, G*T, S]
+    scores = torch.matmul(qf, k.transpose(-1, -2)).mul_(scale)  # [B, H_kv, G*T, S]
     if not (T == 1 and active_mask is None and min(pos) == max(pos)):  # else every slot < S is visible
-        allowed = attention_mask(positions, T, S, active_mask)  # [B, T, S]
-        allowed = allowed[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        p0 = min(pos)  # slots before p0 are prior slots of every row, seen by every query: mask from p0 only
+        allowed = attention_mask(positions, T, S, active_mask, start=p0)  # [B, T, S - p0]
+        block = scores[..., p0:].view(B, H_kv, G, T, S - p0)
+        block.masked_fill_(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G*T, S] in acc
     out = torch.matmul(probs, v)  # [B, H_kv, G*T, D]
     return out.reshape(B, H, T, D).to(q.dtype)
