@@ -113,16 +113,21 @@ def parse_floats(text: str, name: str) -> list[float]:
         raise ValueError(f"--{name} takes comma-separated numbers, got {text!r}") from None
 
 
+def prompt_sets() -> dict[str, list[str]]:
+    """The prompt sets of bench/prompts.json: name -> user messages."""
+    return {k: v for k, v in json.loads(PROMPTS_FILE.read_text()).items() if k != "description"}
+
+
 def prompt_set_names() -> list[str]:
-    return sorted(k for k in json.loads(PROMPTS_FILE.read_text()) if k != "description")
+    return sorted(prompt_sets())
 
 
 def bench_prompts(set_name: str, n: int, tokenizer=None, random_vocab: int | None = None, seed: int = 0) -> list[torch.Tensor]:
     """``n`` prompts of set ``set_name`` of bench/prompts.json as token ids, each user message in
     the tokenizer's chat template when it has one; with ``random_vocab``, random token prompts
     (for models without a tokenizer), different per set and reproducible from ``seed``."""
-    sets = json.loads(PROMPTS_FILE.read_text())
-    names = prompt_set_names()
+    sets = prompt_sets()
+    names = sorted(sets)
     if set_name not in names:
         raise ValueError(f"unknown prompt set {set_name!r}; {PROMPTS_FILE} has {names}")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -25,7 +25,7 @@ from .common import (
     load_model,
     measure_memory_bandwidth,
     parse_floats,
-    prompt_set_names,
+    prompt_sets,
     weight_bytes,
     write_json,
 )
@@ -91,12 +91,14 @@ def _temperatures(text: str) -> list[float]:
     return temps
 
 
-def _prompt_sets(text: str) -> list[str]:
+def _prompt_sets(text: str, n: int, random_prompts: bool) -> list[str]:
     sets = [s.strip() for s in text.split(",") if s.strip()]
-    known = prompt_set_names()
+    known = prompt_sets()
     for s in sets:
         if s not in known:
-            raise ValueError(f"unknown prompt set {s!r} in --prompt-sets; bench/prompts.json has {known}")
+            raise ValueError(f"unknown prompt set {s!r} in --prompt-sets; bench/prompts.json has {sorted(known)}")
+        if not random_prompts and n > len(known[s]):
+            raise ValueError(f"prompt set {s!r} has {len(known[s])} prompts, {n} asked for (--prompts)")
     if not sets or len(set(sets)) < len(sets):
         raise ValueError(f"--prompt-sets {text!r}: give each set once, at least one")
     return sets
@@ -111,7 +113,7 @@ def _check_args(args) -> tuple[list, list[float], list[str]]:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
-    return specs, _temperatures(args.temperatures), _prompt_sets(args.prompt_sets)
+    return specs, _temperatures(args.temperatures), _prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
 
 
 def _positions(prompts: dict, specs: list, new_tokens: int, max_positions: int) -> int:
