@@ -288,9 +288,10 @@ class LlamaForSampling:
 def _progress_bar(enabled: bool, label: str):
     if not enabled:
         return None
+    from rich.console import Console
     from rich.progress import Progress
 
-    prog = Progress(transient=True)
+    prog = Progress(console=Console(stderr=True), transient=True)  # stdout stays for generated text
     task = prog.add_task(label, total=None)
     prog.start()
 

@@ -10,7 +10,7 @@ from .acceptors import (
 )
 from .drafts import LayerSkipDraft, ModelDraft, NGramDraft, ngram_lookup
 from .generator import GenerationResult, SpeculativeGenerator, StepTokens
-from .policy import FixedK
+from .policy import AdaptiveK, FixedK
 from .randomness import AcceptorRandomness, SpeculativeRandomness
 from .rejection import rejection_sample
 from .stats import SpecStats, predicted_speedup
@@ -20,6 +20,7 @@ __all__ = [
     "ACCEPTORS",
     "AcceptorRandomness",
     "DefaultTokenAcceptor",
+    "AdaptiveK",
     "FixedK",
     "GenerationResult",
     "GreedyTokenAcceptor",

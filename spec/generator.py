@@ -160,6 +160,7 @@ class SpeculativeGenerator:
         self._rows = torch.arange(B)  # [B] input row of each active row
         self._out = torch.empty(B, sequence_length, dtype=torch.long)
         stats = self.last_stats = SpecStats(acceptor=acceptor_name(self.acceptor), lossless=is_lossless(self.acceptor),
+                                            policy=repr(self.policy),
                                             draft=getattr(self.draft, "name", type(self.draft).__name__), rows=B)
         self._stats = stats
 
@@ -185,8 +186,12 @@ class SpeculativeGenerator:
             yield self._commit(accepted, new)
         while self._lengths.numel():
             if self.measure_decode_step and stats.decode_step_s is None:
-                probe_s = self._probe_decode_step()
+                probe_s += self._probe_decode_step()
+            if hasattr(self.policy, "needs_calibration") and self.policy.needs_calibration(B):
+                probe_s += self._calibrate_policy(B)
             k = self.policy.next_k()
+            if hasattr(self.target, "sync_tokens"):  # tensor-parallel ranks take rank 0's k (timings differ)
+                k = int(self.target.sync_tokens(torch.tensor([[k]], dtype=torch.long))[0, 0])
             validate_k(k)
             if k > self.policy.max_k:
                 raise ValueError(f"k-policy returned k={k} above its max_k={self.policy.max_k}")
@@ -230,6 +235,25 @@ class SpeculativeGenerator:
             times.append(time.perf_counter() - t)
         self._stats.decode_step_s = min(times)
         return sum(times)
+
+    def _calibrate_policy(self, batch: int) -> float:
+        """Let the k-policy time a target forward of each k it may choose (the slots written are
+        rewritten by the next verify pass, as in the decode probe); return seconds spent."""
+        t0 = time.perf_counter()
+        last = self._tokens.gather(1, (self._lengths - 1)[:, None])  # [B, 1]
+        room = self.n_positions - int(self._lengths.max()) + 1  # largest k whose slots fit the cache
+
+        def time_verify(k: int) -> float:
+            self._sync_device()
+            t = time.perf_counter()
+            self.target.forward(last.expand(-1, k), self._lengths - 1)
+            self._sync_device()
+            return time.perf_counter() - t
+
+        self.policy.calibrate(time_verify, batch, largest_k=room)
+        spent = time.perf_counter() - t0
+        self._stats.calibration_s += spent
+        return spent
 
     def _accept(self, draft_ids, draft_probs, target_probs, rng):
         B, g = draft_ids.shape

@@ -3,10 +3,15 @@
 The loop asks ``policy.next_k()`` before every step and reports the step back with
 ``policy.observe(...)``, so a policy may change k from one step to the next (e.g. from
 measured costs and online acceptance). Any k keeps the output exact, provided it is chosen
-before the step's random numbers are drawn, which the loop guarantees.
+before the step's random numbers are drawn, which the loop guarantees: k only decides how many
+drafts are proposed, never how a draft is judged.
+
+``k="auto"`` (or ``"auto:MAX"``) is :class:`AdaptiveK`.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -29,6 +34,151 @@ class FixedK:
         return f"FixedK({self.k})"
 
 
+class AdaptiveK:
+    """Choose k each step to maximise expected committed tokens per second.
+
+    For each candidate k (1 .. max_k), with g = k - 1 drafts:
+
+        E(k) = 1 + sum_{j=1..g} prod_{i=1..j} alpha_i        expected tokens per row and pass
+        T(k) = g * draft_s_per_position + verify_s(k) + step_overhead_s
+        k*   = argmax E(k) / T(k)
+
+    alpha_i is the online acceptance of draft i given drafts 1..i-1 were accepted (counts
+    decayed with a half-life of ``halflife`` steps, so it follows a change of prompt or topic,
+    each position shrunk towards the pooled rate so a position seldom reached is not guessed
+    from a handful of passes). With a constant alpha, E(k)/T(k) is Leviathan et al.'s speedup
+    formula (design.md); per-position rates let it follow acceptance that falls with depth.
+
+    verify_s(k) is measured: once per batch size, the generator times a target forward of every
+    k in 1..max_k (``calibrate``), then each verify pass the loop runs updates its k's entry
+    (exponential average); the table is made non-decreasing in k (pool-adjacent-violators)
+    so timing noise cannot make a longer pass look cheaper. The draft cost per drafted position
+    and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
+    step has measured them the policy uses ``start_k``.
+    """
+
+    def __init__(self, max_k: int = 8, start_k: int = 4, halflife: float = 24.0, prior_acceptance: float = 0.6,
+                 prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2):
+        validate_k(max_k)
+        validate_k(start_k)
+        if not 0.0 <= prior_acceptance <= 1.0:
+            raise ValueError(f"prior_acceptance must be in [0, 1], got {prior_acceptance}")
+        if halflife <= 0 or prior_strength < 0 or shrink < 0 or not 0.0 < cost_smoothing <= 1.0:
+            raise ValueError("halflife must be > 0, prior_strength and shrink >= 0, cost_smoothing in (0, 1]")
+        self.max_k = max_k
+        self.start_k = min(start_k, max_k)
+        self.decay = 0.5 ** (1.0 / halflife)
+        self.prior = (prior_acceptance, prior_strength)
+        self.shrink = shrink
+        self.smoothing = cost_smoothing
+        self.reached = [0.0] * (max_k - 1)  # decayed row-passes where draft i+1 was judged
+        self.kept = [0.0] * (max_k - 1)  # ... and accepted
+        self.verify_s: dict[int, float] = {}  # k -> smoothed seconds of a verify pass
+        self.verify_w: dict[int, float] = {}  # k -> weight (measurements behind it)
+        self.calibrated_batch: int | None = None
+        self.draft_s_per_position: float | None = None
+        self.overhead_s = 0.0
+        self._asked_at: float | None = None
+        self.last_choice: dict | None = None  # E, T and rate of every k at the last decision
+
+    # ---- calibration (called by the generator) --------------------------------------------------
+
+    def needs_calibration(self, batch: int) -> bool:
+        return self.calibrated_batch != batch
+
+    def calibrate(self, time_verify, batch: int, largest_k: int | None = None) -> None:
+        """``time_verify(k) -> seconds`` of one target forward over k tokens; measures k = 1..max_k."""
+        self.verify_s.clear()
+        self.verify_w.clear()
+        for k in range(1, min(self.max_k, largest_k or self.max_k) + 1):
+            self._record_verify(k, time_verify(k))
+        self.calibrated_batch = batch
+
+    # ---- the policy protocol --------------------------------------------------------------------
+
+    def next_k(self) -> int:
+        self._asked_at = time.perf_counter()
+        if self.draft_s_per_position is None or not self.verify_s:
+            return self.start_k
+        alphas = self.position_acceptance()
+        verify = self._verify_table()
+        best_k, best_rate, table = 1, -1.0, {}
+        expected, run = 1.0, 1.0
+        for k in range(1, self.max_k + 1):
+            if k > 1:
+                run *= alphas[k - 2]
+                expected += run
+            seconds = (k - 1) * self.draft_s_per_position + verify[k] + self.overhead_s
+            rate = expected / seconds
+            table[k] = {"expected_tokens": expected, "seconds": seconds, "tokens_per_s": rate}
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        self.last_choice = table
+        return best_k
+
+    def observe(self, k: int, accepted: torch.Tensor, draft_s: float, target_s: float) -> None:
+        g = k - 1
+        step_s = time.perf_counter() - self._asked_at if self._asked_at is not None else None
+        self._asked_at = None
+        for i in range(len(self.reached)):  # forget old passes at a constant rate
+            self.reached[i] *= self.decay
+            self.kept[i] *= self.decay
+        counts = torch.bincount(accepted.long().cpu(), minlength=g + 1).tolist()  # [g + 1]
+        at_least = 0
+        for a in range(g, 0, -1):  # row-passes that accepted >= a drafts
+            at_least += counts[a]
+            self.kept[a - 1] += at_least
+        for i in range(g):
+            self.reached[i] += sum(counts[i:])
+        self._record_verify(k, target_s)
+        if g:
+            per = draft_s / g
+            s = self.smoothing
+            self.draft_s_per_position = per if self.draft_s_per_position is None else (1 - s) * self.draft_s_per_position + s * per
+        if step_s is not None:
+            s = self.smoothing
+            self.overhead_s = (1 - s) * self.overhead_s + s * max(0.0, step_s - draft_s - target_s)
+
+    # ---- estimates ------------------------------------------------------------------------------
+
+    def position_acceptance(self) -> list[float]:
+        """alpha_i for drafts 1 .. max_k - 1, each shrunk towards the pooled (prior-smoothed) rate."""
+        a0, n0 = self.prior
+        pooled = (sum(self.kept) + a0 * n0) / (sum(self.reached) + n0) if sum(self.reached) + n0 > 0 else a0
+        return [(kept + self.shrink * pooled) / (reached + self.shrink) if reached + self.shrink > 0 else pooled
+                for kept, reached in zip(self.kept, self.reached)]
+
+    def _record_verify(self, k: int, seconds: float) -> None:
+        if k in self.verify_s:
+            s = self.smoothing
+            self.verify_s[k] = (1 - s) * self.verify_s[k] + s * seconds
+        else:
+            self.verify_s[k] = seconds
+        self.verify_w[k] = self.verify_w.get(k, 0.0) + 1.0
+
+    def _verify_table(self) -> dict[int, float]:
+        """verify_s for every k in 1..max_k: measured entries made non-decreasing, gaps filled
+        from the nearest measured k below (or above)."""
+        ks = sorted(self.verify_s)
+        blocks = []  # pool adjacent violators: [total weighted seconds, weight, ks]
+        for k in ks:
+            blocks.append([self.verify_s[k] * self.verify_w[k], self.verify_w[k], [k]])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                s, w, kk = blocks.pop()
+                blocks[-1][0] += s
+                blocks[-1][1] += w
+                blocks[-1][2] += kk
+        fitted = {k: s / w for s, w, kk in blocks for k in kk}
+        out = {}
+        for k in range(1, self.max_k + 1):
+            below = [j for j in ks if j <= k]
+            out[k] = fitted[below[-1]] if below else fitted[ks[0]]
+        return out
+
+    def __repr__(self) -> str:
+        return f"AdaptiveK(max_k={self.max_k})"
+
+
 def validate_k(k) -> None:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int (tokens scored per verify pass), got {k!r}")
@@ -36,8 +186,27 @@ def validate_k(k) -> None:
         raise ValueError(f"k must be >= 1 (k = 1 is plain target decoding), got {k}")
 
 
-def as_policy(k) -> "FixedK":
-    """An int becomes :class:`FixedK`; an object with ``next_k``/``observe``/``max_k`` is used as is."""
+def parse_auto(k: str) -> AdaptiveK:
+    """``"auto"`` -> AdaptiveK(max_k=8); ``"auto:12"`` -> AdaptiveK(max_k=12)."""
+    head, _, tail = k.partition(":")
+    if head != "auto":
+        raise ValueError(f"k must be an int, 'auto' or 'auto:MAX', got {k!r}")
+    if not tail:
+        return AdaptiveK()
+    try:
+        max_k = int(tail)
+    except ValueError:
+        raise ValueError(f"k={k!r}: MAX in 'auto:MAX' must be an int") from None
+    if max_k < 1:
+        raise ValueError(f"k={k!r}: MAX in 'auto:MAX' must be >= 1")
+    return AdaptiveK(max_k=max_k)
+
+
+def as_policy(k):
+    """An int becomes :class:`FixedK`, ``"auto[:MAX]"`` :class:`AdaptiveK`; an object with
+    ``next_k``/``observe``/``max_k`` is used as is."""
+    if isinstance(k, str):
+        return parse_auto(k)
     if hasattr(k, "next_k") and hasattr(k, "max_k"):
         validate_k(k.max_k)
         return k

@@ -47,6 +47,8 @@ class SpecStats:
     decode_s: float = 0.0  # whole loop after prefill (draft + target + accept + bookkeeping)
     drafted_positions: int = 0  # sum over steps of g (draft cost unit)
     decode_step_s: float | None = None  # measured one-token target forward
+    calibration_s: float = 0.0  # k-policy timing its verify costs (not in decode_s, like the decode probe)
+    policy: str = ""
 
     def record(self, k: int, accepted: torch.Tensor) -> None:
         """One batched verify pass with g = k - 1 drafts per row; accepted [B] in 0..g."""
@@ -140,6 +142,8 @@ class SpecStats:
             "target_s": self.target_s,
             "accept_s": self.accept_s,
             "decode_step_s": self.decode_step_s,
+            "calibration_s": self.calibration_s,
+            "policy": self.policy,
             "c": c,
             "r": r,
             "predicted_speedup": self.predicted_speedup,

@@ -41,3 +41,13 @@ def tiny_hf(tmp_path):
         return build_tiny_hf(tmp_path / f"{arch}{counter[0]}", arch, **overrides)
 
     return make
+
+
+def word_tokenizer(directory, vocab_size: int) -> None:
+    """A whitespace word-level tokenizer over tokens t0..t{V-1}, enough for the CLI to run."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(directory / "tokenizer.json"))

@@ -31,7 +31,7 @@ def prompts(lengths, seed=0):
 @pytest.mark.parametrize(
     "draft,acceptor,k",
     [("self:1", None, 4), ("ngram", None, 5), ("ngram", "sample-match", 3), ("other", None, 3),
-     ("twin", "greedy", 6), ("self:1", "sample-match", 2)],
+     ("twin", "greedy", 6), ("self:1", "sample-match", 2), ("other", None, "auto"), ("twin", None, "auto:6")],
 )
 def test_speculative_greedy_equals_target_greedy(models, lengths, draft, acceptor, k):
     target = models["target"]

@@ -1,4 +1,5 @@
-"""``verispec generate --tp-degree 2`` starts itself under torchrun and prints what tp_degree=1 prints."""
+"""``verispec generate --tp-degree 2`` (speculative, draft replicated per rank) starts itself under torchrun
+and prints what tp_degree=1 prints."""
 
 import os
 import subprocess
@@ -6,32 +7,22 @@ import sys
 
 import pytest
 
-from conftest import build_tiny_hf
+from conftest import build_tiny_hf, word_tokenizer
 from verispec.cli import main
 
 pytestmark = pytest.mark.dist
 
 
-def _word_tokenizer(directory, vocab_size: int) -> None:
-    """A whitespace word-level tokenizer over tokens t0..t{V-1}, enough for the CLI to run."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.save(str(directory / "tokenizer.json"))
-
-
 def _argv(path, tp_degree: int) -> list[str]:
     return ["generate", " t5 t17 t33 t2", "--target", path, "--amp", "f32", "--max-new-tokens", "12",
-            "--n-positions", "64", "--tp-degree", str(tp_degree)]
+            "--n-positions", "64", "--tp-degree", str(tp_degree), "--draft", path, "-k", "3"]
 
 
 def test_generate_tp2_relaunches_under_torchrun_and_matches_tp1(tmp_path, capsys, monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     path, _ = build_tiny_hf(tmp_path / "tiny", "llama")
-    _word_tokenizer(tmp_path / "tiny", 97)
+    word_tokenizer(tmp_path / "tiny", 97)
     assert main(_argv(path, 1)) == 0  # in this process
     texts = [line for line in capsys.readouterr().out.splitlines() if line.startswith(" t5 t17 t33 t2")]
     assert len(texts) == 1 and len(texts[0].split("t")) == 1 + 4 + 12, texts
@@ -41,7 +32,7 @@ def test_generate_tp2_relaunches_under_torchrun_and_matches_tp1(tmp_path, capsys
     assert two.returncode == 0, two.stderr[-3000:]  # without the relaunch, tp_degree=2 in one process fails
     # one copy of the text (rank 0 prints, rank 1 is quiet), identical to tp_degree=1's
     assert [line for line in two.stdout.splitlines() if line.startswith(" t5")] == texts, two.stdout
-    assert two.stdout.count("12 tokens") == 1
+    assert two.stderr.count("new tokens") == 1 and "acceptance rate" in two.stderr  # rank 0's table only
 
 
 def test_generate_rejects_a_non_dividing_tp_degree_before_starting_ranks(tmp_path, capsys, monkeypatch):

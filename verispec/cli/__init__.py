@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         from rich.console import Console
+        from rich.markup import escape
 
-        Console(stderr=True).print(f"[bold red]error:[/] {type(e).__name__}: {e}", highlight=False, markup=True)
+        message = escape(f"{type(e).__name__}: {e}")  # shapes like [B, g] are text, not markup
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
         return 1
 
 

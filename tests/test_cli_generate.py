@@ -1,0 +1,86 @@
+"""``verispec generate`` end to end on tiny models: streamed text, the statistics table, -k auto,
+target-only, chat templates, and a clear error for each bad input."""
+
+import io
+
+import pytest
+
+from conftest import build_tiny_hf, word_tokenizer
+from verispec.cli import main
+
+PROMPT = "t5 t17 t33 t2 "  # the word-level test tokenizer decodes without a leading space
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    target, _ = build_tiny_hf(root / "target", "llama", seed=0)
+    twin, _ = build_tiny_hf(root / "twin", "llama", seed=0)  # same weights: every draft is accepted
+    other, _ = build_tiny_hf(root / "other", "llama", seed=1, num_hidden_layers=1)
+    small_vocab, _ = build_tiny_hf(root / "small", "llama", seed=2, vocab_size=50)
+    for d in (target, twin, other):
+        word_tokenizer(root / d.split("/")[-1], 97)
+    return dict(target=target, twin=twin, other=other, small_vocab=small_vocab)
+
+
+def generate(capsys, *extra) -> tuple[int, str, str]:
+    rc = main(["generate", PROMPT, "--amp", "f32", "--max-new-tokens", "20", *extra])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("draft,k", [("twin", "auto"), ("other", "4"), ("ngram", "3"), ("self:1", "auto:5")])
+def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys, draft, k):
+    rc, alone, table = generate(capsys, "--target", models["target"], "--draft", "none")
+    assert rc == 0 and alone.startswith(PROMPT) and len(alone.split()) == 4 + 20, alone
+    assert "new tokens" in table and "acceptance rate" not in table  # target-only: no speculative rows
+    rc, text, table = generate(capsys, "--target", models["target"], "--draft", models.get(draft, draft), "-k", k)
+    assert rc == 0
+    assert text == alone  # greedy fp32: speculative decoding changes nothing in the text
+    for row in ("acceptance rate", "per-position acceptance", "mean tokens per verify pass",
+                "speedup predicted", "speedup measured", "tokens/s"):
+        assert row in table, table
+    if draft == "twin":
+        assert "acceptance rate" in table and " 1.000" in table  # identical draft: everything accepted
+    if k.startswith("auto"):
+        assert "AdaptiveK" in table
+
+
+def test_prompt_from_stdin_and_seeded_sampling(models, capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    # a fixed k: with k=auto the k sequence follows wall-clock costs, so the random numbers drawn
+    # (and a seeded sample) differ from run to run, though every run is exact in distribution
+    args = ("--target", models["target"], "--draft", models["other"], "--temperature", "1.0", "--seed", "3",
+            "-k", "4", "--no-stats")
+    rc, first, err = generate(capsys, *args)  # prompt given as an argument; stdin unused
+    assert rc == 0 and "new tokens" not in err
+    rc = main(["generate", "-", "--amp", "f32", "--max-new-tokens", "20", *args])
+    assert rc == 0 and capsys.readouterr().out == first  # same seed, same prompt (from stdin): same text
+
+
+def test_chat_needs_a_template(models, capsys):
+    rc, _, err = generate(capsys, "--target", models["target"], "--draft", "none", "--chat")
+    assert rc == 1 and "no chat template" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (("-k", "fast"), "k must be an int, 'auto' or 'auto:MAX'"),
+    (("-k", "0"), "k must be >= 1"),
+    (("-k", "auto:0"), "MAX in 'auto:MAX' must be >= 1"),
+    (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
+    (("--temperature", "-1"), "temperature"),
+    (("--top-p", "1.5"), "top_p"),
+    (("--top-k", "0"), "top_k"),
+    (("--draft", "self:9"), "self:9"),
+    (("--n-positions", "10"), "n_positions"),
+])
+def test_bad_input_is_a_clear_error(models, capsys, extra, message):
+    rc, _, err = generate(capsys, "--target", models["target"], "--draft", models["other"], *extra)
+    assert rc == 1 and message in " ".join(err.split()), err
+
+
+def test_vocabulary_mismatch_and_missing_model(models, capsys, tmp_path):
+    rc, _, err = generate(capsys, "--target", models["target"], "--draft", models["small_vocab"])
+    assert rc == 1 and "vocabulary mismatch" in err
+    rc, _, err = generate(capsys, "--target", str(tmp_path / "nowhere"))
+    assert rc == 1 and "nowhere" in err and "not a registered model name" in err

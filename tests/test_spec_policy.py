@@ -1,0 +1,117 @@
+"""k-policies: AdaptiveK picks the k that maximises expected tokens per second (checked against
+the Leviathan formula evaluated here, independently), follows per-position acceptance, keeps
+its cost table monotone, and leaves the output distribution exact (tier 3 through the checker)."""
+
+import pytest
+import torch
+
+from verispec.spec import SpeculativeGenerator
+from verispec.spec.checker import check_exactness
+from verispec.spec.policy import AdaptiveK, FixedK, as_policy
+
+
+def accepted_counts(alphas: list[float], rows: int) -> torch.Tensor:
+    """[rows] accepted-draft counts whose conditional acceptance at draft i is alphas[i]."""
+    g = len(alphas)
+    reach = [rows]  # rows that accepted >= i drafts
+    for a in alphas:
+        reach.append(round(reach[-1] * a))
+    counts = [reach[i] - reach[i + 1] for i in range(g)] + [reach[g]]
+    return torch.repeat_interleave(torch.arange(g + 1), torch.tensor(counts))
+
+
+def trained(alphas, draft_per_position: float, verify, steps: int = 30, rows: int = 20000) -> AdaptiveK:
+    policy = AdaptiveK(max_k=len(alphas) + 1)
+    policy.calibrate(verify, batch=1)
+    k = policy.max_k
+    for _ in range(steps):
+        policy.observe(k, accepted_counts(alphas, rows), draft_s=draft_per_position * (k - 1), target_s=verify(k))
+    return policy
+
+
+def leviathan_rates(alpha: float, c: float, verify, max_k: int) -> dict:
+    """Expected tokens per second for a constant acceptance alpha (design.md's formula, unnormalised)."""
+    return {k: (1 - alpha**k) / (1 - alpha) / (c * (k - 1) + verify(k)) for k in range(1, max_k + 1)}
+
+
+@pytest.mark.parametrize("alpha,c,slope,", [(0.3, 0.05, 0.3), (0.3, 0.02, 0.1), (0.3, 0.05, 0.0), (0.6, 0.05, 0.05),
+                                            (0.8, 0.1, 0.1), (0.8, 0.02, 0.02)])
+def test_adaptive_k_matches_leviathan_argmax(alpha, c, slope):
+    verify = lambda k: 1.0 + slope * (k - 1)  # noqa: E731  seconds of a k-token pass
+    rates = leviathan_rates(alpha, c, verify, 8)
+    ranked = sorted(rates, key=rates.get, reverse=True)
+    assert rates[ranked[0]] > 1.01 * rates[ranked[1]], "case too close to a tie to be a test"
+    policy = trained([alpha] * 7, c, verify)
+    assert policy.next_k() == ranked[0]
+
+
+def test_adaptive_k_uses_per_position_acceptance():
+    """Draft 1 almost always accepted, later drafts almost never: k = 2 (one draft), although the
+    pooled rate (about 0.5) would ask for more."""
+    verify = lambda k: 1.0 + 0.02 * (k - 1)  # noqa: E731
+    policy = trained([0.97, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05], 0.05, verify)
+    pooled = leviathan_rates(0.51, 0.05, verify, 8)
+    assert max(pooled, key=pooled.get) > 2
+    assert policy.next_k() == 2
+    assert policy.position_acceptance()[0] > 0.9 > 0.1 > policy.position_acceptance()[1]
+
+
+def test_adaptive_k_follows_a_change_of_acceptance():
+    verify = lambda k: 1.0 + 0.02 * (k - 1)  # noqa: E731
+    policy = trained([0.95] * 7, 0.05, verify, rows=1000)
+    assert policy.next_k() == 8
+    for _ in range(100):  # the draft stops agreeing: decayed counts forget the good stretch
+        policy.observe(2, accepted_counts([0.02], 1000), draft_s=0.05, target_s=verify(2))
+    assert policy.next_k() == 1
+
+
+def test_adaptive_k_starts_at_start_k_and_cost_table_is_monotone():
+    policy = AdaptiveK(max_k=6, start_k=3)
+    assert policy.next_k() == 3  # nothing measured yet
+    noisy = {1: 1.0, 2: 1.3, 3: 1.1, 4: 1.4, 5: 1.2, 6: 1.6}
+    policy.calibrate(noisy.__getitem__, batch=2, largest_k=5)
+    table = policy._verify_table()
+    assert [table[k] for k in range(1, 7)] == sorted(table[k] for k in range(1, 7))
+    assert table[6] == table[5]  # k = 6 did not fit: the largest measured k stands in
+    assert not policy.needs_calibration(2) and policy.needs_calibration(3)
+
+
+def test_as_policy_and_bad_k():
+    assert isinstance(as_policy(3), FixedK) and as_policy("auto").max_k == 8 and as_policy("auto:5").max_k == 5
+    for bad, err in [("fast", ValueError), ("auto:0", ValueError), ("auto:x", ValueError), (0, ValueError),
+                     (2.5, TypeError), (True, TypeError)]:
+        with pytest.raises(err, match="k"):
+            as_policy(bad)
+    with pytest.raises(ValueError, match="prior_acceptance"):
+        AdaptiveK(prior_acceptance=1.5)
+
+
+class ScriptedCosts(AdaptiveK):
+    """AdaptiveK with fixed costs instead of wall-clock ones, so its k depends only on the
+    acceptance it observes (and the run is deterministic)."""
+
+    def calibrate(self, time_verify, batch, largest_k=None):
+        super().calibrate(lambda k: 1.0 + 0.05 * k, batch, largest_k)
+
+    def observe(self, k, accepted, draft_s, target_s):
+        super().observe(k, accepted, 0.05 * (k - 1), 1.0 + 0.05 * k)
+
+
+def test_adaptive_k_is_exact():
+    policy = ScriptedCosts(max_k=6, start_k=2)
+    report = check_exactness("default", "model", policy, samples=100_000, vocab=4, order=2, length=5, seed=5)
+    assert report.passed, report.format()
+    assert len(report.speculation["k_counts"]) >= 2, report.speculation["k_counts"]  # k really changed
+
+
+def test_auto_in_the_generator_reports_calibration(tiny_hf):
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama")
+    target = LlamaForSampling.from_pretrained(path, n_positions=64)
+    draft = LlamaForSampling.from_pretrained(path, n_positions=64)
+    res = SpeculativeGenerator(draft, target, "auto:5").generate(torch.tensor([[1, 2, 3]]), 30, temperature=0)
+    stats = res.stats.to_dict()
+    assert stats["policy"] == "AdaptiveK(max_k=5)" and stats["calibration_s"] > 0
+    assert set(stats["k_counts"]) <= set(range(1, 6)) and sum(stats["k_counts"].values()) == stats["steps"]
+    assert torch.equal(res.tokens, target.sample(torch.tensor([[1, 2, 3]]), 30, temperature=0))
