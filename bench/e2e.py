@@ -122,7 +122,9 @@ def _positions(prompts: dict, specs: list, new_tokens: int, max_positions: int) 
     if longest + new_tokens > max_positions:
         raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {new_tokens} exceeds the target's "
                          f"max_position_embeddings={max_positions}")
-    max_k = max(k for k in specs if k != "auto") if any(k != "auto" for k in specs) else 8
+    from verispec.spec.policy import as_policy
+
+    max_k = max(as_policy(k).max_k for k in specs)
     n_positions = min(longest + new_tokens + max_k, max_positions)
     if max_k >= n_positions:
         raise ValueError(f"k={max_k} out of range: a verify pass of k tokens needs k < n_positions={n_positions}")
@@ -166,10 +168,13 @@ def _ours_speculative(draft, target, k, prompts, new_tokens, temperature, seed, 
         s = res.stats
         outs.append(res.tokens[0])
         stats.append(s)
-        row = _prompt_row(len(p), s.new_tokens, wall, s.prefill_s, s.decode_s)
-        row.update(acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts))
+        # a k-policy's one-off cost calibration runs inside the call: charged to its decode time
+        calibration = s.calibration_s
+        row = _prompt_row(len(p), s.new_tokens, wall, s.prefill_s, s.decode_s + calibration)
+        row.update(calibration_s=calibration, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts))
         per_prompt.append(row)
-    path = {"engine": "verispec", "mode": "speculative", "k": k, **_aggregate(per_prompt), **_acceptance(stats)}
+    path = {"engine": "verispec", "mode": "speculative", "k": k, **_aggregate(per_prompt), **_acceptance(stats),
+            "calibration_s": sum(s.calibration_s for s in stats), "policy": stats[0].policy}
     return outs, path
 
 

@@ -27,7 +27,7 @@ def _key(p):
 def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
     target, draft, root = tiny_pair
     out = tmp_path / "results"
-    rc = main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2,3", "--no-auto", "--temperatures", "0,0.7",
+    rc = main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2,3", "--auto", "--temperatures", "0,0.7",
                "--prompt-sets", "code,prose", "--hf", "--hf-dir", str(root / "hf"), "--out-dir", str(out), *TINY_ARGS])
     assert rc == 0
     data = json.loads((out / "e2e.json").read_text())
@@ -39,7 +39,7 @@ def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
     assert [(r["prompt_set"], r["temperature"]) for r in data["runs"]] == [
         ("code", 0.0), ("code", 0.7), ("prose", 0.0), ("prose", 0.7)]
     expected = [("verispec", "target-only", None), ("verispec", "speculative", 2), ("verispec", "speculative", 3),
-                ("transformers", "target-only", None), ("transformers", "assisted", None)]
+                ("verispec", "speculative", "auto"), ("transformers", "target-only", None), ("transformers", "assisted", None)]
     for run in data["runs"]:
         paths = {_key(p): p for p in run["paths"]}
         assert list(paths) == expected
@@ -48,22 +48,27 @@ def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
             assert p["e2e_tokens_per_s"] == pytest.approx(12 / p["wall_s"])
         base = paths[("verispec", "target-only", None)]
         hf_assisted = paths[("transformers", "assisted", None)]
-        for k in (2, 3):
+        for k in (2, 3, "auto"):
             spec = paths[("verispec", "speculative", k)]
-            assert len(spec["position_acceptance"]) == k - 1 and 0 <= spec["acceptance_rate"] <= 1
+            assert len(spec["position_acceptance"]) == max(int(j) for j in spec["k_counts"]) - 1
+            assert 0 <= spec["acceptance_rate"] <= 1
             assert spec["speedup_vs_target_only"] == pytest.approx(spec["tokens_per_s"] / base["tokens_per_s"])
             assert spec["e2e_speedup_vs_hf_assisted"] == pytest.approx(
                 spec["e2e_tokens_per_s"] / hf_assisted["e2e_tokens_per_s"])
             if run["temperature"] == 0:  # fp32 greedy: speculative decodes exactly the target-only tokens
                 assert spec["greedy_divergence"]["diverged_prompts"] == 0
         if run["temperature"] == 0:  # same weights, same greedy rule in transformers
-            for key in expected[3:]:
+            for key in expected[4:]:
                 assert paths[key]["greedy_divergence_from_verispec_target_only"]["diverged_prompts"] == 0
         fixed = {k: paths[("verispec", "speculative", k)]["tokens_per_s"] for k in (2, 3)}
         assert run["summary"]["best_fixed_k"] == max(fixed, key=fixed.get)
         assert run["summary"]["median_fixed_tokens_per_s"] == pytest.approx(statistics.median(fixed.values()))
+        auto = paths[("verispec", "speculative", "auto")]
+        assert auto["calibration_s"] > 0  # the adaptive policy timed its verify costs, charged to its time
+        assert run["summary"]["auto_over_best"] == pytest.approx(auto["tokens_per_s"] / max(fixed.values()))
+        assert run["summary"]["auto_beats_median"] == (auto["tokens_per_s"] > statistics.median(fixed.values()))
     printed = capsys.readouterr().out
-    for text in ("target-only", "k=2", "k=3", "HF target-only", "HF assisted", "prose", "wrote"):
+    for text in ("target-only", "k=2", "k=3", "k=auto", "HF target-only", "HF assisted", "prose", "wrote", "x best fixed k="):
         assert text in printed
 
 
