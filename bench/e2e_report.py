@@ -155,6 +155,8 @@ def _save(plt, fig, path):
 
 def plot_tokens_per_s(runs, args, data):
     """End-to-end tokens/s against fixed k, with horizontal lines for the other paths."""
+    from matplotlib.ticker import MaxNLocator
+
     from .common import results_dir
 
     plt, fig, cells = _grid(runs)
@@ -174,6 +176,7 @@ def plot_tokens_per_s(runs, args, data):
         ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="k (tokens per verify pass)",
                ylabel="tokens/s (prefill included)")
         ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"{data['draft']} -> {data['target']} ({data['amp']}, {data['max_new_tokens']} new tokens)")
@@ -182,6 +185,8 @@ def plot_tokens_per_s(runs, args, data):
 
 def plot_acceptance(runs, args):
     """P(draft i accepted | drafts before it accepted) against i, one line per k."""
+    from matplotlib.ticker import MaxNLocator
+
     from .common import results_dir
 
     plt, fig, cells = _grid(runs)
@@ -192,6 +197,7 @@ def plot_acceptance(runs, args):
                 ax.plot([i for i, _ in pos], [a for _, a in pos], "o-" if p["k"] != "auto" else "s--", label=f"k={p['k']}")
         ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="draft position",
                ylabel="acceptance given earlier accepted", ylim=(0, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_acceptance.png")
