@@ -58,7 +58,8 @@ def add_speedups(paths: list[dict]) -> None:
 
 
 def summarize(paths: list[dict]) -> dict:
-    """Best and median fixed k, and k=auto against both (by tokens_per_s)."""
+    """Best and median fixed k, k=auto against both (by tokens_per_s), and the speedups of the best
+    fixed k and of k=auto (call after :func:`add_speedups`)."""
     fixed = [p for p in paths if p["mode"] == "speculative" and p["k"] != "auto"]
     auto = _find(paths, "verispec", "speculative", "auto")
     out = {"best_fixed_k": None, "best_fixed_tokens_per_s": None, "median_fixed_tokens_per_s": None,
@@ -68,6 +69,9 @@ def summarize(paths: list[dict]) -> dict:
         best = max(fixed, key=lambda p: p["tokens_per_s"])
         out.update(best_fixed_k=best["k"], best_fixed_tokens_per_s=best["tokens_per_s"],
                    median_fixed_tokens_per_s=statistics.median(p["tokens_per_s"] for p in fixed))
+    for name, p in (("best_fixed", best if fixed else None), ("auto", auto)):  # the headline speedups
+        for key in ("speedup_vs_target_only", "e2e_speedup_vs_target_only", "e2e_speedup_vs_hf_assisted"):
+            out[f"{name}_{key}"] = p.get(key) if p else None
     if fixed and auto:
         out["auto_over_best"] = auto["tokens_per_s"] / out["best_fixed_tokens_per_s"]
         out["auto_within_3pct_of_best"] = out["auto_over_best"] >= 0.97
@@ -123,6 +127,14 @@ def print_report(data: dict, written) -> None:
                 f"median fixed {s['median_fixed_tokens_per_s']:.2f}; within 3% of best: "
                 f"{'yes' if s['auto_within_3pct_of_best'] else 'NO'}, beats median: "
                 f"{'yes' if s['auto_beats_median'] else 'NO'}; k used {s['auto_k_counts']}")
+    for run in data["runs"]:
+        s = run["summary"]
+        for name, label in (("best_fixed", f"best fixed k={s['best_fixed_k']}"), ("auto", "k=auto")):
+            if s[f"{name}_speedup_vs_target_only"] is not None:
+                console.print(
+                    f"{run['prompt_set']} T={run['temperature']:g}: {label}: {s[f'{name}_speedup_vs_target_only']:.2f} x "
+                    f"verispec target-only (decode), {_fmt(s[f'{name}_e2e_speedup_vs_hf_assisted'])} x transformers "
+                    f"assisted (end to end)")
     if data["hf"].get("note") and data["hf"]["note"] != "--no-hf":
         console.print(f"transformers: {data['hf']['note']}")
     bw = data["memory_bandwidth"]

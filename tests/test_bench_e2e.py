@@ -67,13 +67,17 @@ def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
         assert auto["calibration_s"] > 0  # the adaptive policy timed its verify costs, charged to its time
         assert run["summary"]["auto_over_best"] == pytest.approx(auto["tokens_per_s"] / max(fixed.values()))
         assert run["summary"]["auto_beats_median"] == (auto["tokens_per_s"] > statistics.median(fixed.values()))
+        best = paths[("verispec", "speculative", run["summary"]["best_fixed_k"])]
+        assert run["summary"]["best_fixed_e2e_speedup_vs_hf_assisted"] == best["e2e_speedup_vs_hf_assisted"]
+        assert run["summary"]["auto_speedup_vs_target_only"] == auto["speedup_vs_target_only"]
     printed = capsys.readouterr().out
-    for text in ("target-only", "k=2", "k=3", "k=auto", "HF target-only", "HF assisted", "prose", "wrote", "x best fixed k="):
+    for text in ("target-only", "k=2", "k=3", "k=auto", "HF target-only", "HF assisted", "prose", "wrote", "x best fixed k=",
+                 "x transformers assisted (end to end)"):
         assert text in printed
 
 
 def test_bench_e2e_self_draft_skips_hf_assisted_and_reuses_conversion(tiny_pair, tmp_path, capsys):
-    target, _, root = tiny_pair
+    target, _, _ = tiny_pair
     args = ["bench", "e2e", "--target", target, "--draft", "self:1", "--ks", "2", "--no-auto", "--temperatures", "0",
             "--prompt-sets", "code", "--hf-dir", str(tmp_path / "hf"), "--out-dir", str(tmp_path), "--name", "selfdraft",
             *TINY_ARGS]
@@ -105,7 +109,7 @@ def test_bench_e2e_self_draft_skips_hf_assisted_and_reuses_conversion(tiny_pair,
     ("--max-new-tokens", "400", "exceeds the target's max_position_embeddings=256"),
 ])
 def test_bench_e2e_bad_options(tiny_pair, tmp_path, capsys, option, value, message):
-    target, draft, root = tiny_pair
+    target, draft, _ = tiny_pair
     args = ["bench", "e2e", "--target", target, "--draft", draft, "--no-auto", "--no-hf", "--out-dir", str(tmp_path),
             *TINY_ARGS, option, value]
     assert main(args) == 1
