@@ -55,10 +55,15 @@ class AdaptiveK:
     so timing noise cannot make a longer pass look cheaper. The draft cost per drafted position
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
     step has measured them the policy uses ``start_k``.
+
+    When the best k has not been followed by a step at k + 1 for ``explore_every`` steps, it
+    takes k + 1 once: otherwise a policy that settled on k = 1 (no drafts) would never again
+    measure acceptance, and one that settled on k would never learn that draft k + 1 improved.
     """
 
     def __init__(self, max_k: int = 8, start_k: int = 4, halflife: float = 24.0, prior_acceptance: float = 0.6,
-                 prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2):
+                 prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2,
+                 explore_every: int = 8):
         validate_k(max_k)
         validate_k(start_k)
         if not 0.0 <= prior_acceptance <= 1.0:
@@ -78,6 +83,9 @@ class AdaptiveK:
         self.calibrated_batch: int | None = None
         self.draft_s_per_position: float | None = None
         self.overhead_s = 0.0
+        self.explore_every = explore_every
+        self._step = 0
+        self._last_used: dict[int, int] = {}  # k -> step it was last chosen
         self._asked_at: float | None = None
         self.last_choice: dict | None = None  # E, T and rate of every k at the last decision
 
@@ -87,11 +95,17 @@ class AdaptiveK:
         return self.calibrated_batch != batch
 
     def calibrate(self, time_verify, batch: int, largest_k: int | None = None) -> None:
-        """``time_verify(k) -> seconds`` of one target forward over k tokens; measures k = 1..max_k."""
+        """``time_verify(k) -> seconds`` of one target forward over k tokens; measures k = 1..max_k
+        twice (up, then down, so a slow start or a drift does not favour one end) and keeps the
+        faster of the two."""
         self.verify_s.clear()
         self.verify_w.clear()
-        for k in range(1, min(self.max_k, largest_k or self.max_k) + 1):
-            self._record_verify(k, time_verify(k))
+        ks = list(range(1, min(self.max_k, largest_k or self.max_k) + 1))
+        best = {k: time_verify(k) for k in ks}
+        for k in reversed(ks):
+            best[k] = min(best[k], time_verify(k))
+        for k in ks:
+            self._record_verify(k, best[k])
         self.calibrated_batch = batch
 
     # ---- the policy protocol --------------------------------------------------------------------
@@ -114,6 +128,10 @@ class AdaptiveK:
             if rate > best_rate:
                 best_k, best_rate = k, rate
         self.last_choice = table
+        self._step += 1
+        if best_k < self.max_k and self._step - self._last_used.get(best_k + 1, 0) > self.explore_every:
+            best_k += 1  # now and then one k further, so the next position's acceptance and cost stay measured
+        self._last_used[best_k] = self._step
         return best_k
 
     def observe(self, k: int, accepted: torch.Tensor, draft_s: float, target_s: float) -> None:

@@ -115,3 +115,16 @@ def test_auto_in_the_generator_reports_calibration(tiny_hf):
     assert stats["policy"] == "AdaptiveK(max_k=5)" and stats["calibration_s"] > 0
     assert set(stats["k_counts"]) <= set(range(1, 6)) and sum(stats["k_counts"].values()) == stats["steps"]
     assert torch.equal(res.tokens, target.sample(torch.tensor([[1, 2, 3]]), 30, temperature=0))
+
+
+def test_adaptive_k_explores_one_k_further_now_and_then():
+    """Drafts never accepted: k = 1 is best, but every explore_every steps one step uses k = 2,
+    so acceptance keeps being measured (and a draft that improves would be noticed)."""
+    verify = lambda k: 1.0 + 0.1 * (k - 1)  # noqa: E731
+    policy = trained([0.0] * 7, 0.3, verify, rows=1)
+    chosen = []
+    for _ in range(27):
+        k = policy.next_k()
+        chosen.append(k)
+        policy.observe(k, torch.zeros(1, dtype=torch.long), draft_s=0.3 * (k - 1), target_s=verify(k))
+    assert set(chosen) == {1, 2} and chosen.count(2) == 3, chosen
