@@ -98,3 +98,79 @@ def write_json(name: str, data: dict, out_dir: str | None = None) -> Path:
     payload = {"benchmark": name, "machine": machine_info(), **data}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+# ---- shared by the decoding benchmarks (speculative, e2e) ---------------------------------------
+
+PROMPTS_FILE = Path(__file__).with_name("prompts.json")  # the fixed prompt sets shared by the benchmarks
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    """Comma-separated numbers of option ``--name``."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name} takes comma-separated numbers, got {text!r}") from None
+
+
+def prompt_sets() -> dict[str, list[str]]:
+    """The prompt sets of bench/prompts.json: name -> user messages."""
+    return {k: v for k, v in json.loads(PROMPTS_FILE.read_text()).items() if k != "description"}
+
+
+def prompt_set_names() -> list[str]:
+    return sorted(prompt_sets())
+
+
+def bench_prompts(set_name: str, n: int, tokenizer=None, random_vocab: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` prompts of set ``set_name`` of bench/prompts.json as token ids, each user message in
+    the tokenizer's chat template when it has one; with ``random_vocab``, random token prompts
+    (for models without a tokenizer), different per set and reproducible from ``seed``."""
+    sets = prompt_sets()
+    names = sorted(sets)
+    if set_name not in names:
+        raise ValueError(f"unknown prompt set {set_name!r}; {PROMPTS_FILE} has {names}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"number of prompts must be a positive integer, got {n!r}")
+    if random_vocab is not None:
+        g = torch.Generator().manual_seed(seed * 1000 + names.index(set_name))
+        return [torch.randint(0, random_vocab, (8 + 3 * i,), generator=g) for i in range(n)]  # [L_i] each
+    if n > len(sets[set_name]):
+        raise ValueError(f"prompt set {set_name!r} has {len(sets[set_name])} prompts, {n} asked for")
+    out = []
+    for text in sets[set_name][:n]:
+        if tokenizer.chat_template:  # instruct models get the user message in their chat template
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
+        else:
+            ids = tokenizer.encode(text)
+        out.append(torch.tensor(ids))  # [L_i]
+    return out
+
+
+def load_model(path_or_name, args, n_positions: int):
+    """A batch-1 LlamaForSampling with the benchmark's --amp, --kernel-backend and --device."""
+    from verispec.model import LlamaForSampling
+
+    return LlamaForSampling.from_pretrained(path_or_name, n_positions=n_positions, batch_size=1, amp=args.amp,
+                                            kernel_backend=args.kernel_backend, device=args.device, progress=True)
+
+
+def is_model_draft(draft: str) -> bool:
+    """False for the drafts that are not a model of their own ('ngram', 'ngram:N', 'self:N')."""
+    return not (draft == "ngram" or draft.startswith(("self:", "ngram:")))
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.decoder.parameters())
+
+
+def greedy_divergence(spec_outs, ref_outs, prompts) -> dict:
+    """Prompts whose speculative tokens differ from the target-only ones, and the first differing
+    new-token index of each."""
+    diverged, first = 0, []
+    for s, r, p in zip(spec_outs, ref_outs, prompts):
+        diff = (s != r).nonzero()
+        if diff.numel():
+            diverged += 1
+            first.append(int(diff[0, 0]) - len(p))
+    return {"diverged_prompts": diverged, "prompts": len(prompts), "first_divergence_token": first}

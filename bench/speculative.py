@@ -12,15 +12,19 @@ Also: achieved weight bandwidth of target-only decoding against a bandwidth meas
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
-import torch
-
-from .common import measure_memory_bandwidth, results_dir, write_json
-
-PROMPTS_FILE = Path(__file__).with_name("prompts.json")  # the fixed prompt sets shared by the benchmarks
+from .common import (
+    bench_prompts,
+    greedy_divergence,
+    is_model_draft,
+    load_model,
+    measure_memory_bandwidth,
+    parse_floats,
+    results_dir,
+    weight_bytes,
+    write_json,
+)
 
 
 def register(sub) -> None:
@@ -41,42 +45,6 @@ def register(sub) -> None:
     p.add_argument("--name", default="speculative", help="results file stem")
     p.add_argument("--out-dir", default=None, help="results directory (default bench/results/)")
     p.set_defaults(func=run)
-
-
-def _floats(text: str, name: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--{name} takes comma-separated numbers, got {text!r}") from None
-
-
-def _load(path_or_name, args, n_positions):
-    from verispec.model import LlamaForSampling
-
-    return LlamaForSampling.from_pretrained(path_or_name, n_positions=n_positions, batch_size=1, amp=args.amp,
-                                            kernel_backend=args.kernel_backend, device=args.device, progress=True)
-
-
-def _prompts(target, args) -> list[torch.Tensor]:
-    if args.random_prompts:
-        g = torch.Generator().manual_seed(args.seed)
-        return [torch.randint(0, target.vocab_size, (8 + 3 * i,), generator=g) for i in range(args.prompts)]
-    sets = json.loads(PROMPTS_FILE.read_text())
-    if args.prompt_set not in sets or args.prompt_set == "description":
-        raise ValueError(f"unknown prompt set {args.prompt_set!r}; {PROMPTS_FILE} has {sorted(k for k in sets if k != 'description')}")
-    tok = target.tokenizer
-    out = []
-    for text in sets[args.prompt_set][: args.prompts]:
-        if tok.chat_template:  # instruct models get the user message in their chat template
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
-        else:
-            ids = tok.encode(text)
-        out.append(torch.tensor(ids))
-    return out
-
-
-def _weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.decoder.parameters())
 
 
 def _target_only(target, prompts, new_tokens, temperature, seed):
@@ -113,16 +81,6 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def _divergence(spec_outs, ref_outs, prompts) -> dict:
-    diverged, first = 0, []
-    for s, r, p in zip(spec_outs, ref_outs, prompts):
-        diff = (s != r).nonzero()
-        if diff.numel():
-            diverged += 1
-            first.append(int(diff[0, 0]) - len(p))
-    return {"diverged_prompts": diverged, "prompts": len(prompts), "first_divergence_token": first}
-
-
 def run(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -130,18 +88,18 @@ def run(args) -> int:
     from verispec.spec import SpeculativeGenerator
 
     console = Console()
-    ks = [int(k) for k in _floats(args.ks, "ks")]
-    temps = _floats(args.temperatures, "temperatures")
+    ks = [int(k) for k in parse_floats(args.ks, "ks")]
+    temps = parse_floats(args.temperatures, "temperatures")
     from verispec.model import open_source
 
     # room for the fixed prompts (< 256 tokens with a chat template), the new tokens and one verify block
     n_positions = min(256 + args.max_new_tokens + max(ks), open_source(args.target)[0].max_position_embeddings)
-    target = _load(args.target, args, n_positions)
-    draft = args.draft if args.draft == "ngram" or args.draft.startswith(("self:", "ngram:")) else _load(
-        args.draft, args, n_positions)
-    prompts = _prompts(target, args)
+    target = load_model(args.target, args, n_positions)
+    draft = load_model(args.draft, args, n_positions) if is_model_draft(args.draft) else args.draft
+    prompts = bench_prompts(args.prompt_set, args.prompts, None if args.random_prompts else target.tokenizer,
+                            target.vocab_size if args.random_prompts else None, args.seed)
     bandwidth = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
-    weight_bytes = _weight_bytes(target)
+    target_weight_bytes = weight_bytes(target)
 
     # warm-up: one short run of each path, so one-off costs are not timed
     target.sample(prompts[0][None], len(prompts[0]) + 2, temperature=0)
@@ -151,7 +109,7 @@ def run(args) -> int:
     for temp in temps:
         ref_outs, base_tps = _target_only(target, prompts, args.max_new_tokens, temp, args.seed)
         baseline = {"temperature": temp, "tokens_per_s": base_tps,
-                    "achieved_GBps": weight_bytes * base_tps / 1e9}
+                    "achieved_GBps": target_weight_bytes * base_tps / 1e9}
         for k in ks:
             t0 = time.perf_counter()
             outs, agg = _speculative(SpeculativeGenerator(draft, target, k), prompts, args.max_new_tokens, temp, args.seed)
@@ -167,13 +125,13 @@ def run(args) -> int:
                 "draft_s": agg["draft_s"], "target_s": agg["target_s"], "wall_s": time.perf_counter() - t0,
             }
             if temp == 0:
-                row["greedy_divergence"] = _divergence(outs, ref_outs, prompts)
+                row["greedy_divergence"] = greedy_divergence(outs, ref_outs, prompts)
             rows.append(row)
         rows.append({"baseline": baseline})
 
     data = {
         "target": str(args.target), "draft": str(args.draft), "amp": args.amp, "device": args.device,
-        "max_new_tokens": args.max_new_tokens, "prompts": len(prompts), "weight_bytes": weight_bytes,
+        "max_new_tokens": args.max_new_tokens, "prompts": len(prompts), "weight_bytes": target_weight_bytes,
         "memory_bandwidth": bandwidth, "results": rows,
         "command": "verispec bench speculative " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                           if k in ("target", "draft", "ks", "temperatures",

@@ -1,0 +1,312 @@
+"""``verispec bench e2e``: end-to-end tokens/s of verispec target-only decoding, speculative
+decoding for each k and k="auto", and Hugging Face transformers' ``generate()`` target-only and
+assisted, on the same weights, dtype, prompts and number of new tokens.
+
+Per prompt set x temperature it records per-prompt and aggregate tokens/s, speedups, k="auto"
+against the best and the median fixed k, per-position acceptance, and at temperature 0 whether
+speculative output equals target-only output token for token. Writes bench/results/NAME.json,
+NAME_tokens_per_s.png and NAME_acceptance.png, and prints a table. How each figure is timed is
+in the JSON under "method".
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import time
+
+import torch
+
+from .common import (
+    bench_prompts,
+    greedy_divergence,
+    is_model_draft,
+    load_model,
+    measure_memory_bandwidth,
+    parse_floats,
+    prompt_sets,
+    weight_bytes,
+    write_json,
+)
+from .e2e_report import METHOD, add_speedups, plot_acceptance, plot_tokens_per_s, print_report, summarize
+
+WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("e2e", help="end-to-end tokens/s: target-only, speculative per k and auto, HF transformers")
+    p.add_argument("--target", default="qwen2.5-coder-1.5b", help="model name, HF directory or .gguf file")
+    p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="model name/path, 'self:N' or 'ngram'")
+    p.add_argument("--ks", default="2,3,4,5,6,7,8", help="comma-separated fixed k values (each >= 2)")
+    p.add_argument("--auto", action=argparse.BooleanOptionalAction, default=True, help="also run k='auto'")
+    p.add_argument("--temperatures", default="0,0.7", help="comma-separated temperatures (0 = greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (EOS does not stop)")
+    p.add_argument("--prompt-sets", default="code,prose", help="comma-separated prompt sets of bench/prompts.json")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per set")
+    p.add_argument("--random-prompts", action="store_true", help="random token prompts (models without tokenizer)")
+    p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"], help="dtype of both engines")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kernel-backend", default=None)
+    p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time transformers generate() (target-only and assisted)")
+    p.add_argument("--hf-dir", default=None, help="where converted HF directories are cached "
+                   "(default $VERISPEC_HOME/hf-converted or ~/.cache/verispec/hf-converted); converted only if missing")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
+    p.add_argument("--name", default="e2e", help="results file stem")
+    p.add_argument("--out-dir", default=None, help="results directory (default bench/results/)")
+    p.set_defaults(func=run)
+
+
+# ---- options --------------------------------------------------------------------------------------
+
+
+def _ks(text: str) -> list[int]:
+    ks = []
+    for x in (x.strip() for x in text.split(",")):
+        if not x:
+            continue
+        try:
+            k = int(x)
+        except ValueError:
+            raise ValueError(f"--ks takes comma-separated integers, got {text!r}") from None
+        if k < 2:
+            raise ValueError(f"k={k} out of range: k >= 2 (k = 1 is target-only decoding, which is always measured)")
+        if k in ks:
+            raise ValueError(f"k={k} given twice in --ks {text!r}")
+        ks.append(k)
+    return ks
+
+
+def _temperatures(text: str) -> list[float]:
+    temps = parse_floats(text, "temperatures")
+    if not temps:
+        raise ValueError("--temperatures is empty")
+    for t in temps:
+        if not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature {t} out of range: a finite number >= 0 (0 = greedy)")
+    if len(set(temps)) < len(temps):
+        raise ValueError(f"--temperatures {text!r} repeats a value")
+    return temps
+
+
+def _prompt_sets(text: str, n: int, random_prompts: bool) -> list[str]:
+    sets = [s.strip() for s in text.split(",") if s.strip()]
+    known = prompt_sets()
+    for s in sets:
+        if s not in known:
+            raise ValueError(f"unknown prompt set {s!r} in --prompt-sets; bench/prompts.json has {sorted(known)}")
+        if not random_prompts and n > len(known[s]):
+            raise ValueError(f"prompt set {s!r} has {len(known[s])} prompts, {n} asked for (--prompts)")
+    if not sets or len(set(sets)) < len(sets):
+        raise ValueError(f"--prompt-sets {text!r}: give each set once, at least one")
+    return sets
+
+
+def _check_args(args) -> tuple[list, list[float], list[str]]:
+    ks = _ks(args.ks)
+    specs = ks + (["auto"] if args.auto else [])
+    if not specs:
+        raise ValueError("nothing speculative to run: --ks is empty and --no-auto")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prompts < 1:
+        raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+    return specs, _temperatures(args.temperatures), _prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
+
+
+def _positions(prompts: dict, specs: list, new_tokens: int, max_positions: int) -> int:
+    """Cache length: the longest prompt, the new tokens and one verify block of the largest k."""
+    longest = max(len(p) for ps in prompts.values() for p in ps)
+    if longest + new_tokens > max_positions:
+        raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {new_tokens} exceeds the target's "
+                         f"max_position_embeddings={max_positions}")
+    from verispec.spec.policy import as_policy
+
+    max_k = max(as_policy(k).max_k for k in specs)
+    n_positions = min(longest + new_tokens + max_k, max_positions)
+    if max_k >= n_positions:
+        raise ValueError(f"k={max_k} out of range: a verify pass of k tokens needs k < n_positions={n_positions}")
+    return n_positions
+
+
+# ---- the timed paths ------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _ours_target_only(target, prompts, new_tokens, temperature, seed, device):
+    outs, per_prompt = [], []
+    for i, p in enumerate(prompts):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = target.sample(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)  # [1, L + N]
+        _sync(device)
+        wall = time.perf_counter() - t0
+        s = target.last_stats
+        outs.append(out[0])
+        per_prompt.append(_prompt_row(len(p), s["new_tokens"], wall, s["prefill_s"], s["decode_s"]))
+    return outs, {"engine": "verispec", "mode": "target-only", "k": None, **_aggregate(per_prompt)}
+
+
+def _ours_speculative(draft, target, k, prompts, new_tokens, temperature, seed, device):
+    from verispec.spec import SpeculativeGenerator
+
+    # no in-run decode-step probe: its two extra target forwards would be timed in wall_s
+    gen = SpeculativeGenerator(draft, target, k, measure_decode_step=False)
+    outs, per_prompt, stats = [], [], []
+    for i, p in enumerate(prompts):
+        _sync(device)
+        t0 = time.perf_counter()
+        res = gen.generate(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)
+        _sync(device)
+        wall = time.perf_counter() - t0
+        s = res.stats
+        outs.append(res.tokens[0])
+        stats.append(s)
+        # a k-policy's one-off cost calibration runs inside the call: charged to its decode time
+        calibration = s.calibration_s
+        row = _prompt_row(len(p), s.new_tokens, wall, s.prefill_s, s.decode_s + calibration)
+        row.update(calibration_s=calibration, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts))
+        per_prompt.append(row)
+    path = {"engine": "verispec", "mode": "speculative", "k": k, **_aggregate(per_prompt), **_acceptance(stats),
+            "calibration_s": sum(s.calibration_s for s in stats), "policy": stats[0].policy}
+    return outs, path
+
+
+def _hf(hf_target, hf_draft, prompts, new_tokens, temperature, seed):
+    from .e2e_hf import hf_generate
+
+    outs, per_prompt = [], []
+    for i, p in enumerate(prompts):
+        r = hf_generate(hf_target, p, new_tokens, temperature, seed + i, assistant=hf_draft)
+        outs.append(r["tokens"])
+        per_prompt.append(_prompt_row(len(p), r["new_tokens"], r["wall_s"], None, None))
+    mode = "target-only" if hf_draft is None else "assisted"
+    return outs, {"engine": "transformers", "mode": mode, "k": None, **_aggregate(per_prompt)}
+
+
+def _prompt_row(prompt_tokens, new, wall, prefill_s, decode_s) -> dict:
+    return {"prompt_tokens": prompt_tokens, "new_tokens": new, "wall_s": wall, "prefill_s": prefill_s,
+            "decode_s": decode_s, "e2e_tokens_per_s": new / wall,
+            "tokens_per_s": new / decode_s if decode_s else None}
+
+
+def _aggregate(per_prompt: list[dict]) -> dict:
+    new = sum(r["new_tokens"] for r in per_prompt)
+    wall = sum(r["wall_s"] for r in per_prompt)
+    decode = None if any(r["decode_s"] is None for r in per_prompt) else sum(r["decode_s"] for r in per_prompt)
+    return {"new_tokens": new, "wall_s": wall, "decode_s": decode, "e2e_tokens_per_s": new / wall,
+            "tokens_per_s": new / decode if decode else None, "per_prompt": per_prompt}
+
+
+def _acceptance(stats: list) -> dict:
+    """Acceptance over all prompts: counts summed, then divided (not a mean of ratios)."""
+    accepted = sum(s.accepted_drafts for s in stats)
+    proposed = sum(s.proposed_drafts for s in stats)
+    passes = sum(s.row_passes for s in stats)
+    width = max(len(s.reached) for s in stats)
+    reached, kept, k_counts = [0] * width, [0] * width, {}
+    for s in stats:
+        for i, (r, k) in enumerate(zip(s.reached, s.kept)):
+            reached[i] += r
+            kept[i] += k
+        for k, n in s.k_counts.items():
+            k_counts[k] = k_counts.get(k, 0) + n
+    return {"acceptance_rate": accepted / proposed if proposed else None,
+            "mean_tokens_per_pass": (accepted + passes) / passes if passes else None,
+            "position_acceptance": [k / r if r else None for k, r in zip(kept, reached)],
+            "k_counts": dict(sorted(k_counts.items())), "accepted_drafts": accepted, "proposed_drafts": proposed}
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+
+def _load_all(args, specs, sets):
+    from verispec.model import open_source
+    from verispec.model.tokenizer import Tokenizer
+
+    config, _, src_path = open_source(args.target, progress=True)
+    tok = None if args.random_prompts else Tokenizer.from_pretrained(src_path)
+    prompts = {s: bench_prompts(s, args.prompts, tok, config.vocab_size if args.random_prompts else None, args.seed)
+               for s in sets}
+    n_positions = _positions(prompts, specs, args.max_new_tokens, config.max_position_embeddings)
+    target = load_model(args.target, args, n_positions)
+    draft = load_model(args.draft, args, n_positions) if is_model_draft(args.draft) else args.draft
+    hf_target = hf_draft = None
+    hf = {"ran": False, "note": "--no-hf"}
+    if args.hf:
+        from .e2e_hf import default_hf_root, ensure_hf_dir, hf_settings, load_hf
+
+        root = args.hf_dir or default_hf_root()
+        t_dir, t_new = ensure_hf_dir(args.target, args.amp, root)
+        hf_target = load_hf(t_dir, args.amp, args.device)
+        hf = {"ran": True, "target_dir": str(t_dir), "target_converted_now": t_new}
+        if is_model_draft(args.draft):
+            d_dir, d_new = ensure_hf_dir(args.draft, args.amp, root)
+            hf_draft = load_hf(d_dir, args.amp, args.device)
+            hf.update(draft_dir=str(d_dir), draft_converted_now=d_new)
+        else:
+            hf["note"] = f"assisted generation not run: draft {args.draft!r} is not a model transformers can load"
+        hf.update(hf_settings(hf_target, hf_draft))
+    return prompts, target, draft, hf_target, hf_draft, hf
+
+
+def _warm_up(prompt, target, draft, specs, hf_target, hf_draft, args) -> None:
+    """One short untimed run of every path, so one-off costs (allocation, kernel selection) are not timed."""
+    from verispec.spec import SpeculativeGenerator
+
+    seq = len(prompt) + WARMUP_TOKENS
+    target.sample(prompt[None], seq, temperature=0)
+    for k in dict.fromkeys(specs[:1] + (["auto"] if "auto" in specs else [])):
+        SpeculativeGenerator(draft, target, k, measure_decode_step=False).generate(prompt[None], seq, temperature=0)
+    if hf_target is not None:
+        from .e2e_hf import hf_generate
+
+        for assistant in [None] + ([hf_draft] if hf_draft is not None else []):
+            hf_generate(hf_target, prompt, WARMUP_TOKENS, 0.0, args.seed, assistant=assistant)
+
+
+def run(args) -> int:
+    specs, temps, sets = _check_args(args)
+    prompts, target, draft, hf_target, hf_draft, hf = _load_all(args, specs, sets)
+    bandwidth = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
+    _warm_up(prompts[sets[0]][0], target, draft, specs, hf_target, hf_draft, args)
+
+    runs = []
+    N = args.max_new_tokens
+    hf_assistants = [] if hf_target is None else [None] + ([hf_draft] if hf_draft is not None else [])
+    for set_name in sets:
+        ps = prompts[set_name]
+        for temp in temps:
+            ref_outs, base = _ours_target_only(target, ps, N, temp, args.seed, args.device)
+            paths = [base]
+            for k in specs:
+                outs, path = _ours_speculative(draft, target, k, ps, N, temp, args.seed, args.device)
+                if temp == 0:
+                    path["greedy_divergence"] = greedy_divergence(outs, ref_outs, ps)
+                paths.append(path)
+            for assistant in hf_assistants:
+                outs, path = _hf(hf_target, assistant, ps, N, temp, args.seed)
+                if temp == 0:  # same weights, same greedy rule: a check that the comparison is like for like
+                    path["greedy_divergence_from_verispec_target_only"] = greedy_divergence(outs, ref_outs, ps)
+                paths.append(path)
+            add_speedups(paths)
+            runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps), "paths": paths,
+                         "summary": summarize(paths)})
+
+    data = {
+        "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
+        "target": str(args.target), "draft": str(args.draft), "amp": args.amp, "device": args.device,
+        "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
+        "torch_threads": torch.get_num_threads(), "target_weight_bytes": weight_bytes(target),
+        "memory_bandwidth": bandwidth, "method": METHOD, "hf": hf, "runs": runs,
+    }
+    path = write_json(args.name, data, args.out_dir)
+    pngs = [plot_tokens_per_s(runs, args, data), plot_acceptance(runs, args)]
+    print_report(data, [path, *pngs])
+    return 0

@@ -1,0 +1,215 @@
+"""Speedups, the k="auto" verdicts, the printed table and the plots of ``verispec bench e2e``."""
+
+from __future__ import annotations
+
+import statistics
+
+# How each figure of the e2e JSON is measured (written into the JSON as "method").
+METHOD = {
+    "tokens_per_s": "verispec only: new tokens / seconds after prefill, from the engine's own timers "
+                    "(LlamaForSampling.last_stats['decode_s'], SpecStats.decode_s); used for speculative against "
+                    "verispec target-only and for k=auto against fixed k; a k-policy's one-off cost calibration "
+                    "(SpecStats.calibration_s: one generator per prompt set and temperature, calibrated on its first "
+                    "prompt) is counted in",
+    "e2e_tokens_per_s": "every engine: new tokens / wall seconds of the whole generate call, prefill (target and "
+                        "draft) included; used for every comparison with transformers and in the tokens/s plot",
+    "aggregate": "per prompt set: new tokens and seconds summed over its prompts, then divided",
+    "new_tokens": "EOS stopping disabled in both engines (verispec: no eos_token_id; transformers: "
+                  "generation_config.eos_token_id=None), so each prompt makes max_new_tokens; the recorded counts "
+                  "are the new tokens actually returned",
+    "sampling": "greedy at temperature 0; otherwise pure temperature sampling in both engines (transformers: "
+                "top_k=0, top_p=1.0, repetition_penalty=1.0)",
+    "seeds": "prompt i uses seed+i; transformers draws from torch's global generator (seeded with seed+i before "
+             "each call), so sampled texts of the two engines differ (same distribution, different draws)",
+    "dtype": "verispec runs --amp; transformers loads the `verispec convert` output of the same model in that dtype",
+    "threads": "one process: both engines run with the same torch thread count (torch_threads)",
+    "warm_up": "one untimed short run of every path before timing",
+    "batch": "1 (one prompt per call)",
+    "speculative_probe": "SpeculativeGenerator(measure_decode_step=False): no extra target forwards inside the timing",
+    "hf_assisted": "transformers' assisted generation with its default settings (see hf.assisted); with sampling "
+                   "it runs its own speculative sampling",
+    "auto_vs_fixed": "k=auto against the best and the median fixed k, by tokens_per_s; within_3pct: auto >= 0.97 x best",
+}
+
+
+def _find(paths, engine, mode, k=None):
+    for p in paths:
+        if p["engine"] == engine and p["mode"] == mode and (k is None or p["k"] == k):
+            return p
+    return None
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def add_speedups(paths: list[dict]) -> None:
+    """Speedup fields on each path of one (prompt set, temperature)."""
+    base = _find(paths, "verispec", "target-only")
+    hf_target = _find(paths, "transformers", "target-only")
+    hf_assisted = _find(paths, "transformers", "assisted")
+    for p in paths:
+        if p["engine"] == "verispec":
+            p["speedup_vs_target_only"] = _ratio(p["tokens_per_s"], base["tokens_per_s"])
+            p["e2e_speedup_vs_target_only"] = _ratio(p["e2e_tokens_per_s"], base["e2e_tokens_per_s"])
+        for name, ref in (("hf_target_only", hf_target), ("hf_assisted", hf_assisted)):
+            if ref is not None and ref is not p:
+                p[f"e2e_speedup_vs_{name}"] = _ratio(p["e2e_tokens_per_s"], ref["e2e_tokens_per_s"])
+
+
+def summarize(paths: list[dict]) -> dict:
+    """Best and median fixed k, k=auto against both (by tokens_per_s), and the speedups of the best
+    fixed k and of k=auto (call after :func:`add_speedups`)."""
+    fixed = [p for p in paths if p["mode"] == "speculative" and p["k"] != "auto"]
+    auto = _find(paths, "verispec", "speculative", "auto")
+    out = {"best_fixed_k": None, "best_fixed_tokens_per_s": None, "median_fixed_tokens_per_s": None,
+           "auto_tokens_per_s": auto["tokens_per_s"] if auto else None, "auto_k_counts": auto["k_counts"] if auto else None,
+           "auto_over_best": None, "auto_within_3pct_of_best": None, "auto_beats_median": None}
+    if fixed:
+        best = max(fixed, key=lambda p: p["tokens_per_s"])
+        out.update(best_fixed_k=best["k"], best_fixed_tokens_per_s=best["tokens_per_s"],
+                   median_fixed_tokens_per_s=statistics.median(p["tokens_per_s"] for p in fixed))
+    for name, p in (("best_fixed", best if fixed else None), ("auto", auto)):  # the headline speedups
+        for key in ("speedup_vs_target_only", "e2e_speedup_vs_target_only", "e2e_speedup_vs_hf_assisted"):
+            out[f"{name}_{key}"] = p.get(key) if p else None
+    if fixed and auto:
+        out["auto_over_best"] = auto["tokens_per_s"] / out["best_fixed_tokens_per_s"]
+        out["auto_within_3pct_of_best"] = out["auto_over_best"] >= 0.97
+        out["auto_beats_median"] = auto["tokens_per_s"] > out["median_fixed_tokens_per_s"]
+    return out
+
+
+# ---- table ----------------------------------------------------------------------------------------
+
+
+def _label(p) -> str:
+    if p["engine"] == "transformers":
+        return f"HF {p['mode']}"
+    return "target-only" if p["mode"] == "target-only" else f"k={p['k']}"
+
+
+def _fmt(v, f="{:.2f}") -> str:
+    return "-" if v is None else f.format(v)
+
+
+def _diverged(p) -> str:
+    d = p.get("greedy_divergence") or p.get("greedy_divergence_from_verispec_target_only")
+    return f"{d['diverged_prompts']}/{d['prompts']}" if d else ""
+
+
+def print_report(data: dict, written) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # a log file or a pipe: wide enough that no column is cut
+        console = Console(width=max(console.width, 130))
+    table = Table(title=f"{data['draft']} -> {data['target']}, {data['amp']}, {data['device']}, "
+                        f"{data['max_new_tokens']} new tokens, batch 1")
+    for col in ("set", "T", "path", "accept", "tok/pass", "tok/s", "e2e tok/s", "x target", "x HF assisted", "diverged"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for run in data["runs"]:
+        for i, p in enumerate(run["paths"]):
+            table.add_row(run["prompt_set"] if i == 0 else "", _fmt(run["temperature"], "{:g}") if i == 0 else "",
+                          _label(p), _fmt(p.get("acceptance_rate"), "{:.3f}"), _fmt(p.get("mean_tokens_per_pass")),
+                          _fmt(p["tokens_per_s"]), _fmt(p["e2e_tokens_per_s"]), _fmt(p.get("speedup_vs_target_only")),
+                          _fmt(p.get("e2e_speedup_vs_hf_assisted")), _diverged(p), end_section=i == len(run["paths"]) - 1)
+    console.print(table)
+    console.print("tok/s: decode only (verispec timers); e2e tok/s: wall time with prefill, every engine; "
+                  "x target: tok/s over verispec target-only; x HF assisted: e2e tok/s over transformers assisted; "
+                  "diverged: greedy prompts whose tokens differ from verispec target-only")
+    for run in data["runs"]:
+        s = run["summary"]
+        if s["auto_tokens_per_s"] is not None and s["best_fixed_k"] is not None:
+            console.print(
+                f"{run['prompt_set']} T={run['temperature']:g}: k=auto {s['auto_tokens_per_s']:.2f} tok/s = "
+                f"{s['auto_over_best']:.3f} x best fixed k={s['best_fixed_k']} ({s['best_fixed_tokens_per_s']:.2f}); "
+                f"median fixed {s['median_fixed_tokens_per_s']:.2f}; within 3% of best: "
+                f"{'yes' if s['auto_within_3pct_of_best'] else 'NO'}, beats median: "
+                f"{'yes' if s['auto_beats_median'] else 'NO'}; k used {s['auto_k_counts']}")
+    for run in data["runs"]:
+        s = run["summary"]
+        for name, label in (("best_fixed", f"best fixed k={s['best_fixed_k']}"), ("auto", "k=auto")):
+            if s[f"{name}_speedup_vs_target_only"] is not None:
+                console.print(
+                    f"{run['prompt_set']} T={run['temperature']:g}: {label}: {s[f'{name}_speedup_vs_target_only']:.2f} x "
+                    f"verispec target-only (decode), {_fmt(s[f'{name}_e2e_speedup_vs_hf_assisted'])} x transformers "
+                    f"assisted (end to end)")
+    if data["hf"].get("note") and data["hf"]["note"] != "--no-hf":
+        console.print(f"transformers: {data['hf']['note']}")
+    bw = data["memory_bandwidth"]
+    console.print(f"measured read bandwidth {bw['read_GBps']:.1f} GB/s; target weights {data['target_weight_bytes'] / 1e9:.3f} GB")
+    console.print("wrote " + ", ".join(str(w) for w in written))
+
+
+# ---- plots ----------------------------------------------------------------------------------------
+
+
+def _grid(runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["prompt_set"] for r in runs))
+    temps = list(dict.fromkeys(r["temperature"] for r in runs))
+    fig, axes = plt.subplots(len(sets), len(temps), figsize=(5 * len(temps), 3.8 * len(sets)), squeeze=False)
+    cells = [(r, axes[sets.index(r["prompt_set"])][temps.index(r["temperature"])]) for r in runs]
+    return plt, fig, cells
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tokens_per_s(runs, args, data):
+    """End-to-end tokens/s against fixed k, with horizontal lines for the other paths."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .common import results_dir
+
+    plt, fig, cells = _grid(runs)
+    lines = {("verispec", "target-only"): ("verispec target-only", "grey", "-"),
+             ("transformers", "target-only"): ("HF target-only", "tab:red", ":"),
+             ("transformers", "assisted"): ("HF assisted", "tab:red", "--")}
+    for run, ax in cells:
+        fixed = [p for p in run["paths"] if p["mode"] == "speculative" and p["k"] != "auto"]
+        if fixed:
+            ax.plot([p["k"] for p in fixed], [p["e2e_tokens_per_s"] for p in fixed], "o-", label="verispec speculative")
+        for p in run["paths"]:
+            if p["k"] == "auto":
+                ax.axhline(p["e2e_tokens_per_s"], color="tab:green", ls="-.", label="verispec k=auto")
+            elif (p["engine"], p["mode"]) in lines:
+                label, color, ls = lines[(p["engine"], p["mode"])]
+                ax.axhline(p["e2e_tokens_per_s"], color=color, ls=ls, label=label)
+        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="k (tokens per verify pass)",
+               ylabel="tokens/s (prefill included)")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['draft']} -> {data['target']} ({data['amp']}, {data['max_new_tokens']} new tokens)")
+    return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_tokens_per_s.png")
+
+
+def plot_acceptance(runs, args):
+    """P(draft i accepted | drafts before it accepted) against i, one line per k."""
+    from matplotlib.ticker import MaxNLocator
+
+    from .common import results_dir
+
+    plt, fig, cells = _grid(runs)
+    for run, ax in cells:
+        for p in run["paths"]:
+            if p["mode"] == "speculative" and p["position_acceptance"]:
+                pos = [(i + 1, a) for i, a in enumerate(p["position_acceptance"]) if a is not None]
+                ax.plot([i for i, _ in pos], [a for _, a in pos], "o-" if p["k"] != "auto" else "s--", label=f"k={p['k']}")
+        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="draft position",
+               ylabel="acceptance given earlier accepted", ylim=(0, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_acceptance.png")

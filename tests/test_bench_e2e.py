@@ -1,0 +1,126 @@
+"""``verispec bench e2e`` runs end to end on tiny checkpoints, transformers included, and writes
+its JSON, plots and table; bad options give clear errors before any model is loaded."""
+
+import json
+import statistics
+
+import pytest
+
+from conftest import build_tiny_hf
+from verispec.cli import main
+
+TINY_ARGS = ["--max-new-tokens", "6", "--prompts", "2", "--random-prompts", "--amp", "f32", "--bandwidth-bytes", "8000000"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    target, _ = build_tiny_hf(root / "target", "llama")
+    draft, _ = build_tiny_hf(root / "draft", "llama", seed=1, num_hidden_layers=1)
+    return target, draft, root
+
+
+def _key(p):
+    return p["engine"], p["mode"], p["k"]
+
+
+def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
+    target, draft, root = tiny_pair
+    out = tmp_path / "results"
+    rc = main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2,3", "--auto", "--temperatures", "0,0.7",
+               "--prompt-sets", "code,prose", "--hf", "--hf-dir", str(root / "hf"), "--out-dir", str(out), *TINY_ARGS])
+    assert rc == 0
+    data = json.loads((out / "e2e.json").read_text())
+    for png in ("e2e_tokens_per_s.png", "e2e_acceptance.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "bench e2e" in data["command"] and "--ks 2,3" in data["command"]
+    assert data["memory_bandwidth"]["read_GBps"] > 0 and data["machine"]["torch_threads"] == data["torch_threads"]
+    assert data["hf"]["ran"] and data["hf"]["assisted"]["num_assistant_tokens"] is not None
+    assert [(r["prompt_set"], r["temperature"]) for r in data["runs"]] == [
+        ("code", 0.0), ("code", 0.7), ("prose", 0.0), ("prose", 0.7)]
+    expected = [("verispec", "target-only", None), ("verispec", "speculative", 2), ("verispec", "speculative", 3),
+                ("verispec", "speculative", "auto"), ("transformers", "target-only", None), ("transformers", "assisted", None)]
+    for run in data["runs"]:
+        paths = {_key(p): p for p in run["paths"]}
+        assert list(paths) == expected
+        for p in run["paths"]:  # EOS never stops: every path makes 6 new tokens per prompt
+            assert [r["new_tokens"] for r in p["per_prompt"]] == [6, 6] and p["new_tokens"] == 12
+            assert p["e2e_tokens_per_s"] == pytest.approx(12 / p["wall_s"])
+        base = paths[("verispec", "target-only", None)]
+        hf_assisted = paths[("transformers", "assisted", None)]
+        for k in (2, 3, "auto"):
+            spec = paths[("verispec", "speculative", k)]
+            assert len(spec["position_acceptance"]) == max(int(j) for j in spec["k_counts"]) - 1
+            assert 0 <= spec["acceptance_rate"] <= 1
+            assert spec["speedup_vs_target_only"] == pytest.approx(spec["tokens_per_s"] / base["tokens_per_s"])
+            assert spec["e2e_speedup_vs_hf_assisted"] == pytest.approx(
+                spec["e2e_tokens_per_s"] / hf_assisted["e2e_tokens_per_s"])
+            if run["temperature"] == 0:  # fp32 greedy: speculative decodes exactly the target-only tokens
+                assert spec["greedy_divergence"]["diverged_prompts"] == 0
+        if run["temperature"] == 0:  # same weights, same greedy rule in transformers
+            for key in expected[4:]:
+                assert paths[key]["greedy_divergence_from_verispec_target_only"]["diverged_prompts"] == 0
+        fixed = {k: paths[("verispec", "speculative", k)]["tokens_per_s"] for k in (2, 3)}
+        assert run["summary"]["best_fixed_k"] == max(fixed, key=fixed.get)
+        assert run["summary"]["median_fixed_tokens_per_s"] == pytest.approx(statistics.median(fixed.values()))
+        auto = paths[("verispec", "speculative", "auto")]
+        assert auto["calibration_s"] > 0  # the adaptive policy timed its verify costs, charged to its time
+        assert run["summary"]["auto_over_best"] == pytest.approx(auto["tokens_per_s"] / max(fixed.values()))
+        assert run["summary"]["auto_beats_median"] == (auto["tokens_per_s"] > statistics.median(fixed.values()))
+        best = paths[("verispec", "speculative", run["summary"]["best_fixed_k"])]
+        assert run["summary"]["best_fixed_e2e_speedup_vs_hf_assisted"] == best["e2e_speedup_vs_hf_assisted"]
+        assert run["summary"]["auto_speedup_vs_target_only"] == auto["speedup_vs_target_only"]
+    printed = capsys.readouterr().out
+    for text in ("target-only", "k=2", "k=3", "k=auto", "HF target-only", "HF assisted", "prose", "wrote", "x best fixed k=",
+                 "x transformers assisted (end to end)"):
+        assert text in printed
+
+
+def test_bench_e2e_self_draft_skips_hf_assisted_and_reuses_conversion(tiny_pair, tmp_path, capsys):
+    target, _, _ = tiny_pair
+    args = ["bench", "e2e", "--target", target, "--draft", "self:1", "--ks", "2", "--no-auto", "--temperatures", "0",
+            "--prompt-sets", "code", "--hf-dir", str(tmp_path / "hf"), "--out-dir", str(tmp_path), "--name", "selfdraft",
+            *TINY_ARGS]
+    assert main(args) == 0
+    first = json.loads((tmp_path / "selfdraft.json").read_text())
+    assert first["hf"]["target_converted_now"]
+    assert main(args) == 0
+    data = json.loads((tmp_path / "selfdraft.json").read_text())
+    assert not data["hf"]["target_converted_now"]  # the converted directory is cached
+    assert "not a model" in data["hf"]["note"]
+    (run,) = data["runs"]
+    assert [_key(p) for p in run["paths"]] == [("verispec", "target-only", None), ("verispec", "speculative", 2),
+                                               ("transformers", "target-only", None)]
+    assert run["paths"][1]["greedy_divergence"]["diverged_prompts"] == 0
+    assert "assisted generation not run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--prompt-sets", "code,poetry", "unknown prompt set 'poetry'"),
+    ("--ks", "1,2", "k=1 out of range"),
+    ("--ks", "2,2.5", "comma-separated integers"),
+    ("--ks", "3,3", "k=3 given twice"),
+    ("--ks", "2,1000", "k=1000 out of range"),
+    ("--temperatures", "0,-0.5", "temperature -0.5 out of range"),
+    ("--temperatures", "nan", "temperature nan out of range"),
+    ("--temperatures", "warm", "comma-separated numbers"),
+    ("--prompts", "0", "--prompts must be >= 1"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
+    ("--max-new-tokens", "400", "exceeds the target's max_position_embeddings=256"),
+])
+def test_bench_e2e_bad_options(tiny_pair, tmp_path, capsys, option, value, message):
+    target, draft, _ = tiny_pair
+    args = ["bench", "e2e", "--target", target, "--draft", draft, "--no-auto", "--no-hf", "--out-dir", str(tmp_path),
+            *TINY_ARGS, option, value]
+    assert main(args) == 1
+    assert message in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "e2e.json").exists()
+
+
+def test_bench_e2e_real_prompt_set_larger_than_asked(tiny_pair, tmp_path, capsys):
+    """Without --random-prompts the set must hold the asked number of prompts: nothing is cut silently."""
+    target, draft, _ = tiny_pair
+    rc = main(["bench", "e2e", "--target", target, "--draft", draft, "--no-auto", "--no-hf", "--prompts", "50",
+               "--out-dir", str(tmp_path)])
+    assert rc == 1
+    assert "has 4 prompts, 50 asked for" in capsys.readouterr().err.replace("\n", " ")
