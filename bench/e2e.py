@@ -153,11 +153,13 @@ def _ours_target_only(target, prompts, new_tokens, temperature, seed, device):
     return outs, {"engine": "verispec", "mode": "target-only", "k": None, **_aggregate(per_prompt)}
 
 
-def _ours_speculative(draft, target, k, prompts, new_tokens, temperature, seed, device):
+def _ours_speculative(draft, target, k, prompts, new_tokens, temperature, seed, device, policies):
     from verispec.spec import SpeculativeGenerator
 
-    # no in-run decode-step probe: its two extra target forwards would be timed in wall_s
-    gen = SpeculativeGenerator(draft, target, k, measure_decode_step=False)
+    # no in-run decode-step probe: its two extra target forwards would be timed in wall_s.
+    # k=auto uses the one AdaptiveK of the whole run (as a long-lived engine would): its one-off cost
+    # calibration ran in the warm-up; the time it took is reported beside the results
+    gen = SpeculativeGenerator(draft, target, policies.get(k, k), measure_decode_step=False)
     outs, per_prompt, stats = [], [], []
     for i, p in enumerate(prompts):
         _sync(device)
@@ -256,26 +258,33 @@ def _load_all(args, specs, sets):
     return prompts, target, draft, hf_target, hf_draft, hf
 
 
-def _warm_up(prompt, target, draft, specs, hf_target, hf_draft, args) -> None:
-    """One short untimed run of every path, so one-off costs (allocation, kernel selection) are not timed."""
+def _warm_up(prompt, target, draft, specs, hf_target, hf_draft, args, policies) -> float:
+    """One short untimed run of every path, so one-off costs (allocation, kernel selection, the
+    adaptive policy's cost calibration) are not timed; returns the calibration seconds."""
     from verispec.spec import SpeculativeGenerator
 
     seq = len(prompt) + WARMUP_TOKENS
     target.sample(prompt[None], seq, temperature=0)
+    calibration_s = 0.0
     for k in dict.fromkeys(specs[:1] + (["auto"] if "auto" in specs else [])):
-        SpeculativeGenerator(draft, target, k, measure_decode_step=False).generate(prompt[None], seq, temperature=0)
+        gen = SpeculativeGenerator(draft, target, policies.get(k, k), measure_decode_step=False)
+        calibration_s += gen.generate(prompt[None], seq, temperature=0).stats.calibration_s
     if hf_target is not None:
         from .e2e_hf import hf_generate
 
         for assistant in [None] + ([hf_draft] if hf_draft is not None else []):
             hf_generate(hf_target, prompt, WARMUP_TOKENS, 0.0, args.seed, assistant=assistant)
+    return calibration_s
 
 
 def run(args) -> int:
     specs, temps, sets = _check_args(args)
     prompts, target, draft, hf_target, hf_draft, hf = _load_all(args, specs, sets)
     bandwidth = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
-    _warm_up(prompts[sets[0]][0], target, draft, specs, hf_target, hf_draft, args)
+    from verispec.spec.policy import as_policy
+
+    policies = {"auto": as_policy("auto")} if "auto" in specs else {}
+    warmup_calibration_s = _warm_up(prompts[sets[0]][0], target, draft, specs, hf_target, hf_draft, args, policies)
 
     runs = []
     N = args.max_new_tokens
@@ -286,7 +295,7 @@ def run(args) -> int:
             ref_outs, base = _ours_target_only(target, ps, N, temp, args.seed, args.device)
             paths = [base]
             for k in specs:
-                outs, path = _ours_speculative(draft, target, k, ps, N, temp, args.seed, args.device)
+                outs, path = _ours_speculative(draft, target, k, ps, N, temp, args.seed, args.device, policies)
                 if temp == 0:
                     path["greedy_divergence"] = greedy_divergence(outs, ref_outs, ps)
                 paths.append(path)
@@ -305,6 +314,7 @@ def run(args) -> int:
         "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "target_weight_bytes": weight_bytes(target),
         "memory_bandwidth": bandwidth, "method": METHOD, "hf": hf, "runs": runs,
+        "auto_calibration_s_in_warmup": warmup_calibration_s,
     }
     path = write_json(args.name, data, args.out_dir)
     pngs = [plot_tokens_per_s(runs, args, data), plot_acceptance(runs, args)]

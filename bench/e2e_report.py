@@ -8,9 +8,9 @@ import statistics
 METHOD = {
     "tokens_per_s": "verispec only: new tokens / seconds after prefill, from the engine's own timers "
                     "(LlamaForSampling.last_stats['decode_s'], SpecStats.decode_s); used for speculative against "
-                    "verispec target-only and for k=auto against fixed k; a k-policy's one-off cost calibration "
-                    "(SpecStats.calibration_s: one generator per prompt set and temperature, calibrated on its first "
-                    "prompt) is counted in",
+                    "verispec target-only and for k=auto against fixed k. k=auto is one AdaptiveK for the whole run, "
+                    "as in a long-lived engine: its one-off verify-cost calibration runs in the untimed warm-up "
+                    "(auto_calibration_s_in_warmup); any later calibration would be counted in",
     "e2e_tokens_per_s": "every engine: new tokens / wall seconds of the whole generate call, prefill (target and "
                         "draft) included; used for every comparison with transformers and in the tokens/s plot",
     "aggregate": "per prompt set: new tokens and seconds summed over its prompts, then divided",
