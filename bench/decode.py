@@ -27,8 +27,14 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel-backend", default=None)
     p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
+    p.add_argument("--verify-context", type=int, default=VERIFY_CONTEXT,
+                   help="cached tokens before the timed decode step and verify passes")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.set_defaults(func=run)
+
+
+VERIFY_CONTEXT = 512  # default cached tokens before the timed decode/verify forwards
+VERIFY_TS = (1, 2, 3, 4, 5, 6, 8)
 
 
 def weight_bytes_per_token(model) -> int:
@@ -42,7 +48,8 @@ def weight_bytes_per_token(model) -> int:
     return total
 
 
-def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, kernel_backend) -> dict:
+def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, kernel_backend,
+              context: int = VERIFY_CONTEXT) -> dict:
     import torch
 
     from verispec.model import LlamaForSampling, Tokenizer
@@ -50,7 +57,8 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
     prompt = Tokenizer.from_pretrained(name).encode(PROMPT)
     t0 = time.perf_counter()
     model = LlamaForSampling.from_pretrained(
-        name, n_positions=len(prompt) + new_tokens, amp=amp, device=device, kernel_backend=kernel_backend
+        name, n_positions=max(len(prompt) + new_tokens, context + max(VERIFY_TS)), amp=amp, device=device,
+        kernel_backend=kernel_backend,
     )
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt])  # [1, L]
@@ -64,6 +72,7 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
         outputs = out
     tps = statistics.median(rates)
     wbytes = weight_bytes_per_token(model)
+    verify_ms = verify_pass_costs(model, context, repeats=max(5, 3 * repeats))
     return {
         "model": name,
         "amp": amp,
@@ -77,7 +86,30 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
         "weight_bytes_per_token": wbytes,
         "achieved_weight_GBps": wbytes * tps / 1e9,
         "sample_text": model.tokenizer.decode(outputs[0, len(prompt):].tolist()),
+        "verify_context": context,
+        "forward_ms_by_T": verify_ms,
+        "verify_k5_over_decode": verify_ms[5] / verify_ms[1],
     }
+
+
+def verify_pass_costs(model, context: int, repeats: int) -> dict:
+    """Median ms of one forward over T tokens after ``context`` cached tokens, T in VERIFY_TS
+    (T = 1 is a decode step, T = k a k-token verify pass); the T values interleave, so a drift of
+    the machine's speed touches all of them alike."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.vocab_size, (1, context + max(VERIFY_TS)), generator=gen)  # [1, S]
+    model.reset()
+    model.prefill([ids[0, :context]])
+    pos = torch.tensor([context])
+    times = {T: [] for T in VERIFY_TS}
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for T in VERIFY_TS:
+            t0 = time.perf_counter()
+            model.forward(ids[:, context : context + T], pos)  # rewrites the same slots each time
+            times[T].append(time.perf_counter() - t0)
+    return {T: 1e3 * statistics.median(ts[1:]) for T, ts in times.items()}
 
 
 def run(args) -> int:
@@ -86,8 +118,8 @@ def run(args) -> int:
 
     from .common import measure_memory_bandwidth, write_json
 
-    if args.new_tokens < 2 or args.repeats < 1:
-        raise ValueError("--new-tokens must be at least 2 and --repeats at least 1")
+    if args.new_tokens < 2 or args.repeats < 1 or args.verify_context < 1:
+        raise ValueError("--new-tokens must be at least 2, --repeats and --verify-context at least 1")
     models = [m for m in args.models.split(",") if m]
     dtypes = [d for d in args.dtypes.split(",") if d]
     console = Console()
@@ -96,17 +128,19 @@ def run(args) -> int:
     rows = []
     for name in models:
         for amp in dtypes:
-            r = bench_one(name, amp, args.new_tokens, args.repeats, args.device, args.kernel_backend)
+            r = bench_one(name, amp, args.new_tokens, args.repeats, args.device, args.kernel_backend, args.verify_context)
             r["fraction_of_read_bandwidth"] = r["achieved_weight_GBps"] / bw["read_GBps"]
             rows.append(r)
     bw_after = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
     path = write_json("decode", {"memory_bandwidth": bw, "memory_bandwidth_after": bw_after,
                                  "prompt": PROMPT, "results": rows}, args.out)
     plot = _plot(rows, bw, path.with_suffix(".png"))
-    table = Table("model", "amp", "tokens/s", "MB/token", "weight GB/s", "% of read BW")
+    table = Table("model", "amp", "tokens/s", "MB/token", "weight GB/s", "% of read BW",
+                  f"verify k=5 / decode @{args.verify_context}")
     for r in rows:
         table.add_row(r["model"], r["amp"], f"{r['tokens_per_s']:.2f}", f"{r['weight_bytes_per_token'] / 1e6:.1f}",
-                      f"{r['achieved_weight_GBps']:.2f}", f"{100 * r['fraction_of_read_bandwidth']:.1f}")
+                      f"{r['achieved_weight_GBps']:.2f}", f"{100 * r['fraction_of_read_bandwidth']:.1f}",
+                      f"{r['verify_k5_over_decode']:.2f}x")
     console.print(table)
     console.print(f"wrote {path} and {plot}")
     return 0

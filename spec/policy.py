@@ -208,7 +208,7 @@ def parse_auto(k: str) -> AdaptiveK:
     """``"auto"`` -> AdaptiveK(max_k=8); ``"auto:12"`` -> AdaptiveK(max_k=12)."""
     head, _, tail = k.partition(":")
     if head != "auto":
-        raise ValueError(f"k must be an int, 'auto' or 'auto:MAX', got {k!r}")
+        raise TypeError(f"k must be an int, 'auto' or 'auto:MAX', got {k!r}")
     if not tail:
         return AdaptiveK()
     try:

@@ -15,7 +15,7 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
     path = write_tiny_gguf(tmp_path / "m.gguf", hf, "llama")  # carries a tokenizer for the prompt
     out = tmp_path / "results"
     rc = cli_main(["bench", "decode", "--models", path, "--dtypes", "f32,bf16", "--new-tokens", "5", "--repeats", "2",
-                   "--bandwidth-bytes", str(1 << 22), "--out", str(out)])
+                   "--bandwidth-bytes", str(1 << 22), "--verify-context", "40", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "decode.json").read_text())
     assert (out / "decode.png").stat().st_size > 0
@@ -34,6 +34,9 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
         assert r["achieved_weight_GBps"] == pytest.approx(r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9)
         assert r["fraction_of_read_bandwidth"] == pytest.approx(
             r["achieved_weight_GBps"] / data["memory_bandwidth"]["read_GBps"])
+        ms = {int(T): v for T, v in r["forward_ms_by_T"].items()}
+        assert set(ms) == {1, 2, 3, 4, 5, 6, 8} and min(ms.values()) > 0 and r["verify_context"] == 40
+        assert r["verify_k5_over_decode"] == pytest.approx(ms[5] / ms[1])
 
 
 def test_decode_bench_rejects_bad_arguments(tmp_path):

@@ -78,7 +78,7 @@ def test_adaptive_k_starts_at_start_k_and_cost_table_is_monotone():
 
 def test_as_policy_and_bad_k():
     assert isinstance(as_policy(3), FixedK) and as_policy("auto").max_k == 8 and as_policy("auto:5").max_k == 5
-    for bad, err in [("fast", ValueError), ("auto:0", ValueError), ("auto:x", ValueError), (0, ValueError),
+    for bad, err in [("fast", TypeError), ("4", TypeError), ("auto:0", ValueError), ("auto:x", ValueError), (0, ValueError),
                      (2.5, TypeError), (True, TypeError)]:
         with pytest.raises(err, match="k"):
             as_policy(bad)
