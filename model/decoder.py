@@ -59,6 +59,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
+def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing ``torch.cat([l(x) for l in linears], -1)``: the weights are concatenated
+    once and each original Linear's parameters become views of the fused ones (no second copy).
+    Each output row is the same dot product as before, so results do not change; the product
+    just streams all the weights in one call, which is what a few-row decode step wants."""
+    w = torch.cat([m.weight.detach() for m in linears])  # [sum N, K]
+    has_bias = linears[0].bias is not None
+    b = torch.cat([m.bias.detach() for m in linears]) if has_bias else None  # [sum N]
+    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
+    fused.__class__ = type(linears[0])
+    fused.weight = nn.Parameter(w, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(b, requires_grad=False)
+    start = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(w[start : start + n], requires_grad=False)
+        if has_bias:
+            m.bias = nn.Parameter(b[start : start + n], requires_grad=False)
+        start += n
+    return fused
+
+
+def _fusable(linears: list[nn.Linear], kind: type) -> bool:
+    first = linears[0]
+    return all(
+        type(m) is kind and (m.bias is None) == (first.bias is None) and m.weight.dtype == first.weight.dtype
+        and m.weight.device == first.weight.device and m.weight.shape[1] == first.weight.shape[1]
+        for m in linears
+    )
+
+
 class Attention(nn.Module):
     """GQA attention. ``n_heads``/``n_kv_heads`` are this rank's heads (a TP plan may lower them)."""
 
@@ -74,6 +106,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=False)
+        self._qkv = None  # fused q/k/v product (fuse(); kept out of the module tree: views, not new weights)
+
+    def fuse(self, kind: type) -> bool:
+        """Compute q, k and v with one fused product when all three are plain ``kind`` layers."""
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        if self._qkv is None and _fusable(parts, kind):
+            object.__setattr__(self, "_qkv", fuse_linears(parts))
+        return self._qkv is not None
 
     def forward(
         self,
@@ -88,9 +128,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [B, T, E]
         B, T, _ = x.shape
         D = self.head_dim
-        q = self.q_proj(x).view(B, T, self.n_heads, D).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
+        if self._qkv is not None:
+            q, k, v = self._qkv(x).split([self.n_heads * D, self.n_kv_heads * D, self.n_kv_heads * D], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
+        v = v.view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         kernels.kv_append(k_cache, v_cache, k, v, positions)
@@ -105,8 +149,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(E, F_, bias=config.mlp_bias)
         self.up_proj = nn.Linear(E, F_, bias=config.mlp_bias)
         self.down_proj = nn.Linear(F_, E, bias=config.mlp_bias)
+        self._gate_up = None  # fused gate/up product (see Attention.fuse)
+
+    def fuse(self, kind: type) -> bool:
+        parts = [self.gate_proj, self.up_proj]
+        if self._gate_up is None and _fusable(parts, kind):
+            object.__setattr__(self, "_gate_up", fuse_linears(parts))
+        return self._gate_up is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up is not None:
+            gate, up = self._gate_up(x).chunk(2, -1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -125,6 +179,11 @@ class DecoderLayer(nn.Module):
 
 class Decoder(nn.Module):
     """Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.*`` and ``lm_head``)."""
+
+    def fuse_projections(self, kind: type = nn.Linear) -> int:
+        """Fuse q/k/v and gate/up of every layer whose projections are all plain ``kind`` layers
+        (tensor-parallel layers are left alone); return how many groups were fused."""
+        return sum(int(layer.self_attn.fuse(kind)) + int(layer.mlp.fuse(kind)) for layer in self.model.layers)
 
     def __init__(self, config: LlamaConfig, max_positions: int):
         super().__init__()

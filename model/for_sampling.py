@@ -126,9 +126,10 @@ class LlamaForSampling:
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
         if torch.device(device).type == "cpu":
-            from ..kernels.cpu import use_skinny_linear
+            from ..kernels.cpu import SkinnyLinear, use_skinny_linear
 
-            use_skinny_linear(decoder)  # decode/verify products stream each weight once
+            if use_skinny_linear(decoder):  # decode/verify products stream each weight once
+                decoder.fuse_projections(SkinnyLinear)  # ... and q/k/v, gate/up in one call each
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
             source_path=path,

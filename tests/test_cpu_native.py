@@ -68,6 +68,28 @@ def test_model_uses_native_linear_and_keeps_tied_weights(tiny_hf):
     assert m.decoder.lm_head.weight is m.decoder.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_fused_projections_are_views_and_change_nothing(tiny_hf, dtype):
+    """q/k/v and gate/up are fused into one product each: the original parameters become views of
+    the fused weights (no second copy, same parameter count), and every output is bitwise the
+    separate products'."""
+    from verispec.model import LlamaForSampling
+
+    path, hf = tiny_hf("qwen2")  # q/k/v biases
+    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp=dtype)
+    assert sum(p.numel() for p in m.decoder.parameters()) == sum(p.numel() for p in hf.parameters())
+    x = torch.randn(1, 3, hf.config.hidden_size).to(m.decoder.lm_head.weight.dtype)
+    for layer in m.decoder.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn._qkv is not None and mlp._gate_up is not None
+        assert attn.q_proj.weight.data_ptr() == attn._qkv.weight.data_ptr()
+        assert attn.v_proj.bias.data_ptr() + attn.v_proj.bias.numel() * attn.v_proj.bias.element_size() == (
+            attn._qkv.bias.data_ptr() + attn._qkv.bias.numel() * attn._qkv.bias.element_size())
+        separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
+        assert torch.equal(attn._qkv(x), separate)
+        assert torch.equal(mlp._gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+
+
 def test_stream_read_sums_the_buffer():
     for n in (4096 * 3, 4096 * 2 + 77, 5):
         buf = torch.arange(n, dtype=torch.float32) % 7
