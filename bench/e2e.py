@@ -139,57 +139,72 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _ours_target_only(target, prompts, new_tokens, temperature, seed, device):
-    outs, per_prompt = [], []
-    for i, p in enumerate(prompts):
+def _target_only_runner(target, new_tokens, temperature, seed, device):
+    def one(i, p):
         _sync(device)
         t0 = time.perf_counter()
         out = target.sample(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)  # [1, L + N]
         _sync(device)
         wall = time.perf_counter() - t0
         s = target.last_stats
-        outs.append(out[0])
-        per_prompt.append(_prompt_row(len(p), s["new_tokens"], wall, s["prefill_s"], s["decode_s"]))
-    return outs, {"engine": "verispec", "mode": "target-only", "k": None, **_aggregate(per_prompt)}
+        return out[0], _prompt_row(len(p), s["new_tokens"], wall, s["prefill_s"], s["decode_s"]), None
+
+    return one, lambda rows, stats: {"engine": "verispec", "mode": "target-only", "k": None, **_aggregate(rows)}
 
 
-def _ours_speculative(draft, target, k, prompts, new_tokens, temperature, seed, device, policies):
+def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device, policies):
     from verispec.spec import SpeculativeGenerator
 
     # no in-run decode-step probe: its two extra target forwards would be timed in wall_s.
     # k=auto uses the one AdaptiveK of the whole run (as a long-lived engine would): its one-off cost
     # calibration ran in the warm-up; the time it took is reported beside the results
     gen = SpeculativeGenerator(draft, target, policies.get(k, k), measure_decode_step=False)
-    outs, per_prompt, stats = [], [], []
-    for i, p in enumerate(prompts):
+
+    def one(i, p):
         _sync(device)
         t0 = time.perf_counter()
         res = gen.generate(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)
         _sync(device)
         wall = time.perf_counter() - t0
         s = res.stats
-        outs.append(res.tokens[0])
-        stats.append(s)
-        # a k-policy's one-off cost calibration runs inside the call: charged to its decode time
-        calibration = s.calibration_s
-        row = _prompt_row(len(p), s.new_tokens, wall, s.prefill_s, s.decode_s + calibration)
-        row.update(calibration_s=calibration, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts))
-        per_prompt.append(row)
-    path = {"engine": "verispec", "mode": "speculative", "k": k, **_aggregate(per_prompt), **_acceptance(stats),
-            "calibration_s": sum(s.calibration_s for s in stats), "policy": stats[0].policy}
-    return outs, path
+        # a k-policy's calibration, if one ran inside the call, is charged to its decode time
+        row = _prompt_row(len(p), s.new_tokens, wall, s.prefill_s, s.decode_s + s.calibration_s)
+        row.update(calibration_s=s.calibration_s, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts))
+        return res.tokens[0], row, s
+
+    def result(rows, stats):
+        return {"engine": "verispec", "mode": "speculative", "k": k, **_aggregate(rows), **_acceptance(stats),
+                "calibration_s": sum(s.calibration_s for s in stats), "policy": stats[0].policy}
+
+    return one, result
 
 
-def _hf(hf_target, hf_draft, prompts, new_tokens, temperature, seed):
+def _hf_runner(hf_target, hf_draft, new_tokens, temperature, seed):
     from .e2e_hf import hf_generate
 
-    outs, per_prompt = [], []
-    for i, p in enumerate(prompts):
+    def one(i, p):
         r = hf_generate(hf_target, p, new_tokens, temperature, seed + i, assistant=hf_draft)
-        outs.append(r["tokens"])
-        per_prompt.append(_prompt_row(len(p), r["new_tokens"], r["wall_s"], None, None))
+        return r["tokens"], _prompt_row(len(p), r["new_tokens"], r["wall_s"], None, None), None
+
     mode = "target-only" if hf_draft is None else "assisted"
-    return outs, {"engine": "transformers", "mode": mode, "k": None, **_aggregate(per_prompt)}
+    return one, lambda rows, stats: {"engine": "transformers", "mode": mode, "k": None, **_aggregate(rows)}
+
+
+def run_interleaved(runners: list, prompts: list) -> list[tuple[list, dict]]:
+    """Run every path on every prompt, prompt-major (prompt 1 through all paths, then prompt 2, ...)
+    so that a drift of the machine's speed during the run touches every path alike; return
+    (outputs, path dict) per runner, in the runners' order."""
+    outs = [[] for _ in runners]
+    rows = [[] for _ in runners]
+    stats = [[] for _ in runners]
+    for i, p in enumerate(prompts):
+        for j, (one, _) in enumerate(runners):
+            out, row, st = one(i, p)
+            outs[j].append(out)
+            rows[j].append(row)
+            if st is not None:
+                stats[j].append(st)
+    return [(outs[j], result(rows[j], stats[j])) for j, (_, result) in enumerate(runners)]
 
 
 def _prompt_row(prompt_tokens, new, wall, prefill_s, decode_s) -> dict:
@@ -292,18 +307,17 @@ def run(args) -> int:
     for set_name in sets:
         ps = prompts[set_name]
         for temp in temps:
-            ref_outs, base = _ours_target_only(target, ps, N, temp, args.seed, args.device)
-            paths = [base]
-            for k in specs:
-                outs, path = _ours_speculative(draft, target, k, ps, N, temp, args.seed, args.device, policies)
-                if temp == 0:
+            runners = [_target_only_runner(target, N, temp, args.seed, args.device)]
+            runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies) for k in specs]
+            runners += [_hf_runner(hf_target, assistant, N, temp, args.seed) for assistant in hf_assistants]
+            done = run_interleaved(runners, ps)
+            ref_outs = done[0][0]
+            paths = [path for _, path in done]
+            for outs, path in done[1:]:
+                if temp == 0 and path["engine"] == "verispec":
                     path["greedy_divergence"] = greedy_divergence(outs, ref_outs, ps)
-                paths.append(path)
-            for assistant in hf_assistants:
-                outs, path = _hf(hf_target, assistant, ps, N, temp, args.seed)
-                if temp == 0:  # same weights, same greedy rule: a check that the comparison is like for like
+                elif temp == 0:  # same weights, same greedy rule: a check that the comparison is like for like
                     path["greedy_divergence_from_verispec_target_only"] = greedy_divergence(outs, ref_outs, ps)
-                paths.append(path)
             add_speedups(paths)
             runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps), "paths": paths,
                          "summary": summarize(paths)})

@@ -14,6 +14,8 @@ METHOD = {
     "e2e_tokens_per_s": "every engine: new tokens / wall seconds of the whole generate call, prefill (target and "
                         "draft) included; used for every comparison with transformers and in the tokens/s plot",
     "aggregate": "per prompt set: new tokens and seconds summed over its prompts, then divided",
+    "order": "prompt-major: each prompt runs through every path before the next prompt, so a drift of the "
+             "machine's speed during the run touches all paths alike",
     "new_tokens": "EOS stopping disabled in both engines (verispec: no eos_token_id; transformers: "
                   "generation_config.eos_token_id=None), so each prompt makes max_new_tokens; the recorded counts "
                   "are the new tokens actually returned",
