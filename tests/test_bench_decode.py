@@ -34,6 +34,8 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
         assert r["achieved_weight_GBps"] == pytest.approx(r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9)
         assert r["fraction_of_read_bandwidth"] == pytest.approx(
             r["achieved_weight_GBps"] / data["memory_bandwidth"]["read_GBps"])
+        near = min(r["memory_bandwidth_before"]["read_GBps"], data["memory_bandwidth"]["read_GBps"])
+        assert r["fraction_of_nearby_read_bandwidth"] == pytest.approx(r["achieved_weight_GBps"] / near)
         ms = {int(T): v for T, v in r["forward_ms_by_T"].items()}
         assert set(ms) == {1, 2, 3, 4, 5, 6, 8} and min(ms.values()) > 0 and r["verify_context"] == 40
         assert r["verify_k5_over_decode"] == pytest.approx(ms[5] / ms[1])
