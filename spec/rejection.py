@@ -21,15 +21,8 @@ from __future__ import annotations
 import torch
 
 
-def rejection_sample(
-    draft_ids: torch.Tensor,  # [B, g] int64, g = k - 1 >= 0
-    draft_probs: torch.Tensor,  # [B, g, V] fp32: q, what each draft was sampled from
-    target_probs: torch.Tensor,  # [B, g + 1, V] fp32: p at each of the k verify positions
-    uniforms: torch.Tensor,  # [B, g] fp32 in [0, 1): accept-test draws
-    exponentials: torch.Tensor,  # [B, V] fp32 > 0: Exp(1) race for the recovered/bonus token
-) -> tuple[torch.Tensor, torch.Tensor]:  # accepted [B] int64 in 0..g, tokens [B, g + 1] int64
-    """Return (accepted, tokens): tokens[b, :a] are the accepted drafts, tokens[b, a] the
-    recovered or bonus token, tokens[b, a+1:] = -1 (a = accepted[b])."""
+def check_shapes(draft_ids, draft_probs, target_probs, uniforms, exponentials) -> tuple[int, int, int]:
+    """Check the accept/reject contract's shapes (shared by every backend's kernel); return (B, g, V)."""
     B, g = draft_ids.shape
     V = target_probs.shape[-1]
     if draft_probs.shape != (B, g, V) or target_probs.shape != (B, g + 1, V):
@@ -39,6 +32,19 @@ def rejection_sample(
         )
     if uniforms.shape != (B, g) or exponentials.shape != (B, V):
         raise ValueError(f"uniforms must be [B, g] and exponentials [B, V]; got {tuple(uniforms.shape)}, {tuple(exponentials.shape)}")
+    return B, g, V
+
+
+def rejection_sample(
+    draft_ids: torch.Tensor,  # [B, g] int64, g = k - 1 >= 0
+    draft_probs: torch.Tensor,  # [B, g, V] fp32: q, what each draft was sampled from
+    target_probs: torch.Tensor,  # [B, g + 1, V] fp32: p at each of the k verify positions
+    uniforms: torch.Tensor,  # [B, g] fp32 in [0, 1): accept-test draws
+    exponentials: torch.Tensor,  # [B, V] fp32 > 0: Exp(1) race for the recovered/bonus token
+) -> tuple[torch.Tensor, torch.Tensor]:  # accepted [B] int64 in 0..g, tokens [B, g + 1] int64
+    """Return (accepted, tokens): tokens[b, :a] are the accepted drafts, tokens[b, a] the
+    recovered or bonus token, tokens[b, a+1:] = -1 (a = accepted[b])."""
+    B, g, V = check_shapes(draft_ids, draft_probs, target_probs, uniforms, exponentials)
     p = target_probs.float()
     q = draft_probs.float()
     idx = draft_ids.long()[..., None]  # [B, g, 1]

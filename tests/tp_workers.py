@@ -15,13 +15,7 @@ N_POS = 64
 LENS = [11, 4, 7]  # a ragged batch: every row at its own position
 
 
-def _param_bytes(model) -> int:
-    seen, total = set(), 0
-    for p in model.decoder.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
-    return total
+from verispec.bench.tp import _param_bytes  # noqa: E402  one definition of "bytes of parameters"
 
 
 def _prompts(vocab: int, seed: int = 0) -> list[torch.Tensor]:

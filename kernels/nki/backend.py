@@ -124,15 +124,9 @@ def verify_attention(q, k_cache, v_cache, positions, scale, active_mask=None) ->
 def accept_reject(draft_ids, draft_probs, target_probs, uniforms, exponentials):
     """Contract of :func:`verispec.spec.rejection.rejection_sample` (same decisions given the
     same random numbers), through the NKI kernel. Returns (accepted [B] int64, tokens [B, g+1])."""
-    B, g = draft_ids.shape
-    V = target_probs.shape[-1]
-    if draft_probs.shape != (B, g, V) or target_probs.shape != (B, g + 1, V):
-        raise ValueError(
-            f"shape mismatch: draft_ids {tuple(draft_ids.shape)}, draft_probs {tuple(draft_probs.shape)}, "
-            f"target_probs {tuple(target_probs.shape)} (expected [B, g], [B, g, V], [B, g+1, V])"
-        )
-    if uniforms.shape != (B, g) or exponentials.shape != (B, V):
-        raise ValueError(f"uniforms must be [B, g] and exponentials [B, V]; got {tuple(uniforms.shape)}, {tuple(exponentials.shape)}")
+    from ...spec.rejection import check_shapes  # the contract's home; imported late: spec imports the model
+
+    B, g, V = check_shapes(draft_ids, draft_probs, target_probs, uniforms, exponentials)
     if V >= 1 << 24:
         raise ValueError(f"vocabulary of {V} tokens: ids must stay exact in float32 (< 2^24)")
     f32 = lambda t: to_numpy(t.float())  # noqa: E731 - the rule is defined in fp32

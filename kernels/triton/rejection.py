@@ -98,17 +98,9 @@ def _check_args(draft_ids, draft_probs, target_probs, uniforms, exponentials) ->
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if draft_ids.dim() != 2:
         raise ValueError(f"draft_ids must be [B, g], got {tuple(draft_ids.shape)}")
-    B, g = draft_ids.shape
-    V = target_probs.shape[-1]
-    if draft_probs.shape != (B, g, V) or target_probs.shape != (B, g + 1, V):
-        raise ValueError(
-            f"shape mismatch: draft_ids {tuple(draft_ids.shape)}, draft_probs {tuple(draft_probs.shape)}, "
-            f"target_probs {tuple(target_probs.shape)} (expected [B, g], [B, g, V], [B, g+1, V])"
-        )
-    if uniforms.shape != (B, g) or exponentials.shape != (B, V):
-        raise ValueError(
-            f"uniforms must be [B, g] and exponentials [B, V]; got {tuple(uniforms.shape)}, {tuple(exponentials.shape)}"
-        )
+    from ...spec.rejection import check_shapes  # the contract's home; imported late: spec imports the model
+
+    B, g, V = check_shapes(draft_ids, draft_probs, target_probs, uniforms, exponentials)
     if draft_ids.dtype.is_floating_point or draft_ids.dtype in (torch.bool, torch.complex64, torch.complex128):
         raise TypeError(f"draft_ids must be an integer tensor, got {draft_ids.dtype}")
     for name, t in (("draft_probs", draft_probs), ("target_probs", target_probs), ("uniforms", uniforms),
