@@ -38,6 +38,8 @@ def register(sub) -> None:
     p = sub.add_parser("e2e", help="end-to-end tokens/s: target-only, speculative per k and auto, HF transformers")
     p.add_argument("--target", default="qwen2.5-coder-1.5b", help="model name, HF directory or .gguf file")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="model name/path, 'self:N' or 'ngram'")
+    p.add_argument("--draft-quant", default=None, choices=["int8"],
+                   help="store our draft's weights as int8 (the HF assisted baseline keeps --amp)")
     p.add_argument("--ks", default="2,3,4,5,6,7,8", help="comma-separated fixed k values (each >= 2)")
     p.add_argument("--auto", action=argparse.BooleanOptionalAction, default=True, help="also run k='auto'")
     p.add_argument("--temperatures", default="0,0.7", help="comma-separated temperatures (0 = greedy)")
@@ -113,6 +115,8 @@ def _check_args(args) -> tuple[list, list[float], list[str]]:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+    if args.draft_quant and not is_model_draft(args.draft):
+        raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; the draft is {args.draft!r}")
     return specs, _temperatures(args.temperatures), _prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
 
 
@@ -253,7 +257,8 @@ def _load_all(args, specs, sets):
                for s in sets}
     n_positions = _positions(prompts, specs, args.max_new_tokens, config.max_position_embeddings)
     target = load_model(args.target, args, n_positions)
-    draft = load_model(args.draft, args, n_positions) if is_model_draft(args.draft) else args.draft
+    draft = (load_model(args.draft, args, n_positions, quant=args.draft_quant) if is_model_draft(args.draft)
+             else args.draft)
     hf_target = hf_draft = None
     hf = {"ran": False, "note": "--no-hf"}
     if args.hf:
@@ -324,7 +329,7 @@ def run(args) -> int:
 
     data = {
         "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
-        "target": str(args.target), "draft": str(args.draft), "amp": args.amp, "device": args.device,
+        "target": str(args.target), "draft": str(args.draft), "draft_quant": args.draft_quant, "amp": args.amp, "device": args.device,
         "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "target_weight_bytes": weight_bytes(target),
         "memory_bandwidth": bandwidth, "method": METHOD, "hf": hf, "runs": runs,

@@ -68,6 +68,7 @@ class LlamaForSampling:
         device: str | torch.device = "cpu",
         tp=None,
         source_path: Path | None = None,
+        quant: str | None = None,
     ):
         self.decoder = decoder
         self.config: LlamaConfig = decoder.config
@@ -79,6 +80,7 @@ class LlamaForSampling:
         self.kernels = kernels if kernels is not None else get_backend(None, device=str(self.device))
         self.tp = tp  # verispec.parallel state when tp_degree > 1
         self.source_path = source_path
+        self.quant = quant  # weight quantization ("int8") or None
         attn = decoder.model.layers[0].self_attn
         self.cache = KVCache(
             len(decoder.model.layers), batch_size, attn.n_kv_heads, n_positions, attn.head_dim, self.dtype, self.device
@@ -100,8 +102,20 @@ class LlamaForSampling:
         kernel_backend: str | None = None,
         device: str | torch.device = "cpu",
         progress: bool = False,
+        quant: str | None = None,
     ) -> "LlamaForSampling":
+        """Load a model. ``quant="int8"`` stores the weights of every linear layer as int8 with a
+        per-row scale (CPU, tp_degree 1): half the bytes a decode step streams, for draft models
+        (a draft's precision changes acceptance, never the output distribution)."""
         dtype = amp_dtype(amp)
+        if quant is not None:
+            from ..kernels.cpu.quant import QUANT_MODES
+
+            if quant not in QUANT_MODES:
+                raise ValueError(f"unknown quant={quant!r}; choose one of {', '.join(QUANT_MODES)} (or None)")
+            if tp_degree != 1 or torch.device(device).type != "cpu":
+                raise ValueError(f"quant={quant!r} is implemented for CPU models with tp_degree=1 "
+                                 f"(got device={device!r}, tp_degree={tp_degree})")
         for name, v in (("n_positions", n_positions), ("batch_size", batch_size), ("tp_degree", tp_degree)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -130,9 +144,13 @@ class LlamaForSampling:
 
             if use_skinny_linear(decoder):  # decode/verify products stream each weight once
                 decoder.fuse_projections(SkinnyLinear)  # ... and q/k/v, gate/up in one call each
+            if quant is not None:
+                from ..kernels.cpu.quant import quantize_weights
+
+                quantize_weights(decoder, quant)
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
-            source_path=path,
+            source_path=path, quant=quant,
         )
         return model
 

@@ -29,12 +29,14 @@ def generate(capsys, *extra) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("draft,k", [("twin", "auto"), ("other", "4"), ("ngram", "3"), ("self:1", "auto:5")])
-def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys, draft, k):
+@pytest.mark.parametrize("draft,k,quant", [("twin", "auto", None), ("other", "4", None), ("ngram", "3", None),
+                                           ("self:1", "auto:5", None), ("other", "3", "int8")])
+def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys, draft, k, quant):
     rc, alone, table = generate(capsys, "--target", models["target"], "--draft", "none")
     assert rc == 0 and alone.startswith(PROMPT) and len(alone.split()) == 4 + 20, alone
     assert "new tokens" in table and "acceptance rate" not in table  # target-only: no speculative rows
-    rc, text, table = generate(capsys, "--target", models["target"], "--draft", models.get(draft, draft), "-k", k)
+    rc, text, table = generate(capsys, "--target", models["target"], "--draft", models.get(draft, draft), "-k", k,
+                               *(("--draft-quant", quant) if quant else ()))
     assert rc == 0
     assert text == alone  # greedy fp32: speculative decoding changes nothing in the text
     for row in ("acceptance rate", "per-position acceptance", "mean tokens per verify pass",
@@ -73,6 +75,7 @@ def test_chat_needs_a_template(models, capsys):
     (("--top-k", "0"), "top_k"),
     (("--draft", "self:9"), "self:9"),
     (("--n-positions", "10"), "n_positions"),
+    (("--draft", "ngram", "--draft-quant", "int8"), "--draft-quant int8 needs a draft model"),
 ])
 def test_bad_input_is_a_clear_error(models, capsys, extra, message):
     rc, _, err = generate(capsys, "--target", models["target"], "--draft", models["other"], *extra)

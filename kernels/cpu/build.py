@@ -65,6 +65,8 @@ def _build() -> ctypes.CDLL:
         fn = getattr(lib, name)
         fn.argtypes = [vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
         fn.restype = None
+    lib.verispec_gemv_i8.argtypes = [vp, ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
+    lib.verispec_gemv_i8.restype = ctypes.c_int
     lib.verispec_gemv_isa.restype = ctypes.c_int
     lib.verispec_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.verispec_stream_read.restype = ctypes.c_double

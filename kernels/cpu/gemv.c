@@ -11,6 +11,7 @@
  * widening, else scalar code; fp32 uses AVX512F FMAs, else scalar code.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 #if defined(__AVX512F__)
@@ -163,6 +164,72 @@ void verispec_gemv_f32(const float *x, const float *w, const float *bias, float 
         float b = bias ? bias[n] : 0.f;
         for (int64_t m = 0; m < M; m++) y[m * N + n] = acc[m] + b;
     }
+}
+
+/* ---- int8 weights ------------------------------------------------------------------------ */
+
+/* Weights quantized per output row: w[n, k] ~= q[n, k] * scale[n], q int8. y[m, n] =
+ * scale[n] * sum_k q[n, k] * x[m, k] (+ bias[n]), accumulated in fp32 (each product is exact:
+ * an int8 times a bf16 or fp32 value). Activations are bf16 (x_bf16 = 1) or fp32, converted to
+ * fp32 once per call; y and bias have the activations' dtype. Half the weight bytes of bf16, for
+ * drafts: a draft only proposes, so its precision moves acceptance, never the output law. */
+#define ROW_I8(MM)                                                                                \
+    static void row_i8_##MM(const int8_t *w, const float *x, int64_t K, float *acc) {            \
+        ROW_I8_BODY(MM)                                                                           \
+    }
+#if defined(__AVX512F__)
+#define ROW_I8_BODY(MM)                                                                           \
+        __m512 a[MM];                                                                             \
+        for (int m = 0; m < MM; m++) a[m] = _mm512_setzero_ps();                                  \
+        int64_t k = 0;                                                                            \
+        for (; k + 16 <= K; k += 16) {                                                            \
+            PREFETCH(w + k + 2 * PF_DIST);                                                        \
+            __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(w + k)))); \
+            for (int m = 0; m < MM; m++) a[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), a[m]); \
+        }                                                                                         \
+        for (int m = 0; m < MM; m++) {                                                            \
+            float s = _mm512_reduce_add_ps(a[m]);                                                 \
+            for (int64_t j = k; j < K; j++) s += (float)w[j] * x[m * K + j];                      \
+            acc[m] = s;                                                                           \
+        }
+#else
+#define ROW_I8_BODY(MM)                                                                           \
+        for (int m = 0; m < MM; m++) {                                                            \
+            float s = 0.f;                                                                        \
+            for (int64_t j = 0; j < K; j++) s += (float)w[j] * x[m * K + j];                      \
+            acc[m] = s;                                                                           \
+        }
+#endif
+EACH_M(ROW_I8)
+typedef void (*row_i8_fn)(const int8_t *, const float *, int64_t, float *);
+#define REF_I8(MM) row_i8_##MM,
+static const row_i8_fn ROWS_I8[MAX_M] = {EACH_M(REF_I8)};
+
+/* M must be in 1..MAX_M. Returns 0, or -1 if the activation buffer could not be allocated. */
+int verispec_gemv_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, const void *bias, void *y,
+                     int64_t M, int64_t K, int64_t N, int nthreads) {
+    float *xf = (float *)x;
+    if (x_bf16) {
+        xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+        if (!xf) return -1;
+        for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    }
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        float acc[MAX_M];
+        ROWS_I8[M - 1](w + n * K, xf, K, acc);
+        for (int64_t m = 0; m < M; m++) {
+            if (x_bf16) {
+                float b = bias ? bf16_to_f32(((const uint16_t *)bias)[n]) : 0.f;
+                ((uint16_t *)y)[m * N + n] = f32_to_bf16(acc[m] * scale[n] + b);
+            } else {
+                float b = bias ? ((const float *)bias)[n] : 0.f;
+                ((float *)y)[m * N + n] = acc[m] * scale[n] + b;
+            }
+        }
+    }
+    if (x_bf16) free(xf);
+    return 0;
 }
 
 /* ---- memory bandwidth probe ---------------------------------------------------------------- */

@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, HF directory or .gguf file")
     p.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="draft: model name/path, 'ngram', 'self:N' (target's first N layers), or 'none'")
+    p.add_argument("--draft-quant", default=None, choices=["int8"],
+                   help="store the draft model's weights as int8: a faster draft, the same output distribution")
     p.add_argument("-k", "--k", default="auto", help="tokens per verify pass (drafts + 1), or 'auto' / 'auto:MAX'")
     p.add_argument("--acceptor", default=None, help="token acceptor (default: exact rejection sampling)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -76,10 +78,13 @@ def run(args) -> int:
     draft_name = None if args.draft.lower() == "none" or k == 1 else args.draft
     if draft_name is None:
         k = 1
+    is_model = bool(draft_name) and not (draft_name == "ngram" or draft_name.startswith(("self:", "ngram:")))
+    if args.draft_quant and not is_model:
+        raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; the draft is {args.draft!r}")
     if args.tp_degree > 1 and not in_torchrun():
         # resolve (fetch) the models and check the split once, here, rather than once per rank
         check_tp_degree(open_source(args.target, progress=True)[0], args.tp_degree)
-        if draft_name and not (draft_name == "ngram" or draft_name.startswith("self:")):
+        if is_model:
             open_source(draft_name, progress=True)
         # one process per rank; each runs this same command line and finds itself inside torchrun
         return relaunch_under_torchrun(args.tp_degree, "verispec", getattr(args, "argv", None) or sys.argv[1:])
@@ -96,8 +101,8 @@ def run(args) -> int:
     load = dict(n_positions=n_positions, amp=args.amp, kernel_backend=args.kernel_backend, progress=is_rank0)
     target = LlamaForSampling.from_pretrained(target_path, tp_degree=args.tp_degree, **load)
     draft = draft_name
-    if draft_name and not (draft_name == "ngram" or draft_name.startswith(("self:", "ngram:"))):
-        draft = LlamaForSampling.from_pretrained(draft_name, tp_degree=1, **load)  # replicated under TP
+    if is_model:
+        draft = LlamaForSampling.from_pretrained(draft_name, tp_degree=1, quant=args.draft_quant, **load)  # replicated under TP
     gen = SpeculativeGenerator(draft, target, k, acceptor=args.acceptor)
 
     eos = list(target.config.eos_token_id) or None

@@ -1,0 +1,118 @@
+"""Int8 weights for draft models: per-output-row symmetric quantization and its product.
+
+A draft only proposes tokens; the target's verification decides what is kept, so a draft's
+precision changes the acceptance rate and never the distribution of the output. Halving the
+bytes a draft step streams is therefore free exactness-wise, and a draft step is memory-bound.
+
+``w[n, :] ~= q[n, :] * scale[n]`` with ``q`` int8 in [-127, 127] and ``scale[n] = max|w[n, :]| / 127``
+(round to nearest). The product accumulates ``q * x`` in fp32 (each product exact) and applies
+the row's scale once at the end (gemv.c's ``verispec_gemv_i8``); without the native kernels, or
+for more rows than a decode step has, it dequantizes to the activation dtype and calls torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .build import get_lib
+
+MAX_M = 16  # rows per native call (gemv.c's MAX_M)
+QUANT_MODES = ("int8",)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8: returns (q int8 [N, K], scale fp32 [N]); an all-zero row gets scale 1."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_rows expects a [N, K] weight, got shape {tuple(w.shape)}")
+    wf = w.detach().float()
+    if not torch.isfinite(wf).all():
+        raise ValueError("cannot quantize a weight that holds inf or NaN")
+    amax = wf.abs().amax(dim=1)  # [N]
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(wf / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale[:, None]).T + bias`` with int8 ``q``; output in the activation dtype."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = q.shape[1], q.shape[0]
+        self.register_buffer("qweight", q.contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        q, scale = quantize_rows(linear.weight)
+        return cls(q, scale, linear.bias)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:  # [N, K]
+        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K, N = self.in_features, self.out_features
+        rows = x.numel() // K if K else 0
+        lib = get_lib()
+        if lib is None or rows == 0 or rows > 4 * MAX_M or x.device.type != "cpu" or x.dtype not in (
+            torch.bfloat16, torch.float32
+        ):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized(x.dtype), bias)
+        x2 = x if x.is_contiguous() else x.contiguous()
+        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype).contiguous()
+        is_bf16 = int(x.dtype == torch.bfloat16)
+        size, xp, yp = x.element_size(), x2.data_ptr(), y.data_ptr()
+        bp = None if bias is None else bias.data_ptr()
+        nt = torch.get_num_threads()
+        for m0 in range(0, rows, MAX_M):
+            rc = lib.verispec_gemv_i8(xp + m0 * K * size, is_bf16, self.qweight.data_ptr(), self.scale.data_ptr(), bp,
+                                      yp + m0 * N * size, min(MAX_M, rows - m0), K, N, nt)
+            if rc != 0:
+                raise MemoryError("verispec_gemv_i8: could not allocate the activation buffer")
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
+
+def quantize_weights(decoder: nn.Module, mode: str) -> int:
+    """Replace the linear layers a forward pass uses (fused q/k/v and gate/up where fused,
+    o_proj, down_proj, lm_head) with :class:`Int8Linear`; return how many. The embedding table
+    stays in its dtype (a step reads one row of it); a tied LM head gets its own int8 copy."""
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown weight quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
+    n = 0
+
+    def convert(owner: nn.Module, attr: str, registered: bool = True) -> None:
+        nonlocal n
+        lin = getattr(owner, attr)
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"{type(owner).__name__}.{attr} is {type(lin).__name__}; only nn.Linear layers can be quantized")
+        new = Int8Linear.from_linear(lin)
+        if registered:
+            setattr(owner, attr, new)
+        else:  # fused products live outside the module tree (see Attention.fuse)
+            object.__setattr__(owner, attr, new)
+        n += 1
+
+    for layer in decoder.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn._qkv is not None:
+            convert(attn, "_qkv", registered=False)
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                convert(attn, name)
+        convert(attn, "o_proj")
+        if mlp._gate_up is not None:
+            convert(mlp, "_gate_up", registered=False)
+        else:
+            for name in ("gate_proj", "up_proj"):
+                convert(mlp, name)
+        convert(mlp, "down_proj")
+    convert(decoder, "lm_head")
+    return n
