@@ -21,7 +21,8 @@ PROMPT = "def quicksort(arr):\n    "
 def register(sub) -> None:
     p = sub.add_parser("decode", help="target-only decode tokens/s (batch 1) and achieved weight bandwidth")
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated names, .gguf files or HF dirs")
-    p.add_argument("--dtypes", default="bf16,f32", help="comma-separated: f32, bf16, f16")
+    p.add_argument("--dtypes", default="bf16,f32",
+                   help="comma-separated: f32, bf16, f16; AMP+int8 (e.g. bf16+int8) for int8 weights")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timed run")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model and dtype (median reported)")
     p.add_argument("--device", default="cpu")
@@ -39,8 +40,15 @@ VERIFY_TS = (1, 2, 3, 4, 5, 6, 8)
 
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every parameter except the embedding table, of
-    which a step reads one row; a tied LM head reads that table in full, so it counts once."""
+    which a step reads one row; a tied LM head reads that table in full, so it counts once.
+    With int8 weights: the int8 matrices, their scales and biases, and the norm weights."""
     decoder = model.decoder
+    if getattr(model, "quant", None):
+        from verispec.kernels.cpu.quant import forward_linears
+
+        tensors = [t for owner, attr, _ in forward_linears(decoder) for t in getattr(owner, attr).buffers()]
+        tensors += [m.weight for m in decoder.modules() if type(m).__name__ == "RMSNorm"]
+        return sum(t.numel() * t.element_size() for t in tensors)
     total = sum(p.numel() * p.element_size() for p in decoder.parameters())  # tied tensors once
     embed = decoder.model.embed_tokens.weight
     if not model.config.tie_word_embeddings:
@@ -56,9 +64,10 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
 
     prompt = Tokenizer.from_pretrained(name).encode(PROMPT)
     t0 = time.perf_counter()
+    dtype, _, quant = amp.partition("+")  # "bf16+int8": bf16 activations, int8 weights
     model = LlamaForSampling.from_pretrained(
-        name, n_positions=max(len(prompt) + new_tokens, context + max(VERIFY_TS)), amp=amp, device=device,
-        kernel_backend=kernel_backend,
+        name, n_positions=max(len(prompt) + new_tokens, context + max(VERIFY_TS)), amp=dtype, device=device,
+        kernel_backend=kernel_backend, quant=quant or None,
     )
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt])  # [1, L]

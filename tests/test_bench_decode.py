@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from verispec.cli import main as cli_main
 
@@ -14,14 +15,14 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
     _, hf = tiny_hf("llama", vocab_size=300, tie_word_embeddings=tied)
     path = write_tiny_gguf(tmp_path / "m.gguf", hf, "llama")  # carries a tokenizer for the prompt
     out = tmp_path / "results"
-    rc = cli_main(["bench", "decode", "--models", path, "--dtypes", "f32,bf16", "--new-tokens", "5", "--repeats", "2",
+    rc = cli_main(["bench", "decode", "--models", path, "--dtypes", "f32,bf16,bf16+int8", "--new-tokens", "5", "--repeats", "2",
                    "--bandwidth-bytes", str(1 << 22), "--verify-context", "40", "--out", str(out)])
     assert rc == 0
     data = json.loads((out / "decode.json").read_text())
     assert (out / "decode.png").stat().st_size > 0
     assert data["benchmark"] == "decode" and data["memory_bandwidth"]["read_GBps"] > 0
     rows = {r["amp"]: r for r in data["results"]}
-    assert set(rows) == {"f32", "bf16"}
+    assert set(rows) == {"f32", "bf16", "bf16+int8"}
     # independent count from the HF model: all parameters, minus the embedding table when the
     # head is a separate matrix (a tied head is read in full once, as the head)
     n_embed = hf.model.embed_tokens.weight.numel()
@@ -29,6 +30,11 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
     n_read = n_all if tied else n_all - n_embed
     assert rows["f32"]["weight_bytes_per_token"] == 4 * n_read
     assert rows["bf16"]["weight_bytes_per_token"] == 2 * n_read
+    # int8: one byte per weight of every linear layer (the LM head's, tied or not), a 4-byte
+    # scale per output row, bf16 biases (none here) and bf16 norm weights
+    linears = [m for m in hf.modules() if isinstance(m, torch.nn.Linear)]
+    n_norm = sum(p.numel() for n, p in hf.named_parameters() if "norm" in n)
+    assert rows["bf16+int8"]["weight_bytes_per_token"] == sum(m.weight.numel() + 4 * m.weight.shape[0] for m in linears) + 2 * n_norm
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and len(r["tokens_per_s_runs"]) == 2
         assert r["achieved_weight_GBps"] == pytest.approx(r["weight_bytes_per_token"] * r["tokens_per_s"] / 1e9)

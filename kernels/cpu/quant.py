@@ -80,39 +80,36 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
+def forward_linears(decoder: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """(owner, attribute, registered) of each linear layer a forward pass runs: fused q/k/v and
+    gate/up where fused (held outside the module tree, see Attention.fuse), else the separate
+    projections; o_proj, down_proj and lm_head."""
+    out = []
+    for layer in decoder.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        out += [(attn, "_qkv", False)] if attn._qkv is not None else [(attn, n, True) for n in ("q_proj", "k_proj", "v_proj")]
+        out.append((attn, "o_proj", True))
+        out += [(mlp, "_gate_up", False)] if mlp._gate_up is not None else [(mlp, n, True) for n in ("gate_proj", "up_proj")]
+        out.append((mlp, "down_proj", True))
+    out.append((decoder, "lm_head", True))
+    return out
+
+
 def quantize_weights(decoder: nn.Module, mode: str) -> int:
-    """Replace the linear layers a forward pass uses (fused q/k/v and gate/up where fused,
-    o_proj, down_proj, lm_head) with :class:`Int8Linear`; return how many. The embedding table
-    stays in its dtype (a step reads one row of it); a tied LM head gets its own int8 copy."""
+    """Replace the linear layers a forward pass runs (:func:`forward_linears`) with
+    :class:`Int8Linear`; return how many. The embedding table stays in its dtype (a step reads
+    one row of it); a tied LM head gets its own int8 copy. The original separate q/k/v and
+    gate/up parameters stay as views of their fused weights (unused by the forward pass)."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown weight quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
-    n = 0
-
-    def convert(owner: nn.Module, attr: str, registered: bool = True) -> None:
-        nonlocal n
+    layers = forward_linears(decoder)
+    for owner, attr, registered in layers:
         lin = getattr(owner, attr)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{type(owner).__name__}.{attr} is {type(lin).__name__}; only nn.Linear layers can be quantized")
         new = Int8Linear.from_linear(lin)
         if registered:
             setattr(owner, attr, new)
-        else:  # fused products live outside the module tree (see Attention.fuse)
+        else:
             object.__setattr__(owner, attr, new)
-        n += 1
-
-    for layer in decoder.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn._qkv is not None:
-            convert(attn, "_qkv", registered=False)
-        else:
-            for name in ("q_proj", "k_proj", "v_proj"):
-                convert(attn, name)
-        convert(attn, "o_proj")
-        if mlp._gate_up is not None:
-            convert(mlp, "_gate_up", registered=False)
-        else:
-            for name in ("gate_proj", "up_proj"):
-                convert(mlp, name)
-        convert(mlp, "down_proj")
-    convert(decoder, "lm_head")
-    return n
+    return len(layers)
