@@ -55,3 +55,12 @@ def _load_triton_backend() -> dict:
 
 
 register_backend_loader("triton", _load_triton_backend)
+
+
+def _load_cpu_backend() -> dict:
+    from .cpu.attention import load  # ImportError, with its reason, when the native build failed
+
+    return load()
+
+
+register_backend_loader("cpu", _load_cpu_backend)

@@ -82,15 +82,17 @@ def available_backends() -> list[str]:
 
 
 def default_backend_name(device: str | None = None) -> str:
-    """The backend used when none is named: env ``VERISPEC_KERNELS``, else triton on CUDA, else torch."""
+    """The backend used when none is named: env ``VERISPEC_KERNELS``, else triton on CUDA, the
+    native ``cpu`` backend for a CPU model (when its C kernels built), else torch."""
     env = os.environ.get("VERISPEC_KERNELS")
     if env:
         return env
-    if device is not None and str(device).startswith("cuda"):
+    if device is not None and str(device).startswith(("cuda", "cpu")):
+        name = "triton" if str(device).startswith("cuda") else "cpu"
         try:
-            _load("triton")
-            return "triton"
-        except Exception:  # triton missing or broken: the reference still works
+            _load(name)
+            return name
+        except Exception:  # triton missing or broken, no C compiler: the reference still works
             return "torch"
     return "torch"
 

@@ -46,6 +46,7 @@ def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys
         assert "acceptance rate" in table and " 1.000" in table  # identical draft: everything accepted
     if k.startswith("auto"):
         assert "AdaptiveK" in table
+    assert ("(int8 weights)" in " ".join(table.split())) == (quant == "int8")
 
 
 def test_prompt_from_stdin_and_seeded_sampling(models, capsys, monkeypatch):

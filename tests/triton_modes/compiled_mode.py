@@ -118,7 +118,7 @@ def test_registered_lazily_and_default_on_cuda(monkeypatch):
 
     monkeypatch.delenv("VERISPEC_KERNELS", raising=False)
     assert default_backend_name("cuda:0") == "triton"  # triton imports here
-    assert default_backend_name("cpu") == "torch"
+    assert default_backend_name("cpu") in ("cpu", "torch")  # native CPU kernels where they build
     ks = get_backend("triton")
     assert ks.name == "triton" and ks.fallbacks == ()
     assert ks.verify_attention is verify_attention and ks.kv_append is kv_append

@@ -118,6 +118,7 @@ def run(args) -> int:
             console.file.flush()
     console.print(stream.flush(), markup=False, soft_wrap=True)
     if not args.no_stats:  # on stderr, so that stdout is the text alone
-        what = f"{args.target} alone" if draft_name is None else f"{draft_name} -> {args.target}"
+        quant = f" ({args.draft_quant} weights)" if args.draft_quant else ""
+        what = f"{args.target} alone" if draft_name is None else f"{draft_name}{quant} -> {args.target}"
         err.print(stats_table(gen.last_stats.to_dict(), f"{what}, {args.amp}, T={args.temperature:g}"))
     return 0
