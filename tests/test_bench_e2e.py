@@ -118,6 +118,21 @@ def test_bench_e2e_bad_options(tiny_pair, tmp_path, capsys, option, value, messa
     assert not (tmp_path / "e2e.json").exists()
 
 
+def test_bench_e2e_int8_draft_is_recorded_and_needs_a_model(tiny_pair, tmp_path, capsys):
+    target, draft, _ = tiny_pair
+    args = ["bench", "e2e", "--target", target, "--ks", "2", "--no-auto", "--no-hf", "--temperatures", "0",
+            "--prompt-sets", "code", "--out-dir", str(tmp_path), "--draft-quant", "int8", *TINY_ARGS]
+    assert main([*args, "--draft", draft]) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert data["draft_quant"] == "int8" and "--draft-quant int8" in data["command"]
+    (run,) = data["runs"]
+    assert run["paths"][1]["greedy_divergence"]["diverged_prompts"] == 0  # fp32 target: same tokens
+    capsys.readouterr()
+    assert main([*args, "--draft", "ngram", "--name", "ngram8"]) == 1
+    assert "--draft-quant int8 needs a draft model" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "ngram8.json").exists()
+
+
 def test_bench_e2e_real_prompt_set_larger_than_asked(tiny_pair, tmp_path, capsys):
     """Without --random-prompts the set must hold the asked number of prompts: nothing is cut silently."""
     target, draft, _ = tiny_pair
