@@ -16,28 +16,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "bf16.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
-static inline float att_bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t att_f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 /* Element i of a row of dtype bf16 (is_bf16) or fp32. */
 static inline float load(const void *base, int64_t i, int is_bf16) {
-    return is_bf16 ? att_bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
 /* dot(qf[0:D], row[0:D]) with the row in its stored dtype: 16-lane partial sums when D is a
@@ -47,9 +33,7 @@ static inline float dot_row(const float *qf, const void *row, int64_t D, int is_
     if (D % 16 == 0) {
         __m512 a = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 r = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)row + d))), 16))
-                               : _mm512_loadu_ps((const float *)row + d);
+            __m512 r = is_bf16 ? bf16x16_to_f32((const uint16_t *)row + d) : _mm512_loadu_ps((const float *)row + d);
             a = _mm512_fmadd_ps(_mm512_loadu_ps(qf + d), r, a);
         }
         return _mm512_reduce_add_ps(a);
@@ -66,9 +50,7 @@ static inline void axpy_row(float *restrict a, float w, const void *row, int64_t
     if (D % 16 == 0) {
         const __m512 wv = _mm512_set1_ps(w);
         for (int64_t d = 0; d < D; d += 16) {
-            __m512 r = is_bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                     _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)((const uint16_t *)row + d))), 16))
-                               : _mm512_loadu_ps((const float *)row + d);
+            __m512 r = is_bf16 ? bf16x16_to_f32((const uint16_t *)row + d) : _mm512_loadu_ps((const float *)row + d);
             _mm512_storeu_ps(a + d, _mm512_fmadd_ps(wv, r, _mm512_loadu_ps(a + d)));
         }
         return;
@@ -132,7 +114,7 @@ int verispec_attention(const void *q, const void *k_cache, const void *v_cache, 
                         for (int64_t d = 0; d < D; d++) acc[d] += acc[r * D + d];
                     for (int64_t d = 0; d < D; d++) acc[d] /= sum;
                     if (is_bf16)
-                        for (int64_t d = 0; d < D; d++) ((uint16_t *)out)[qi + d] = att_f32_to_bf16(acc[d]);
+                        for (int64_t d = 0; d < D; d++) ((uint16_t *)out)[qi + d] = f32_to_bf16(acc[d]);
                     else
                         memcpy((float *)out + qi, acc, (size_t)D * sizeof(float));
                 }

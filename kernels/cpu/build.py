@@ -22,6 +22,7 @@ import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares tor
 log = logging.getLogger("verispec.kernels.cpu")
 
 SOURCES = [Path(__file__).with_name("gemv.c"), Path(__file__).with_name("attention.c")]
+HEADERS = [Path(__file__).with_name("bf16.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lib = None
@@ -46,7 +47,7 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
     out = _cache_dir() / f"native-{key}.so"
     if not out.exists():

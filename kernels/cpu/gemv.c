@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "bf16.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -28,20 +29,6 @@
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
 #endif
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 #if defined(__AVX512BF16__)
@@ -77,7 +64,7 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
         }                                                                                         \
     }
 #elif defined(__AVX512F__)
-#define WIDEN(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(p))), 16))
+#define WIDEN(p) bf16x16_to_f32(p)
 #define ROW_BF16(MM)                                                                              \
     static void row_bf16_##MM(const uint16_t *w, const uint16_t *x, int64_t K, float *acc) {     \
         __m512 a[MM];                                                                             \

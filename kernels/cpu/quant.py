@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .build import get_lib
-
-MAX_M = 16  # rows per native call (gemv.c's MAX_M)
+from .linear import MAX_M  # rows per native call (gemv.c's MAX_M)
 QUANT_MODES = ("int8",)
 
 
