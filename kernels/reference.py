@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kv_append", "verify_attention", "check_kv_append_args", "check_verify_attention_args"]
+__all__ = [
+    "kv_append",
+    "verify_attention",
+    "check_kv_append_args",
+    "check_verify_attention_args",
+    "rms_norm",
+    "add_rms_norm",
+    "apply_rope",
+    "rope_append",
+]
 
 
 def _positions_list(positions: torch.Tensor, batch: int, name: str = "positions") -> list[int]:
@@ -144,3 +153,39 @@ def verify_attention(
     probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G*T, S] in acc
     out = torch.matmul(probs, v)  # [B, H_kv, G*T, D]
     return out.reshape(B, H, T, D).to(q.dtype)
+
+
+# ---- layer glue: optional extras a backend may replace (``KernelSet.get``), same rounding ----
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * dtype(x * rsqrt(mean(x^2) + eps))``: normalise in fp32, scale in the model dtype
+    (as the reference implementation does); F.rms_norm is that normalisation in one op."""
+    xf = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """The residual add and the next norm: ``(x + delta, rms_norm(x + delta))``."""
+    h = x + delta
+    return h, rms_norm(h, weight, eps)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x_2, x_1) (HF's form): the sign is
+    folded into ``signed_sin`` (= cat(-sin_1, sin_2)), so the half swap is one roll; the same
+    products, bit for bit, in fewer ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+
+
+def rope_append(qkv, cos, signed_sin, k_cache, v_cache, positions, n_heads: int, n_kv_heads: int, kv_append=None):
+    """From a fused q/k/v projection ``qkv`` [B, T, (H + 2 H_kv) D] and RoPE tables [B, 1, T, D]:
+    rotate q and k, append k and v to the caches at ``positions`` (with ``kv_append``, default
+    the reference's), return q [B, H, T, D]."""
+    B, T, _ = qkv.shape
+    D = k_cache.shape[-1]
+    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], -1)
+    q = apply_rope(q.view(B, T, n_heads, D).transpose(1, 2), cos, signed_sin)  # [B, H, T, D]
+    k = apply_rope(k.view(B, T, n_kv_heads, D).transpose(1, 2), cos, signed_sin)  # [B, H_kv, T, D]
+    (kv_append or globals()["kv_append"])(k_cache, v_cache, k, v.view(B, T, n_kv_heads, D).transpose(1, 2), positions)
+    return q

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import KernelSet
+from ..kernels import KernelSet, reference
 from .cache import KVCache
 from .config import LlamaConfig
 
@@ -26,10 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32, scale in the model dtype (as the reference implementation does);
-        # F.rms_norm is the x * rsqrt(mean(x^2) + eps) of that implementation in one op
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * xf.to(x.dtype)
+        return reference.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:  # [D/2] fp32
@@ -52,11 +49,7 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:  # [D/2] fp32
     return inv
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x * cos + rotate_half(x) * sin, where rotate_half(x) = cat(-x_2, x_1) (HF's form): the sign is
-    folded into ``signed_sin`` (= cat(-sin_1, sin_2)), so the half swap is one roll; the same
-    products, bit for bit, in fewer ops."""
-    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
+apply_rope = reference.apply_rope  # x * cos + rotate_half(x) * sin (see kernels/reference.py)
 
 
 def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
@@ -128,16 +121,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [B, T, E]
         B, T, _ = x.shape
         D = self.head_dim
-        if self._qkv is not None:
-            q, k, v = self._qkv(x).split([self.n_heads * D, self.n_kv_heads * D, self.n_kv_heads * D], -1)
+        if self._qkv is not None:  # rotate q and k, append k and v: one call where the backend fuses it
+            rope_append = kernels.get("rope_append") or reference.rope_append
+            q = rope_append(self._qkv(x), cos, sin, k_cache, v_cache, positions, self.n_heads, self.n_kv_heads,
+                            kernels.kv_append)  # [B, H, T, D]
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.n_heads, D).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
-        v = v.view(B, T, self.n_kv_heads, D).transpose(1, 2)  # [B, H_kv, T, D]
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        kernels.kv_append(k_cache, v_cache, k, v, positions)
+            q = apply_rope(q.view(B, T, self.n_heads, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
+            k = apply_rope(k.view(B, T, self.n_kv_heads, D).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
+            kernels.kv_append(k_cache, v_cache, k, v.view(B, T, self.n_kv_heads, D).transpose(1, 2), positions)
         o = kernels.verify_attention(q, k_cache, v_cache, positions, self.scale, active_mask)  # [B, H, T, D]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * D))
 
@@ -173,8 +165,13 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, k_cache, v_cache, positions, kernels, active_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, positions, kernels, active_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        rms_norm = kernels.get("rms_norm") or reference.rms_norm
+        add_rms_norm = kernels.get("add_rms_norm") or reference.add_rms_norm
+        attn = self.self_attn(rms_norm(x, norm1.weight, norm1.eps), cos, sin, k_cache, v_cache, positions, kernels,
+                              active_mask)
+        x, h = add_rms_norm(x, attn, norm2.weight, norm2.eps)  # the residual add and the next norm
+        return x + self.mlp(h)
 
 
 class Decoder(nn.Module):
@@ -226,4 +223,5 @@ class Decoder(nn.Module):
         if logits_at is not None:
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
-        return self.lm_head(self.model.norm(h)).float()
+        norm = self.model.norm
+        return self.lm_head((kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps)).float()

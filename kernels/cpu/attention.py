@@ -53,4 +53,12 @@ def load() -> dict:
         from .build import build_error
 
         raise ImportError(f"the native CPU kernels are unavailable: {build_error()}")
-    return {"verify_attention": verify_attention, "kv_append": reference.kv_append}
+    from . import layer
+
+    return {
+        "verify_attention": verify_attention,
+        "kv_append": reference.kv_append,
+        "rms_norm": layer.rms_norm,
+        "add_rms_norm": layer.add_rms_norm,
+        "rope_append": layer.rope_append,
+    }

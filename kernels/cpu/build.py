@@ -1,4 +1,4 @@
-"""Builds the native CPU kernels (gemv.c, attention.c) into a shared library on first use.
+"""Builds the native CPU kernels (gemv.c, attention.c, layer.c) into a shared library on first use.
 
 Compiled with the system C compiler (no torch headers: about a second) into
 ``$VERISPEC_HOME/build`` (default ~/.cache/verispec/build), keyed by source, flags and CPU,
@@ -21,7 +21,7 @@ import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares tor
 
 log = logging.getLogger("verispec.kernels.cpu")
 
-SOURCES = [Path(__file__).with_name("gemv.c"), Path(__file__).with_name("attention.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "attention.c", "layer.c")]
 HEADERS = [Path(__file__).with_name("bf16.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -71,6 +71,10 @@ def _build() -> ctypes.CDLL:
     lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int, ctypes.c_int]
     lib.verispec_attention.restype = ctypes.c_int
+    lib.verispec_rms_norm.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_float, ctypes.c_int]
+    lib.verispec_rms_norm.restype = None
+    lib.verispec_rope_append.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+    lib.verispec_rope_append.restype = None
     lib.verispec_gemv_isa.restype = ctypes.c_int
     lib.verispec_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.verispec_stream_read.restype = ctypes.c_double

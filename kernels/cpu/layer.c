@@ -1,0 +1,82 @@
+/* Per-layer glue of a decode or verify step in single native calls: RMSNorm (optionally after
+ * the residual add), and RoPE on q and k with the k/v cache append.
+ *
+ * A decode step of a small model spends ~10% of its time in these short elementwise ops when
+ * each is a handful of torch operators (dispatch, temporaries). Each function here reproduces
+ * the rounding of the torch reference (kernels/reference.py) step by step: the residual add and
+ * every RoPE product and sum are rounded to the model dtype as torch rounds them (bitwise equal);
+ * RMSNorm's fp32 sum of squares is summed in another order than torch's, so it may differ from
+ * the reference in the last fp32 bit before the rounding to the model dtype. Every row is
+ * computed on its own, so a token's result does not depend on how many tokens share the call.
+ *
+ * dtype: bf16 = 1 (uint16 storage, fp32 arithmetic, round to nearest even), else fp32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include "bf16.h"
+
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off"))) /* a*b + c stays two roundings */
+
+static inline float ld(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline float rnd(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+static inline void st(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+
+/* y[r] = w * dtype(x[r] * rsqrt(mean(x[r]^2) + eps)) for rows r < R of E values. With delta
+ * given, x is first replaced by dtype(x + delta), written to h_out (the new residual stream). */
+NO_CONTRACT void verispec_rms_norm(const void *x, const void *delta, const void *w, void *h_out, void *y,
+                                   int64_t R, int64_t E, float eps, int bf16) {
+    float buf[E > 0 ? E : 1];
+    for (int64_t r = 0; r < R; r++) {
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t e = 0; e < E; e++) {
+            float v = ld(x, r * E + e, bf16);
+            if (delta) v = rnd(v + ld(delta, r * E + e, bf16), bf16);
+            buf[e] = v;
+            ss += v * v;
+        }
+        if (delta)
+            for (int64_t e = 0; e < E; e++) st(h_out, r * E + e, buf[e], bf16);
+        const float inv = 1.0f / sqrtf(ss / (float)E + eps);
+        for (int64_t e = 0; e < E; e++) st(y, r * E + e, ld(w, e, bf16) * rnd(buf[e] * inv, bf16), bf16);
+    }
+}
+
+/* One head vector of D values: out = dtype(dtype(x * cos) + dtype(roll(x, D/2) * sin)), sin's
+ * first half negated (rotate_half's sign folded in, as in the reference). */
+NO_CONTRACT static void rope_head(const void *x, int64_t xo, const void *cos, const void *sin, int64_t co, void *out,
+                                  int64_t oo, int64_t D, int bf16) {
+    const int64_t half = D / 2;
+    for (int64_t d = 0; d < D; d++) {
+        const float a = rnd(ld(x, xo + d, bf16) * ld(cos, co + d, bf16), bf16);
+        const float b = rnd(ld(x, xo + (d + half) % D, bf16) * ld(sin, co + d, bf16), bf16);
+        st(out, oo + d, a + b, bf16);
+    }
+}
+
+/* qkv [B, T, (H + 2 H_kv) D] (the fused projection's output), cos/sin [B, T, D]:
+ * q_out[b, h, t] = rope(q), k_cache[b, g, pos[b] + t] = rope(k), v_cache[b, g, pos[b] + t] = v.
+ * The caller has checked pos[b] + T <= S_max. */
+void verispec_rope_append(const void *qkv, const void *cos, const void *sin, const int64_t *pos, void *q_out,
+                          void *k_cache, void *v_cache, int64_t B, int64_t T, int64_t H, int64_t H_kv, int64_t D,
+                          int64_t S_max, int bf16) {
+    const int64_t width = (H + 2 * H_kv) * D, size = bf16 ? 2 : 4;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++) {
+            const int64_t row = (b * T + t) * width, co = (b * T + t) * D;
+            for (int64_t h = 0; h < H; h++) rope_head(qkv, row + h * D, cos, sin, co, q_out, ((b * H + h) * T + t) * D, D, bf16);
+            for (int64_t g = 0; g < H_kv; g++) {
+                const int64_t slot = ((b * H_kv + g) * S_max + pos[b] + t) * D;
+                rope_head(qkv, row + (H + g) * D, cos, sin, co, k_cache, slot, D, bf16);
+                memcpy((char *)v_cache + slot * size, (const char *)qkv + (row + (H + H_kv + g) * D) * size,
+                       (size_t)(D * size));
+            }
+        }
+}

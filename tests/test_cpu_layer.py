@@ -1,0 +1,120 @@
+"""The ``cpu`` backend's layer glue (kernels/cpu/layer.c): RMSNorm with the residual add and RoPE
+with the cache append, against the torch reference they replace; and a model run through them
+against the same model on the reference backend."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verispec.kernels import cpu as native
+from verispec.kernels import get_backend, reference
+from verispec.kernels.cpu import layer
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native CPU kernels not built")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _within_ulps(a: torch.Tensor, b: torch.Tensor, n: int) -> bool:
+    """Every element of a within n units in the last place (of a's dtype) of b's."""
+    a64, b64 = a.double(), b.double()
+    ulp = torch.finfo(a.dtype).eps * torch.maximum(a64.abs(), b64.abs())
+    return bool(((a64 - b64).abs() <= n * ulp + torch.finfo(a.dtype).tiny).all())
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 6), E=st.integers(1, 200), dtype=st.sampled_from(DTYPES), scale=st.sampled_from([1e-3, 1.0, 50.0]))
+def test_add_rms_norm_matches_the_reference(rows, E, dtype, scale):
+    g = torch.Generator().manual_seed(rows * 1000 + E)
+    x = (scale * torch.randn(rows, E, generator=g)).to(dtype)
+    d = (scale * torch.randn(rows, E, generator=g)).to(dtype)
+    w = (1 + 0.1 * torch.randn(E, generator=g)).to(dtype)
+    h, y = layer.add_rms_norm(x, d, w, 1e-6)
+    h_ref, y_ref = reference.add_rms_norm(x, d, w, 1e-6)
+    assert h.dtype == y.dtype == dtype and h.shape == y.shape == x.shape
+    assert torch.equal(h, h_ref)  # the residual add: the same rounding, bit for bit
+    # the norm: fp32 sum of squares in another order, so at most one ulp off before the rounding
+    n = 1 if dtype == torch.bfloat16 else 4
+    assert _within_ulps(y, y_ref, n)
+    assert _within_ulps(layer.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), n)
+
+
+def test_rms_norm_rows_are_independent_of_their_batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, 96, generator=g).bfloat16()
+    w = torch.randn(96, generator=g).bfloat16()
+    together = layer.rms_norm(x, w, 1e-5)
+    assert torch.equal(together, torch.stack([layer.rms_norm(x[i], w, 1e-5) for i in range(3)]))
+    assert torch.equal(together[:, 2], layer.rms_norm(x[:, 2:3], w, 1e-5)[:, 0])
+
+
+def _rope_case(B, T, H, H_kv, D, S, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, (H + 2 * H_kv) * D, generator=g).to(dtype)
+    cos = torch.randn(B, 1, T, D, generator=g).to(dtype)
+    sin = torch.randn(B, 1, T, D, generator=g).to(dtype)
+    cache = [torch.randn(B, H_kv, S, D, generator=g).to(dtype) for _ in range(4)]  # ours k, v; reference k, v
+    cache[2].copy_(cache[0])
+    cache[3].copy_(cache[1])
+    return qkv, cos, sin, cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,T,H,H_kv,D", [(1, 1, 4, 2, 8), (2, 3, 6, 2, 16), (3, 5, 2, 2, 6)])
+def test_rope_append_is_bitwise_the_reference(dtype, B, T, H, H_kv, D):
+    S = 12
+    qkv, cos, sin, (k1, v1, k2, v2) = _rope_case(B, T, H, H_kv, D, S, dtype)
+    pos = torch.tensor([S - T - b for b in range(B)])  # rows at different slots, the last ones used
+    q = layer.rope_append(qkv, cos, sin, k1, v1, pos, H, H_kv)
+    q_ref = reference.rope_append(qkv, cos, sin, k2, v2, pos, H, H_kv)
+    assert q.shape == (B, H, T, D)
+    assert torch.equal(q, q_ref) and torch.equal(k1, k2) and torch.equal(v1, v2)
+
+
+def test_rope_append_takes_strided_input_and_leaves_other_appends_to_their_backend():
+    qkv, cos, sin, (k1, v1, k2, v2) = _rope_case(2, 2, 4, 2, 8, 6, torch.float32)
+    pos = torch.tensor([0, 3])
+    big = torch.zeros(*qkv.shape[:-1], 2 * qkv.shape[-1])
+    big[..., ::2] = qkv
+    wide = big[..., ::2]  # a non-contiguous view of the same values
+    assert not wide.is_contiguous()
+    assert torch.equal(layer.rope_append(wide, cos, sin, k1, v1, pos, 4, 2),
+                       reference.rope_append(qkv, cos, sin, k2, v2, pos, 4, 2))
+    assert torch.equal(k1, k2)
+    calls = []
+    q = layer.rope_append(qkv, cos, sin, k1, v1, pos, 4, 2, kv_append=lambda *a: calls.append(a))
+    assert len(calls) == 1 and q.shape == (2, 4, 2, 8)  # another backend's append is called, not fused away
+
+
+def test_rope_append_rejects_slots_past_the_cache():
+    qkv, cos, sin, (k1, v1, _, _) = _rope_case(1, 3, 4, 2, 8, 6, torch.bfloat16)
+    before = k1.clone()
+    with pytest.raises(IndexError, match="cache holds 6"):
+        layer.rope_append(qkv, cos, sin, k1, v1, torch.tensor([4]), 4, 2)
+    assert torch.equal(k1, before)  # nothing written
+
+
+def test_cpu_backend_carries_the_layer_glue():
+    ks = get_backend("cpu")
+    assert ks.get("rms_norm") is layer.rms_norm and ks.get("rope_append") is layer.rope_append
+    assert get_backend("torch").get("rms_norm") is None  # the decoder then uses the reference
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_model_on_the_cpu_backend_matches_the_reference_backend(tiny_hf, dtype):
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("qwen2", vocab_size=256)
+    kw = dict(n_positions=48, batch_size=2, amp=dtype)
+    ref = LlamaForSampling.from_pretrained(path, kernel_backend="torch", **kw)
+    ours = LlamaForSampling.from_pretrained(path, kernel_backend="cpu", **kw)
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    lr = ref.forward(ids, torch.tensor([0, 0]))
+    lo = ours.forward(ids, torch.tensor([0, 0]))
+    step = torch.tensor([[3], [7]])
+    lr2, lo2 = ref.forward(step, torch.tensor([9, 9])), ours.forward(step, torch.tensor([9, 9]))
+    tol = 1e-4 if dtype == "f32" else 0.1
+    assert (lr - lo).abs().max() < tol and (lr2 - lo2).abs().max() < tol
+    if dtype == "f32":  # greedy text is the same (bf16 logits may tie-break differently)
+        assert torch.equal(ours.sample(ids, 16, temperature=0.0), ref.sample(ids, 16, temperature=0.0))
