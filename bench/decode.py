@@ -4,7 +4,10 @@ measured in the same run (JSON and a PNG bar chart in bench/results/).
 Batch-1 decode streams every weight matrix once per token, so its floor is
 ``weight bytes read per token / memory read bandwidth``. Reported per model and dtype:
 tokens/s, weight bytes per token, achieved weight bandwidth (bytes/token x tokens/s) and that as
-a fraction of the measured read bandwidth. KV-cache reads (small at these lengths) and
+a fraction of the measured read bandwidth. The bandwidth of this kind of VM drifts by tens of
+percent within minutes, so besides a measurement at the start and one before each row, the read
+bandwidth is measured right before every timed run and each run's rate is set against its own
+measurement ("paired"; the median over runs is reported). KV-cache reads (small at these lengths) and
 activations are not counted, so the fraction slightly understates the real traffic.
 """
 
@@ -57,7 +60,8 @@ def weight_bytes_per_token(model) -> int:
 
 
 def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, kernel_backend,
-              context: int = VERIFY_CONTEXT) -> dict:
+              context: int = VERIFY_CONTEXT, bandwidth=None) -> dict:
+    """One model and dtype; ``bandwidth()`` (-> read GB/s), when given, runs before every timed run."""
     import torch
 
     from verispec.model import LlamaForSampling, Tokenizer
@@ -72,8 +76,10 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
     load_s = time.perf_counter() - t0
     ids = torch.tensor([prompt])  # [1, L]
     model.sample(ids, len(prompt) + min(4, new_tokens), temperature=0.0)  # warm-up
-    rates, outputs = [], None
+    rates, bws, outputs = [], [], None
     for _ in range(repeats):
+        if bandwidth is not None:
+            bws.append(bandwidth())
         out = model.sample(ids, len(prompt) + new_tokens, temperature=0.0)  # greedy, no EOS stop
         st = model.last_stats
         # the first new token comes from the prefill logits: new_tokens - 1 decode forwards
@@ -81,6 +87,7 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
         outputs = out
     tps = statistics.median(rates)
     wbytes = weight_bytes_per_token(model)
+    paired = [wbytes * r / 1e9 / bw for r, bw in zip(rates, bws)]
     verify_ms = verify_pass_costs(model, context, repeats=max(5, 3 * repeats))
     return {
         "model": name,
@@ -94,6 +101,9 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
         "tokens_per_s_runs": rates,
         "weight_bytes_per_token": wbytes,
         "achieved_weight_GBps": wbytes * tps / 1e9,
+        "read_GBps_paired": bws,  # measured just before each timed run
+        "fraction_of_paired_read_bandwidth_runs": paired,
+        "fraction_of_paired_read_bandwidth": statistics.median(paired) if paired else None,
         "sample_text": model.tokenizer.decode(outputs[0, len(prompt):].tolist()),
         "verify_context": context,
         "forward_ms_by_T": verify_ms,
@@ -140,7 +150,8 @@ def run(args) -> int:
             # this VM's bandwidth drifts by tens of percent within minutes: each row also gets its own
             # measurement, taken just before it, and its fraction of the lower of the two
             near = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
-            r = bench_one(name, amp, args.new_tokens, args.repeats, args.device, args.kernel_backend, args.verify_context)
+            r = bench_one(name, amp, args.new_tokens, args.repeats, args.device, args.kernel_backend, args.verify_context,
+                          bandwidth=lambda: measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)["read_GBps"])
             r["memory_bandwidth_before"] = near
             r["fraction_of_read_bandwidth"] = r["achieved_weight_GBps"] / bw["read_GBps"]
             r["fraction_of_nearby_read_bandwidth"] = r["achieved_weight_GBps"] / min(near["read_GBps"], bw["read_GBps"])
@@ -151,11 +162,12 @@ def run(args) -> int:
                                  "prompt": PROMPT, "results": rows}, args.out)
     plot = _plot(rows, bw, path.with_suffix(".png"))
     table = Table("model", "amp", "tokens/s", "MB/token", "weight GB/s", "% of read BW", "% of nearby BW",
-                  f"verify k=5 / decode @{args.verify_context}")
+                  "% of paired BW", f"verify k=5 / decode @{args.verify_context}")
     for r in rows:
         table.add_row(r["model"], r["amp"], f"{r['tokens_per_s']:.2f}", f"{r['weight_bytes_per_token'] / 1e6:.1f}",
                       f"{r['achieved_weight_GBps']:.2f}", f"{100 * r['fraction_of_read_bandwidth']:.1f}",
                       f"{100 * r['fraction_of_nearby_read_bandwidth']:.1f}",
+                      f"{100 * r['fraction_of_paired_read_bandwidth']:.1f}",
                       f"{r['verify_k5_over_decode']:.2f}x")
     console.print(table)
     console.print(f"wrote {path} and {plot}")

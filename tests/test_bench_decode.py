@@ -42,6 +42,11 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
             r["achieved_weight_GBps"] / data["memory_bandwidth"]["read_GBps"])
         near = min(r["memory_bandwidth_before"]["read_GBps"], data["memory_bandwidth"]["read_GBps"])
         assert r["fraction_of_nearby_read_bandwidth"] == pytest.approx(r["achieved_weight_GBps"] / near)
+        # paired: each timed run against the bandwidth measured just before it, median over runs
+        assert len(r["read_GBps_paired"]) == 2 and min(r["read_GBps_paired"]) > 0
+        runs = [r["weight_bytes_per_token"] * t / 1e9 / bw for t, bw in zip(r["tokens_per_s_runs"], r["read_GBps_paired"])]
+        assert r["fraction_of_paired_read_bandwidth_runs"] == pytest.approx(runs)
+        assert r["fraction_of_paired_read_bandwidth"] == pytest.approx(sorted(runs)[0] / 2 + sorted(runs)[1] / 2)
         ms = {int(T): v for T, v in r["forward_ms_by_T"].items()}
         assert set(ms) == {1, 2, 3, 4, 5, 6, 8} and min(ms.values()) > 0 and r["verify_context"] == 40
         assert r["verify_k5_over_decode"] == pytest.approx(ms[5] / ms[1])
