@@ -163,6 +163,8 @@ class SpeculativeGenerator:
                                             policy=repr(self.policy),
                                             draft=getattr(self.draft, "name", type(self.draft).__name__), rows=B)
         self._stats = stats
+        if hasattr(self.policy, "begin_sequence"):  # optional hook of the k-policy protocol
+            self.policy.begin_sequence()
 
         t0 = time.perf_counter()
         if hasattr(self.target, "reset"):

@@ -56,6 +56,14 @@ class AdaptiveK:
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
     step has measured them the policy uses ``start_k``.
 
+    Acceptance is a property of the text being written as much as of the draft, so at the start of
+    every generate() call (``begin_sequence``) the acceptance counts are scaled by ``carry``
+    (default 0: each call starts from the prior and its own passes; with counts from 1 row per
+    pass that reaches k = 8 in 3 passes of a well-predicted prompt and drops to k <= 3 in 1-2 of a
+    badly predicted one, where a policy carrying a code prompt's deep acceptance over would keep
+    proposing 7 drafts into prose for dozens of steps). The verify-cost table and the draft cost,
+    properties of the hardware, are kept.
+
     When the best k has not been followed by a step at k + 1 for ``explore_every`` steps, it
     takes k + 1 once: otherwise a policy that settled on k = 1 (no drafts) would never again
     measure acceptance, and one that settled on k would never learn that draft k + 1 improved.
@@ -63,13 +71,16 @@ class AdaptiveK:
 
     def __init__(self, max_k: int = 8, start_k: int = 4, halflife: float = 24.0, prior_acceptance: float = 0.6,
                  prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2,
-                 explore_every: int = 8):
+                 explore_every: int = 8, carry: float = 0.0):
         validate_k(max_k)
         validate_k(start_k)
         if not 0.0 <= prior_acceptance <= 1.0:
             raise ValueError(f"prior_acceptance must be in [0, 1], got {prior_acceptance}")
         if halflife <= 0 or prior_strength < 0 or shrink < 0 or not 0.0 < cost_smoothing <= 1.0:
             raise ValueError("halflife must be > 0, prior_strength and shrink >= 0, cost_smoothing in (0, 1]")
+        if not 0.0 <= carry <= 1.0:
+            raise ValueError(f"carry must be in [0, 1], got {carry}")
+        self.carry = carry
         self.max_k = max_k
         self.start_k = min(start_k, max_k)
         self.decay = 0.5 ** (1.0 / halflife)
@@ -109,6 +120,11 @@ class AdaptiveK:
         self.calibrated_batch = batch
 
     # ---- the policy protocol --------------------------------------------------------------------
+
+    def begin_sequence(self) -> None:
+        """A new generate() call: keep ``carry`` of the acceptance evidence (costs are kept)."""
+        self.reached = [r * self.carry for r in self.reached]
+        self.kept = [k * self.carry for k in self.kept]
 
     def next_k(self) -> int:
         self._asked_at = time.perf_counter()

@@ -128,3 +128,48 @@ def test_adaptive_k_explores_one_k_further_now_and_then():
         chosen.append(k)
         policy.observe(k, torch.zeros(1, dtype=torch.long), draft_s=0.3 * (k - 1), target_s=verify(k))
     assert set(chosen) == {1, 2} and chosen.count(2) == 3, chosen
+
+
+@pytest.mark.parametrize("carry", [0.0, 1.0])
+def test_a_new_sequence_keeps_only_carry_of_the_acceptance_evidence(carry):
+    """After a long stretch where every draft was accepted (k = 8), a new prompt whose drafts are
+    seldom accepted: starting afresh (the default, carry = 0) the policy is at k <= 3 from its
+    first pass and at k = 2 after a few; carrying all the evidence over (carry = 1) it is still
+    proposing 7 drafts ten passes later. Costs survive the reset."""
+    verify = lambda k: 1.0 + 0.1 * (k - 1)  # noqa: E731
+    policy = trained([0.95] * 7, 0.1, verify, rows=1)
+    policy.carry = carry
+    assert policy.next_k() == 8
+    table, draft_cost, reached = policy._verify_table(), policy.draft_s_per_position, list(policy.reached)
+    policy.begin_sequence()
+    assert policy.reached == pytest.approx([r * carry for r in reached])
+    assert policy._verify_table() == table and policy.draft_s_per_position == draft_cost
+    ks = []
+    for a in [0, 1, 0, 0, 2, 0, 0, 1, 0, 0]:  # accepted drafts per pass: about 0.3 per position
+        k = policy.next_k()
+        ks.append(k)
+        policy.observe(k, torch.tensor([min(a, k - 1)]), draft_s=0.1 * (k - 1), target_s=verify(k))
+    if carry == 0.0:
+        assert max(ks) <= 3 and policy.next_k() == 2, ks
+    else:
+        assert ks == [8] * 10, ks
+    with pytest.raises(ValueError, match="carry"):
+        AdaptiveK(carry=1.5)
+
+
+def test_the_generator_starts_each_call_with_begin_sequence(tiny_hf):
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama")
+    target = LlamaForSampling.from_pretrained(path, n_positions=64)
+    draft = LlamaForSampling.from_pretrained(path, n_positions=64)
+    calls = []
+
+    class Counting(FixedK):
+        def begin_sequence(self):
+            calls.append(True)
+
+    gen = SpeculativeGenerator(draft, target, Counting(3))
+    for _ in range(2):
+        gen.generate(torch.tensor([[1, 2, 3]]), 12, temperature=0)
+    assert len(calls) == 2
