@@ -133,8 +133,8 @@ def test_adaptive_k_explores_one_k_further_now_and_then():
 @pytest.mark.parametrize("carry", [0.0, 1.0])
 def test_a_new_sequence_keeps_only_carry_of_the_acceptance_evidence(carry):
     """After a long stretch where every draft was accepted (k = 8), a new prompt whose drafts are
-    seldom accepted: starting afresh (the default, carry = 0) the policy is at k <= 3 from its
-    first pass and at k = 2 after a few; carrying all the evidence over (carry = 1) it is still
+    seldom accepted: starting afresh (carry = 0) the policy is at k <= 3 from its first pass and at
+    k = 2 after a few; carrying all the evidence over (carry = 1, the default) it is still
     proposing 7 drafts ten passes later. Costs survive the reset."""
     verify = lambda k: 1.0 + 0.1 * (k - 1)  # noqa: E731
     policy = trained([0.95] * 7, 0.1, verify, rows=1)
@@ -155,6 +155,7 @@ def test_a_new_sequence_keeps_only_carry_of_the_acceptance_evidence(carry):
         assert ks == [8] * 10, ks
     with pytest.raises(ValueError, match="carry"):
         AdaptiveK(carry=1.5)
+    assert AdaptiveK().carry == 1.0
 
 
 def test_the_generator_starts_each_call_with_begin_sequence(tiny_hf):
