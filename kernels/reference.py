@@ -45,7 +45,12 @@ def check_kv_append_args(k_cache, v_cache, k_new, v_new, positions) -> list[int]
     if k_new.dtype != k_cache.dtype or v_new.dtype != v_cache.dtype:
         raise TypeError(f"new K/V dtype {k_new.dtype} differs from cache dtype {k_cache.dtype}")
     T = k_new.shape[2]
-    pos = _positions_list(positions, B)
+    return check_append_slots(positions, B, T, S_max)
+
+
+def check_append_slots(positions, batch: int, T: int, S_max: int) -> list[int]:
+    """positions as a host list, each row's T slots inside the cache (else IndexError)."""
+    pos = _positions_list(positions, batch)
     for b, p in enumerate(pos):
         if p < 0 or p + T > S_max:
             raise IndexError(

@@ -69,11 +69,7 @@ def rope_append(qkv, cos, signed_sin, k_cache, v_cache, positions, n_heads: int,
     if not fits:
         return reference.rope_append(qkv, cos, signed_sin, k_cache, v_cache, positions, n_heads, n_kv_heads, kv_append)
     S_max = k_cache.shape[2]
-    pos = reference._positions_list(positions, B)
-    for b, p in enumerate(pos):
-        if p < 0 or p + T > S_max:
-            raise IndexError(f"kv_append out of range: row {b} writes slots {p}..{p + T - 1} but the cache holds {S_max} slots")
-    pos_t = torch.tensor(pos, dtype=torch.int64)
+    pos_t = torch.tensor(reference.check_append_slots(positions, B, T, S_max), dtype=torch.int64)
     qkv, cos, signed_sin = qkv.contiguous(), cos.contiguous(), signed_sin.contiguous()
     q = torch.empty(B, n_heads, T, D, dtype=qkv.dtype)
     lib.verispec_rope_append(qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), pos_t.data_ptr(), q.data_ptr(),
