@@ -29,7 +29,7 @@ from .common import (
     weight_bytes,
     write_json,
 )
-from .e2e_report import METHOD, add_speedups, plot_acceptance, plot_tokens_per_s, print_report, summarize
+from .e2e_report import METHOD, add_repeats, add_speedups, plot_acceptance, plot_tokens_per_s, print_report, summarize
 
 WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
 
@@ -46,6 +46,9 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt (EOS does not stop)")
     p.add_argument("--prompt-sets", default="code,prose", help="comma-separated prompt sets of bench/prompts.json")
     p.add_argument("--prompts", type=int, default=4, help="prompts per set")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the whole prompt set this many times (paths interleaved throughout); the JSON keeps "
+                        "each repeat's tokens/s, so k=auto against the best fixed k comes with its run-to-run spread")
     p.add_argument("--random-prompts", action="store_true", help="random token prompts (models without tokenizer)")
     p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"], help="dtype of both engines")
     p.add_argument("--device", default="cpu")
@@ -115,6 +118,8 @@ def _check_args(args) -> tuple[list, list[float], list[str]]:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.prompts < 1:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.draft_quant and not is_model_draft(args.draft):
         raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; the draft is {args.draft!r}")
     return specs, _temperatures(args.temperatures), _prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
@@ -310,7 +315,7 @@ def run(args) -> int:
     N = args.max_new_tokens
     hf_assistants = [] if hf_target is None else [None] + ([hf_draft] if hf_draft is not None else [])
     for set_name in sets:
-        ps = prompts[set_name]
+        ps = prompts[set_name] * args.repeats  # prompt i of repeat r is sampled with seed + r * prompts + i
         for temp in temps:
             runners = [_target_only_runner(target, N, temp, args.seed, args.device)]
             runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies) for k in specs]
@@ -324,8 +329,9 @@ def run(args) -> int:
                 elif temp == 0:  # same weights, same greedy rule: a check that the comparison is like for like
                     path["greedy_divergence_from_verispec_target_only"] = greedy_divergence(outs, ref_outs, ps)
             add_speedups(paths)
-            runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps), "paths": paths,
-                         "summary": summarize(paths)})
+            add_repeats(paths, args.repeats)
+            runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps) // args.repeats,
+                         "repeats": args.repeats, "paths": paths, "summary": summarize(paths)})
 
     data = {
         "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),

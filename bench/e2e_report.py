@@ -59,6 +59,29 @@ def add_speedups(paths: list[dict]) -> None:
                 p[f"e2e_speedup_vs_{name}"] = _ratio(p["e2e_tokens_per_s"], ref["e2e_tokens_per_s"])
 
 
+def add_repeats(paths: list[dict], repeats: int) -> None:
+    """Each path's decode tokens/s in each repeat of the prompt set (its per-prompt rows are
+    repeat-major: the prompts of repeat 0, then of repeat 1, ...)."""
+    for p in paths:
+        rows = p["per_prompt"]
+        n = len(rows) // repeats
+        chunks = [rows[r * n:(r + 1) * n] for r in range(repeats)]
+        p["tokens_per_s_per_repeat"] = [
+            None if any(x["decode_s"] is None for x in c) else sum(x["new_tokens"] for x in c) / sum(x["decode_s"] for x in c)
+            for c in chunks]
+
+
+def _per_repeat(fixed: list[dict], auto: dict) -> dict:
+    """k=auto against the best and the median fixed k of the same repeat."""
+    reps = range(len(auto.get("tokens_per_s_per_repeat", [])))
+    best = [max(p["tokens_per_s_per_repeat"][r] for p in fixed) for r in reps]
+    median = [statistics.median(p["tokens_per_s_per_repeat"][r] for p in fixed) for r in reps]
+    ratio = [auto["tokens_per_s_per_repeat"][r] / best[r] for r in reps]
+    return {"auto_over_best_per_repeat": ratio,
+            "auto_within_3pct_repeats": sum(x >= 0.97 for x in ratio),
+            "auto_beats_median_repeats": sum(auto["tokens_per_s_per_repeat"][r] > median[r] for r in reps)}
+
+
 def summarize(paths: list[dict]) -> dict:
     """Best and median fixed k, k=auto against both (by tokens_per_s), and the speedups of the best
     fixed k and of k=auto (call after :func:`add_speedups`)."""
@@ -78,6 +101,8 @@ def summarize(paths: list[dict]) -> dict:
         out["auto_over_best"] = auto["tokens_per_s"] / out["best_fixed_tokens_per_s"]
         out["auto_within_3pct_of_best"] = out["auto_over_best"] >= 0.97
         out["auto_beats_median"] = auto["tokens_per_s"] > out["median_fixed_tokens_per_s"]
+        if len(auto.get("tokens_per_s_per_repeat", [])) > 1:
+            out.update(_per_repeat(fixed, auto))
     return out
 
 
@@ -128,7 +153,9 @@ def print_report(data: dict, written) -> None:
                 f"{s['auto_over_best']:.3f} x best fixed k={s['best_fixed_k']} ({s['best_fixed_tokens_per_s']:.2f}); "
                 f"median fixed {s['median_fixed_tokens_per_s']:.2f}; within 3% of best: "
                 f"{'yes' if s['auto_within_3pct_of_best'] else 'NO'}, beats median: "
-                f"{'yes' if s['auto_beats_median'] else 'NO'}; k used {s['auto_k_counts']}")
+                f"{'yes' if s['auto_beats_median'] else 'NO'}; k used {s['auto_k_counts']}"
+                + (f"; per repeat: {', '.join(f'{x:.3f}' for x in s['auto_over_best_per_repeat'])} x that repeat's best"
+                   if "auto_over_best_per_repeat" in s else ""))
     for run in data["runs"]:
         s = run["summary"]
         for name, label in (("best_fixed", f"best fixed k={s['best_fixed_k']}"), ("auto", "k=auto")):

@@ -56,22 +56,30 @@ class AdaptiveK:
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
     step has measured them the policy uses ``start_k``.
 
-    At the start of every generate() call (``begin_sequence``) the acceptance counts are scaled by
-    ``carry`` (default 1: kept, one policy learns across calls as a long-lived engine would). With
-    ``carry=0`` each call starts from the prior and follows its own prompt within 1-3 passes (a
-    policy carrying code prompts' deep acceptance into prose proposed 7 drafts there for dozens of
-    steps), but from the prior (0.6) it may find k = 1 best when drafting looks expensive and then
-    learns only through the k + 1 exploration: measured, it fell back to k = 1 for 82 of 132 passes
-    on greedy code in one run. The verify-cost table and the draft cost are always kept.
+    The draft cost is learned from passes whose first draft forward fed one token (or, after a
+    pass that accepted every draft, two). After k = 1 passes the draft has skipped tokens and the
+    next pass feeds them all in its first forward; that pass is not a per-position cost (taken as
+    one, it made drafting look dear, which kept the policy at k = 1: 82 of 132 greedy-code passes
+    in one measured run).
 
-    When the best k has not been followed by a step at k + 1 for ``explore_every`` steps, it
-    takes k + 1 once: otherwise a policy that settled on k = 1 (no drafts) would never again
-    measure acceptance, and one that settled on k would never learn that draft k + 1 improved.
+    At the start of every generate() call (``begin_sequence``) the acceptance counts are scaled by
+    ``carry`` and then, if more remain, down to ``carry_cap`` row-passes at the most-observed
+    position (default 1 and 4): a new prompt starts from what the last ones taught (not from the
+    prior), but its own first passes outweigh it. Keeping everything (``carry_cap=inf``) made a
+    policy that had learnt code prompts propose 7 drafts on prose for dozens of passes; starting
+    from the prior (``carry=0``) cost the first passes of every call. ``spec/simulate.py`` compares
+    the settings on modelled workloads (README). The verify-cost table and the draft cost are
+    always kept.
+
+    When the best k has not been followed by a step at k + 1 for ``explore_every`` steps (when
+    the best k is 1, ``explore_from_1`` steps), it takes k + 1 once: otherwise a policy that settled
+    on k = 1 (no drafts, so nothing learnt about acceptance) would never again measure acceptance,
+    and one that settled on k would never learn that draft k + 1 improved.
     """
 
     def __init__(self, max_k: int = 8, start_k: int = 4, halflife: float = 24.0, prior_acceptance: float = 0.6,
                  prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2,
-                 explore_every: int = 8, carry: float = 1.0):
+                 explore_every: int = 8, explore_from_1: int = 2, carry: float = 1.0, carry_cap: float = 4.0):
         validate_k(max_k)
         validate_k(start_k)
         if not 0.0 <= prior_acceptance <= 1.0:
@@ -80,7 +88,12 @@ class AdaptiveK:
             raise ValueError("halflife must be > 0, prior_strength and shrink >= 0, cost_smoothing in (0, 1]")
         if not 0.0 <= carry <= 1.0:
             raise ValueError(f"carry must be in [0, 1], got {carry}")
+        if not carry_cap >= 0:
+            raise ValueError(f"carry_cap must be >= 0, got {carry_cap}")
+        if explore_every < 1 or explore_from_1 < 1:
+            raise ValueError(f"explore_every and explore_from_1 must be >= 1, got {explore_every}, {explore_from_1}")
         self.carry = carry
+        self.carry_cap = carry_cap
         self.max_k = max_k
         self.start_k = min(start_k, max_k)
         self.decay = 0.5 ** (1.0 / halflife)
@@ -95,9 +108,11 @@ class AdaptiveK:
         self.draft_s_per_position: float | None = None
         self.overhead_s = 0.0
         self.explore_every = explore_every
+        self.explore_from_1 = explore_from_1
         self._step = 0
         self._last_used: dict[int, int] = {}  # k -> step it was last chosen
         self._asked_at: float | None = None
+        self._drafted_last = True  # whether the previous pass ran the draft (a k = 1 pass does not)
         self.last_choice: dict | None = None  # E, T and rate of every k at the last decision
 
     # ---- calibration (called by the generator) --------------------------------------------------
@@ -122,9 +137,14 @@ class AdaptiveK:
     # ---- the policy protocol --------------------------------------------------------------------
 
     def begin_sequence(self) -> None:
-        """A new generate() call: keep ``carry`` of the acceptance evidence (costs are kept)."""
-        self.reached = [r * self.carry for r in self.reached]
-        self.kept = [k * self.carry for k in self.kept]
+        """A new generate() call: keep ``carry`` of the acceptance evidence, at most ``carry_cap``
+        row-passes at any position (costs are kept)."""
+        scale = self.carry
+        most = max(self.reached, default=0.0) * scale
+        if most > self.carry_cap:
+            scale *= self.carry_cap / most
+        self.reached = [r * scale for r in self.reached]
+        self.kept = [k * scale for k in self.kept]
 
     def next_k(self) -> int:
         self._asked_at = time.perf_counter()
@@ -145,7 +165,8 @@ class AdaptiveK:
                 best_k, best_rate = k, rate
         self.last_choice = table
         self._step += 1
-        if best_k < self.max_k and self._step - self._last_used.get(best_k + 1, 0) > self.explore_every:
+        every = self.explore_every if best_k > 1 else self.explore_from_1
+        if best_k < self.max_k and self._step - self._last_used.get(best_k + 1, 0) > every:
             best_k += 1  # now and then one k further, so the next position's acceptance and cost stay measured
         self._last_used[best_k] = self._step
         return best_k
@@ -165,7 +186,9 @@ class AdaptiveK:
         for i in range(g):
             self.reached[i] += sum(counts[i:])
         self._record_verify(k, target_s)
-        if g:
+        caught_up = not self._drafted_last  # this pass's first draft forward fed the tokens k = 1 passes skipped
+        self._drafted_last = g > 0
+        if g and not caught_up:
             per = draft_s / g
             s = self.smoothing
             self.draft_s_per_position = per if self.draft_s_per_position is None else (1 - s) * self.draft_s_per_position + s * per

@@ -106,6 +106,7 @@ def test_bench_e2e_self_draft_skips_hf_assisted_and_reuses_conversion(tiny_pair,
     ("--temperatures", "nan", "temperature nan out of range"),
     ("--temperatures", "warm", "comma-separated numbers"),
     ("--prompts", "0", "--prompts must be >= 1"),
+    ("--repeats", "0", "--repeats must be >= 1"),
     ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
     ("--max-new-tokens", "400", "exceeds the target's max_position_embeddings=256"),
 ])
@@ -140,3 +141,29 @@ def test_bench_e2e_real_prompt_set_larger_than_asked(tiny_pair, tmp_path, capsys
                "--out-dir", str(tmp_path)])
     assert rc == 1
     assert "has 4 prompts, 50 asked for" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_bench_e2e_repeats_keep_each_repeats_rates(tiny_pair, tmp_path, capsys):
+    """--repeats 2 runs every prompt twice; each path keeps its tokens/s per repeat (computed here
+    from the per-prompt rows), and k=auto is compared with the best fixed k of the same repeat."""
+    target, draft, _ = tiny_pair
+    assert main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2,3,4", "--auto", "--no-hf",
+                 "--temperatures", "0", "--prompt-sets", "code", "--repeats", "2", "--out-dir", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    (run,) = json.loads((tmp_path / "e2e.json").read_text())["runs"]
+    assert run["prompts"] == 2 and run["repeats"] == 2
+    per_repeat = {}
+    for p in run["paths"]:
+        rows = p["per_prompt"]
+        assert len(rows) == 4 and [r["new_tokens"] for r in rows] == [6] * 4
+        assert rows[0]["prompt_tokens"] == rows[2]["prompt_tokens"] and rows[1]["prompt_tokens"] == rows[3]["prompt_tokens"]
+        expected = [12 / (rows[0]["decode_s"] + rows[1]["decode_s"]), 12 / (rows[2]["decode_s"] + rows[3]["decode_s"])]
+        assert p["tokens_per_s_per_repeat"] == pytest.approx(expected)
+        per_repeat[p["k"]] = expected
+    s = run["summary"]
+    ratios = [per_repeat["auto"][r] / max(per_repeat[k][r] for k in (2, 3, 4)) for r in range(2)]
+    assert s["auto_over_best_per_repeat"] == pytest.approx(ratios)
+    assert s["auto_within_3pct_repeats"] == sum(x >= 0.97 for x in ratios)
+    assert s["auto_beats_median_repeats"] == sum(
+        per_repeat["auto"][r] > statistics.median(per_repeat[k][r] for k in (2, 3, 4)) for r in range(2))
+    assert "per repeat:" in capsys.readouterr().out

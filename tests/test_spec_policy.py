@@ -117,45 +117,77 @@ def test_auto_in_the_generator_reports_calibration(tiny_hf):
     assert torch.equal(res.tokens, target.sample(torch.tensor([[1, 2, 3]]), 30, temperature=0))
 
 
-def test_adaptive_k_explores_one_k_further_now_and_then():
-    """Drafts never accepted: k = 1 is best, but every explore_every steps one step uses k = 2,
+@pytest.mark.parametrize("explore_from_1, explored", [(8, 3), (2, 9)])
+def test_adaptive_k_explores_one_k_further_now_and_then(explore_from_1, explored):
+    """Drafts never accepted: k = 1 is best, but every explore_from_1 + 1 steps one step uses k = 2,
     so acceptance keeps being measured (and a draft that improves would be noticed)."""
     verify = lambda k: 1.0 + 0.1 * (k - 1)  # noqa: E731
     policy = trained([0.0] * 7, 0.3, verify, rows=1)
+    policy.explore_from_1 = explore_from_1
     chosen = []
     for _ in range(27):
         k = policy.next_k()
         chosen.append(k)
         policy.observe(k, torch.zeros(1, dtype=torch.long), draft_s=0.3 * (k - 1), target_s=verify(k))
-    assert set(chosen) == {1, 2} and chosen.count(2) == 3, chosen
+    assert set(chosen) == {1, 2} and chosen.count(2) == explored, chosen
+    assert AdaptiveK().explore_from_1 == 2 and AdaptiveK().explore_every == 8
 
 
-@pytest.mark.parametrize("carry", [0.0, 1.0])
-def test_a_new_sequence_keeps_only_carry_of_the_acceptance_evidence(carry):
+def test_a_pass_that_catches_the_draft_up_is_not_a_draft_cost():
+    """After k = 1 passes the next pass's first draft forward feeds every skipped token; its time
+    does not enter the per-position draft cost (it once kept the policy at k = 1). The pass after
+    it, an ordinary one, does."""
+    verify = lambda k: 1.0 + 0.1 * (k - 1)  # noqa: E731
+    policy = trained([0.5] * 7, 0.3, verify, rows=1)
+    assert policy.draft_s_per_position == pytest.approx(0.3)
+    policy.observe(1, torch.zeros(1, dtype=torch.long), draft_s=0.0, target_s=1.0)
+    policy.observe(2, torch.zeros(1, dtype=torch.long), draft_s=3.0, target_s=1.1)  # catch-up: ignored
+    assert policy.draft_s_per_position == pytest.approx(0.3)
+    policy.observe(2, torch.zeros(1, dtype=torch.long), draft_s=0.5, target_s=1.1)
+    assert policy.draft_s_per_position == pytest.approx(0.8 * 0.3 + 0.2 * 0.5)
+
+
+@pytest.mark.parametrize("carry, cap", [(0.0, 4.0), (1.0, float("inf")), (1.0, 4.0), (0.5, 100.0)])
+def test_a_new_sequence_keeps_only_carry_of_the_acceptance_evidence(carry, cap):
     """After a long stretch where every draft was accepted (k = 8), a new prompt whose drafts are
-    seldom accepted: starting afresh (carry = 0) the policy is at k <= 3 from its first pass and at
-    k = 2 after a few; carrying all the evidence over (carry = 1, the default) it is still
-    proposing 7 drafts ten passes later. Costs survive the reset."""
+    seldom accepted. Starting afresh (carry = 0) the policy is at k <= 3 from its first pass and at
+    k = 2 after a few; carrying all the evidence over (no cap) it is still proposing 7 drafts ten
+    passes later; with the default cap of 4 row-passes it leaves k = 8 after a few passes and is at
+    k <= 4 by the tenth (the deep positions it never reaches keep their carried rates, so it comes
+    down one k at a time). Costs survive the reset."""
     verify = lambda k: 1.0 + 0.1 * (k - 1)  # noqa: E731
     policy = trained([0.95] * 7, 0.1, verify, rows=1)
-    policy.carry = carry
+    policy.carry, policy.carry_cap = carry, cap
     assert policy.next_k() == 8
-    table, draft_cost, reached = policy._verify_table(), policy.draft_s_per_position, list(policy.reached)
+    table, draft_cost, reached, kept = policy._verify_table(), policy.draft_s_per_position, policy.reached, policy.kept
+    scale = carry * min(1.0, cap / (max(reached) * carry)) if carry else 0.0
     policy.begin_sequence()
-    assert policy.reached == pytest.approx([r * carry for r in reached])
+    assert policy.reached == pytest.approx([r * scale for r in reached])
+    assert policy.kept == pytest.approx([k * scale for k in kept])
+    assert max(policy.reached) <= cap + 1e-9
     assert policy._verify_table() == table and policy.draft_s_per_position == draft_cost
     ks = []
     for a in [0, 1, 0, 0, 2, 0, 0, 1, 0, 0]:  # accepted drafts per pass: about 0.3 per position
         k = policy.next_k()
         ks.append(k)
         policy.observe(k, torch.tensor([min(a, k - 1)]), draft_s=0.1 * (k - 1), target_s=verify(k))
-    if carry == 0.0:
-        assert max(ks) <= 3 and policy.next_k() == 2, ks
-    else:
+    if cap == float("inf"):
         assert ks == [8] * 10, ks
-    with pytest.raises(ValueError, match="carry"):
-        AdaptiveK(carry=1.5)
-    assert AdaptiveK().carry == 1.0
+    elif carry == 0.0:
+        assert max(ks[4:]) <= 3 and policy.next_k() == 2, ks
+    elif cap == 4.0:
+        assert ks[:6].count(8) < 6 and ks[-1] <= 4 and ks == sorted(ks, reverse=True), ks
+    else:  # half of a long stretch, capped at 100 passes: still deep
+        assert min(ks) >= 6, ks
+
+
+@pytest.mark.parametrize("kwargs, message", [({"carry": 1.5}, "carry"), ({"carry_cap": -1}, "carry_cap"),
+                                             ({"carry_cap": float("nan")}, "carry_cap"),
+                                             ({"explore_from_1": 0}, "explore_from_1")])
+def test_adaptive_k_bad_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdaptiveK(**kwargs)
+    assert AdaptiveK().carry == 1.0 and AdaptiveK().carry_cap == 4.0
 
 
 def test_the_generator_starts_each_call_with_begin_sequence(tiny_hf):
