@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
     p.add_argument("--verify-context", type=int, default=VERIFY_CONTEXT,
                    help="cached tokens before the timed decode step and verify passes")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, run one more under cProfile and record where its time went")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.set_defaults(func=run)
 
@@ -60,7 +62,7 @@ def weight_bytes_per_token(model) -> int:
 
 
 def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, kernel_backend,
-              context: int = VERIFY_CONTEXT, bandwidth=None) -> dict:
+              context: int = VERIFY_CONTEXT, bandwidth=None, profile: bool = False) -> dict:
     """One model and dtype; ``bandwidth()`` (-> read GB/s), when given, runs before every timed run."""
     import torch
 
@@ -89,7 +91,9 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
     wbytes = weight_bytes_per_token(model)
     paired = [wbytes * r / 1e9 / bw for r, bw in zip(rates, bws)]
     verify_ms = verify_pass_costs(model, context, repeats=max(5, 3 * repeats))
+    profiled = profile_sample(model, ids, len(prompt) + new_tokens) if profile else None
     return {
+        "profile": profiled,
         "model": name,
         "amp": amp,
         "device": device,
@@ -109,6 +113,27 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
         "forward_ms_by_T": verify_ms,
         "verify_k5_over_decode": verify_ms[5] / verify_ms[1],
     }
+
+
+def profile_sample(model, ids, sequence_length: int, top: int = 12) -> dict:
+    """One greedy ``sample`` under cProfile: its total seconds, the seconds inside the skinny
+    products (kernels/cpu/linear.py's ``skinny_linear``: the native call and its Python wrapper),
+    and the ``top`` functions by own time. cProfile slows Python code, not native code, so the
+    products' share is, if anything, understated."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    model.sample(ids, sequence_length, temperature=0.0)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, function): (calls, primitive, own s, cumulative s, callers)}
+    total = sum(own for _, _, own, _, _ in stats.values())
+    products = sum(cum for (f, _, fn), (_, _, _, cum, _) in stats.items() if fn == "skinny_linear" and f.endswith("linear.py"))
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {"total_s": total, "skinny_products_s": products, "skinny_products_share": products / total if total else None,
+            "top_own_time": [{"function": f"{Path(f).name}:{line}({fn})", "calls": calls, "own_s": own, "cumulative_s": cum}
+                             for (f, line, fn), (calls, _, own, cum, _) in rows]}
 
 
 def verify_pass_costs(model, context: int, repeats: int) -> dict:
@@ -151,7 +176,8 @@ def run(args) -> int:
             # measurement, taken just before it, and its fraction of the lower of the two
             near = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
             r = bench_one(name, amp, args.new_tokens, args.repeats, args.device, args.kernel_backend, args.verify_context,
-                          bandwidth=lambda: measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)["read_GBps"])
+                          bandwidth=lambda: measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)["read_GBps"],
+                          profile=args.profile)
             r["memory_bandwidth_before"] = near
             r["fraction_of_read_bandwidth"] = r["achieved_weight_GBps"] / bw["read_GBps"]
             r["fraction_of_nearby_read_bandwidth"] = r["achieved_weight_GBps"] / min(near["read_GBps"], bw["read_GBps"])
@@ -170,6 +196,12 @@ def run(args) -> int:
                       f"{100 * r['fraction_of_paired_read_bandwidth']:.1f}",
                       f"{r['verify_k5_over_decode']:.2f}x")
     console.print(table)
+    for r in rows:
+        if r["profile"]:
+            pr = r["profile"]
+            console.print(f"{r['model']} {r['amp']} under cProfile: {pr['total_s']:.2f} s, of which the skinny products "
+                          f"(native call + Python wrapper) {pr['skinny_products_s']:.2f} s "
+                          f"({100 * pr['skinny_products_share']:.0f}%)")
     console.print(f"wrote {path} and {plot}")
     return 0
 

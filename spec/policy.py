@@ -65,9 +65,9 @@ class AdaptiveK:
     At the start of every generate() call (``begin_sequence``) the acceptance counts are scaled by
     ``carry`` and then, if more remain, down to ``carry_cap`` row-passes at the most-observed
     position (default 1 and 4): a new prompt starts from what the last ones taught (not from the
-    prior), but its own first passes outweigh it. Keeping everything (``carry_cap=inf``) made a
-    policy that had learnt code prompts propose 7 drafts on prose for dozens of passes; starting
-    from the prior (``carry=0``) cost the first passes of every call. ``spec/simulate.py`` compares
+    prior), but its own first passes outweigh it. Keeping everything (``carry_cap=inf``), a policy
+    that had learnt code prompts used k = 8 in 14 of 99 greedy-prose passes (measured); starting
+    from the prior (``carry=0``) costs the first passes of every call. ``spec/simulate.py`` compares
     the settings on modelled workloads (README). The verify-cost table and the draft cost are
     always kept.
 

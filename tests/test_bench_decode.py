@@ -50,7 +50,30 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
         ms = {int(T): v for T, v in r["forward_ms_by_T"].items()}
         assert set(ms) == {1, 2, 3, 4, 5, 6, 8} and min(ms.values()) > 0 and r["verify_context"] == 40
         assert r["verify_k5_over_decode"] == pytest.approx(ms[5] / ms[1])
+        assert r["profile"] is None  # only with --profile
 
 
 def test_decode_bench_rejects_bad_arguments(tmp_path):
     assert cli_main(["bench", "decode", "--models", "x", "--new-tokens", "1", "--out", str(tmp_path)]) == 1
+
+
+def test_decode_bench_profile(tiny_hf, tmp_path, capsys):
+    """--profile: one more greedy sample under cProfile; the products' seconds are part of the
+    total, the top list is ordered by own time, and the table line reports the share."""
+    from tiny_gguf import write_tiny_gguf
+
+    from verispec.kernels import cpu as native
+
+    _, hf = tiny_hf("llama", vocab_size=300)
+    path = write_tiny_gguf(tmp_path / "m.gguf", hf, "llama")
+    out = tmp_path / "results"
+    assert cli_main(["bench", "decode", "--models", path, "--dtypes", "bf16", "--new-tokens", "5", "--repeats", "1",
+                     "--bandwidth-bytes", str(1 << 22), "--verify-context", "40", "--profile", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "decode.json").read_text())["results"]
+    prof = row["profile"]
+    assert 0 < prof["skinny_products_s"] < prof["total_s"] if native.available() else prof["skinny_products_s"] == 0
+    assert prof["skinny_products_share"] == pytest.approx(prof["skinny_products_s"] / prof["total_s"])
+    own = [f["own_s"] for f in prof["top_own_time"]]
+    assert 0 < len(own) <= 12 and own == sorted(own, reverse=True)
+    assert all(f["calls"] >= 1 and f["cumulative_s"] >= f["own_s"] - 1e-9 for f in prof["top_own_time"])
+    assert "under cProfile" in " ".join(capsys.readouterr().out.split())
