@@ -27,19 +27,31 @@ def _case(B, H, H_kv, T, D, S_max, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("D", [64, 24])  # vector path (D % 16 == 0) and scalar path
-def test_close_to_float64_and_each_query_independent_of_T(dtype, D):
-    q, k, v = _case(3, 6, 2, 5, D, 40, dtype)
-    pos = torch.tensor([0, 17, 35])  # row 2 ends at the last slot
+@pytest.mark.parametrize("D", [64, 128, 48, 24])  # fast path (64, 128), 16-lane generic path, scalar path
+@pytest.mark.parametrize("spread", [1.0, 30.0])  # 30: scores far apart, most exponentials underflow to 0
+def test_close_to_float64_and_each_query_independent_of_T(dtype, D, spread):
+    T = 7  # more queries than the fast path's p . V group (5): two groups
+    q, k, v = _case(3, 6, 2, T, D, 70, dtype)
+    q = (q.float() * spread).to(dtype)
+    pos = torch.tensor([0, 17, 70 - T])  # row 2 ends at the last slot; rows 1-2 cross 32-slot blocks
     out = verify_attention(q, k, v, pos, D**-0.5)
     ref64 = reference.verify_attention(q.double(), k.double(), v.double(), pos, D**-0.5)
     ref = reference.verify_attention(q, k, v, pos, D**-0.5)
     # no further from float64 than the reference plus one output rounding
     ulp = torch.finfo(dtype).eps * ref64.abs().max().item()
     assert (out.double() - ref64).abs().max() <= (ref.double() - ref64).abs().max() + ulp + 1e-6
-    for t in range(5):  # query t alone (T = 1, at its own position) is bitwise query t of the block
+    for t in range(T):  # query t alone (T = 1, at its own position) is bitwise query t of the block
         alone = verify_attention(q[:, :, t : t + 1].contiguous(), k, v, pos + t, D**-0.5)
         assert torch.equal(alone[:, :, 0], out[:, :, t])
+
+
+@pytest.mark.parametrize("D", [64, 128, 24])
+def test_nan_in_the_cache_reaches_the_output_as_in_the_reference(D):
+    q, k, v = _case(1, 2, 1, 2, D, 12, torch.bfloat16)
+    k[0, 0, 3, 5] = float("nan")  # a NaN score for slot 3
+    pos = torch.tensor([6])
+    out, ref = verify_attention(q, k, v, pos, 0.2), reference.verify_attention(q, k, v, pos, 0.2)
+    assert torch.isnan(ref).all() and torch.isnan(out).all()
 
 
 def test_non_contiguous_queries_are_taken_as_given():

@@ -40,15 +40,20 @@ def test_skinny_linear_matches_float64(M, K, N, dtype, bias):
 def test_rows_are_bitwise_independent_of_batch_rows():
     """A token's product is the same bits in a k-token verify pass as in a one-token step."""
     g = torch.Generator().manual_seed(0)
-    # every row count a native call takes (bf16 blocks 4 or 2 weight rows for some of them),
-    # a weight row count with a ragged last block, and K with a tail past the vector width
-    for dtype in (torch.float32, torch.bfloat16):
-        w = torch.randn(301, 1000, generator=g).to(dtype)
+    # every row count a native call takes, and more (split into calls of 16), an odd weight row
+    # count, and K with a tail past the vector width; bf16 rows whose M activations outgrow
+    # 16 KB are cut into K-chunks (K=1000: from M=9 on; K=3000: from M=3 on, several chunks)
+    for dtype, K in ((torch.float32, 1000), (torch.bfloat16, 1000), (torch.bfloat16, 3000)):
+        w = torch.randn(301, K, generator=g).to(dtype)
         for M in range(1, 21):
-            x = torch.randn(M, 1000, generator=g).to(dtype)
+            x = torch.randn(M, K, generator=g).to(dtype)
             together = skinny_linear(x, w)
             alone = torch.cat([skinny_linear(x[i : i + 1], w) for i in range(M)])
-            assert torch.equal(together, alone), (dtype, M)
+            assert torch.equal(together, alone), (dtype, K, M)
+            if M in (1, 5, 16):  # and as accurate as torch's own product
+                ours, theirs = _errors(x, w, None)
+                ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * (x.double().abs() @ w.double().abs().T).max().item()
+                assert ours <= 2 * theirs + ulp + 1e-6, (dtype, K, M)
 
 
 def test_falls_back_to_torch_where_it_does_not_apply():

@@ -23,10 +23,18 @@
 #ifndef PF_DIST
 #define PF_DIST 1024 /* elements ahead in the weight stream: software prefetch hides DRAM latency */
 #endif
+#ifndef PF_L2_BYTES
+#define PF_L2_BYTES 16384 /* bytes ahead in a weight row for the bf16 kernel's prefetch into L2 */
+#endif
+#ifndef X_L1_BYTES
+#define X_L1_BYTES 16384 /* activation bytes per K-chunk of the bf16 kernel: they stay in L1 */
+#endif
 #if defined(NO_PF)
 #define PREFETCH(p)
+#define PREFETCH_L2(p)
 #else
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
+#define PREFETCH_L2(p) __builtin_prefetch((const void *)(p), 0, 2)
 #endif
 
 
@@ -45,23 +53,25 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 /* ROW_BF16(MM) defines row_bf16_MM: acc[m] = dot(w_row, x[m]) for m < MM, the weight row
  * streamed once. MM is a compile-time constant so the accumulators stay in registers. */
 #if defined(__AVX512BF16__)
+/* The AVX512-BF16 kernel runs over a chunk [k0, k1) of the row (multiples of 32), the MM
+ * accumulators carried in acc between chunks, so a long row can be cut into chunks whose
+ * activations stay in L1 without changing the order of any addition. pf: where to prefetch
+ * (into L2) at offset k, far enough ahead that DRAM latency is hidden even when MM rows of
+ * arithmetic per weight line leave the core little slack. */
+#define CHUNKED 1
 #define ROW_BF16(MM)                                                                              \
-    static void row_bf16_##MM(const uint16_t *w, const uint16_t *x, int64_t K, float *acc) {     \
+    static void row_bf16_##MM(const uint16_t *w, const uint16_t *x, int64_t K, int64_t k0, int64_t k1, \
+                              __m512 *acc, const char *pf) {                                      \
         __m512 a[MM];                                                                             \
-        for (int m = 0; m < MM; m++) a[m] = _mm512_setzero_ps();                                  \
-        int64_t k = 0;                                                                            \
-        for (; k + 32 <= K; k += 32) {                                                            \
-            PREFETCH(w + k + PF_DIST);                                                            \
+        for (int m = 0; m < MM; m++) a[m] = acc[m];                                               \
+        for (int64_t k = k0; k + 32 <= k1; k += 32) {                                             \
+            PREFETCH_L2(pf + 2 * k);                                                              \
             __m512i wv = _mm512_loadu_si512((const void *)(w + k));                               \
             for (int m = 0; m < MM; m++)                                                          \
                 a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)wv,                                       \
                                         (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k))); \
         }                                                                                         \
-        for (int m = 0; m < MM; m++) {                                                            \
-            float s = _mm512_reduce_add_ps(a[m]);                                                 \
-            for (int64_t j = k; j < K; j++) s += bf16_to_f32(w[j]) * bf16_to_f32(x[m * K + j]);   \
-            acc[m] = s;                                                                           \
-        }                                                                                         \
+        for (int m = 0; m < MM; m++) acc[m] = a[m];                                               \
     }
 #elif defined(__AVX512F__)
 #define WIDEN(p) bf16x16_to_f32(p)
@@ -122,7 +132,11 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 EACH_M(ROW_BF16)
 EACH_M(ROW_F32)
 
+#if defined(CHUNKED)
+typedef void (*row_bf16_fn)(const uint16_t *, const uint16_t *, int64_t, int64_t, int64_t, __m512 *, const char *);
+#else
 typedef void (*row_bf16_fn)(const uint16_t *, const uint16_t *, int64_t, float *);
+#endif
 typedef void (*row_f32_fn)(const float *, const float *, int64_t, float *);
 #define REF_BF16(MM) row_bf16_##MM,
 #define REF_F32(MM) row_f32_##MM,
@@ -130,9 +144,54 @@ static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
 static const row_f32_fn ROWS_F32[MAX_M] = {EACH_M(REF_F32)};
 
 
-/* M must be in 1..MAX_M (the caller splits larger M). */
+#if defined(CHUNKED)
+/* y[m, n] from the accumulators of row n: lane sum, the K % 32 tail, the bias, rounding. */
+static void finish_bf16(const __m512 *acc, const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                        int64_t M, int64_t K, int64_t N, int64_t n) {
+    const float b = bias ? bf16_to_f32(bias[n]) : 0.f;
+    for (int64_t m = 0; m < M; m++) {
+        float s = _mm512_reduce_add_ps(acc[m]);
+        for (int64_t j = K / 32 * 32; j < K; j++) s += bf16_to_f32(w[n * K + j]) * bf16_to_f32(x[m * K + j]);
+        y[m * N + n] = f32_to_bf16(s + b);
+    }
+}
+#endif
+
+/* M must be in 1..MAX_M (the caller splits larger M). Rows whose M activations outgrow X_L1_BYTES are cut into K-chunks: each thread runs chunk c
+ * over all its output rows before chunk c + 1, the accumulators parked in a per-thread buffer. */
 void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
-                        int64_t K, int64_t N, int nthreads) {
+                       int64_t K, int64_t N, int nthreads) {
+#if defined(CHUNKED)
+    const int64_t K32 = K / 32 * 32;
+    int64_t KC = X_L1_BYTES / (2 * M) / 32 * 32;
+    if (KC < 32) KC = 32;
+    if (KC >= K32) KC = K32;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const int64_t n0 = N * id / nt, n1 = N * (id + 1) / nt;
+        __m512 *acc = NULL;
+        if (KC < K32 && n1 > n0) acc = (__m512 *)aligned_alloc(64, (size_t)((n1 - n0) * M) * sizeof(__m512));
+        if (acc) { /* chunked: the prefetch runs two rows ahead at the same offset */
+            for (int64_t i = 0; i < (n1 - n0) * M; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t k0 = 0; k0 < K32; k0 += KC) {
+                const int64_t k1 = k0 + KC < K32 ? k0 + KC : K32;
+                for (int64_t n = n0; n < n1; n++)
+                    ROWS_BF16[M - 1](w + n * K, x, K, k0, k1, acc + (n - n0) * M,
+                                     (const char *)(w + (n + 2 < n1 ? n + 2 : n1 - 1) * K));
+            }
+            for (int64_t n = n0; n < n1; n++) finish_bf16(acc + (n - n0) * M, w, x, bias, y, M, K, N, n);
+            free(acc);
+        } else { /* whole rows (also the fallback when the buffer cannot be had: same sums) */
+            __m512 a[MAX_M];
+            for (int64_t n = n0; n < n1; n++) {
+                for (int64_t m = 0; m < M; m++) a[m] = _mm512_setzero_ps();
+                ROWS_BF16[M - 1](w + n * K, x, K, 0, K32, a, (const char *)(w + n * K) + PF_L2_BYTES);
+                finish_bf16(a, w, x, bias, y, M, K, N, n);
+            }
+        }
+    }
+#else
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n = 0; n < N; n++) {
         float acc[MAX_M];
@@ -140,6 +199,7 @@ void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bi
         float b = bias ? bf16_to_f32(bias[n]) : 0.f;
         for (int64_t m = 0; m < M; m++) y[m * N + n] = f32_to_bf16(acc[m] + b);
     }
+#endif
 }
 
 void verispec_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
