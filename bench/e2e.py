@@ -38,7 +38,7 @@ def register(sub) -> None:
     p = sub.add_parser("e2e", help="end-to-end tokens/s: target-only, speculative per k and auto, HF transformers")
     p.add_argument("--target", default="qwen2.5-coder-1.5b", help="model name, HF directory or .gguf file")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="model name/path, 'self:N' or 'ngram'")
-    p.add_argument("--draft-quant", default=None, choices=["int8"],
+    p.add_argument("--draft-quant", default=None, choices=["int8", "w8a8"],
                    help="store our draft's weights as int8 (the HF assisted baseline keeps --amp)")
     p.add_argument("--ks", default="2,3,4,5,6,7,8", help="comma-separated fixed k values (each >= 2)")
     p.add_argument("--auto", action=argparse.BooleanOptionalAction, default=True, help="also run k='auto'")

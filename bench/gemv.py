@@ -1,6 +1,6 @@
 """``verispec bench gemv``: the native CPU products (kernels/cpu/gemv.c) against the memory
 bandwidth measured in the same run, per number of activation rows M (1 = a decode step, k = a
-k-token verify pass) and weight format (bf16, int8), on a model's real matrix shapes.
+k-token verify pass) and weight format (bf16, int8, w8a8), on a model's real matrix shapes.
 
 Two figures per (format, M):
 - streamed: weight bytes / time over matrices far larger than the caches (what decode sees);
@@ -21,7 +21,7 @@ QWEN_1_5B_SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (15
 def register(sub) -> None:
     p = sub.add_parser("gemv", help="native CPU products: weight GB/s by rows M and format, against read bandwidth")
     p.add_argument("--ms", default="1,2,4,5,8", help="comma-separated activation rows (1..16)")
-    p.add_argument("--formats", default="bf16,int8", help="comma-separated: bf16, f32, int8")
+    p.add_argument("--formats", default="bf16,int8,w8a8", help="comma-separated: bf16, f32, int8, w8a8")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds (median reported)")
     p.add_argument("--out", default=None, help="results directory (default bench/results)")
     p.set_defaults(func=run)
@@ -39,12 +39,13 @@ def _product(fmt: str, shapes, M: int, gen):
     calls, nbytes = [], 0
     for n, k in shapes:
         w = torch.randn(n, k, generator=gen)
-        if fmt == "int8":
+        if fmt in ("int8", "w8a8"):
             q, scale = quantize_rows(w)
             x = torch.randn(M, k, generator=gen).to(torch.bfloat16)
             y = torch.empty(M, n, dtype=torch.bfloat16)
             args = (x.data_ptr(), 1, q.data_ptr(), scale.data_ptr(), None, y.data_ptr(), M, k, n, nt)
-            calls.append((lib.verispec_gemv_i8, args, (q, scale, x, y)))
+            fn = lib.verispec_gemv_i8 if fmt == "int8" else lib.verispec_gemv_w8a8
+            calls.append((fn, args, (q, scale, x, y)))
             nbytes += q.numel() + 4 * scale.numel()
         else:
             dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[fmt]
@@ -64,7 +65,7 @@ def _product(fmt: str, shapes, M: int, gen):
 
 def _resident_shape(fmt: str) -> tuple[int, int]:
     """A [N, 1536] matrix of about 1.5 MB: each thread's half stays in its core's 1 MB L2."""
-    per_row = 1536 * {"bf16": 2, "f32": 4, "int8": 1}[fmt]
+    per_row = 1536 * {"bf16": 2, "f32": 4, "int8": 1, "w8a8": 1}[fmt]
     return (1536 * 1024) // per_row, 1536
 
 
@@ -81,6 +82,7 @@ def run(args) -> int:
     from rich.table import Table
 
     from verispec.kernels import cpu as native
+    from verispec.kernels.cpu.build import get_lib
 
     from .common import measure_memory_bandwidth, write_json
 
@@ -90,8 +92,10 @@ def run(args) -> int:
     formats = [f for f in args.formats.split(",") if f]
     if not ms or any(not 1 <= m <= 16 for m in ms):
         raise ValueError(f"--ms must list row counts in 1..16, got {args.ms!r}")
-    if not formats or any(f not in ("bf16", "f32", "int8") for f in formats):
-        raise ValueError(f"--formats must list bf16, f32 or int8, got {args.formats!r}")
+    if not formats or any(f not in ("bf16", "f32", "int8", "w8a8") for f in formats):
+        raise ValueError(f"--formats must list bf16, f32, int8 or w8a8, got {args.formats!r}")
+    if "w8a8" in formats and not get_lib().verispec_w8a8_available():
+        raise RuntimeError("--formats w8a8 needs AVX512-VNNI, which this build of the native kernels lacks")
     if args.repeats < 1:
         raise ValueError("--repeats must be >= 1")
     gen = torch.Generator().manual_seed(0)
@@ -121,7 +125,7 @@ def run(args) -> int:
         table.add_row(r["format"], str(r["M"]), f"{r['streamed_GBps']:.1f}", f"{r['read_bandwidth_GBps']:.1f}",
                       f"{100 * r['fraction_of_read_bandwidth']:.0f}", f"{r['cache_resident_GBps']:.1f}")
     console.print(table)
-    console.print("GB/s count weight bytes (int8: 1 byte per weight + a 4-byte scale per row); streamed over "
+    console.print("GB/s count weight bytes (int8, w8a8: 1 byte per weight + a 4-byte scale per row); streamed over "
                   "Qwen2.5-1.5B's matrix shapes, cache-resident over one ~1.5 MB [N, 1536] matrix; bf16 activations")
     console.print(f"wrote {path}")
     return 0

@@ -80,7 +80,7 @@ class LlamaForSampling:
         self.kernels = kernels if kernels is not None else get_backend(None, device=str(self.device))
         self.tp = tp  # verispec.parallel state when tp_degree > 1
         self.source_path = source_path
-        self.quant = quant  # weight quantization ("int8") or None
+        self.quant = quant  # weight quantization ("int8", "w8a8") or None
         attn = decoder.model.layers[0].self_attn
         self.cache = KVCache(
             len(decoder.model.layers), batch_size, attn.n_kv_heads, n_positions, attn.head_dim, self.dtype, self.device
@@ -106,7 +106,8 @@ class LlamaForSampling:
     ) -> "LlamaForSampling":
         """Load a model. ``quant="int8"`` stores the weights of every linear layer as int8 with a
         per-row scale (CPU, tp_degree 1): half the bytes a decode step streams, for draft models
-        (a draft's precision changes acceptance, never the output distribution)."""
+        (a draft's precision changes acceptance, never the output distribution). ``quant="w8a8"``
+        also rounds the activations to int8 (blocks of 64) for integer dot products: faster still."""
         dtype = amp_dtype(amp)
         if quant is not None:
             from ..kernels.cpu.quant import QUANT_MODES

@@ -8,6 +8,12 @@ bytes a draft step streams is therefore free exactness-wise, and a draft step is
 (round to nearest). The product accumulates ``q * x`` in fp32 (each product exact) and applies
 the row's scale once at the end (gemv.c's ``verispec_gemv_i8``); without the native kernels, or
 for more rows than a decode step has, it dequantizes to the activation dtype and calls torch.
+
+``w8a8`` keeps the same int8 weights and also rounds the activations to int8, per row and per
+block of 64 values along K (scale ``max|x| / 127`` per block), so each block's dot product is an
+exact int32 sum (w8a8.c, AVX512-VNNI): a few instructions per weight line instead of a widening
+per weight, which lets a draft step stream at the memory's speed. :func:`w8a8_reference` is the
+same arithmetic in torch (the fallback and the tests' oracle). Draft-only, like ``int8``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from torch import nn
 
 from .build import get_lib
 from .linear import MAX_M  # rows per native call (gemv.c's MAX_M)
-QUANT_MODES = ("int8",)
+QUANT_MODES = ("int8", "w8a8")
+QB = 64  # activation values per quantization block (w8a8.c's QB)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,6 +86,58 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
 
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [R, K] -> (xq [R, nb, QB] fp32 integers in [-127, 127], xs [R, nb] fp32 block scales),
+    K zero-padded to nb * QB; w8a8.c's rounding (x * (127 / max|x|), half to even)."""
+    R, K = x.shape
+    nb = -(-K // QB)
+    xf = F.pad(x.float(), (0, nb * QB - K)).view(R, nb, QB)
+    amax = xf.abs().amax(dim=-1)  # [R, nb]
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    xq = torch.round(xf * inv[..., None]).clamp_(-127, 127)
+    return xq, amax / 127.0
+
+
+def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The W8A8 product in torch: x [..., K] (bf16/fp32), q int8 [N, K], scale [N] -> [..., N] in
+    x's dtype. Block dot products are exact (float64 holds them), summed over blocks in float64."""
+    K, N = q.shape[1], q.shape[0]
+    xq, xs = quantize_activations(x.reshape(-1, K))
+    nb = xq.shape[1]
+    qb = F.pad(q.double(), (0, nb * QB - K)).view(N, nb, QB)
+    dots = torch.einsum("rbk,nbk->rnb", xq.double(), qb)  # [R, N, nb], exact integers
+    y = (dots * xs.double()[:, None, :]).sum(-1) * scale.double()  # [R, N]
+    if bias is not None:
+        y = y + bias.double()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+class W8A8Linear(Int8Linear):
+    """Int8 weights and int8 activations (see the module docstring); output in the activation dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        K, N = self.in_features, self.out_features
+        rows = x.numel() // K if K else 0
+        lib = get_lib()
+        bias = None if self.bias is None else self.bias.to(x.dtype).contiguous()
+        if (lib is None or not lib.verispec_w8a8_available() or rows == 0 or rows > 4 * MAX_M
+                or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32)):
+            return w8a8_reference(x, self.qweight, self.scale, bias)
+        x2 = x if x.is_contiguous() else x.contiguous()
+        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+        size, xp, yp = x.element_size(), x2.data_ptr(), y.data_ptr()
+        bp, nt, is_bf16 = None if bias is None else bias.data_ptr(), torch.get_num_threads(), int(x.dtype == torch.bfloat16)
+        for m0 in range(0, rows, MAX_M):
+            rc = lib.verispec_gemv_w8a8(xp + m0 * K * size, is_bf16, self.qweight.data_ptr(), self.scale.data_ptr(), bp,
+                                        yp + m0 * N * size, min(MAX_M, rows - m0), K, N, nt)
+            if rc != 0:
+                raise MemoryError("verispec_gemv_w8a8: could not allocate the activation buffers")
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr().replace(", int8", ", w8a8")
+
+
 def forward_linears(decoder: nn.Module) -> list[tuple[nn.Module, str, bool]]:
     """(owner, attribute, registered) of each linear layer a forward pass runs: fused q/k/v and
     gate/up where fused (held outside the module tree, see Attention.fuse), else the separate
@@ -106,7 +165,7 @@ def quantize_weights(decoder: nn.Module, mode: str) -> int:
         lin = getattr(owner, attr)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{type(owner).__name__}.{attr} is {type(lin).__name__}; only nn.Linear layers can be quantized")
-        new = Int8Linear.from_linear(lin)
+        new = (W8A8Linear if mode == "w8a8" else Int8Linear).from_linear(lin)
         if registered:
             setattr(owner, attr, new)
         else:

@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, HF directory or .gguf file")
     p.add_argument("--draft", default=DEFAULT_DRAFT,
                    help="draft: model name/path, 'ngram', 'self:N' (target's first N layers), or 'none'")
-    p.add_argument("--draft-quant", default=None, choices=["int8"],
-                   help="store the draft model's weights as int8: a faster draft, the same output distribution")
+    p.add_argument("--draft-quant", default=None, choices=["int8", "w8a8"],
+                   help="int8: the draft's weights as int8; w8a8: int8 weights and int8 activations (faster "
+                        "still); either way a faster draft and the same output distribution")
     p.add_argument("-k", "--k", default="auto", help="tokens per verify pass (drafts + 1), or 'auto' / 'auto:MAX'")
     p.add_argument("--acceptor", default=None, help="token acceptor (default: exact rejection sampling)")
     p.add_argument("--max-new-tokens", type=int, default=128)
