@@ -185,6 +185,7 @@ class Decoder(nn.Module):
     def __init__(self, config: LlamaConfig, max_positions: int):
         super().__init__()
         self.config = config
+        self.fused_layers = True  # cpu backend: few-row steps run each layer as one native call (kernels/cpu/fused.py)
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
@@ -218,8 +219,16 @@ class Decoder(nn.Module):
         cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
         sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
-        for i, layer in enumerate(layers):
-            h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
+        plans = None
+        if kernels.name == "cpu" and self.fused_layers:  # a decode/verify step: one native call per layer
+            from ..kernels.cpu import fused
+
+            plans = fused.plans_for(self, layers, h.dtype) if fused.applies(kernels, h, active_mask) else None
+        if plans is not None:
+            h = fused.run_layers(plans, layers, h, cos, sin, cache, positions)
+        else:
+            for i, layer in enumerate(layers):
+                h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
         if logits_at is not None:
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]

@@ -1,4 +1,4 @@
-"""Builds the native CPU kernels (gemv.c, w8a8.c, attention.c, layer.c) into a shared library on first use.
+"""Builds the native CPU kernels (gemv.c, w8a8.c, attention.c, layer.c, fused.c) into a shared library on first use.
 
 Compiled with the system C compiler (no torch headers: about a second) into
 ``$VERISPEC_HOME/build`` (default ~/.cache/verispec/build), keyed by source, flags and CPU,
@@ -21,7 +21,7 @@ import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares tor
 
 log = logging.getLogger("verispec.kernels.cpu")
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c", "fused.c")]
 HEADERS = [Path(__file__).with_name("bf16.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -71,6 +71,8 @@ def _build() -> ctypes.CDLL:
     lib.verispec_gemv_w8a8.argtypes = [vp, ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
     lib.verispec_gemv_w8a8.restype = ctypes.c_int
     lib.verispec_w8a8_available.restype = ctypes.c_int
+    lib.verispec_layer.argtypes = [vp, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    lib.verispec_layer.restype = ctypes.c_int
     lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int, ctypes.c_int]
     lib.verispec_attention.restype = ctypes.c_int

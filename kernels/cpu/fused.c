@@ -1,0 +1,118 @@
+/* One decoder layer of a decode or verify step (B * T <= 16 rows) in a single native call.
+ *
+ * A step of a small model runs ten-odd native kernels per layer; called one by one from Python
+ * each costs module dispatch, argument checks and an output allocation, about 0.15 ms a layer on
+ * this machine (3-4 ms of a 20 ms draft step). This runs the same kernels in the same order on one
+ * scratch block: RMSNorm, the fused q/k/v product, RoPE with the cache append, verify attention,
+ * the o product, the residual add with the next RMSNorm, the fused gate/up product, SiLU(gate) *
+ * up, the down product and the residual add. Every step rounds as the Python path does (the
+ * products, norms, RoPE and attention are the very same functions); SiLU uses the C library's
+ * expf where torch uses its own vectorised exp, so its output may differ from torch's in the last
+ * bit of an fp32 intermediate (kernels/cpu/fused.py checks the layer against the module path).
+ * Row-wise throughout, so a token's result does not depend on how many rows share the call.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include "bf16.h"
+
+void verispec_rms_norm(const void *x, const void *delta, const void *w, void *h_out, void *y, int64_t R, int64_t E,
+                       float eps, int bf16);
+void verispec_rope_append(const void *qkv, const void *cos, const void *sin, const int64_t *pos, void *q_out,
+                          void *k_cache, void *v_cache, int64_t B, int64_t T, int64_t H, int64_t H_kv, int64_t D,
+                          int64_t S_max, int bf16);
+int verispec_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *positions, void *out,
+                       int64_t B, int64_t H, int64_t H_kv, int64_t T, int64_t D, int64_t S_max, float scale,
+                       int is_bf16, int nthreads);
+void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+                        int64_t K, int64_t N, int nthreads);
+void verispec_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
+                       int nthreads);
+int verispec_gemv_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, const void *bias, void *y,
+                     int64_t M, int64_t K, int64_t N, int nthreads);
+int verispec_gemv_w8a8(const void *x, int x_bf16, const int8_t *w, const float *scale, const void *bias, void *y,
+                       int64_t M, int64_t K, int64_t N, int nthreads);
+
+#define NO_CONTRACT __attribute__((optimize("fp-contract=off")))
+#define LIN_WORDS 6 /* kind (0: weights in the activation dtype, 1: int8, 2: w8a8), weight, scale, bias, N, K */
+
+/* y [M, N] = x [M, K] . W^T (+ bias) by the layer's kind; 0 or the kernel's error code. */
+static int linear(const int64_t *L, const void *x, void *y, int64_t M, int bf16, int nt) {
+    const void *w = (const void *)L[1], *bias = (const void *)L[3];
+    const float *scale = (const float *)L[2];
+    switch (L[0]) {
+    case 0:
+        if (bf16)
+            verispec_gemv_bf16(x, w, bias, y, M, L[5], L[4], nt);
+        else
+            verispec_gemv_f32(x, w, bias, y, M, L[5], L[4], nt);
+        return 0;
+    case 1:
+        return verispec_gemv_i8(x, bf16, w, scale, bias, y, M, L[5], L[4], nt);
+    case 2:
+        return verispec_gemv_w8a8(x, bf16, w, scale, bias, y, M, L[5], L[4], nt);
+    default:
+        return -3;
+    }
+}
+
+static inline float ldv(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void stv(void *p, int64_t i, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
+}
+static inline float rndv(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
+
+/* m [R, F] = dtype(dtype(silu(gate)) * up), gu [R, 2F] = [gate | up] (torch's F.silu(gate) * up). */
+NO_CONTRACT static void silu_mul(const void *gu, void *m, int64_t R, int64_t F, int bf16) {
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t f = 0; f < F; f++) {
+            const float g = ldv(gu, r * 2 * F + f, bf16), u = ldv(gu, r * 2 * F + F + f, bf16);
+            stv(m, r * F + f, rndv(g / (1.0f + expf(-g)), bf16) * u, bf16);
+        }
+}
+
+/* P: x (residual stream [B, T, E], updated in place), in-norm weight, post-norm weight, cos,
+ * sin ([B, T, D]), positions (host int64 [B], validated by the caller: positions[b] + T <=
+ * S_max), k_cache, v_cache ([B, H_kv, S_max, D]), B, T, E, H, H_kv, D, S_max, F, then the four
+ * linears (q/k/v fused, o, gate/up fused, down) of LIN_WORDS each. Returns 0; -1 if scratch
+ * could not be allocated; another negative code from a product kernel. */
+NO_CONTRACT int verispec_layer(const int64_t *P, float eps_in, float eps_post, float attn_scale, int bf16, int nt) {
+    void *x = (void *)P[0];
+    const void *w_in = (const void *)P[1], *w_post = (const void *)P[2], *cos = (const void *)P[3],
+               *sin = (const void *)P[4];
+    const int64_t *pos = (const int64_t *)P[5];
+    void *k_cache = (void *)P[6], *v_cache = (void *)P[7];
+    const int64_t B = P[8], T = P[9], E = P[10], H = P[11], H_kv = P[12], D = P[13], S_max = P[14], F = P[15];
+    const int64_t *qkv_l = P + 16, *o_l = qkv_l + LIN_WORDS, *gu_l = o_l + LIN_WORDS, *down_l = gu_l + LIN_WORDS;
+    const int64_t R = B * T, W = (H + 2 * H_kv) * D, size = bf16 ? 2 : 4;
+    const int64_t n_elems = R * (2 * E + W + 2 * H * D + 2 * F + F);
+    char *buf = (char *)malloc((size_t)(n_elems * size));
+    if (!buf) return -1;
+    char *h = buf, *a = h + R * E * size, *qkv = a + R * E * size, *q = qkv + R * W * size;
+    char *o = q + R * H * D * size, *gu = o + R * H * D * size, *m = gu + R * 2 * F * size;
+    int rc = 0;
+    verispec_rms_norm(x, NULL, w_in, NULL, h, R, E, eps_in, bf16);
+    if ((rc = linear(qkv_l, h, qkv, R, bf16, nt))) goto done;
+    verispec_rope_append(qkv, cos, sin, pos, q, k_cache, v_cache, B, T, H, H_kv, D, S_max, bf16); /* q [B,H,T,D] */
+    if ((rc = verispec_attention(q, k_cache, v_cache, pos, o, B, H, H_kv, T, D, S_max, attn_scale, bf16, nt))) goto done;
+    for (int64_t b = 0; b < B; b++) /* [B, H, T, D] -> [B, T, H * D] into q's space */
+        for (int64_t hh = 0; hh < H; hh++)
+            for (int64_t t = 0; t < T; t++)
+                memcpy(q + (((b * T + t) * H + hh) * D) * size, o + (((b * H + hh) * T + t) * D) * size,
+                       (size_t)(D * size));
+    if ((rc = linear(o_l, q, a, R, bf16, nt))) goto done;
+    verispec_rms_norm(x, a, w_post, x, h, R, E, eps_post, bf16); /* x <- dtype(x + a); h <- norm(x) */
+    if ((rc = linear(gu_l, h, gu, R, bf16, nt))) goto done;
+    silu_mul(gu, m, R, F, bf16);
+    if ((rc = linear(down_l, m, a, R, bf16, nt))) goto done;
+    for (int64_t i = 0; i < R * E; i++) stv(x, i, ldv(x, i, bf16) + ldv(a, i, bf16), bf16);
+done:
+    free(buf);
+    return rc;
+}

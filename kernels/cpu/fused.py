@@ -1,0 +1,130 @@
+"""Decoder layers of a decode or verify step as one native call each (fused.c's verispec_layer).
+
+The ``cpu`` backend's path for few rows (B * T <= 16): the decoder hands its layers here when
+every piece is one the native layer runs (fused q/k/v and gate/up projections, products of the
+native kinds, the ``cpu`` backend's own attention, RoPE/append and norms, bf16 or fp32, CPU) and
+falls back to the module path otherwise. Same kernels, same order, same roundings as the module
+path except SiLU's exp (fused.c), so outputs agree to the last bit of an fp32 intermediate;
+tests/test_cpu_fused.py compares the two.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import reference
+from .build import get_lib
+from .linear import MAX_M, SkinnyLinear
+from .quant import Int8Linear, W8A8Linear
+
+_KINDS = {SkinnyLinear: 0, Int8Linear: 1, W8A8Linear: 2}
+
+
+def _linear_words(lin: nn.Module, dtype: torch.dtype, lib) -> tuple[list[int], list[torch.Tensor]] | None:
+    """(the six int64 words fused.c reads for a linear layer, tensors they point into) or None."""
+    kind = _KINDS.get(type(lin))
+    if kind is None or (kind == 2 and not lib.verispec_w8a8_available()):
+        return None
+    w = lin.weight if kind == 0 else lin.qweight
+    bias = lin.bias
+    if not w.is_contiguous() or w.device.type != "cpu" or w.requires_grad:
+        return None
+    if (kind == 0 and w.dtype != dtype) or (bias is not None and (bias.dtype != dtype or bias.requires_grad)):
+        return None
+    keep = [w] + ([lin.scale] if kind else []) + ([bias.contiguous()] if bias is not None else [])
+    words = [kind, w.data_ptr(), lin.scale.data_ptr() if kind else 0,
+             keep[-1].data_ptr() if bias is not None else 0, w.shape[0], w.shape[1]]
+    return words, keep
+
+
+class LayerPlan:
+    """The static words of one layer (norm weights and the four linears) and the tensors behind them."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype, lib):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.parts = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn._qkv, attn.o_proj,
+                      mlp._gate_up, mlp.down_proj)
+        self.words: list[int] | None = None
+        self.keep: list[torch.Tensor] = []
+        lins = [attn._qkv, attn.o_proj, mlp._gate_up, mlp.down_proj]
+        norms = self.parts[:2]
+        if any(n.dtype != dtype or not n.is_contiguous() or n.requires_grad for n in norms):
+            return
+        words = []
+        for lin in lins:
+            got = None if lin is None else _linear_words(lin, dtype, lib)
+            if got is None:
+                return
+            words += got[0]
+            self.keep += got[1]
+        self.keep += list(norms)
+        self.words = words
+        self.eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
+        self.F = mlp._gate_up.out_features // 2
+
+    def current(self, layer: nn.Module) -> bool:
+        attn, mlp = layer.self_attn, layer.mlp
+        now = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn._qkv, attn.o_proj,
+               mlp._gate_up, mlp.down_proj)
+        return all(a is b for a, b in zip(now, self.parts))
+
+
+def applies(kernels, h: torch.Tensor, active_mask) -> bool:
+    """Whether this forward can take the fused path (before looking at the layers)."""
+    from . import attention, layer
+
+    B, T, _ = h.shape
+    return (
+        active_mask is None
+        and h.device.type == "cpu"
+        and h.dtype in (torch.bfloat16, torch.float32)
+        and B * T <= MAX_M
+        and T <= attention.MAX_T
+        and kernels.verify_attention is attention.verify_attention
+        and kernels.kv_append is reference.kv_append
+        and kernels.get("rope_append") is layer.rope_append
+        and kernels.get("rms_norm") is layer.rms_norm
+        and kernels.get("add_rms_norm") is layer.add_rms_norm
+        and get_lib() is not None
+        and not torch.is_grad_enabled()
+    )
+
+
+def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> list[LayerPlan] | None:
+    """Cached per decoder and dtype; rebuilt when a layer's modules were replaced."""
+    lib = get_lib()
+    cache = decoder.__dict__.setdefault("_fused_plans", {})
+    plans = cache.get(dtype)
+    if plans is None or len(plans) != len(decoder.model.layers) or not all(
+        p.current(l) for p, l in zip(plans, decoder.model.layers)
+    ):
+        plans = [LayerPlan(l, dtype, lib) for l in decoder.model.layers]
+        cache[dtype] = plans
+    plans = plans[: len(layers)]
+    return plans if all(p.words is not None for p in plans) else None
+
+
+def run_layers(plans, layers, h, cos, sin, cache, positions) -> torch.Tensor:
+    """h [B, T, E] through ``layers`` (one native call each); returns the new residual stream."""
+    lib = get_lib()
+    B, T, E = h.shape
+    x = h.contiguous().clone()
+    cos, sin = cos.contiguous(), sin.contiguous()
+    attn0 = layers[0].self_attn
+    H, H_kv, D = attn0.n_heads, attn0.n_kv_heads, attn0.head_dim
+    k0 = cache.k[0][:B]
+    pos = torch.tensor(reference.check_append_slots(positions, B, T, k0.shape[2]), dtype=torch.int64)
+    bf16 = int(h.dtype == torch.bfloat16)
+    nt = torch.get_num_threads()
+    for i, (plan, layer) in enumerate(zip(plans, layers)):
+        k, v = cache.k[i][:B], cache.v[i][:B]
+        if not (k.is_contiguous() and v.is_contiguous() and k.dtype == h.dtype and k.shape == (B, H_kv, k0.shape[2], D)):
+            raise ValueError(f"layer {i}: KV cache {tuple(k.shape)} {k.dtype} does not fit the fused layer")
+        head = [x.data_ptr(), plan.keep[-2].data_ptr(), plan.keep[-1].data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                pos.data_ptr(), k.data_ptr(), v.data_ptr(), B, T, E, H, H_kv, D, k.shape[2], plan.F]
+        words = torch.tensor(head + plan.words, dtype=torch.int64)
+        rc = lib.verispec_layer(words.data_ptr(), plan.eps[0], plan.eps[1], layer.self_attn.scale, bf16, nt)
+        if rc != 0:
+            raise MemoryError(f"verispec_layer failed in layer {i} (code {rc})")
+    return x

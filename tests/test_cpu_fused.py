@@ -1,0 +1,93 @@
+"""One native call per decoder layer (kernels/cpu/fused.c, fused.py): the same logits as the
+module path for every product kind, dtype and batch shape it takes, the fallbacks where it does
+not apply, and plans rebuilt when a layer's modules are replaced."""
+
+import pytest
+import torch
+
+from verispec.kernels import cpu as native
+from verispec.kernels.cpu import fused
+from verispec.kernels.cpu.build import get_lib
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native CPU kernels not built")
+
+
+def _both(model, ids, pos, prefix):
+    """Logits of one forward over ids after ``prefix`` cached tokens: (module path, fused path, calls)."""
+    calls = []
+    real = fused.run_layers
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    out = []
+    for on in (False, True):
+        model.decoder.fused_layers = on
+        model.reset()
+        model.prefill([p for p in prefix])
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused, "run_layers", counting)
+            out.append(model.forward(ids, pos))
+    return out[0], out[1], len(calls)
+
+
+QUANTS = [None, "int8"] + (["w8a8"] if get_lib() is not None and get_lib().verispec_w8a8_available() else [])
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("amp", ["bf16", "f32"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases and a tied head
+def test_fused_layers_give_the_module_path_logits(tiny_hf, arch, amp, quant):
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf(arch, **({"tie_word_embeddings": True} if arch == "qwen2" else {}))
+    m = LlamaForSampling.from_pretrained(path, n_positions=64, batch_size=3, amp=amp, quant=quant)
+    g = torch.Generator().manual_seed(0)
+    prefix = [torch.randint(0, m.vocab_size, (n,), generator=g) for n in (9, 4, 13)]
+    for B, T in ((1, 1), (1, 5), (3, 1), (3, 5)):  # decode and verify, one row and a batch
+        ids = torch.randint(0, m.vocab_size, (B, T), generator=g)
+        pos = torch.tensor([len(p) for p in prefix[:B]])
+        a, b, calls = _both(m, ids, pos, prefix[:B])
+        assert calls == 1, (B, T)
+        if amp == "bf16":
+            assert torch.equal(a, b), (B, T)
+        else:  # SiLU's exp (C library vs torch) may differ in an fp32 ulp
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (B, T, (a - b).abs().max().item())
+
+
+def test_fused_path_is_skipped_where_it_does_not_apply(tiny_hf):
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama")
+    m = LlamaForSampling.from_pretrained(path, n_positions=64, amp="bf16")
+    g = torch.Generator().manual_seed(1)
+    prefix = [torch.randint(0, m.vocab_size, (6,), generator=g)]
+    pos = torch.tensor([6])
+    _, _, calls = _both(m, torch.randint(0, m.vocab_size, (1, 17), generator=g), pos, prefix)  # T > 16
+    assert calls == 0
+    t = LlamaForSampling.from_pretrained(path, n_positions=64, amp="bf16", kernel_backend="torch")
+    _, _, calls = _both(t, torch.randint(0, t.vocab_size, (1, 2), generator=g), pos, prefix)  # another backend
+    assert calls == 0
+    m.decoder.fused_layers = True
+    m.reset()
+    m.prefill(prefix)
+    mask = torch.ones(1, 2, 2, dtype=torch.bool).tril()  # a token tree: the module path
+    assert fused.applies(m.kernels, torch.zeros(1, 2, 8, dtype=torch.bfloat16), mask) is False
+
+
+def test_plans_follow_replaced_modules(tiny_hf):
+    from verispec.kernels.cpu.quant import Int8Linear, quantize_weights
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama")
+    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp="bf16")
+    ids, pos = torch.tensor([[3]]), torch.tensor([0])
+    m.forward(ids, pos)
+    first = m.decoder.__dict__["_fused_plans"][torch.bfloat16]
+    quantize_weights(m.decoder, "int8")  # swaps every linear layer for an Int8Linear
+    m.reset()
+    m.forward(ids, pos)
+    plans = m.decoder.__dict__["_fused_plans"][torch.bfloat16]
+    assert plans is not first and all(p.words is not None and p.words[0] == 1 for p in plans)
+    assert isinstance(m.decoder.model.layers[0].mlp.down_proj, Int8Linear)
