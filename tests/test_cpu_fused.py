@@ -91,3 +91,20 @@ def test_plans_follow_replaced_modules(tiny_hf):
     plans = m.decoder.__dict__["_fused_plans"][torch.bfloat16]
     assert plans is not first and all(p.words is not None and p.words[0] == 1 for p in plans)
     assert isinstance(m.decoder.model.layers[0].mlp.down_proj, Int8Linear)
+
+
+def test_plans_follow_weights_given_new_storage(tiny_hf):
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama")
+    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp="bf16")
+    g = torch.Generator().manual_seed(2)
+    prefix = [torch.randint(0, m.vocab_size, (5,), generator=g)]
+    ids, pos = torch.randint(0, m.vocab_size, (1, 3), generator=g), torch.tensor([5])
+    _both(m, ids, pos, prefix)  # plans built
+    with torch.no_grad():
+        for layer in m.decoder.model.layers:  # same Parameter objects, new storage and values
+            w = layer.mlp.down_proj.weight
+            w.data = (w.data * 2).clone()
+    a, b, calls = _both(m, ids, pos, prefix)
+    assert calls == 1 and torch.equal(a, b)

@@ -59,6 +59,7 @@ class LayerPlan:
             words += got[0]
             self.keep += got[1]
         self.keep += list(norms)
+        self.ptrs = [t.data_ptr() for t in self.keep]  # a tensor given new storage (e.g. .to()) is seen
         self.words = words
         self.eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
         self.F = mlp._gate_up.out_features // 2
@@ -67,7 +68,8 @@ class LayerPlan:
         attn, mlp = layer.self_attn, layer.mlp
         now = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn._qkv, attn.o_proj,
                mlp._gate_up, mlp.down_proj)
-        return all(a is b for a, b in zip(now, self.parts))
+        return all(a is b for a, b in zip(now, self.parts)) and (
+            self.words is None or all(t.data_ptr() == p for t, p in zip(self.keep, self.ptrs)))
 
 
 def applies(kernels, h: torch.Tensor, active_mask) -> bool:
