@@ -30,7 +30,8 @@ def generate(capsys, *extra) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("draft,k,quant", [("twin", "auto", None), ("other", "4", None), ("ngram", "3", None),
-                                           ("self:1", "auto:5", None), ("other", "3", "int8")])
+                                           ("self:1", "auto:5", None), ("other", "3", "int8"),
+                                           ("other", "3", "w8a8")])
 def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys, draft, k, quant):
     rc, alone, table = generate(capsys, "--target", models["target"], "--draft", "none")
     assert rc == 0 and alone.startswith(PROMPT) and len(alone.split()) == 4 + 20, alone
@@ -46,7 +47,8 @@ def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys
         assert "acceptance rate" in table and " 1.000" in table  # identical draft: everything accepted
     if k.startswith("auto"):
         assert "AdaptiveK" in table
-    assert ("(int8 weights)" in " ".join(table.split())) == (quant == "int8")
+    for q in ("int8", "w8a8"):
+        assert (f"({q} weights)" in " ".join(table.split())) == (quant == q)
 
 
 def test_prompt_from_stdin_and_seeded_sampling(models, capsys, monkeypatch):
