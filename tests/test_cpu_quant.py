@@ -7,6 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quant_helpers import random_linear
+
 from verispec.kernels import cpu as native
 from verispec.kernels.cpu.quant import Int8Linear, quantize_rows, quantize_weights
 
@@ -41,7 +43,7 @@ def test_quantize_rows_rejects_bad_weights():
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), bias=st.booleans())
 def test_int8_product_matches_float64(M, K, N, dtype, bias):
     g = torch.Generator().manual_seed(M * 1000003 + K * 1009 + N)
-    lin = Int8Linear.from_linear(_linear(N, K, bias, g))
+    lin = Int8Linear.from_linear(random_linear(N, K, bias, g))
     x = torch.randn(M, K, generator=g).to(dtype)
     y = lin(x)
     assert y.dtype == dtype and y.shape == (M, N)
@@ -53,18 +55,10 @@ def test_int8_product_matches_float64(M, K, N, dtype, bias):
     assert ((y.double() - ref).abs() <= tol).all()
 
 
-def _linear(N, K, bias, g):
-    lin = torch.nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g))
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    return lin
-
 
 def test_torch_fallback_agrees_with_the_native_product(monkeypatch):
     g = torch.Generator().manual_seed(1)
-    lin = Int8Linear.from_linear(_linear(40, 64, True, g))
+    lin = Int8Linear.from_linear(random_linear(40, 64, True, g))
     x = torch.randn(3, 5, 64, generator=g)
     native_y = lin(x)
     monkeypatch.setattr("verispec.kernels.cpu.quant.get_lib", lambda: None)  # no compiler: torch's product

@@ -7,18 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quant_helpers import random_linear
+
 from verispec.kernels import cpu as native
 from verispec.kernels.cpu.build import get_lib
 from verispec.kernels.cpu.quant import QB, Int8Linear, W8A8Linear, quantize_activations, w8a8_reference
 
-
-def _linear(N, K, bias, g):
-    lin = torch.nn.Linear(K, N, bias=bias)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(N, K, generator=g))
-        if bias:
-            lin.bias.copy_(torch.randn(N, generator=g))
-    return lin
 
 
 def _native_w8a8() -> bool:
@@ -46,7 +40,7 @@ def test_activations_round_to_nearest_within_half_a_step_per_block():
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), bias=st.booleans())
 def test_w8a8_product_is_the_reference_and_within_the_activation_rounding(M, K, N, dtype, bias):
     g = torch.Generator().manual_seed(M * 1000003 + K * 1009 + N)
-    lin = W8A8Linear.from_linear(_linear(N, K, bias, g))
+    lin = W8A8Linear.from_linear(random_linear(N, K, bias, g))
     x = torch.randn(M, K, generator=g).to(dtype)
     y = lin(x)  # native when AVX512-VNNI is there (M <= 64 rows), else the torch reference
     assert y.dtype == dtype and y.shape == (M, N)
@@ -67,7 +61,7 @@ def test_w8a8_product_is_the_reference_and_within_the_activation_rounding(M, K, 
 @pytest.mark.skipif(not _native_w8a8(), reason="no AVX512-VNNI: W8A8Linear runs its torch reference")
 def test_native_kernel_runs_and_falls_back_beyond_a_decode_step(monkeypatch):
     g = torch.Generator().manual_seed(1)
-    lin = W8A8Linear.from_linear(_linear(40, 200, True, g))
+    lin = W8A8Linear.from_linear(random_linear(40, 200, True, g))
     x = torch.randn(3, 5, 200, generator=g)
     calls = []
     lib = get_lib()

@@ -21,11 +21,6 @@
 #include <immintrin.h>
 #endif
 
-/* Element i of a row of dtype bf16 (is_bf16) or fp32. */
-static inline float load(const void *base, int64_t i, int is_bf16) {
-    return is_bf16 ? bf16_to_f32(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
 /* dot(qf[0:D], row[0:D]) with the row in its stored dtype: 16-lane partial sums when D is a
  * multiple of 16 and AVX512F is there, then a fixed-order reduction; else a scalar loop. */
 static inline float dot_row(const float *qf, const void *row, int64_t D, int is_bf16) {
@@ -40,7 +35,7 @@ static inline float dot_row(const float *qf, const void *row, int64_t D, int is_
     }
 #endif
     float s = 0.f;
-    for (int64_t d = 0; d < D; d++) s += qf[d] * load(row, d, is_bf16);
+    for (int64_t d = 0; d < D; d++) s += qf[d] * ld_any(row, d, is_bf16);
     return s;
 }
 
@@ -56,7 +51,7 @@ static inline void axpy_row(float *restrict a, float w, const void *row, int64_t
         return;
     }
 #endif
-    for (int64_t d = 0; d < D; d++) a[d] += w * load(row, d, is_bf16);
+    for (int64_t d = 0; d < D; d++) a[d] += w * ld_any(row, d, is_bf16);
 }
 
 #define NPART 8 /* partial sums per reduction over slots (generic path) */
@@ -254,7 +249,7 @@ int verispec_attention(const void *q, const void *k_cache, const void *v_cache, 
                 const char *kb = (const char *)k_cache + cache_row0 * D * esize;
                 const char *vb = (const char *)v_cache + cache_row0 * D * esize;
                 const int64_t q0 = (b * H + h) * T * D;
-                for (int64_t i = 0; i < T * D; i++) qf[i] = load(q, q0 + i, is_bf16);
+                for (int64_t i = 0; i < T * D; i++) qf[i] = ld_any(q, q0 + i, is_bf16);
                 const int64_t S0 = positions[b] + 1; /* slots query 0 sees */
 #if defined(__AVX512F__)
                 if (fast && D == 64)

@@ -57,23 +57,13 @@ static int linear(const int64_t *L, const void *x, void *y, int64_t M, int bf16,
     }
 }
 
-static inline float ldv(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-static inline void stv(void *p, int64_t i, float v, int bf16) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
-static inline float rndv(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
 
 /* m [R, F] = dtype(dtype(silu(gate)) * up), gu [R, 2F] = [gate | up] (torch's F.silu(gate) * up). */
 NO_CONTRACT static void silu_mul(const void *gu, void *m, int64_t R, int64_t F, int bf16) {
     for (int64_t r = 0; r < R; r++)
         for (int64_t f = 0; f < F; f++) {
-            const float g = ldv(gu, r * 2 * F + f, bf16), u = ldv(gu, r * 2 * F + F + f, bf16);
-            stv(m, r * F + f, rndv(g / (1.0f + expf(-g)), bf16) * u, bf16);
+            const float g = ld_any(gu, r * 2 * F + f, bf16), u = ld_any(gu, r * 2 * F + F + f, bf16);
+            st_any(m, r * F + f, rnd_any(g / (1.0f + expf(-g)), bf16) * u, bf16);
         }
 }
 
@@ -111,7 +101,7 @@ NO_CONTRACT int verispec_layer(const int64_t *P, float eps_in, float eps_post, f
     if ((rc = linear(gu_l, h, gu, R, bf16, nt))) goto done;
     silu_mul(gu, m, R, F, bf16);
     if ((rc = linear(down_l, m, a, R, bf16, nt))) goto done;
-    for (int64_t i = 0; i < R * E; i++) stv(x, i, ldv(x, i, bf16) + ldv(a, i, bf16), bf16);
+    for (int64_t i = 0; i < R * E; i++) st_any(x, i, ld_any(x, i, bf16) + ld_any(a, i, bf16), bf16);
 done:
     free(buf);
     return rc;

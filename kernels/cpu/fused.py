@@ -19,6 +19,7 @@ from .linear import MAX_M, SkinnyLinear
 from .quant import Int8Linear, W8A8Linear
 
 _KINDS = {SkinnyLinear: 0, Int8Linear: 1, W8A8Linear: 2}
+HEAD = 16  # per-call words before the linears' words (see verispec_layer in fused.c)
 
 
 def _linear_words(lin: nn.Module, dtype: torch.dtype, lib) -> tuple[list[int], list[torch.Tensor]] | None:
@@ -61,6 +62,9 @@ class LayerPlan:
         self.keep += list(norms)
         self.ptrs = [t.data_ptr() for t in self.keep]  # a tensor given new storage (e.g. .to()) is seen
         self.words = words
+        # fused.c's word array: HEAD per-call words (filled in by run_layers), then these
+        self.array = torch.tensor([0] * HEAD + words, dtype=torch.int64)
+        self.head = self.array.numpy()  # a view: writing the per-call words costs no allocation
         self.eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
         self.F = mlp._gate_up.out_features // 2
 
@@ -119,14 +123,14 @@ def run_layers(plans, layers, h, cos, sin, cache, positions) -> torch.Tensor:
     pos = torch.tensor(reference.check_append_slots(positions, B, T, k0.shape[2]), dtype=torch.int64)
     bf16 = int(h.dtype == torch.bfloat16)
     nt = torch.get_num_threads()
+    x_ptr, cos_ptr, sin_ptr, pos_ptr = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr()
     for i, (plan, layer) in enumerate(zip(plans, layers)):
         k, v = cache.k[i][:B], cache.v[i][:B]
         if not (k.is_contiguous() and v.is_contiguous() and k.dtype == h.dtype and k.shape == (B, H_kv, k0.shape[2], D)):
             raise ValueError(f"layer {i}: KV cache {tuple(k.shape)} {k.dtype} does not fit the fused layer")
-        head = [x.data_ptr(), plan.keep[-2].data_ptr(), plan.keep[-1].data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                pos.data_ptr(), k.data_ptr(), v.data_ptr(), B, T, E, H, H_kv, D, k.shape[2], plan.F]
-        words = torch.tensor(head + plan.words, dtype=torch.int64)
-        rc = lib.verispec_layer(words.data_ptr(), plan.eps[0], plan.eps[1], layer.self_attn.scale, bf16, nt)
+        plan.head[:HEAD] = (x_ptr, plan.keep[-2].data_ptr(), plan.keep[-1].data_ptr(), cos_ptr, sin_ptr, pos_ptr,
+                            k.data_ptr(), v.data_ptr(), B, T, E, H, H_kv, D, k.shape[2], plan.F)
+        rc = lib.verispec_layer(plan.array.data_ptr(), plan.eps[0], plan.eps[1], layer.self_attn.scale, bf16, nt)
         if rc != 0:
             raise MemoryError(f"verispec_layer failed in layer {i} (code {rc})")
     return x

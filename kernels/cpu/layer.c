@@ -17,16 +17,6 @@
 
 #define NO_CONTRACT __attribute__((optimize("fp-contract=off"))) /* a*b + c stays two roundings */
 
-static inline float ld(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-static inline float rnd(float v, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(v)) : v; }
-static inline void st(void *p, int64_t i, float v, int bf16) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
 
 /* y[r] = w * dtype(x[r] * rsqrt(mean(x[r]^2) + eps)) for rows r < R of E values. With delta
  * given, x is first replaced by dtype(x + delta), written to h_out (the new residual stream). */
@@ -37,15 +27,15 @@ NO_CONTRACT void verispec_rms_norm(const void *x, const void *delta, const void 
         float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
         for (int64_t e = 0; e < E; e++) {
-            float v = ld(x, r * E + e, bf16);
-            if (delta) v = rnd(v + ld(delta, r * E + e, bf16), bf16);
+            float v = ld_any(x, r * E + e, bf16);
+            if (delta) v = rnd_any(v + ld_any(delta, r * E + e, bf16), bf16);
             buf[e] = v;
             ss += v * v;
         }
         if (delta)
-            for (int64_t e = 0; e < E; e++) st(h_out, r * E + e, buf[e], bf16);
+            for (int64_t e = 0; e < E; e++) st_any(h_out, r * E + e, buf[e], bf16);
         const float inv = 1.0f / sqrtf(ss / (float)E + eps);
-        for (int64_t e = 0; e < E; e++) st(y, r * E + e, ld(w, e, bf16) * rnd(buf[e] * inv, bf16), bf16);
+        for (int64_t e = 0; e < E; e++) st_any(y, r * E + e, ld_any(w, e, bf16) * rnd_any(buf[e] * inv, bf16), bf16);
     }
 }
 
@@ -55,9 +45,9 @@ NO_CONTRACT static void rope_head(const void *x, int64_t xo, const void *cos, co
                                   int64_t oo, int64_t D, int bf16) {
     const int64_t half = D / 2;
     for (int64_t d = 0; d < D; d++) {
-        const float a = rnd(ld(x, xo + d, bf16) * ld(cos, co + d, bf16), bf16);
-        const float b = rnd(ld(x, xo + (d + half) % D, bf16) * ld(sin, co + d, bf16), bf16);
-        st(out, oo + d, a + b, bf16);
+        const float a = rnd_any(ld_any(x, xo + d, bf16) * ld_any(cos, co + d, bf16), bf16);
+        const float b = rnd_any(ld_any(x, xo + (d + half) % D, bf16) * ld_any(sin, co + d, bf16), bf16);
+        st_any(out, oo + d, a + b, bf16);
     }
 }
 

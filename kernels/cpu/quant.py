@@ -60,7 +60,7 @@ class Int8Linear(nn.Module):
         return (self.qweight.float() * self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K, N = self.in_features, self.out_features
+        K = self.in_features
         rows = x.numel() // K if K else 0
         lib = get_lib()
         if lib is None or rows == 0 or rows > 4 * MAX_M or x.device.type != "cpu" or x.dtype not in (
@@ -68,18 +68,21 @@ class Int8Linear(nn.Module):
         ):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized(x.dtype), bias)
+        return self._native(lib.verispec_gemv_i8, x, rows)
+
+    def _native(self, fn, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """y = fn's product of x [..., K] (rows of it, in calls of at most MAX_M rows) with the int8 weights."""
+        K, N = self.in_features, self.out_features
         x2 = x if x.is_contiguous() else x.contiguous()
         y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype).contiguous()
-        is_bf16 = int(x.dtype == torch.bfloat16)
         size, xp, yp = x.element_size(), x2.data_ptr(), y.data_ptr()
-        bp = None if bias is None else bias.data_ptr()
-        nt = torch.get_num_threads()
+        bp, nt, is_bf16 = None if bias is None else bias.data_ptr(), torch.get_num_threads(), int(x.dtype == torch.bfloat16)
         for m0 in range(0, rows, MAX_M):
-            rc = lib.verispec_gemv_i8(xp + m0 * K * size, is_bf16, self.qweight.data_ptr(), self.scale.data_ptr(), bp,
-                                      yp + m0 * N * size, min(MAX_M, rows - m0), K, N, nt)
+            rc = fn(xp + m0 * K * size, is_bf16, self.qweight.data_ptr(), self.scale.data_ptr(), bp,
+                    yp + m0 * N * size, min(MAX_M, rows - m0), K, N, nt)
             if rc != 0:
-                raise MemoryError("verispec_gemv_i8: could not allocate the activation buffer")
+                raise MemoryError(f"{fn.__name__}: could not allocate its activation buffers")
         return y
 
     def extra_repr(self) -> str:
@@ -116,23 +119,14 @@ class W8A8Linear(Int8Linear):
     """Int8 weights and int8 activations (see the module docstring); output in the activation dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K, N = self.in_features, self.out_features
+        K = self.in_features
         rows = x.numel() // K if K else 0
         lib = get_lib()
-        bias = None if self.bias is None else self.bias.to(x.dtype).contiguous()
         if (lib is None or not lib.verispec_w8a8_available() or rows == 0 or rows > 4 * MAX_M
                 or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32)):
+            bias = None if self.bias is None else self.bias.to(x.dtype)
             return w8a8_reference(x, self.qweight, self.scale, bias)
-        x2 = x if x.is_contiguous() else x.contiguous()
-        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
-        size, xp, yp = x.element_size(), x2.data_ptr(), y.data_ptr()
-        bp, nt, is_bf16 = None if bias is None else bias.data_ptr(), torch.get_num_threads(), int(x.dtype == torch.bfloat16)
-        for m0 in range(0, rows, MAX_M):
-            rc = lib.verispec_gemv_w8a8(xp + m0 * K * size, is_bf16, self.qweight.data_ptr(), self.scale.data_ptr(), bp,
-                                        yp + m0 * N * size, min(MAX_M, rows - m0), K, N, nt)
-            if rc != 0:
-                raise MemoryError("verispec_gemv_w8a8: could not allocate the activation buffers")
-        return y
+        return self._native(lib.verispec_gemv_w8a8, x, rows)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace(", int8", ", w8a8")
