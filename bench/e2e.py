@@ -29,7 +29,7 @@ from .common import (
     weight_bytes,
     write_json,
 )
-from .e2e_report import METHOD, add_repeats, add_speedups, plot_acceptance, plot_tokens_per_s, print_report, summarize
+from .e2e_report import METHOD, add_priced, add_repeats, add_speedups, plot_acceptance, plot_tokens_per_s, print_report, summarize
 
 WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
 
@@ -236,17 +236,21 @@ def _acceptance(stats: list) -> dict:
     proposed = sum(s.proposed_drafts for s in stats)
     passes = sum(s.row_passes for s in stats)
     width = max(len(s.reached) for s in stats)
-    reached, kept, k_counts = [0] * width, [0] * width, {}
+    reached, kept, k_counts, target_s_by_k = [0] * width, [0] * width, {}, {}
     for s in stats:
         for i, (r, k) in enumerate(zip(s.reached, s.kept)):
             reached[i] += r
             kept[i] += k
         for k, n in s.k_counts.items():
             k_counts[k] = k_counts.get(k, 0) + n
+            target_s_by_k[k] = target_s_by_k.get(k, 0.0) + s.target_s_by_k.get(k, 0.0)
     return {"acceptance_rate": accepted / proposed if proposed else None,
             "mean_tokens_per_pass": (accepted + passes) / passes if passes else None,
             "position_acceptance": [k / r if r else None for k, r in zip(kept, reached)],
-            "k_counts": dict(sorted(k_counts.items())), "accepted_drafts": accepted, "proposed_drafts": proposed}
+            "k_counts": dict(sorted(k_counts.items())), "accepted_drafts": accepted, "proposed_drafts": proposed,
+            "pass_costs": {"steps": sum(s.steps for s in stats), "drafted_positions": sum(s.drafted_positions for s in stats),
+                           "draft_s": sum(s.draft_s for s in stats), "target_s": sum(s.target_s for s in stats),
+                           "target_s_by_k": dict(sorted(target_s_by_k.items()))}}
 
 
 # ---- the run --------------------------------------------------------------------------------------
@@ -330,6 +334,7 @@ def run(args) -> int:
                     path["greedy_divergence_from_verispec_target_only"] = greedy_divergence(outs, ref_outs, ps)
             add_speedups(paths)
             add_repeats(paths, args.repeats)
+            add_priced(paths)
             runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps) // args.repeats,
                          "repeats": args.repeats, "paths": paths, "summary": summarize(paths)})
 

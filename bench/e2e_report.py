@@ -31,6 +31,13 @@ METHOD = {
     "hf_assisted": "transformers' assisted generation with its default settings (see hf.assisted); with sampling "
                    "it runs its own speculative sampling",
     "auto_vs_fixed": "k=auto against the best and the median fixed k, by tokens_per_s; within_3pct: auto >= 0.97 x best",
+    "priced_tokens_per_s": "a second reading of the same runs, without the machine's drift between paths: each "
+                           "speculative path's passes (its k counts and drafted positions, as run) priced at the "
+                           "cell's pooled costs (verify seconds per pass at each k, draft seconds per drafted "
+                           "position, other loop seconds per pass, each summed over every speculative path of the "
+                           "cell and divided); new tokens / that. It keeps what a policy chose and what the texts "
+                           "accepted, and takes out which path happened to run while the machine was slow; the "
+                           "measured tokens_per_s stays the headline",
 }
 
 
@@ -71,6 +78,37 @@ def add_repeats(paths: list[dict], repeats: int) -> None:
             for c in chunks]
 
 
+def add_priced(paths: list[dict]) -> None:
+    """``priced_tokens_per_s`` on each speculative path of one cell (see METHOD)."""
+    spec = [p for p in paths if p["mode"] == "speculative" and p.get("pass_costs") and p["pass_costs"]["steps"]]
+    if not spec:
+        return
+    count, verify = {}, {}
+    for p in spec:
+        for k, n in p["k_counts"].items():
+            count[k] = count.get(k, 0) + n
+            verify[k] = verify.get(k, 0.0) + p["pass_costs"]["target_s_by_k"].get(k, 0.0)
+    positions = sum(p["pass_costs"]["drafted_positions"] for p in spec)
+    draft = sum(p["pass_costs"]["draft_s"] for p in spec) / positions if positions else 0.0
+    rest = sum(p["decode_s"] - p["pass_costs"]["draft_s"] - p["pass_costs"]["target_s"] for p in spec) \
+        / sum(p["pass_costs"]["steps"] for p in spec)
+    for p in spec:
+        c = p["pass_costs"]
+        seconds = sum(n * verify[k] / count[k] for k, n in p["k_counts"].items()) \
+            + c["drafted_positions"] * draft + c["steps"] * rest
+        p["priced_tokens_per_s"] = p["new_tokens"] / seconds
+
+
+def _priced_verdict(fixed: list[dict], auto: dict) -> dict:
+    """k=auto against the best and median fixed k by priced_tokens_per_s."""
+    if auto.get("priced_tokens_per_s") is None or any(p.get("priced_tokens_per_s") is None for p in fixed):
+        return {}
+    best = max(fixed, key=lambda p: p["priced_tokens_per_s"])
+    ratio = auto["priced_tokens_per_s"] / best["priced_tokens_per_s"]
+    return {"priced_best_fixed_k": best["k"], "priced_auto_over_best": ratio, "priced_auto_within_3pct": ratio >= 0.97,
+            "priced_auto_beats_median": auto["priced_tokens_per_s"] > statistics.median(p["priced_tokens_per_s"] for p in fixed)}
+
+
 def _per_repeat(fixed: list[dict], auto: dict) -> dict:
     """k=auto against the best and the median fixed k of the same repeat."""
     reps = range(len(auto.get("tokens_per_s_per_repeat", [])))
@@ -101,6 +139,7 @@ def summarize(paths: list[dict]) -> dict:
         out["auto_over_best"] = auto["tokens_per_s"] / out["best_fixed_tokens_per_s"]
         out["auto_within_3pct_of_best"] = out["auto_over_best"] >= 0.97
         out["auto_beats_median"] = auto["tokens_per_s"] > out["median_fixed_tokens_per_s"]
+        out.update(_priced_verdict(fixed, auto))
         if len(auto.get("tokens_per_s_per_repeat", [])) > 1:
             out.update(_per_repeat(fixed, auto))
     return out
@@ -133,16 +172,18 @@ def print_report(data: dict, written) -> None:
         console = Console(width=max(console.width, 130))
     table = Table(title=f"{data['draft']} -> {data['target']}, {data['amp']}, {data['device']}, "
                         f"{data['max_new_tokens']} new tokens, batch 1")
-    for col in ("set", "T", "path", "accept", "tok/pass", "tok/s", "e2e tok/s", "x target", "x HF assisted", "diverged"):
+    for col in ("set", "T", "path", "accept", "tok/pass", "tok/s", "priced tok/s", "e2e tok/s", "x target",
+                "x HF assisted", "diverged"):
         table.add_column(col, justify="right", no_wrap=True)
     for run in data["runs"]:
         for i, p in enumerate(run["paths"]):
             table.add_row(run["prompt_set"] if i == 0 else "", _fmt(run["temperature"], "{:g}") if i == 0 else "",
                           _label(p), _fmt(p.get("acceptance_rate"), "{:.3f}"), _fmt(p.get("mean_tokens_per_pass")),
-                          _fmt(p["tokens_per_s"]), _fmt(p["e2e_tokens_per_s"]), _fmt(p.get("speedup_vs_target_only")),
+                          _fmt(p["tokens_per_s"]), _fmt(p.get("priced_tokens_per_s")), _fmt(p["e2e_tokens_per_s"]), _fmt(p.get("speedup_vs_target_only")),
                           _fmt(p.get("e2e_speedup_vs_hf_assisted")), _diverged(p), end_section=i == len(run["paths"]) - 1)
     console.print(table)
     console.print("tok/s: decode only (verispec timers); e2e tok/s: wall time with prefill, every engine; "
+                  "priced tok/s: the same passes at the cell's pooled pass costs (drift between paths taken out); "
                   "x target: tok/s over verispec target-only; x HF assisted: e2e tok/s over transformers assisted; "
                   "diverged: greedy prompts whose tokens differ from verispec target-only")
     for run in data["runs"]:
@@ -156,6 +197,11 @@ def print_report(data: dict, written) -> None:
                 f"{'yes' if s['auto_beats_median'] else 'NO'}; k used {s['auto_k_counts']}"
                 + (f"; per repeat: {', '.join(f'{x:.3f}' for x in s['auto_over_best_per_repeat'])} x that repeat's best"
                    if "auto_over_best_per_repeat" in s else ""))
+            if "priced_auto_over_best" in s:
+                console.print(
+                    f"    priced at the cell's pooled pass costs: k=auto {s['priced_auto_over_best']:.3f} x best fixed "
+                    f"k={s['priced_best_fixed_k']}; within 3%: {'yes' if s['priced_auto_within_3pct'] else 'NO'}, "
+                    f"beats median: {'yes' if s['priced_auto_beats_median'] else 'NO'}")
     for run in data["runs"]:
         s = run["summary"]
         for name, label in (("best_fixed", f"best fixed k={s['best_fixed_k']}"), ("auto", "k=auto")):

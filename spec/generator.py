@@ -219,6 +219,7 @@ class SpeculativeGenerator:
             t_d = time.perf_counter()
             stats.draft_s += t_b - t_a
             stats.target_s += t_c - t_b
+            stats.target_s_by_k[g + 1] = stats.target_s_by_k.get(g + 1, 0.0) + (t_c - t_b)
             stats.accept_s += t_d - t_c
             stats.record(g + 1, accepted)
             self.policy.observe(g + 1, accepted, t_b - t_a, t_c - t_b)

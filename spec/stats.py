@@ -37,6 +37,7 @@ class SpecStats:
     proposed_drafts: int = 0
     accepted_drafts: int = 0
     k_counts: dict = field(default_factory=dict)  # k -> steps that used it
+    target_s_by_k: dict = field(default_factory=dict)  # k -> verify seconds summed over its steps
     reached: list = field(default_factory=list)  # [i] row-passes where draft i+1 was judged
     kept: list = field(default_factory=list)  # [i] row-passes where draft i+1 was accepted
     histogram: list = field(default_factory=list)  # [a] row-passes that accepted a drafts
@@ -129,6 +130,7 @@ class SpecStats:
             "steps": self.steps,
             "row_passes": self.row_passes,
             "k_counts": dict(self.k_counts),
+            "target_s_by_k": dict(self.target_s_by_k),
             "proposed_drafts": self.proposed_drafts,
             "accepted_drafts": self.accepted_drafts,
             "acceptance_rate": self.acceptance_rate,

@@ -71,9 +71,18 @@ def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
         best = paths[("verispec", "speculative", run["summary"]["best_fixed_k"])]
         assert run["summary"]["best_fixed_e2e_speedup_vs_hf_assisted"] == best["e2e_speedup_vs_hf_assisted"]
         assert run["summary"]["auto_speedup_vs_target_only"] == auto["speedup_vs_target_only"]
+        for k in (2, 3, "auto"):  # the per-k verify seconds add up to the path's verify seconds and steps
+            c = paths[("verispec", "speculative", k)]["pass_costs"]
+            assert sum(c["target_s_by_k"].values()) == pytest.approx(c["target_s"])
+            assert c["steps"] == sum(paths[("verispec", "speculative", k)]["k_counts"].values())
+            assert paths[("verispec", "speculative", k)]["priced_tokens_per_s"] > 0
+        priced = {k: paths[("verispec", "speculative", k)]["priced_tokens_per_s"] for k in (2, 3)}
+        assert run["summary"]["priced_best_fixed_k"] == max(priced, key=priced.get)
+        assert run["summary"]["priced_auto_over_best"] == pytest.approx(
+            paths[("verispec", "speculative", "auto")]["priced_tokens_per_s"] / max(priced.values()))
     printed = capsys.readouterr().out
     for text in ("target-only", "k=2", "k=3", "k=auto", "HF target-only", "HF assisted", "prose", "wrote", "x best fixed k=",
-                 "x transformers assisted (end to end)"):
+                 "x transformers assisted (end to end)", "priced at the cell's pooled pass costs"):
         assert text in printed
 
 
@@ -140,7 +149,7 @@ def test_bench_e2e_real_prompt_set_larger_than_asked(tiny_pair, tmp_path, capsys
     rc = main(["bench", "e2e", "--target", target, "--draft", draft, "--no-auto", "--no-hf", "--prompts", "50",
                "--out-dir", str(tmp_path)])
     assert rc == 1
-    assert "has 4 prompts, 50 asked for" in capsys.readouterr().err.replace("\n", " ")
+    assert "has 8 prompts, 50 asked for" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_bench_e2e_repeats_keep_each_repeats_rates(tiny_pair, tmp_path, capsys):
@@ -167,3 +176,21 @@ def test_bench_e2e_repeats_keep_each_repeats_rates(tiny_pair, tmp_path, capsys):
     assert s["auto_beats_median_repeats"] == sum(
         per_repeat["auto"][r] > statistics.median(per_repeat[k][r] for k in (2, 3, 4)) for r in range(2))
     assert "per repeat:" in capsys.readouterr().out
+
+
+def test_priced_tokens_per_s_pools_the_cells_pass_costs():
+    """Hand-worked: pooled verify price per pass is 0.2 s at k=2, 0.4 s at k=3, 0.3 s at k=1; draft
+    0.2 s per drafted position (4 s / 20); other loop time 0.05 s per pass ((0.5 + 0.3) s / 16)."""
+    from bench.e2e_report import add_priced
+
+    a = {"engine": "verispec", "mode": "speculative", "k": 2, "new_tokens": 20, "decode_s": 3.5, "k_counts": {2: 10},
+         "pass_costs": {"steps": 10, "drafted_positions": 10, "draft_s": 1.0, "target_s": 2.0, "target_s_by_k": {2: 2.0}}}
+    b = {"engine": "verispec", "mode": "speculative", "k": "auto", "new_tokens": 20, "decode_s": 5.6,
+         "k_counts": {3: 5, 1: 1},
+         "pass_costs": {"steps": 6, "drafted_positions": 10, "draft_s": 3.0, "target_s": 2.3,
+                        "target_s_by_k": {3: 2.0, 1: 0.3}}}
+    base = {"engine": "verispec", "mode": "target-only", "k": None, "new_tokens": 20, "decode_s": 9.0}
+    add_priced([base, a, b])
+    assert a["priced_tokens_per_s"] == pytest.approx(20 / (10 * 0.2 + 10 * 0.2 + 10 * 0.05))
+    assert b["priced_tokens_per_s"] == pytest.approx(20 / (5 * 0.4 + 1 * 0.3 + 10 * 0.2 + 6 * 0.05))
+    assert "priced_tokens_per_s" not in base
