@@ -201,14 +201,16 @@ def _hf_runner(hf_target, hf_draft, new_tokens, temperature, seed):
 
 def run_interleaved(runners: list, prompts: list) -> list[tuple[list, dict]]:
     """Run every path on every prompt, prompt-major (prompt 1 through all paths, then prompt 2, ...)
-    so that a drift of the machine's speed during the run touches every path alike; return
-    (outputs, path dict) per runner, in the runners' order."""
+    so that a drift of the machine's speed during the run touches every path alike, the order of
+    the paths rotated by one from each prompt to the next (no path always runs first, or right
+    after transformers); return (outputs, path dict) per runner, in the runners' order."""
     outs = [[] for _ in runners]
     rows = [[] for _ in runners]
     stats = [[] for _ in runners]
+    n = len(runners)
     for i, p in enumerate(prompts):
-        for j, (one, _) in enumerate(runners):
-            out, row, st = one(i, p)
+        for j in ((i + r) % n for r in range(n)):
+            out, row, st = runners[j][0](i, p)
             outs[j].append(out)
             rows[j].append(row)
             if st is not None:

@@ -15,7 +15,8 @@ METHOD = {
                         "draft) included; used for every comparison with transformers and in the tokens/s plot",
     "aggregate": "per prompt set: new tokens and seconds summed over its prompts, then divided",
     "order": "prompt-major: each prompt runs through every path before the next prompt, so a drift of the "
-             "machine's speed during the run touches all paths alike",
+             "machine's speed during the run touches all paths alike; the order of the paths is rotated by one "
+             "from each prompt to the next",
     "new_tokens": "EOS stopping disabled in both engines (verispec: no eos_token_id; transformers: "
                   "generation_config.eos_token_id=None), so each prompt makes max_new_tokens; the recorded counts "
                   "are the new tokens actually returned",

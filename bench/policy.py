@@ -10,11 +10,16 @@ that seldom pay. Per cell: each policy's mean tokens/s over the seeds against th
 median fixed k (their means over the same seeds), its share of k = 1 passes, and the share of
 seeds in which its single run is within 3% of the best single fixed-k run of that seed (how often
 one ``bench e2e`` cell would show it within 3%).
+
+``--traces FILE`` (from ``verispec bench traces``) adds a scenario that replays real greedy texts
+instead of modelled acceptance: which drafts a pass accepts is then what the pair did on the bench
+prompts, for any k, and only the costs are modelled.
 """
 
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 from .common import machine_info, write_json
 
@@ -43,9 +48,30 @@ def register(sub) -> None:
     p.add_argument("--noise", type=float, default=0.1, help="log-normal sigma on every timed cost")
     p.add_argument("--new-tokens", type=int, default=96, help="tokens per call (prompt)")
     p.add_argument("--seeds", type=int, default=30, help="runs per policy; means are compared")
+    p.add_argument("--traces", default=None,
+                   help="a `verispec bench traces` JSON: adds a scenario replaying its greedy traces (one cell per "
+                        "prompt set, each call one recorded prompt; only the costs are modelled)")
     p.add_argument("--name", default="policy_sim", help="results file stem")
     p.add_argument("--out-dir", default=None, help="results directory (default bench/results/)")
     p.set_defaults(func=run)
+
+
+def _trace_workloads(path: str, new_tokens: int) -> list:
+    """One greedy-replay workload per prompt set of a ``bench traces`` file."""
+    import json
+
+    from verispec.spec.simulate import Workload
+
+    try:
+        data = json.loads(Path(path).read_text())
+        traces = data["traces"]
+    except FileNotFoundError:
+        raise ValueError(f"--traces {path}: no such file") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"--traces {path}: not a `verispec bench traces` JSON (no 'traces' table)") from None
+    if not isinstance(traces, dict) or not traces:
+        raise ValueError(f"--traces {path}: 'traces' must map prompt sets to lists of traces")
+    return [Workload.from_traces(f"{name}/0", ts, new_tokens) for name, ts in traces.items()]
 
 
 def _mean_outcomes(make, workloads, costs, seeds):
@@ -75,9 +101,12 @@ def run(args) -> int:
         raise ValueError(f"--seeds and --new-tokens must be >= 1, got {args.seeds}, {args.new_tokens}")
     costs = Costs(draft_s=args.draft_ms / 1e3, verify_s=args.verify_ms / 1e3, verify_slope=args.verify_slope,
                   catch_up=args.catch_up, overhead_s=args.overhead_ms / 1e3, noise=args.noise)
+    scenarios = {scenario: [Workload(name, acc, calls=calls, new_tokens=args.new_tokens) for name, acc, calls in cells]
+                 for scenario, cells in SCENARIOS.items()}
+    if args.traces:
+        scenarios[f"traces {Path(args.traces).name}"] = _trace_workloads(args.traces, args.new_tokens)
     rows = []
-    for scenario, cells in SCENARIOS.items():
-        workloads = [Workload(name, acc, calls=calls, new_tokens=args.new_tokens) for name, acc, calls in cells]
+    for scenario, workloads in scenarios.items():
         fixed = {k: _mean_outcomes(lambda k=k: k, workloads, costs, args.seeds) for k in range(1, 9)}
         variants = {name: _mean_outcomes(lambda kw=kw: AdaptiveK(**kw), workloads, costs, args.seeds)
                     for name, kw in VARIANTS.items()}
@@ -85,7 +114,8 @@ def run(args) -> int:
             rates = {k: f[i]["tokens_per_s"] for k, f in fixed.items()}
             best_k = max(rates, key=rates.get)
             median = statistics.median(rates[k] for k in range(2, 9))
-            rows.append({"scenario": scenario, "cell": w.name, "acceptance": list(w.acceptance), "calls": w.calls,
+            rows.append({"scenario": scenario, "cell": w.name, "acceptance": list(w.acceptance) or "greedy traces",
+                         "calls": w.calls,
                          "fixed_tokens_per_s": rates, "best_fixed_k": best_k, "median_fixed_2_8": median,
                          "fixed_tokens_per_s_per_seed": {k: f[i]["tokens_per_s_per_seed"] for k, f in fixed.items()},
                          "policies": {name: {**v[i], "over_best": v[i]["tokens_per_s"] / rates[best_k],
@@ -93,6 +123,7 @@ def run(args) -> int:
                                              "single_run_within_3pct": _single_runs(v[i], fixed, i)}
                                       for name, v in variants.items()}})
     data = {"benchmark": "policy", "machine": machine_info(), "costs": costs.__dict__, "new_tokens": args.new_tokens,
+            "traces": args.traces,
             "seeds": args.seeds, "variants": {k: {kk: str(vv) for kk, vv in v.items()} for k, v in VARIANTS.items()},
             "cells": rows}
     path = write_json(args.name, data, args.out_dir)

@@ -16,6 +16,13 @@ The model follows the generator and :class:`~verispec.spec.drafts.ModelDraft` st
 - a verify pass over k tokens costs ``verify_s * (1 + verify_slope * (k - 1))``; every cost is
   multiplied by log-normal noise of ``noise`` (sigma), and each pass adds ``overhead_s``.
 
+A workload may instead carry greedy **traces** (:func:`greedy_trace`): per new token, whether the
+draft's greedy choice at that point of the target's greedy text equals the target's. At
+temperature 0 that fixes what every pass accepts, whatever k the policy picks (a pass accepts
+drafts up to the first disagreement), so the tokens and k counts of a replay equal the engine's
+(tested); only the costs are modelled. As in the engine, the first new token comes from the
+target's prefill and passes make the rest.
+
 It is a model, not a measurement: the costs of a real pair come from ``verispec bench decode`` and
 ``bench e2e`` (``bench/results/``), and only a real run shows real tokens per second.
 """
@@ -55,12 +62,29 @@ class Workload:
     acceptance: tuple[float, ...]  # conditional acceptance of draft 1, 2, ...; the last entry repeats
     calls: int = 3  # generate() calls (prompts)
     new_tokens: int = 96  # tokens per call
+    traces: tuple[tuple[int, ...], ...] | None = None  # per call: greedy agreement of each new token (1/0)
 
     def __post_init__(self):
-        if not self.acceptance or any(not 0.0 <= a <= 1.0 for a in self.acceptance):
+        if self.traces is not None:
+            if len(self.traces) != self.calls:
+                raise ValueError(f"workload {self.name!r}: {len(self.traces)} traces for calls={self.calls}")
+            for i, t in enumerate(self.traces):
+                if len(t) < self.new_tokens or any(x not in (0, 1) for x in t):
+                    raise ValueError(f"workload {self.name!r}: trace {i} must hold at least new_tokens="
+                                     f"{self.new_tokens} values, each 0 or 1 (has {len(t)})")
+        elif not self.acceptance or any(not 0.0 <= a <= 1.0 for a in self.acceptance):
             raise ValueError(f"workload {self.name!r}: acceptance must be a non-empty list of values in [0, 1]")
         if self.calls < 1 or self.new_tokens < 1:
             raise ValueError(f"workload {self.name!r}: calls and new_tokens must be >= 1")
+
+    @classmethod
+    def from_traces(cls, name: str, traces, new_tokens: int | None = None) -> "Workload":
+        """A greedy replay of ``traces`` (lists of 0/1), each call ``new_tokens`` long (default: the shortest)."""
+        traces = tuple(tuple(int(x) for x in t) for t in traces)
+        if not traces:
+            raise ValueError(f"workload {name!r}: no traces")
+        n = min(len(t) for t in traces) if new_tokens is None else new_tokens
+        return cls(name, (), calls=len(traces), new_tokens=n, traces=traces)
 
     def alpha(self, i: int) -> float:  # draft i + 1
         return self.acceptance[min(i, len(self.acceptance) - 1)]
@@ -92,10 +116,13 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
     outcomes = []
     for w in workloads:
         out = Outcome(w.name)
-        for _ in range(w.calls):
+        for call in range(w.calls):
             if hasattr(policy, "begin_sequence"):
                 policy.begin_sequence()
             hole, left = 0, w.new_tokens
+            if w.traces is not None:  # the prefill makes the first token, as in the engine
+                trace, left = w.traces[call], w.new_tokens - 1
+                out.tokens += 1
             while left > 0:
                 k = policy.next_k()
                 if not 1 <= k <= policy.max_k:
@@ -106,8 +133,13 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
                     draft_s = noisy(costs.draft_s * (1 + costs.catch_up * hole)) + sum(
                         noisy(costs.draft_s) for _ in range(g - 1))
                 accepted = 0
-                while accepted < g and rng.random() < w.alpha(accepted):
-                    accepted += 1
+                if w.traces is not None:
+                    done = w.new_tokens - left  # the pass's drafts are new tokens done .. done + g - 1
+                    while accepted < g and trace[done + accepted]:
+                        accepted += 1
+                else:
+                    while accepted < g and rng.random() < w.alpha(accepted):
+                        accepted += 1
                 hole = hole + 1 if not g else (1 if accepted == g else 0)
                 verify_s = noisy(costs.verify(g + 1))
                 policy.observe(g + 1, torch.tensor([accepted]), draft_s, verify_s)
@@ -117,3 +149,17 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
                 left -= accepted + 1
         outcomes.append(out)
     return outcomes
+
+
+def greedy_trace(target, draft, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """For ``prompt`` [L]: the target's greedy continuation of ``new_tokens`` tokens, and for each new
+    token 1 if the draft's greedy choice after the same prefix is that token, else 0. Both are
+    :class:`~verispec.model.LlamaForSampling`-like (``sample`` and ``forward(ids, positions, logits_at)``);
+    the draft scores the whole text in one forward."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    L = len(prompt)
+    text = target.sample(prompt[None], L + new_tokens, temperature=0)[0]  # [L + N]
+    at = torch.arange(L - 1, L + new_tokens - 1)[None]  # [1, N]: the positions that predict each new token
+    logits = draft.forward(text[None], torch.zeros(1, dtype=torch.long), logits_at=at)[0]  # [N, V]
+    return (logits.argmax(-1).cpu() == text[L:]).int().tolist()

@@ -194,3 +194,23 @@ def test_priced_tokens_per_s_pools_the_cells_pass_costs():
     assert a["priced_tokens_per_s"] == pytest.approx(20 / (10 * 0.2 + 10 * 0.2 + 10 * 0.05))
     assert b["priced_tokens_per_s"] == pytest.approx(20 / (5 * 0.4 + 1 * 0.3 + 10 * 0.2 + 6 * 0.05))
     assert "priced_tokens_per_s" not in base
+
+
+def test_run_interleaved_rotates_the_path_order_and_keeps_each_paths_results():
+    from bench.e2e import run_interleaved
+
+    calls = []
+
+    def runner(name):
+        def one(i, p):
+            calls.append((i, name))
+            return f"{name}{p}", {"i": i}, None
+
+        return one, lambda rows, stats: {"name": name, "rows": rows}
+
+    done = run_interleaved([runner("a"), runner("b"), runner("c")], ["x", "y", "z", "w"])
+    assert [n for _, n in calls] == list("abc" "bca" "cab" "abc")
+    assert [i for i, _ in calls] == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    for (outs, path), name in zip(done, "abc"):  # results stay with their path, in prompt order
+        assert outs == [f"{name}{p}" for p in "xyzw"] and path["name"] == name
+        assert [r["i"] for r in path["rows"]] == [0, 1, 2, 3]

@@ -35,3 +35,48 @@ def test_bench_policy_bad_options(tmp_path, capsys):
     assert main(["bench", "policy", "--seeds", "1", "--draft-ms", "-1", "--out-dir", str(tmp_path)]) == 1
     assert "costs must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "policy_sim.json").exists()
+
+
+def _replay_fixed_k(traces, k, n, draft_s, verify_s, slope):
+    """Independent greedy replay at fixed k with no catch-up, overhead or noise: tokens / seconds."""
+    tokens = seconds = 0.0
+    for t in traces:
+        done, tokens = 1, tokens + 1  # the prefill makes the first token
+        while done < n:
+            g = min(k - 1, n - done - 1)
+            a = 0
+            while a < g and t[done + a]:
+                a += 1
+            seconds += g * draft_s + verify_s * (1 + slope * g)
+            tokens += a + 1
+            done += a + 1
+    return tokens / seconds
+
+
+def test_bench_traces_then_policy_replays_them(tmp_path, capsys):
+    """`bench traces` records a tiny pair's greedy agreement (the int8 copy of the target as draft);
+    `bench policy --traces` adds one replay cell per prompt set, whose fixed-k rates are recomputed
+    here by an independent replay."""
+    from conftest import build_tiny_hf
+
+    target, _ = build_tiny_hf(tmp_path / "t", "llama", seed=3)
+    assert main(["bench", "traces", "--target", str(target), "--draft", str(target), "--draft-quant", "int8",
+                 "--amp", "f32", "--random-prompts", "--prompts", "3", "--max-new-tokens", "20",
+                 "--out-dir", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "traces.json").read_text())
+    assert set(rec["traces"]) == {"code", "prose"}
+    for name, ts in rec["traces"].items():
+        assert len(ts) == 3 and all(len(t) == 20 and set(t) <= {0, 1} for t in ts)
+        assert rec["agreement"][name] == sum(map(sum, ts)) / 60
+    assert "greedy agreement" in capsys.readouterr().out
+    assert main(["bench", "policy", "--seeds", "1", "--new-tokens", "20", "--noise", "0", "--catch-up", "0",
+                 "--overhead-ms", "0", "--traces", str(tmp_path / "traces.json"), "--out-dir", str(tmp_path)]) == 0
+    cells = {(c["scenario"], c["cell"]): c for c in json.loads((tmp_path / "policy_sim.json").read_text())["cells"]}
+    for name in ("code", "prose"):
+        c = cells[("traces traces.json", f"{name}/0")]
+        for k in (1, 3, 6):
+            expected = _replay_fixed_k(rec["traces"][name], k, 20, 0.030, 0.072, 0.1)
+            assert abs(c["fixed_tokens_per_s"][str(k)] - expected) < 1e-9 * expected
+    assert main(["bench", "policy", "--seeds", "1", "--traces", str(tmp_path / "nope.json"),
+                 "--out-dir", str(tmp_path)]) == 1
+    assert "nope.json: no such file" in capsys.readouterr().err

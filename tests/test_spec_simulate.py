@@ -5,6 +5,7 @@ not about one lucky draw)."""
 import statistics
 
 import pytest
+import torch
 
 from verispec.spec.policy import AdaptiveK, FixedK
 from verispec.spec.simulate import Costs, Workload, simulate
@@ -104,3 +105,57 @@ def test_the_carry_cap_follows_a_change_of_workload():
     capped = mean_rates(AdaptiveK, switch)[1]
     uncapped = mean_rates(lambda: AdaptiveK(carry_cap=float("inf")), switch)[1]
     assert capped > uncapped + 0.02 * best_chat, (capped / best_chat, uncapped / best_chat)
+
+
+def _cycling(ks):
+    class Cycling(FixedK):
+        """k from a fixed cycle, the same sequence in the engine and in the replay."""
+
+        def __init__(self):
+            super().__init__(max(ks))
+            self.i = 0
+
+        def next_k(self):
+            self.i += 1
+            return ks[(self.i - 1) % len(ks)]
+
+    return Cycling()
+
+
+@pytest.mark.parametrize("make_policy", [lambda: FixedK(3), lambda: FixedK(6), lambda: _cycling([2, 5, 1, 4, 3])],
+                         ids=["k3", "k6", "cycle"])
+def test_greedy_replay_gives_the_engines_passes(tiny_hf, make_policy):
+    """At temperature 0 a replay of recorded traces makes exactly the passes the engine makes: the
+    same k counts and the same tokens, for fixed and varying k. The int8 copy of the target is the
+    draft, so the trace holds agreements and disagreements."""
+    from verispec.model import LlamaForSampling
+    from verispec.spec import SpeculativeGenerator
+    from verispec.spec.simulate import greedy_trace
+
+    path, _ = tiny_hf("llama", seed=3)
+    target = LlamaForSampling.from_pretrained(path, n_positions=64, amp="f32")
+    draft = LlamaForSampling.from_pretrained(path, n_positions=64, amp="f32", quant="int8")
+    g = torch.Generator().manual_seed(0)
+    prompts, N = [torch.randint(0, target.vocab_size, (n,), generator=g) for n in (5, 9, 7)], 24
+    traces = [greedy_trace(target, draft, p, N) for p in prompts]
+    assert all(len(t) == N for t in traces) and 0 < sum(map(sum, traces)) < 3 * N  # both outcomes occur
+    gen = SpeculativeGenerator(draft, target, make_policy(), measure_decode_step=False)
+    k_counts, tokens = {}, 0
+    for p in prompts:
+        res = gen.generate(p[None], len(p) + N, temperature=0)
+        tokens += res.stats.new_tokens
+        for k, n in res.stats.k_counts.items():
+            k_counts[k] = k_counts.get(k, 0) + n
+    (out,) = simulate(make_policy(), [Workload.from_traces("t", traces)], Costs(draft_s=1.0, verify_s=1.0))
+    assert (out.tokens, out.k_counts) == (tokens, k_counts)
+
+
+def test_trace_workload_bad_inputs():
+    with pytest.raises(ValueError, match="at least new_tokens=4"):
+        Workload.from_traces("t", [[1, 0, 1]], new_tokens=4)
+    with pytest.raises(ValueError, match="each 0 or 1"):
+        Workload.from_traces("t", [[1, 2, 1]])
+    with pytest.raises(ValueError, match="no traces"):
+        Workload.from_traces("t", [])
+    with pytest.raises(ValueError, match="2 traces for calls=3"):
+        Workload("t", (), calls=3, new_tokens=2, traces=((1, 1), (0, 1)))
