@@ -3,8 +3,9 @@ decoding for each k and k="auto", and Hugging Face transformers' ``generate()`` 
 assisted, on the same weights, dtype, prompts and number of new tokens.
 
 Per prompt set x temperature it records per-prompt and aggregate tokens/s, speedups, k="auto"
-against the best and the median fixed k, per-position acceptance, and at temperature 0 whether
-speculative output equals target-only output token for token. Writes bench/results/NAME.json,
+against the best and the median fixed k (measured, and priced at the cell's pooled pass costs),
+per-position acceptance, and at temperature 0 whether speculative output equals target-only
+output token for token. Writes bench/results/NAME.json,
 NAME_tokens_per_s.png and NAME_acceptance.png, and prints a table. How each figure is timed is
 in the JSON under "method".
 """

@@ -80,3 +80,21 @@ def test_bench_traces_then_policy_replays_them(tmp_path, capsys):
     assert main(["bench", "policy", "--seeds", "1", "--traces", str(tmp_path / "nope.json"),
                  "--out-dir", str(tmp_path)]) == 1
     assert "nope.json: no such file" in capsys.readouterr().err
+
+
+def test_bench_traces_bad_options(tmp_path, capsys):
+    from conftest import build_tiny_hf
+
+    target, _ = build_tiny_hf(tmp_path / "t", "llama")
+    base = ["bench", "traces", "--target", str(target), "--draft", str(target), "--amp", "f32", "--random-prompts",
+            "--out-dir", str(tmp_path)]
+    assert main([*base, "--prompt-sets", "poems"]) == 1
+    assert "--prompt-sets 'poems': unknown" in capsys.readouterr().err
+    assert main([*base, "--max-new-tokens", "0"]) == 1
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"traces": {"code": [[1, 0, 2]]}}')
+    assert main(["bench", "policy", "--seeds", "1", "--new-tokens", "3", "--traces", str(bad),
+                 "--out-dir", str(tmp_path)]) == 1
+    assert "each 0 or 1" in capsys.readouterr().err
+    assert not (tmp_path / "traces.json").exists()
