@@ -73,6 +73,35 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
         }                                                                                         \
         for (int m = 0; m < MM; m++) acc[m] = a[m];                                               \
     }
+/* ROW2_BF16(MM): rows n and n + 1 in one pass, each activation load shared by both (7 loads per \
+ * 64 weights at MM = 5 instead of 12); each row's accumulators see the same additions in the    \
+ * same order as with row_bf16_MM, so the sums are bitwise the same. acc: row n's MM, then row   \
+ * n + 1's; pf: prefetch into L2 for the first row, pf + 2 K bytes for the second. */            \
+#define ROW2_BF16(MM)                                                                             \
+    static void row2_bf16_##MM(const uint16_t *w, const uint16_t *x, int64_t K, int64_t k0, int64_t k1, \
+                               __m512 *acc, const char *pf) {                                     \
+        __m512 a[MM], b[MM];                                                                      \
+        for (int m = 0; m < MM; m++) {                                                            \
+            a[m] = acc[m];                                                                        \
+            b[m] = acc[MM + m];                                                                   \
+        }                                                                                         \
+        for (int64_t k = k0; k + 32 <= k1; k += 32) {                                             \
+            PREFETCH_L2(pf + 2 * k);                                                              \
+            PREFETCH_L2(pf + 2 * K + 2 * k);                                                      \
+            __m512i wa = _mm512_loadu_si512((const void *)(w + k));                               \
+            __m512i wb = _mm512_loadu_si512((const void *)(w + K + k));                           \
+            for (int m = 0; m < MM; m++) {                                                        \
+                __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k));        \
+                a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)wa, xv);                                  \
+                b[m] = _mm512_dpbf16_ps(b[m], (__m512bh)wb, xv);                                  \
+            }                                                                                     \
+        }                                                                                         \
+        for (int m = 0; m < MM; m++) {                                                            \
+            acc[m] = a[m];                                                                        \
+            acc[MM + m] = b[m];                                                                   \
+        }                                                                                         \
+    }
+#define PAIR_M 8 /* rows of activations up to which two weight rows share a pass (2 x 8 accumulators) */
 #elif defined(__AVX512F__)
 #define WIDEN(p) bf16x16_to_f32(p)
 #define ROW_BF16(MM)                                                                              \
@@ -141,6 +170,12 @@ typedef void (*row_f32_fn)(const float *, const float *, int64_t, float *);
 #define REF_BF16(MM) row_bf16_##MM,
 #define REF_F32(MM) row_f32_##MM,
 static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
+#if defined(PAIR_M)
+#define EACH_PAIR_M(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
+EACH_PAIR_M(ROW2_BF16)
+#define REF2_BF16(MM) row2_bf16_##MM,
+static const row_bf16_fn ROWS2_BF16[PAIR_M] = {EACH_PAIR_M(REF2_BF16)};
+#endif
 static const row_f32_fn ROWS_F32[MAX_M] = {EACH_M(REF_F32)};
 
 
@@ -178,15 +213,28 @@ void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bi
             for (int64_t i = 0; i < (n1 - n0) * M; i++) acc[i] = _mm512_setzero_ps();
             for (int64_t k0 = 0; k0 < K32; k0 += KC) {
                 const int64_t k1 = k0 + KC < K32 ? k0 + KC : K32;
-                for (int64_t n = n0; n < n1; n++)
+                int64_t n = n0;
+                if (M <= PAIR_M)
+                    for (; n + 1 < n1; n += 2)
+                        ROWS2_BF16[M - 1](w + n * K, x, K, k0, k1, acc + (n - n0) * M,
+                                          (const char *)(w + (n + 3 < n1 ? n + 2 : n) * K));
+                for (; n < n1; n++)
                     ROWS_BF16[M - 1](w + n * K, x, K, k0, k1, acc + (n - n0) * M,
                                      (const char *)(w + (n + 2 < n1 ? n + 2 : n1 - 1) * K));
             }
             for (int64_t n = n0; n < n1; n++) finish_bf16(acc + (n - n0) * M, w, x, bias, y, M, K, N, n);
             free(acc);
         } else { /* whole rows (also the fallback when the buffer cannot be had: same sums) */
-            __m512 a[MAX_M];
-            for (int64_t n = n0; n < n1; n++) {
+            __m512 a[2 * MAX_M];
+            int64_t n = n0;
+            if (M <= PAIR_M)
+                for (; n + 1 < n1; n += 2) {
+                    for (int64_t m = 0; m < 2 * M; m++) a[m] = _mm512_setzero_ps();
+                    ROWS2_BF16[M - 1](w + n * K, x, K, 0, K32, a, (const char *)(w + n * K) + PF_L2_BYTES);
+                    finish_bf16(a, w, x, bias, y, M, K, N, n);
+                    finish_bf16(a + M, w, x, bias, y, M, K, N, n + 1);
+                }
+            for (; n < n1; n++) {
                 for (int64_t m = 0; m < M; m++) a[m] = _mm512_setzero_ps();
                 ROWS_BF16[M - 1](w + n * K, x, K, 0, K32, a, (const char *)(w + n * K) + PF_L2_BYTES);
                 finish_bf16(a, w, x, bias, y, M, K, N, n);
