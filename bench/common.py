@@ -118,8 +118,19 @@ def prompt_sets() -> dict[str, list[str]]:
     return {k: v for k, v in json.loads(PROMPTS_FILE.read_text()).items() if k != "description"}
 
 
-def prompt_set_names() -> list[str]:
-    return sorted(prompt_sets())
+def parse_prompt_sets(text: str, n: int, random_prompts: bool) -> list[str]:
+    """--prompt-sets: comma-separated names of bench/prompts.json, each once, each holding n prompts
+    (any n with random prompts)."""
+    sets = [s.strip() for s in text.split(",") if s.strip()]
+    known = prompt_sets()
+    for s in sets:
+        if s not in known:
+            raise ValueError(f"unknown prompt set {s!r} in --prompt-sets; bench/prompts.json has {sorted(known)}")
+        if not random_prompts and n > len(known[s]):
+            raise ValueError(f"prompt set {s!r} has {len(known[s])} prompts, {n} asked for (--prompts)")
+    if not sets or len(set(sets)) < len(sets):
+        raise ValueError(f"--prompt-sets {text!r}: give each set once, at least one")
+    return sets
 
 
 def bench_prompts(set_name: str, n: int, tokenizer=None, random_vocab: int | None = None, seed: int = 0) -> list[torch.Tensor]:

@@ -26,11 +26,12 @@ from .common import (
     load_model,
     measure_memory_bandwidth,
     parse_floats,
-    prompt_sets,
+    parse_prompt_sets,
     weight_bytes,
     write_json,
 )
-from .e2e_report import METHOD, add_priced, add_repeats, add_speedups, plot_acceptance, plot_tokens_per_s, print_report, summarize
+from .e2e_report import (METHOD, add_priced, add_repeats, add_speedups, plot_acceptance, plot_tokens_per_s, print_report,
+                         summarize)
 
 WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
 
@@ -97,19 +98,6 @@ def _temperatures(text: str) -> list[float]:
     return temps
 
 
-def _prompt_sets(text: str, n: int, random_prompts: bool) -> list[str]:
-    sets = [s.strip() for s in text.split(",") if s.strip()]
-    known = prompt_sets()
-    for s in sets:
-        if s not in known:
-            raise ValueError(f"unknown prompt set {s!r} in --prompt-sets; bench/prompts.json has {sorted(known)}")
-        if not random_prompts and n > len(known[s]):
-            raise ValueError(f"prompt set {s!r} has {len(known[s])} prompts, {n} asked for (--prompts)")
-    if not sets or len(set(sets)) < len(sets):
-        raise ValueError(f"--prompt-sets {text!r}: give each set once, at least one")
-    return sets
-
-
 def _check_args(args) -> tuple[list, list[float], list[str]]:
     ks = _ks(args.ks)
     specs = ks + (["auto"] if args.auto else [])
@@ -123,7 +111,7 @@ def _check_args(args) -> tuple[list, list[float], list[str]]:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.draft_quant and not is_model_draft(args.draft):
         raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; the draft is {args.draft!r}")
-    return specs, _temperatures(args.temperatures), _prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
+    return specs, _temperatures(args.temperatures), parse_prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
 
 
 def _positions(prompts: dict, specs: list, new_tokens: int, max_positions: int) -> int:
@@ -234,7 +222,8 @@ def _aggregate(per_prompt: list[dict]) -> dict:
 
 
 def _acceptance(stats: list) -> dict:
-    """Acceptance over all prompts: counts summed, then divided (not a mean of ratios)."""
+    """Acceptance over all prompts (counts summed, then divided: not a mean of ratios) and the pass
+    costs the priced reading needs (seconds and counts summed)."""
     accepted = sum(s.accepted_drafts for s in stats)
     proposed = sum(s.proposed_drafts for s in stats)
     passes = sum(s.row_passes for s in stats)

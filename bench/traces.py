@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import bench_prompts, load_model, machine_info, prompt_set_names, write_json
+from .common import bench_prompts, load_model, machine_info, parse_prompt_sets, write_json
 
 
 def register(sub) -> None:
@@ -37,10 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from verispec.model.tokenizer import Tokenizer
     from verispec.spec.simulate import greedy_trace
 
-    sets = [s.strip() for s in args.prompt_sets.split(",") if s.strip()]
-    unknown = [s for s in sets if s not in prompt_set_names()]
-    if not sets or unknown:
-        raise ValueError(f"--prompt-sets {args.prompt_sets!r}: unknown or empty; known: {prompt_set_names()}")
+    sets = parse_prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     config, _, src = open_source(args.target, progress=True)

@@ -89,7 +89,7 @@ def test_bench_traces_bad_options(tmp_path, capsys):
     base = ["bench", "traces", "--target", str(target), "--draft", str(target), "--amp", "f32", "--random-prompts",
             "--out-dir", str(tmp_path)]
     assert main([*base, "--prompt-sets", "poems"]) == 1
-    assert "--prompt-sets 'poems': unknown" in capsys.readouterr().err
+    assert "unknown prompt set 'poems' in --prompt-sets" in capsys.readouterr().err
     assert main([*base, "--max-new-tokens", "0"]) == 1
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
