@@ -13,7 +13,9 @@ one ``bench e2e`` cell would show it within 3%).
 
 ``--traces FILE`` (from ``verispec bench traces``) adds a scenario that replays real greedy texts
 instead of modelled acceptance: which drafts a pass accepts is then what the pair did on the bench
-prompts, for any k, and only the costs are modelled.
+prompts, for any k, and only the costs are modelled. Where the file holds the draft's confidences,
+k=auto's drafting gate hears them ("auto gate=off" is the policy without it); in the modelled
+scenarios there are none, so the two columns agree there.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ SCENARIOS = {
 }
 VARIANTS = {  # name -> AdaptiveK keyword arguments
     "auto": {},
+    "auto gate=off": {"gate": False},
     "auto carry_cap=inf": {"carry_cap": float("inf")},
     "auto carry=0": {"carry": 0.0},
     "auto explore_from_1=8": {"explore_from_1": 8},
@@ -71,7 +74,10 @@ def _trace_workloads(path: str, new_tokens: int) -> list:
         raise ValueError(f"--traces {path}: not a `verispec bench traces` JSON (no 'traces' table)") from None
     if not isinstance(traces, dict) or not traces:
         raise ValueError(f"--traces {path}: 'traces' must map prompt sets to lists of traces")
-    return [Workload.from_traces(f"{name}/0", ts, new_tokens) for name, ts in traces.items()]
+    confidence = data.get("confidence") or {}  # absent in files recorded before the drafting gate
+    if not isinstance(confidence, dict):
+        raise ValueError(f"--traces {path}: 'confidence' must map prompt sets to lists of confidences")
+    return [Workload.from_traces(f"{name}/0", ts, new_tokens, confidence.get(name)) for name, ts in traces.items()]
 
 
 def _mean_outcomes(make, workloads, costs, seeds):
@@ -137,7 +143,7 @@ def _print(rows, path) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 175))
+        console = Console(width=max(console.width, 200))
     table = Table(title="k-policies in the simulator: mean tokens/s over seeds / best fixed k's "
                         "(k=1 share; share of single runs within 3% of that seed's best fixed k)")
     for col in ("scenario", "cell", "best fixed k"):

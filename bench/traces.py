@@ -1,7 +1,8 @@
 """``verispec bench traces``: record greedy agreement traces of a draft/target pair on the bench prompts.
 
 For each prompt: the target's greedy continuation, and per new token whether the draft's greedy
-choice after the same text is that token (spec/simulate.py ``greedy_trace``). ``verispec bench
+choice after the same text is that token, and the draft's probability of its choice (its
+confidence, which k=auto's drafting gate hears) (spec/simulate.py ``greedy_trace``). ``verispec bench
 policy --traces FILE`` replays them: at temperature 0 a trace fixes what every pass accepts for any
 k, so k-policies are compared on real texts with no timing noise (costs are modelled). Writes
 bench/results/NAME.json.
@@ -53,11 +54,15 @@ def run(args: argparse.Namespace) -> int:
     if draft.vocab_size != target.vocab_size:
         raise ValueError(f"draft vocab {draft.vocab_size} != target vocab {target.vocab_size}")
     t0 = time.perf_counter()
-    traces = {s: [greedy_trace(target, draft, p, args.max_new_tokens) for p in ps] for s, ps in prompts.items()}
+    both = {s: [greedy_trace(target, draft, p, args.max_new_tokens, confidence=True) for p in ps]
+            for s, ps in prompts.items()}
+    traces = {s: [t for t, _ in b] for s, b in both.items()}
+    confidence = {s: [[round(c, 5) for c in cs] for _, cs in b] for s, b in both.items()}
     data = {"benchmark": "traces", "machine": machine_info(), "target": str(args.target), "draft": str(args.draft),
             "draft_quant": args.draft_quant, "amp": args.amp, "max_new_tokens": args.max_new_tokens,
             "seconds": time.perf_counter() - t0,
-            "agreement": {s: sum(map(sum, t)) / sum(map(len, t)) for s, t in traces.items()}, "traces": traces}
+            "agreement": {s: sum(map(sum, t)) / sum(map(len, t)) for s, t in traces.items()}, "traces": traces,
+            "confidence": confidence}
     path = write_json(args.name, data, args.out_dir)
     for s, a in data["agreement"].items():
         print(f"{s}: {len(traces[s])} prompts, greedy agreement {a:.3f}")

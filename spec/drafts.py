@@ -7,12 +7,20 @@ Protocol (only ``propose`` is required; the others are called when present)::
     propose(tokens, lengths, g, params, uniforms) -> (draft_ids [B, g] int64, draft_probs [B, g, V] fp32)
         tokens [B, W] int64: each row's committed tokens (prompt included) in tokens[b, :lengths[b]];
         uniforms [B, g] fp64: the draft's own random stream, for sampling its proposals
+    propose(..., keep=fn)          only if ``can_stop_early``: after each draft j, ``fn(conf [B])``
+        with conf = the draft model's softmax probability (temperature 1) of each row's draft j;
+        False stops the pass at j drafts (draft_ids [B, j]); after draft g the answer is unused. The generator passes it when the
+        k-policy has ``keep_drafting`` (k = "auto").
     commit(accepted [B], lengths [B])   after each step: drafts kept, and the new committed lengths
     keep_rows(rows)                finished rows leave the batch (same list the target gets)
 
 ``draft_probs`` must be exactly the distribution each draft was sampled from, after the same
 temperature/top-k/top-p as the target (exactness.md pitfalls 1 and 4); a deterministic draft
 reports a one-hot q and sets ``deterministic = True``.
+
+Stopping early keeps the output exact: whether draft j + 1 is proposed is decided from drafts
+1..j and their probabilities, i.e. from the prefix position j + 1 is sampled after; a proposed
+draft is never withdrawn, so each one is still a plain sample from q (exactness.md).
 """
 
 from __future__ import annotations
@@ -21,6 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sampling import SamplingParams, check_logits, logits_to_probs, sample_categorical
+
+
+def _confidence(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """[B, V] logits, [B] drafts -> [B] fp32 softmax probability of each draft (temperature 1)."""
+    logits = logits.float()
+    return (logits.gather(1, ids.to(logits.device)[:, None])[:, 0] - torch.logsumexp(logits, -1)).exp().cpu()
+
+
+def _keep(model, keep, logits: torch.Tensor, ids: torch.Tensor, last: bool) -> bool:
+    """Report draft confidences to the gate; its verdict on drafting one more, the same on every
+    tensor-parallel rank (rank 0's). After the last allowed draft, False without asking ranks."""
+    if keep is None:
+        return not last
+    verdict = bool(keep(_confidence(logits, ids)))
+    return False if last else bool(_sync(model, torch.tensor([[int(verdict)]], dtype=torch.long))[0, 0])
 
 
 def _empty_proposal(B: int, V: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +71,7 @@ class ModelDraft:
     """
 
     deterministic = False
+    can_stop_early = True
     name = "model"
 
     def __init__(self, model):
@@ -76,7 +100,7 @@ class ModelDraft:
     def _choose(self, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:  # [B, V], [B] -> [B]
         return sample_categorical(q, uniforms)
 
-    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms):
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None):
         B = lengths.shape[0]
         if g == 0:
             return _empty_proposal(B, self.vocab_size, tokens.device)
@@ -93,8 +117,10 @@ class ModelDraft:
             d = _sync(self.model, self._choose(q, uniforms[:, i]).cpu())  # [B]
             draft_ids.append(d)
             draft_probs.append(q)
-            if i < g - 1:
-                logits = self.model.forward(d[:, None], last + 1 + i)[:, 0]
+            if not _keep(self.model, keep, logits, d, last=i == g - 1):
+                break
+            logits = self.model.forward(d[:, None], last + 1 + i)[:, 0]
+        g = len(draft_ids)
         self.valid = last + g  # slots 0 .. last + g - 1 now hold K/V (d_g was never fed)
         return torch.stack(draft_ids, 1), torch.stack(draft_probs, 1)
 
@@ -118,6 +144,7 @@ class LayerSkipDraft:
     """
 
     deterministic = False
+    can_stop_early = True
     name = "self"
 
     def __init__(self, num_layers: int):
@@ -134,7 +161,7 @@ class LayerSkipDraft:
         self.vocab_size = target.vocab_size
         self.name = f"self:{self.num_layers}"
 
-    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms):
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None):
         if self.target is None:
             raise RuntimeError("LayerSkipDraft.propose before bind(target)")
         B = lengths.shape[0]
@@ -150,6 +177,8 @@ class LayerSkipDraft:
             d = _sync(self.target, sample_categorical(q, uniforms[:, i]).cpu())[:, None]  # [B, 1]
             draft_ids.append(d[:, 0])
             draft_probs.append(q)
+            if not _keep(self.target, keep, logits, d[:, 0], last=i == g - 1):
+                break
         return torch.stack(draft_ids, 1), torch.stack(draft_probs, 1)
 
 

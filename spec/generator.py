@@ -111,6 +111,10 @@ class SpeculativeGenerator:
             raise ValueError(
                 f"k={self.policy.max_k} too large: a verify pass of k tokens needs k < n_positions={self.n_positions}"
             )
+        # a k-policy with a drafting gate (k = "auto") may stop a pass's drafting early, where the draft can
+        self._gate = getattr(self.policy, "keep_drafting", None) if getattr(self.draft, "can_stop_early", False) else None
+        if hasattr(self.policy, "set_gated"):
+            self.policy.set_gated(self._gate is not None)
         self.measure_decode_step = measure_decode_step
         self.device = torch.device(getattr(target, "device", "cpu"))
         self.last_stats: SpecStats | None = None
@@ -203,8 +207,11 @@ class SpeculativeGenerator:
             rows = self._lengths.shape[0]
 
             t_a = time.perf_counter()
+            gate = {"keep": self._gate} if self._gate is not None and g else {}
             draft_ids, draft_probs = self.draft.propose(self._tokens, self._lengths, g, params,
-                                                        rng.draft_uniforms(rows, g))
+                                                        rng.draft_uniforms(rows, g), **gate)
+            if gate and 1 <= draft_ids.shape[-1] < g:  # the gate stopped drafting early
+                g = draft_ids.shape[-1]
             self._check_proposal(draft_ids, draft_probs, rows, g, V)
             self._sync_device()
             t_b = time.perf_counter()

@@ -71,6 +71,19 @@ class AdaptiveK:
     the settings on modelled workloads (README). The verify-cost table and the draft cost are
     always kept.
 
+    **Drafting gate** (``gate=True``, with a draft that can stop early: a model or ``self:N``
+    draft). When the formula's best k is above 1, the pass may go up to ``max_k`` and the draft
+    reports, after each draft j, its own probability c_j of that draft (softmax at temperature 1);
+    ``keep_drafting`` then re-solves the same argmax with what is now known: the chance that drafts
+    1..j are all accepted is prod alpha(c_i), alpha(c) the online acceptance of drafts whose
+    confidence fell in c's bin (``conf_bins`` equal bins on [0, 1], decayed like the position
+    counts, shrunk by ``conf_shrink`` row-drafts towards the pooled rate), and deeper drafts still
+    get the per-position alpha_i. It drafts one more if some k > j + 1 then beats stopping at
+    j + 1 (rows summed: all rows share the pass). Exact, as any k is: the decision about draft
+    j + 1 depends only on drafts 1..j. On greedy traces of the Qwen pair (README) it ends a pass
+    at a draft the draft model is unsure of and runs on through confident stretches, which no
+    fixed k can do.
+
     When the best k has not been followed by a step at k + 1 for ``explore_every`` steps (when
     the best k is 1, ``explore_from_1`` steps), it takes k + 1 once: otherwise a policy that settled
     on k = 1 (no drafts, so nothing learnt about acceptance) would never again measure acceptance,
@@ -79,8 +92,11 @@ class AdaptiveK:
 
     def __init__(self, max_k: int = 8, start_k: int = 4, halflife: float = 24.0, prior_acceptance: float = 0.6,
                  prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2,
-                 explore_every: int = 8, explore_from_1: int = 2, carry: float = 1.0, carry_cap: float = 4.0):
+                 explore_every: int = 8, explore_from_1: int = 2, carry: float = 1.0, carry_cap: float = 4.0,
+                 gate: bool = True, conf_bins: int = 8, conf_shrink: float = 1.0):
         validate_k(max_k)
+        if conf_bins < 1 or conf_shrink < 0:
+            raise ValueError(f"conf_bins must be >= 1 and conf_shrink >= 0, got {conf_bins}, {conf_shrink}")
         validate_k(start_k)
         if not 0.0 <= prior_acceptance <= 1.0:
             raise ValueError(f"prior_acceptance must be in [0, 1], got {prior_acceptance}")
@@ -114,6 +130,12 @@ class AdaptiveK:
         self._asked_at: float | None = None
         self._drafted_last = True  # whether the previous pass ran the draft (a k = 1 pass does not)
         self.last_choice: dict | None = None  # E, T and rate of every k at the last decision
+        self.gate = gate
+        self.conf_shrink = conf_shrink
+        self.conf_reached = torch.zeros(conf_bins, dtype=torch.float64)  # decayed drafts judged, per confidence bin
+        self.conf_kept = torch.zeros(conf_bins, dtype=torch.float64)  # ... and accepted
+        self._gated = False  # set by the generator: the draft reports confidences, the gate may stop it
+        self._pass: dict | None = None  # the running pass's gate state
 
     # ---- calibration (called by the generator) --------------------------------------------------
 
@@ -145,9 +167,11 @@ class AdaptiveK:
             scale *= self.carry_cap / most
         self.reached = [r * scale for r in self.reached]
         self.kept = [k * scale for k in self.kept]
+        self._pass = None
 
     def next_k(self) -> int:
         self._asked_at = time.perf_counter()
+        self._pass = None
         if self.draft_s_per_position is None or not self.verify_s:
             return self.start_k
         alphas = self.position_acceptance()
@@ -165,13 +189,71 @@ class AdaptiveK:
                 best_k, best_rate = k, rate
         self.last_choice = table
         self._step += 1
+        if self.gate and self._gated and best_k > 1:  # the gate decides how far this pass drafts
+            self._start_pass(alphas, verify)
+            self._last_used[self.max_k] = self._step
+            return self.max_k
         every = self.explore_every if best_k > 1 else self.explore_from_1
         if best_k < self.max_k and self._step - self._last_used.get(best_k + 1, 0) > every:
             best_k += 1  # now and then one k further, so the next position's acceptance and cost stay measured
         self._last_used[best_k] = self._step
         return best_k
 
+    # ---- the drafting gate ----------------------------------------------------------------------
+
+    def set_gated(self, gated: bool) -> None:
+        """The generator says whether the draft reports confidences (``keep_drafting``) this run."""
+        self._gated = bool(gated)
+
+    def confidence_acceptance(self) -> torch.Tensor:
+        """[conf_bins] acceptance of a draft by its confidence bin, shrunk towards the pooled rate."""
+        a0, n0 = self.prior
+        pooled = (sum(self.kept) + a0 * n0) / (sum(self.reached) + n0) if sum(self.reached) + n0 > 0 else a0
+        return (self.conf_kept + self.conf_shrink * pooled) / (self.conf_reached + self.conf_shrink).clamp(min=1e-12)
+
+    def _start_pass(self, alphas: list[float], verify: dict[int, float]) -> None:
+        self._pass = {"alphas": alphas, "verify": verify, "by_conf": self.confidence_acceptance(),
+                      "confs": [], "p": None, "expected": 0.0}
+
+    def keep_drafting(self, conf: torch.Tensor) -> bool:
+        """After draft j (``conf`` [B]: each row's draft probability): draft one more?"""
+        ps = self._pass
+        if ps is None:  # not a gated pass (the policy chose k itself): draft on to k
+            return True
+        conf = conf.double().clamp(0.0, 1.0)
+        ps["confs"].append(conf)
+        bins = (conf * len(self.conf_reached)).long().clamp(max=len(self.conf_reached) - 1)
+        p = ps["by_conf"][bins] * (1.0 if ps["p"] is None else ps["p"])  # [B] P(drafts 1..j all accepted)
+        ps["p"] = p
+        if ps["expected"] == 0.0:
+            ps["expected"] = float(len(conf))  # every row commits one token per pass
+        ps["expected"] += float(p.sum())
+        j, d, o, verify, alphas = len(ps["confs"]), self.draft_s_per_position, self.overhead_s, ps["verify"], ps["alphas"]
+        now = ps["expected"] / (j * d + verify[j + 1] + o)
+        expected, run, reach = ps["expected"], 1.0, float(p.sum())
+        for m in range(j + 1, self.max_k):  # m drafts in all
+            run *= alphas[m - 1]
+            expected += reach * run
+            if expected / (m * d + verify[m + 1] + o) > now:
+                return True
+        return False
+
+    def _learn_confidence(self, accepted: torch.Tensor) -> None:
+        """Per confidence bin: drafts judged (up to the first rejected) and accepted, this pass."""
+        ps, self._pass = self._pass, None
+        if ps is None or not ps["confs"]:
+            return
+        self.conf_reached *= self.decay
+        self.conf_kept *= self.decay
+        confs = torch.stack(ps["confs"], 1)  # [B, j]
+        at = torch.arange(confs.shape[1])[None]
+        a = accepted.long().cpu()[:, None]
+        bins = (confs * len(self.conf_reached)).long().clamp(max=len(self.conf_reached) - 1)
+        self.conf_reached.index_add_(0, bins[at <= a], torch.ones(int((at <= a).sum()), dtype=torch.float64))
+        self.conf_kept.index_add_(0, bins[at < a], torch.ones(int((at < a).sum()), dtype=torch.float64))
+
     def observe(self, k: int, accepted: torch.Tensor, draft_s: float, target_s: float) -> None:
+        self._learn_confidence(accepted)
         g = k - 1
         step_s = time.perf_counter() - self._asked_at if self._asked_at is not None else None
         self._asked_at = None

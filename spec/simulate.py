@@ -13,6 +13,8 @@ The model follows the generator and :class:`~verispec.spec.drafts.ModelDraft` st
 - the draft's cache has a hole after a pass that accepted all its drafts (one token) and after
   every k = 1 pass (one more token each); the next pass with drafts feeds the hole in its first
   draft forward, which costs ``draft_s * (1 + catch_up * hole)``;
+- with greedy traces that carry the draft's confidences, a k-policy's drafting gate
+  (``keep_drafting``) hears each draft's confidence and may end the pass early, as in the engine;
 - a verify pass over k tokens costs ``verify_s * (1 + verify_slope * (k - 1))``; every cost is
   multiplied by log-normal noise of ``noise`` (sigma), and each pass adds ``overhead_s``.
 
@@ -21,7 +23,9 @@ draft's greedy choice at that point of the target's greedy text equals the targe
 temperature 0 that fixes what every pass accepts, whatever k the policy picks (a pass accepts
 drafts up to the first disagreement), so the tokens and k counts of a replay equal the engine's
 (tested); only the costs are modelled. As in the engine, the first new token comes from the
-target's prefill and passes make the rest.
+target's prefill and passes make the rest. With a drafting gate the replay is a model too: a
+trace holds the draft's confidence after the target's text, while in the engine the drafts that
+follow a rejected one come after the draft's own text.
 
 It is a model, not a measurement: the costs of a real pair come from ``verispec bench decode`` and
 ``bench e2e`` (``bench/results/``), and only a real run shows real tokens per second.
@@ -63,6 +67,7 @@ class Workload:
     calls: int = 3  # generate() calls (prompts)
     new_tokens: int = 96  # tokens per call
     traces: tuple[tuple[int, ...], ...] | None = None  # per call: greedy agreement of each new token (1/0)
+    confidence: tuple[tuple[float, ...], ...] | None = None  # per call: the draft's probability of each greedy draft
 
     def __post_init__(self):
         if self.traces is not None:
@@ -72,19 +77,28 @@ class Workload:
                 if len(t) < self.new_tokens or any(x not in (0, 1) for x in t):
                     raise ValueError(f"workload {self.name!r}: trace {i} must hold at least new_tokens="
                                      f"{self.new_tokens} values, each 0 or 1 (has {len(t)})")
+            if self.confidence is not None and (
+                    len(self.confidence) != self.calls or any(len(c) != len(t) for c, t in zip(self.confidence, self.traces))
+                    or any(not 0.0 <= x <= 1.0 for c in self.confidence for x in c)):
+                raise ValueError(f"workload {self.name!r}: confidence must hold one value in [0, 1] per trace value")
+        elif self.confidence is not None:
+            raise ValueError(f"workload {self.name!r}: confidence needs traces")
         elif not self.acceptance or any(not 0.0 <= a <= 1.0 for a in self.acceptance):
             raise ValueError(f"workload {self.name!r}: acceptance must be a non-empty list of values in [0, 1]")
         if self.calls < 1 or self.new_tokens < 1:
             raise ValueError(f"workload {self.name!r}: calls and new_tokens must be >= 1")
 
     @classmethod
-    def from_traces(cls, name: str, traces, new_tokens: int | None = None) -> "Workload":
-        """A greedy replay of ``traces`` (lists of 0/1), each call ``new_tokens`` long (default: the shortest)."""
+    def from_traces(cls, name: str, traces, new_tokens: int | None = None, confidence=None) -> "Workload":
+        """A greedy replay of ``traces`` (lists of 0/1), each call ``new_tokens`` long (default: the
+        shortest); ``confidence`` (lists of floats, as traces) drives a k-policy's drafting gate."""
         traces = tuple(tuple(int(x) for x in t) for t in traces)
         if not traces:
             raise ValueError(f"workload {name!r}: no traces")
+        if confidence is not None:
+            confidence = tuple(tuple(float(x) for x in c) for c in confidence)
         n = min(len(t) for t in traces) if new_tokens is None else new_tokens
-        return cls(name, (), calls=len(traces), new_tokens=n, traces=traces)
+        return cls(name, (), calls=len(traces), new_tokens=n, traces=traces, confidence=confidence)
 
     def alpha(self, i: int) -> float:  # draft i + 1
         return self.acceptance[min(i, len(self.acceptance) - 1)]
@@ -116,6 +130,9 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
     outcomes = []
     for w in workloads:
         out = Outcome(w.name)
+        gate = getattr(policy, "keep_drafting", None) if w.confidence is not None else None
+        if hasattr(policy, "set_gated"):
+            policy.set_gated(gate is not None)
         for call in range(w.calls):
             if hasattr(policy, "begin_sequence"):
                 policy.begin_sequence()
@@ -128,6 +145,12 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
                 if not 1 <= k <= policy.max_k:
                     raise ValueError(f"k-policy returned k={k} outside 1..{policy.max_k}")
                 g = min(k - 1, left - 1)
+                if gate is not None:  # the draft reports each draft's confidence; the gate may stop it
+                    done = w.new_tokens - left
+                    for i in range(g):
+                        if not gate(torch.tensor([w.confidence[call][done + i]])) and i < g - 1:
+                            g = i + 1
+                            break
                 draft_s = 0.0
                 if g:
                     draft_s = noisy(costs.draft_s * (1 + costs.catch_up * hole)) + sum(
@@ -151,15 +174,21 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
     return outcomes
 
 
-def greedy_trace(target, draft, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+def greedy_trace(target, draft, prompt: torch.Tensor, new_tokens: int, confidence: bool = False):
     """For ``prompt`` [L]: the target's greedy continuation of ``new_tokens`` tokens, and for each new
     token 1 if the draft's greedy choice after the same prefix is that token, else 0. Both are
     :class:`~verispec.model.LlamaForSampling`-like (``sample`` and ``forward(ids, positions, logits_at)``);
-    the draft scores the whole text in one forward."""
+    the draft scores the whole text in one forward. ``confidence=True`` returns (trace, confidences):
+    also the draft's softmax probability of its greedy choice at each token, what the engine's
+    draft reports to a drafting gate (there after the prefix the draft itself proposed; here after
+    the target's, the same wherever the earlier drafts of a pass were accepted)."""
     if new_tokens < 1:
         raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
     L = len(prompt)
     text = target.sample(prompt[None], L + new_tokens, temperature=0)[0]  # [L + N]
     at = torch.arange(L - 1, L + new_tokens - 1)[None]  # [1, N]: the positions that predict each new token
-    logits = draft.forward(text[None], torch.zeros(1, dtype=torch.long), logits_at=at)[0]  # [N, V]
-    return (logits.argmax(-1).cpu() == text[L:]).int().tolist()
+    logits = draft.forward(text[None], torch.zeros(1, dtype=torch.long), logits_at=at)[0].float()  # [N, V]
+    trace = (logits.argmax(-1).cpu() == text[L:]).int().tolist()
+    if not confidence:
+        return trace
+    return trace, logits.softmax(-1).amax(-1).cpu().tolist()

@@ -17,7 +17,7 @@ def test_bench_policy_json_and_table(tmp_path, capsys):
         rates = {int(k): v for k, v in c["fixed_tokens_per_s"].items()}
         assert sorted(rates) == list(range(1, 9)) and c["best_fixed_k"] == max(rates, key=rates.get)
         assert c["median_fixed_2_8"] == statistics.median(rates[k] for k in range(2, 9))
-        assert set(c["policies"]) == {"auto", "auto carry_cap=inf", "auto carry=0", "auto explore_from_1=8"}
+        assert set(c["policies"]) == {"auto", "auto gate=off", "auto carry_cap=inf", "auto carry=0", "auto explore_from_1=8"}
         per_seed = {int(k): v for k, v in c["fixed_tokens_per_s_per_seed"].items()}
         for p in c["policies"].values():
             assert p["over_best"] == p["tokens_per_s"] / rates[c["best_fixed_k"]]
@@ -68,6 +68,8 @@ def test_bench_traces_then_policy_replays_them(tmp_path, capsys):
     for name, ts in rec["traces"].items():
         assert len(ts) == 3 and all(len(t) == 20 and set(t) <= {0, 1} for t in ts)
         assert rec["agreement"][name] == sum(map(sum, ts)) / 60
+        confs = rec["confidence"][name]  # the draft's probability of its greedy choice, per token
+        assert [len(c) for c in confs] == [20] * 3 and all(0 < x <= 1 for c in confs for x in c)
     assert "greedy agreement" in capsys.readouterr().out
     assert main(["bench", "policy", "--seeds", "1", "--new-tokens", "20", "--noise", "0", "--catch-up", "0",
                  "--overhead-ms", "0", "--traces", str(tmp_path / "traces.json"), "--out-dir", str(tmp_path)]) == 0
@@ -77,6 +79,7 @@ def test_bench_traces_then_policy_replays_them(tmp_path, capsys):
         for k in (1, 3, 6):
             expected = _replay_fixed_k(rec["traces"][name], k, 20, 0.030, 0.072, 0.1)
             assert abs(c["fixed_tokens_per_s"][str(k)] - expected) < 1e-9 * expected
+        assert set(c["policies"]) >= {"auto", "auto gate=off"}
     assert main(["bench", "policy", "--seeds", "1", "--traces", str(tmp_path / "nope.json"),
                  "--out-dir", str(tmp_path)]) == 1
     assert "nope.json: no such file" in capsys.readouterr().err

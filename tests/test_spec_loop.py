@@ -167,3 +167,35 @@ def test_random_streams_are_separate():
     assert torch.equal(a.acceptor.exponentials(4, 5), b.acceptor.exponentials(4, 5))
     e = SpeculativeRandomness(1).acceptor.exponentials(100_000)
     assert bool((e > 0).all()) and abs(float(e.mean()) - 1) < 0.02
+
+
+def test_a_draft_stopped_by_the_gate_keeps_its_cache_in_step(tiny_hf):
+    """ModelDraft stops where ``keep`` says (after 2 of 5 drafts here); after the target accepts
+    both and adds one token, the next proposal continues the draft's own greedy text exactly, so
+    the cache bookkeeping after an early stop is right."""
+    from verispec.model import LlamaForSampling
+    from verispec.model.sampling import SamplingParams
+    from verispec.spec.drafts import ModelDraft
+
+    path, _ = tiny_hf("llama", seed=4)
+    model = LlamaForSampling.from_pretrained(path, n_positions=64, amp="f32")
+    draft = ModelDraft(model)
+    prompt = torch.tensor([5, 3, 8, 1])
+    draft.prefill([prompt])
+    greedy, heard = SamplingParams(0.0), []
+    reference = LlamaForSampling.from_pretrained(path, n_positions=64, amp="f32")
+    text = reference.sample(prompt[None], 4 + 8, temperature=0)[0]
+    tokens = torch.zeros(1, 40, dtype=torch.long)
+    tokens[0, :5] = text[:5]  # the prompt and the first token (the target's prefill makes it)
+    keep = lambda conf: heard.append(float(conf[0])) or len(heard) < 2  # noqa: E731
+    ids, probs = draft.propose(tokens, torch.tensor([5]), 5, greedy, torch.zeros(1, 5, dtype=torch.float64), keep=keep)
+    assert ids.shape == (1, 2) and probs.shape == (1, 2, model.vocab_size) and len(heard) == 2
+    assert all(0 < c <= 1 for c in heard)
+    assert ids[0].tolist() == text[5:7].tolist()
+    tokens[0, 5:7], tokens[0, 7] = ids[0], 7  # both accepted, then the target's own token 7
+    draft.commit(torch.tensor([2]), torch.tensor([8]))
+    uniforms = torch.tensor([[0.3, 0.6, 0.9]], dtype=torch.float64)
+    ids, probs = draft.propose(tokens, torch.tensor([8]), 3, SamplingParams(1.0), uniforms)
+    text = torch.cat([tokens[:, :8], ids], 1)  # [1, 11]
+    logits = reference.forward(text, torch.zeros(1, dtype=torch.long), logits_at=torch.tensor([[7, 8, 9]]))[0]
+    torch.testing.assert_close(probs[0], logits.float().softmax(-1), rtol=1e-4, atol=1e-6)

@@ -206,3 +206,80 @@ def test_the_generator_starts_each_call_with_begin_sequence(tiny_hf):
     for _ in range(2):
         gen.generate(torch.tensor([[1, 2, 3]]), 12, temperature=0)
     assert len(calls) == 2
+
+
+def gate_policy(alpha_2: float) -> AdaptiveK:
+    """max_k = 3, a draft step costing 1 s, every verify pass 10 s, no overhead; a draft in the
+    upper half of confidence is always accepted, one in the lower half never (2 bins, no
+    shrinkage); by position, draft 1 is accepted 90% of the time and draft 2 ``alpha_2``."""
+    policy = AdaptiveK(max_k=3, shrink=0.0, conf_bins=2, conf_shrink=0.0)
+    policy.set_gated(True)
+    policy.calibrate(lambda k: 10.0, batch=1)
+    policy.draft_s_per_position, policy.overhead_s = 1.0, 0.0
+    policy.reached, policy.kept = [100.0, 100.0], [90.0, 100.0 * alpha_2]
+    policy.conf_reached[:] = torch.tensor([1000.0, 1000.0])
+    policy.conf_kept[:] = torch.tensor([0.0, 1000.0])
+    return policy
+
+
+@pytest.mark.parametrize("alpha_2, confs, keep", [
+    (0.5, [0.9], True),  # 2 tokens in 11 s now; 2.5 in 12 s with draft 2
+    (0.5, [0.1], False),  # draft 1 will be rejected: 1 token either way, the 12 s pass is slower
+    (0.05, [0.9], False),  # 2.05 tokens in 12 s is worse than 2 in 11 s
+    (0.2, [0.9], True),  # 2.2 / 12 > 2 / 11
+    (0.2, [0.9, 0.1], False),  # rows add up: 3 tokens in 11 s against 3.2 in 12 s
+    (0.3, [0.9, 0.1], True),  # 3.3 / 12 > 3 / 11
+])
+def test_the_drafting_gate_drafts_on_only_when_it_pays(alpha_2, confs, keep):
+    policy = gate_policy(alpha_2)
+    assert policy.next_k() == 3  # best k by position (2) > 1: the gate decides, up to max_k
+    assert policy.keep_drafting(torch.tensor(confs)) is keep
+
+
+def test_the_drafting_gate_is_off_without_confidences_or_when_disabled():
+    policy = gate_policy(0.05)
+    policy.set_gated(False)  # e.g. an n-gram draft, which reports no confidences
+    assert policy.next_k() == 2  # the formula's k, as before
+    assert policy.keep_drafting(torch.tensor([0.1])) is True  # not a gated pass: draft on to k
+    policy = gate_policy(0.05)
+    policy.gate = False
+    assert policy.next_k() == 2
+
+
+def test_the_gate_learns_acceptance_by_confidence():
+    """Drafts with confidence 0.9, 0.8, 0.1; one accepted: drafts 1 and 2 were judged (bins 7 and
+    6 of 8), draft 1 accepted; draft 3 came after a rejection and teaches nothing."""
+    policy = AdaptiveK(max_k=4)
+    policy.set_gated(True)
+    policy.calibrate(lambda k: 1.0 + 0.1 * k, batch=1)
+    policy.observe(2, torch.tensor([1]), draft_s=0.1, target_s=1.2)  # costs known: the next pass is gated
+    before = policy.conf_reached.clone()
+    assert policy.next_k() == 4
+    for c in (0.9, 0.8, 0.1):
+        policy.keep_drafting(torch.tensor([c]))
+    policy.observe(4, torch.tensor([1]), draft_s=0.3, target_s=1.4)
+    reached = before * policy.decay
+    reached[7] += 1
+    reached[6] += 1
+    assert torch.allclose(policy.conf_reached, reached)
+    assert policy.conf_kept.tolist() == [0.0] * 7 + [1.0]
+    with pytest.raises(ValueError, match="conf_bins"):
+        AdaptiveK(conf_bins=0)
+
+
+class RecordingGate(ScriptedCosts):
+    def keep_drafting(self, conf):
+        verdict = super().keep_drafting(conf)
+        self.verdicts.append((self._pass is not None, verdict))
+        return verdict
+
+
+def test_gated_adaptive_k_is_exact():
+    """The gate ends passes before max_k from row-summed confidences; tier 3 on toy chains."""
+    policy = RecordingGate(max_k=6, start_k=2, conf_bins=4)
+    policy.verdicts = []
+    report = check_exactness("default", "model", policy, samples=100_000, vocab=4, order=2, length=8, seed=6,
+                             temperature=0.8)
+    assert report.passed, report.format()
+    assert (True, False) in policy.verdicts and (True, True) in policy.verdicts  # gated passes, stopped early
+    assert policy.conf_reached.sum() > 0  # the gate heard the draft

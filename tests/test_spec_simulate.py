@@ -159,3 +159,54 @@ def test_trace_workload_bad_inputs():
         Workload.from_traces("t", [])
     with pytest.raises(ValueError, match="2 traces for calls=3"):
         Workload("t", (), calls=3, new_tokens=2, traces=((1, 1), (0, 1)))
+    with pytest.raises(ValueError, match="confidence must hold one value"):
+        Workload.from_traces("t", [[1, 0, 1]], confidence=[[0.5, 0.5]])
+    with pytest.raises(ValueError, match="confidence must hold one value"):
+        Workload.from_traces("t", [[1, 0, 1]], confidence=[[0.5, 1.5, 0.5]])
+    with pytest.raises(ValueError, match="confidence needs traces"):
+        Workload("t", (0.5,), confidence=((0.5,),))
+
+
+def test_a_replay_with_confidences_drives_the_drafting_gate():
+    """A gate that stops after a draft of confidence < 0.5, k = 4, 9 tokens all agreed: the prefill
+    makes token 0; pass 1 drafts tokens 1 (0.9) and 2 (0.2: stop), commits 3; pass 2 drafts 4, 5,
+    6 (the third is the last allowed), commits 4; token 8 is a k = 1 pass. Without confidences the
+    gate is not used: 1 + 4 + 4 tokens in passes of k = 4, 4."""
+
+    class Gated(FixedK):
+        def set_gated(self, gated):
+            self.gated = gated
+
+        def keep_drafting(self, conf):
+            self.heard.append(float(conf[0]))
+            return bool(conf[0] >= 0.5)
+
+    conf = [[0.1, 0.9, 0.2, 0.3, 0.9, 0.9, 0.9, 0.9, 0.9]]
+    policy = Gated(4)
+    policy.heard = []
+    (out,) = simulate(policy, [Workload.from_traces("t", [[1] * 9], confidence=conf)], Costs(draft_s=1.0, verify_s=1.0))
+    assert policy.gated and (out.tokens, out.k_counts) == (9, {3: 1, 4: 1, 1: 1})
+    assert policy.heard == pytest.approx([0.9, 0.2, 0.9, 0.9, 0.9])
+    policy.heard = []
+    (out,) = simulate(policy, [Workload.from_traces("t", [[1] * 9])], Costs(draft_s=1.0, verify_s=1.0))
+    assert not policy.gated and not policy.heard and out.k_counts == {4: 2}
+
+
+def test_greedy_trace_confidences_are_the_drafts_own(tiny_hf):
+    """Each confidence is the draft's softmax probability of its greedy choice after the target's
+    text so far, recomputed here from a separate forward over that prefix."""
+    from verispec.model import LlamaForSampling
+    from verispec.spec.simulate import greedy_trace
+
+    path, _ = tiny_hf("llama", seed=3)
+    target = LlamaForSampling.from_pretrained(path, n_positions=64, amp="f32")
+    draft = LlamaForSampling.from_pretrained(path, n_positions=64, amp="f32", quant="int8")
+    prompt, N = torch.tensor([3, 1, 4, 1, 5]), 12
+    trace, conf = greedy_trace(target, draft, prompt, N, confidence=True)
+    assert trace == greedy_trace(target, draft, prompt, N) and len(conf) == N
+    text = target.sample(prompt[None], len(prompt) + N, temperature=0)[0]
+    for i in (0, 5, N - 1):
+        prefix = text[: len(prompt) + i]
+        logits = draft.forward(prefix[None], torch.zeros(1, dtype=torch.long),
+                               logits_at=torch.tensor([[len(prefix) - 1]]))[0, 0].float()
+        assert conf[i] == pytest.approx(float(logits.softmax(-1).max()), rel=1e-4, abs=1e-6)
