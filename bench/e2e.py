@@ -329,6 +329,8 @@ def run(args) -> int:
             add_priced(paths)
             runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps) // args.repeats,
                          "repeats": args.repeats, "paths": paths, "summary": summarize(paths)})
+            if "auto" in policies:  # what k=auto believed at the end of the cell (it carries on to the next)
+                runs[-1]["auto_policy_state"] = policies["auto"].state()
 
     data = {
         "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),

@@ -314,6 +314,15 @@ class AdaptiveK:
             out[k] = fitted[below[-1]] if below else fitted[ks[0]]
         return out
 
+    def state(self) -> dict:
+        """What the policy now believes: verify seconds per k (the fitted table), draft seconds per
+        drafted position, per-step overhead, acceptance by position and by confidence bin."""
+        return {"verify_s": self._verify_table() if self.verify_s else {},
+                "draft_s_per_position": self.draft_s_per_position, "overhead_s": self.overhead_s,
+                "position_acceptance": self.position_acceptance(),
+                "confidence_acceptance": self.confidence_acceptance().tolist(),
+                "confidence_drafts": self.conf_reached.tolist(), "gated": self.gate and self._gated}
+
     def __repr__(self) -> str:
         return f"AdaptiveK(max_k={self.max_k})"
 

@@ -66,6 +66,10 @@ def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
         auto = paths[("verispec", "speculative", "auto")]
         assert auto["calibration_s"] == 0  # calibrated once, in the untimed warm-up
         assert data["auto_calibration_s_in_warmup"] > 0
+        state = run["auto_policy_state"]  # k=auto's beliefs after the cell: a monotone verify table, k = 1..8
+        table = [state["verify_s"][str(k)] for k in range(1, 9)]
+        assert table == sorted(table) and state["draft_s_per_position"] > 0 and state["gated"]
+        assert len(state["position_acceptance"]) == 7 and all(0 <= a <= 1 for a in state["confidence_acceptance"])
         assert run["summary"]["auto_over_best"] == pytest.approx(auto["tokens_per_s"] / max(fixed.values()))
         assert run["summary"]["auto_beats_median"] == (auto["tokens_per_s"] > statistics.median(fixed.values()))
         best = paths[("verispec", "speculative", run["summary"]["best_fixed_k"])]
