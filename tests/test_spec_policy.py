@@ -283,3 +283,20 @@ def test_gated_adaptive_k_is_exact():
     assert report.passed, report.format()
     assert (True, False) in policy.verdicts and (True, True) in policy.verdicts  # gated passes, stopped early
     assert policy.conf_reached.sum() > 0  # the gate heard the draft
+
+
+def test_a_stalled_pass_does_not_flatten_the_verify_table():
+    """k = 6 calibrated at 97 ms, then three passes at 97 ms and one stalled at 300 ms; k = 8 runs
+    often at 116 ms. The table keeps k = 6 < 7 < 8 (medians); an exponential average (0.2) would
+    put k = 6 at about 134 ms and pool 6, 7 and 8 into one price."""
+    cost = {1: 0.090, 2: 0.090, 3: 0.090, 4: 0.090, 5: 0.090, 6: 0.097, 7: 0.105, 8: 0.116}
+    policy = AdaptiveK(max_k=8)
+    policy.calibrate(cost.__getitem__, batch=1)
+    for seconds in (0.097, 0.300, 0.097, 0.097):
+        policy.observe(6, torch.tensor([5]), draft_s=0.075, target_s=seconds)
+    for _ in range(40):
+        policy.observe(8, torch.tensor([7]), draft_s=0.105, target_s=0.116)
+    table = policy._verify_table()
+    assert (table[6], table[7], table[8]) == pytest.approx((0.097, 0.105, 0.116))
+    with pytest.raises(ValueError, match="verify_window"):
+        AdaptiveK(verify_window=0)
