@@ -122,8 +122,7 @@ class AdaptiveK:
         self.smoothing = cost_smoothing
         self.reached = [0.0] * (max_k - 1)  # decayed row-passes where draft i+1 was judged
         self.kept = [0.0] * (max_k - 1)  # ... and accepted
-        self.verify_s: dict[int, float] = {}  # k -> smoothed seconds of a verify pass
-        self.verify_w: dict[int, float] = {}  # k -> weight (measurements behind it)
+        self.verify_s: dict[int, float] = {}  # k -> median seconds of its last verify passes
         self.verify_window = verify_window
         self._verify_samples: dict[int, deque] = {}  # k -> its last verify_window pass seconds
         self.calibrated_batch: int | None = None
@@ -153,7 +152,6 @@ class AdaptiveK:
         twice (up, then down, so a slow start or a drift does not favour one end) and keeps the
         faster of the two."""
         self.verify_s.clear()
-        self.verify_w.clear()
         self._verify_samples.clear()
         ks = list(range(1, min(self.max_k, largest_k or self.max_k) + 1))
         best = {k: time_verify(k) for k in ks}
@@ -214,13 +212,17 @@ class AdaptiveK:
 
     def confidence_acceptance(self) -> torch.Tensor:
         """[conf_bins] acceptance of a draft by its confidence bin, shrunk towards the pooled rate."""
-        a0, n0 = self.prior
-        pooled = (sum(self.kept) + a0 * n0) / (sum(self.reached) + n0) if sum(self.reached) + n0 > 0 else a0
+        pooled = self._pooled_acceptance()
         return (self.conf_kept + self.conf_shrink * pooled) / (self.conf_reached + self.conf_shrink).clamp(min=1e-12)
+
+    def _bins(self, conf: torch.Tensor) -> torch.Tensor:
+        """Confidence bin of each value of ``conf`` (equal bins on [0, 1])."""
+        n = len(self.conf_reached)
+        return (conf * n).long().clamp(max=n - 1)
 
     def _start_pass(self, alphas: list[float], verify: dict[int, float]) -> None:
         self._pass = {"alphas": alphas, "verify": verify, "by_conf": self.confidence_acceptance(),
-                      "confs": [], "p": None, "expected": 0.0}
+                      "confs": [], "p": None, "accepted": 0.0}
 
     def keep_drafting(self, conf: torch.Tensor) -> bool:
         """After draft j (``conf`` [B]: each row's draft probability): draft one more?"""
@@ -229,15 +231,13 @@ class AdaptiveK:
             return True
         conf = conf.double().clamp(0.0, 1.0)
         ps["confs"].append(conf)
-        bins = (conf * len(self.conf_reached)).long().clamp(max=len(self.conf_reached) - 1)
-        p = ps["by_conf"][bins] * (1.0 if ps["p"] is None else ps["p"])  # [B] P(drafts 1..j all accepted)
+        p = ps["by_conf"][self._bins(conf)] * (1.0 if ps["p"] is None else ps["p"])  # [B] P(drafts 1..j all accepted)
         ps["p"] = p
-        if ps["expected"] == 0.0:
-            ps["expected"] = float(len(conf))  # every row commits one token per pass
-        ps["expected"] += float(p.sum())
+        ps["accepted"] += float(p.sum())  # expected accepted drafts so far, rows summed
         j, d, o, verify, alphas = len(ps["confs"]), self.draft_s_per_position, self.overhead_s, ps["verify"], ps["alphas"]
-        now = ps["expected"] / (j * d + verify[j + 1] + o)
-        expected, run, reach = ps["expected"], 1.0, float(p.sum())
+        expected = len(conf) + ps["accepted"]  # every row also commits one token of the target's
+        now = expected / (j * d + verify[j + 1] + o)
+        run, reach = 1.0, float(p.sum())
         for m in range(j + 1, self.max_k):  # m drafts in all
             run *= alphas[m - 1]
             expected += reach * run
@@ -255,7 +255,7 @@ class AdaptiveK:
         confs = torch.stack(ps["confs"], 1)  # [B, j]
         at = torch.arange(confs.shape[1])[None]
         a = accepted.long().cpu()[:, None]
-        bins = (confs * len(self.conf_reached)).long().clamp(max=len(self.conf_reached) - 1)
+        bins = self._bins(confs)
         self.conf_reached.index_add_(0, bins[at <= a], torch.ones(int((at <= a).sum()), dtype=torch.float64))
         self.conf_kept.index_add_(0, bins[at < a], torch.ones(int((at < a).sum()), dtype=torch.float64))
 
@@ -287,10 +287,14 @@ class AdaptiveK:
 
     # ---- estimates ------------------------------------------------------------------------------
 
+    def _pooled_acceptance(self) -> float:
+        """Acceptance over all positions, smoothed by the prior."""
+        a0, n0 = self.prior
+        return (sum(self.kept) + a0 * n0) / (sum(self.reached) + n0) if sum(self.reached) + n0 > 0 else a0
+
     def position_acceptance(self) -> list[float]:
         """alpha_i for drafts 1 .. max_k - 1, each shrunk towards the pooled (prior-smoothed) rate."""
-        a0, n0 = self.prior
-        pooled = (sum(self.kept) + a0 * n0) / (sum(self.reached) + n0) if sum(self.reached) + n0 > 0 else a0
+        pooled = self._pooled_acceptance()
         return [(kept + self.shrink * pooled) / (reached + self.shrink) if reached + self.shrink > 0 else pooled
                 for kept, reached in zip(self.kept, self.reached)]
 
@@ -302,7 +306,6 @@ class AdaptiveK:
         window = self._verify_samples.setdefault(k, deque(maxlen=self.verify_window))
         window.append(seconds)
         self.verify_s[k] = statistics.median(window)
-        self.verify_w[k] = float(len(window))
 
     def _verify_table(self) -> dict[int, float]:
         """verify_s for every k in 1..max_k: measured entries made non-decreasing, gaps filled
@@ -310,7 +313,8 @@ class AdaptiveK:
         ks = sorted(self.verify_s)
         blocks = []  # pool adjacent violators: [total weighted seconds, weight, ks]
         for k in ks:
-            blocks.append([self.verify_s[k] * self.verify_w[k], self.verify_w[k], [k]])
+            w = len(self._verify_samples[k])
+            blocks.append([self.verify_s[k] * w, w, [k]])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
                 s, w, kk = blocks.pop()
                 blocks[-1][0] += s
