@@ -52,9 +52,14 @@ class AdaptiveK:
     formula (design.md); per-position rates let it follow acceptance that falls with depth.
 
     verify_s(k) is measured: once per batch size, the generator times a target forward of every
-    k in 1..max_k (``calibrate``), then each verify pass the loop runs updates its k's entry
-    (median of its last ``verify_window`` passes); the table is made non-decreasing in k (pool-adjacent-violators)
-    so timing noise cannot make a longer pass look cheaper. The draft cost per drafted position
+    k in 1..max_k (``calibrate``: the shape of the curve), then every verify pass the loop runs
+    adds to its k's window (the last ``verify_window`` passes) and to the running level (median of
+    live seconds over calibrated seconds, last ``4 * verify_window`` passes of any k). verify_s(k) is the
+    median of k's window, pulled by ``verify_prior`` pseudo-passes towards calibration x level, so a k
+    the policy seldom runs is priced from the passes it does run (in the loop a pass is slower
+    than in isolation: the draft's working set has just evicted the target's from the caches);
+    the table is made non-decreasing in k (pool-adjacent-violators, weighted by passes), so
+    timing noise cannot make a longer pass look cheaper. The draft cost per drafted position
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
     step has measured them the policy uses ``start_k``.
 
@@ -95,10 +100,11 @@ class AdaptiveK:
     def __init__(self, max_k: int = 8, start_k: int = 4, halflife: float = 24.0, prior_acceptance: float = 0.6,
                  prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2,
                  explore_every: int = 8, explore_from_1: int = 2, carry: float = 1.0, carry_cap: float = 4.0,
-                 gate: bool = True, conf_bins: int = 8, conf_shrink: float = 1.0, verify_window: int = 16):
+                 gate: bool = True, conf_bins: int = 8, conf_shrink: float = 1.0, verify_window: int = 16,
+                 verify_prior: float = 2.0):
         validate_k(max_k)
-        if verify_window < 1:
-            raise ValueError(f"verify_window must be >= 1, got {verify_window}")
+        if verify_window < 1 or not verify_prior > 0:
+            raise ValueError(f"verify_window must be >= 1 and verify_prior > 0, got {verify_window}, {verify_prior}")
         if conf_bins < 1 or conf_shrink < 0:
             raise ValueError(f"conf_bins must be >= 1 and conf_shrink >= 0, got {conf_bins}, {conf_shrink}")
         validate_k(start_k)
@@ -122,9 +128,11 @@ class AdaptiveK:
         self.smoothing = cost_smoothing
         self.reached = [0.0] * (max_k - 1)  # decayed row-passes where draft i+1 was judged
         self.kept = [0.0] * (max_k - 1)  # ... and accepted
-        self.verify_s: dict[int, float] = {}  # k -> median seconds of its last verify passes
         self.verify_window = verify_window
+        self.verify_prior = verify_prior
+        self._calibrated: dict[int, float] = {}  # k -> seconds of a k-token forward in isolation
         self._verify_samples: dict[int, deque] = {}  # k -> its last verify_window pass seconds
+        self._level: deque = deque(maxlen=4 * verify_window)  # live seconds / calibrated seconds, recent passes
         self.calibrated_batch: int | None = None
         self.draft_s_per_position: float | None = None
         self.overhead_s = 0.0
@@ -151,14 +159,13 @@ class AdaptiveK:
         """``time_verify(k) -> seconds`` of one target forward over k tokens; measures k = 1..max_k
         twice (up, then down, so a slow start or a drift does not favour one end) and keeps the
         faster of the two."""
-        self.verify_s.clear()
         self._verify_samples.clear()
+        self._level.clear()
         ks = list(range(1, min(self.max_k, largest_k or self.max_k) + 1))
         best = {k: time_verify(k) for k in ks}
         for k in reversed(ks):
             best[k] = min(best[k], time_verify(k))
-        for k in ks:
-            self._record_verify(k, best[k])
+        self._calibrated = best
         self.calibrated_batch = batch
 
     # ---- the policy protocol --------------------------------------------------------------------
@@ -177,7 +184,7 @@ class AdaptiveK:
     def next_k(self) -> int:
         self._asked_at = time.perf_counter()
         self._pass = None
-        if self.draft_s_per_position is None or not self.verify_s:
+        if self.draft_s_per_position is None or not (self._calibrated or self._verify_samples):
             return self.start_k
         alphas = self.position_acceptance()
         verify = self._verify_table()
@@ -299,22 +306,41 @@ class AdaptiveK:
                 for kept, reached in zip(self.kept, self.reached)]
 
     def _record_verify(self, k: int, seconds: float) -> None:
-        """verify_s[k] is the median of k's last ``verify_window`` passes, weighted by their number:
-        one stalled pass at a seldom-used k cannot lift it above its neighbours and make the
+        """A live verify pass: into k's window (the last ``verify_window``) and the level. Medians,
+        so one stalled pass at a seldom-used k cannot lift it above its neighbours and make the
         monotone fit pool it with them (with an exponential average it did: one run priced k = 6,
         7 and 8 alike at 108.6 ms where they cost about 97, 105 and 116, and k=auto drafted to 8)."""
-        window = self._verify_samples.setdefault(k, deque(maxlen=self.verify_window))
-        window.append(seconds)
-        self.verify_s[k] = statistics.median(window)
+        self._verify_samples.setdefault(k, deque(maxlen=self.verify_window)).append(seconds)
+        if self._calibrated.get(k, 0) > 0:
+            self._level.append(seconds / self._calibrated[k])
+
+    def verify_level(self) -> float:
+        """Median of live over calibrated seconds in the recent passes (1 before any)."""
+        return statistics.median(self._level) if self._level else 1.0
+
+    def _verify_estimates(self) -> dict[int, tuple[float, float]]:
+        """k -> (seconds, weight): k's window median and ``verify_prior`` pseudo-passes at
+        calibration x level, weighted by their number."""
+        level, m, out = self.verify_level(), self.verify_prior, {}
+        for k in sorted(set(self._calibrated) | set(self._verify_samples)):
+            window = self._verify_samples.get(k, ())
+            n = len(window)
+            if k in self._calibrated:
+                live = statistics.median(window) if n else 0.0
+                out[k] = ((n * live + m * self._calibrated[k] * level) / (n + m), n + m)
+            else:
+                out[k] = (statistics.median(window), n)
+        return out
 
     def _verify_table(self) -> dict[int, float]:
-        """verify_s for every k in 1..max_k: measured entries made non-decreasing, gaps filled
-        from the nearest measured k below (or above)."""
-        ks = sorted(self.verify_s)
+        """verify seconds for every k in 1..max_k: the estimates made non-decreasing, gaps filled
+        from the nearest estimated k below (or above)."""
+        estimates = self._verify_estimates()
+        ks = sorted(estimates)
         blocks = []  # pool adjacent violators: [total weighted seconds, weight, ks]
         for k in ks:
-            w = len(self._verify_samples[k])
-            blocks.append([self.verify_s[k] * w, w, [k]])
+            s, w = estimates[k]
+            blocks.append([s * w, w, [k]])
             while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
                 s, w, kk = blocks.pop()
                 blocks[-1][0] += s
@@ -328,9 +354,10 @@ class AdaptiveK:
         return out
 
     def state(self) -> dict:
-        """What the policy now believes: verify seconds per k (the fitted table), draft seconds per
+        """What the policy now believes: verify seconds per k (the fitted table) and the live level, draft seconds per
         drafted position, per-step overhead, acceptance by position and by confidence bin."""
-        return {"verify_s": self._verify_table() if self.verify_s else {},
+        return {"verify_s": self._verify_table() if self._calibrated or self._verify_samples else {},
+                "verify_level": self.verify_level(),
                 "draft_s_per_position": self.draft_s_per_position, "overhead_s": self.overhead_s,
                 "position_acceptance": self.position_acceptance(),
                 "confidence_acceptance": self.confidence_acceptance().tolist(),

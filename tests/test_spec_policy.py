@@ -300,3 +300,26 @@ def test_a_stalled_pass_does_not_flatten_the_verify_table():
     assert (table[6], table[7], table[8]) == pytest.approx((0.097, 0.105, 0.116))
     with pytest.raises(ValueError, match="verify_window"):
         AdaptiveK(verify_window=0)
+
+
+def test_seldom_used_k_is_priced_at_the_live_level():
+    """Calibrated in isolation at 80 + 5k ms; in the loop every pass runs 25% slower (the draft
+    has just evicted the target's working set). Only k = 8 and k = 3 ever run: the other entries
+    follow the live level (calibration x 1.25), pulled by verify_prior pseudo-passes, not the
+    calibration alone; the runs of k = 3 at its own live cost outweigh the pseudo-passes."""
+    cost = {k: 0.080 + 0.005 * k for k in range(1, 9)}
+    policy = AdaptiveK(max_k=8, verify_prior=2.0)
+    policy.calibrate(cost.__getitem__, batch=1)
+    assert policy._verify_table() == pytest.approx(cost)  # before any live pass: the calibration
+    for _ in range(40):
+        policy.observe(8, torch.tensor([7]), draft_s=0.105, target_s=1.25 * cost[8])
+    for _ in range(6):
+        policy.observe(3, torch.tensor([2]), draft_s=0.030, target_s=0.118)
+    table = policy._verify_table()
+    assert policy.verify_level() == pytest.approx(1.25)
+    for k in (1, 2, 4, 5, 6, 7, 8):
+        assert table[k] == pytest.approx(1.25 * cost[k])
+    assert table[3] == pytest.approx((6 * 0.118 + 2 * 1.25 * cost[3]) / 8)
+    assert policy.state()["verify_level"] == pytest.approx(1.25)
+    with pytest.raises(ValueError, match="verify_prior"):
+        AdaptiveK(verify_prior=0)
