@@ -323,3 +323,20 @@ def test_seldom_used_k_is_priced_at_the_live_level():
     assert policy.state()["verify_level"] == pytest.approx(1.25)
     with pytest.raises(ValueError, match="verify_prior"):
         AdaptiveK(verify_prior=0)
+
+
+def test_calibration_rounds_alternate_and_keep_the_fastest():
+    calls = []
+    spikes = {(2, 0): 0.5, (3, 1): 0.7, (4, 2): 0.9}  # (k, round) -> a stalled forward
+
+    def time_verify(k):
+        r = sum(c == k for c in calls)
+        calls.append(k)
+        return spikes.get((k, r), 0.1 * k)
+
+    policy = AdaptiveK(max_k=4, calibration_rounds=3)
+    policy.calibrate(time_verify, batch=1)
+    assert calls == [1, 2, 3, 4, 4, 3, 2, 1, 1, 2, 3, 4]
+    assert policy.state()["verify_calibrated"] == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4})
+    with pytest.raises(ValueError, match="calibration_rounds"):
+        AdaptiveK(calibration_rounds=0)
