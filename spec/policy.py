@@ -56,8 +56,9 @@ class AdaptiveK:
     adds to its k's window (the last ``verify_window`` passes) and to the running level (median of
     live seconds over calibrated seconds, last ``4 * verify_window`` passes of any k). verify_s(k) is the
     median of k's window, pulled by ``verify_prior`` pseudo-passes towards calibration x level, so a k
-    the policy seldom runs is priced from the passes it does run (in the loop a pass is slower
-    than in isolation: the draft's working set has just evicted the target's from the caches);
+    the policy seldom runs is priced at the level of the passes it does run (the level absorbs
+    what separates the calibration moment from the loop: the machine's speed then, the context
+    length, caches the draft has just used; it ended 0.77-1.04 in the four cells of one run);
     the table is made non-decreasing in k (pool-adjacent-violators, weighted by passes), so
     timing noise cannot make a longer pass look cheaper. The draft cost per drafted position
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first

@@ -303,8 +303,8 @@ def test_a_stalled_pass_does_not_flatten_the_verify_table():
 
 
 def test_seldom_used_k_is_priced_at_the_live_level():
-    """Calibrated in isolation at 80 + 5k ms; in the loop every pass runs 25% slower (the draft
-    has just evicted the target's working set). Only k = 8 and k = 3 ever run: the other entries
+    """Calibrated at 80 + 5k ms; in the loop every pass runs 25% slower (the machine slowed, or
+    the draft's working set evicted the target's). Only k = 8 and k = 3 ever run: the other entries
     follow the live level (calibration x 1.25), pulled by verify_prior pseudo-passes, not the
     calibration alone; the runs of k = 3 at its own live cost outweigh the pseudo-passes."""
     cost = {k: 0.080 + 0.005 * k for k in range(1, 9)}
