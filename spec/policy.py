@@ -11,11 +11,11 @@ drafts are proposed, never how a draft is judged.
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections import deque
 
 import torch
+
+from .verify_costs import VerifyCosts
 
 
 class FixedK:
@@ -58,7 +58,7 @@ class AdaptiveK:
     median of k's window, pulled by ``verify_prior`` pseudo-passes towards calibration x level, so a k
     the policy seldom runs is priced at the level of the passes it does run (the level absorbs
     what separates the calibration moment from the loop: the machine's speed then, the context
-    length, caches the draft has just used; it ended 0.77-1.04 in the four cells of one run);
+    length, caches the draft has just used; it ended at 0.77-1.29 in the cells of two runs);
     the table is made non-decreasing in k (pool-adjacent-violators, weighted by passes), so
     timing noise cannot make a longer pass look cheaper. The draft cost per drafted position
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
@@ -104,9 +104,6 @@ class AdaptiveK:
                  gate: bool = True, conf_bins: int = 8, conf_shrink: float = 1.0, verify_window: int = 16,
                  verify_prior: float = 2.0, calibration_rounds: int = 3):
         validate_k(max_k)
-        if verify_window < 1 or not verify_prior > 0 or calibration_rounds < 1:
-            raise ValueError("verify_window and calibration_rounds must be >= 1 and verify_prior > 0, got "
-                             f"{verify_window}, {calibration_rounds}, {verify_prior}")
         if conf_bins < 1 or conf_shrink < 0:
             raise ValueError(f"conf_bins must be >= 1 and conf_shrink >= 0, got {conf_bins}, {conf_shrink}")
         validate_k(start_k)
@@ -130,12 +127,7 @@ class AdaptiveK:
         self.smoothing = cost_smoothing
         self.reached = [0.0] * (max_k - 1)  # decayed row-passes where draft i+1 was judged
         self.kept = [0.0] * (max_k - 1)  # ... and accepted
-        self.verify_window = verify_window
-        self.verify_prior = verify_prior
-        self.calibration_rounds = calibration_rounds
-        self._calibrated: dict[int, float] = {}  # k -> seconds of a k-token forward in isolation
-        self._verify_samples: dict[int, deque] = {}  # k -> its last verify_window pass seconds
-        self._level: deque = deque(maxlen=4 * verify_window)  # live seconds / calibrated seconds, recent passes
+        self.costs = VerifyCosts(verify_window, verify_prior, calibration_rounds)  # verify seconds per k
         self.calibrated_batch: int | None = None
         self.draft_s_per_position: float | None = None
         self.overhead_s = 0.0
@@ -159,18 +151,9 @@ class AdaptiveK:
         return self.calibrated_batch != batch
 
     def calibrate(self, time_verify, batch: int, largest_k: int | None = None) -> None:
-        """``time_verify(k) -> seconds`` of one target forward over k tokens; measures k = 1..max_k
-        ``calibration_rounds`` times (up, down, up: a slow start or a drift does not favour one
-        end) and keeps the fastest of each k. With two rounds, one measured start priced k = 2 at
-        1.2x k = 1 and k = 2..7 alike, where later rounds gave a smooth 1.0-1.3x up to k = 8."""
-        self._verify_samples.clear()
-        self._level.clear()
-        ks = list(range(1, min(self.max_k, largest_k or self.max_k) + 1))
-        best = {k: time_verify(k) for k in ks}
-        for r in range(1, self.calibration_rounds):
-            for k in (reversed(ks) if r % 2 else ks):
-                best[k] = min(best[k], time_verify(k))
-        self._calibrated = best
+        """``time_verify(k) -> seconds`` of one target forward over k tokens, for k = 1..max_k (see
+        :class:`VerifyCosts`)."""
+        self.costs.calibrate(time_verify, list(range(1, min(self.max_k, largest_k or self.max_k) + 1)))
         self.calibrated_batch = batch
 
     # ---- the policy protocol --------------------------------------------------------------------
@@ -189,7 +172,7 @@ class AdaptiveK:
     def next_k(self) -> int:
         self._asked_at = time.perf_counter()
         self._pass = None
-        if self.draft_s_per_position is None or not (self._calibrated or self._verify_samples):
+        if self.draft_s_per_position is None or not self.costs:
             return self.start_k
         alphas = self.position_acceptance()
         verify = self._verify_table()
@@ -286,7 +269,7 @@ class AdaptiveK:
             self.kept[a - 1] += at_least
         for i in range(g):
             self.reached[i] += sum(counts[i:])
-        self._record_verify(k, target_s)
+        self.costs.record(k, target_s)
         caught_up = not self._drafted_last  # this pass's first draft forward fed the tokens k = 1 passes skipped
         self._drafted_last = g > 0
         if g and not caught_up:
@@ -310,59 +293,19 @@ class AdaptiveK:
         return [(kept + self.shrink * pooled) / (reached + self.shrink) if reached + self.shrink > 0 else pooled
                 for kept, reached in zip(self.kept, self.reached)]
 
-    def _record_verify(self, k: int, seconds: float) -> None:
-        """A live verify pass: into k's window (the last ``verify_window``) and the level. Medians,
-        so one stalled pass at a seldom-used k cannot lift it above its neighbours and make the
-        monotone fit pool it with them (with an exponential average it did: one run priced k = 6,
-        7 and 8 alike at 108.6 ms where they cost about 97, 105 and 116, and k=auto drafted to 8)."""
-        self._verify_samples.setdefault(k, deque(maxlen=self.verify_window)).append(seconds)
-        if self._calibrated.get(k, 0) > 0:
-            self._level.append(seconds / self._calibrated[k])
+    def _verify_table(self) -> dict[int, float]:
+        return self.costs.table(self.max_k)
 
     def verify_level(self) -> float:
         """Median of live over calibrated seconds in the recent passes (1 before any)."""
-        return statistics.median(self._level) if self._level else 1.0
-
-    def _verify_estimates(self) -> dict[int, tuple[float, float]]:
-        """k -> (seconds, weight): k's window median and ``verify_prior`` pseudo-passes at
-        calibration x level, weighted by their number."""
-        level, m, out = self.verify_level(), self.verify_prior, {}
-        for k in sorted(set(self._calibrated) | set(self._verify_samples)):
-            window = self._verify_samples.get(k, ())
-            n = len(window)
-            if k in self._calibrated:
-                live = statistics.median(window) if n else 0.0
-                out[k] = ((n * live + m * self._calibrated[k] * level) / (n + m), n + m)
-            else:
-                out[k] = (statistics.median(window), n)
-        return out
-
-    def _verify_table(self) -> dict[int, float]:
-        """verify seconds for every k in 1..max_k: the estimates made non-decreasing, gaps filled
-        from the nearest estimated k below (or above)."""
-        estimates = self._verify_estimates()
-        ks = sorted(estimates)
-        blocks = []  # pool adjacent violators: [total weighted seconds, weight, ks]
-        for k in ks:
-            s, w = estimates[k]
-            blocks.append([s * w, w, [k]])
-            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
-                s, w, kk = blocks.pop()
-                blocks[-1][0] += s
-                blocks[-1][1] += w
-                blocks[-1][2] += kk
-        fitted = {k: s / w for s, w, kk in blocks for k in kk}
-        out = {}
-        for k in range(1, self.max_k + 1):
-            below = [j for j in ks if j <= k]
-            out[k] = fitted[below[-1]] if below else fitted[ks[0]]
-        return out
+        return self.costs.level()
 
     def state(self) -> dict:
-        """What the policy now believes: verify seconds per k (the fitted table) and the live level, draft seconds per
-        drafted position, per-step overhead, acceptance by position and by confidence bin."""
-        return {"verify_s": self._verify_table() if self._calibrated or self._verify_samples else {},
-                "verify_level": self.verify_level(), "verify_calibrated": dict(self._calibrated),
+        """What the policy now believes: verify seconds per k (the fitted table, the calibration and
+        the live level), draft seconds per drafted position, per-step overhead, acceptance by
+        position and by confidence bin."""
+        return {"verify_s": self._verify_table() if self.costs else {},
+                "verify_level": self.verify_level(), "verify_calibrated": dict(self.costs.calibrated),
                 "draft_s_per_position": self.draft_s_per_position, "overhead_s": self.overhead_s,
                 "position_acceptance": self.position_acceptance(),
                 "confidence_acceptance": self.confidence_acceptance().tolist(),
