@@ -51,16 +51,10 @@ class AdaptiveK:
     from a handful of passes). With a constant alpha, E(k)/T(k) is Leviathan et al.'s speedup
     formula (design.md); per-position rates let it follow acceptance that falls with depth.
 
-    verify_s(k) is measured: once per batch size, the generator times a target forward of every
-    k in 1..max_k (``calibrate``: the shape of the curve), then every verify pass the loop runs
-    adds to its k's window (the last ``verify_window`` passes) and to the running level (median of
-    live seconds over calibrated seconds, last ``4 * verify_window`` passes of any k). verify_s(k) is the
-    median of k's window, pulled by ``verify_prior`` pseudo-passes towards calibration x level, so a k
-    the policy seldom runs is priced at the level of the passes it does run (the level absorbs
-    what separates the calibration moment from the loop: the machine's speed then, the context
-    length, caches the draft has just used; it ended at 0.77-1.29 in the cells of two runs);
-    the table is made non-decreasing in k (pool-adjacent-violators, weighted by passes), so
-    timing noise cannot make a longer pass look cheaper. The draft cost per drafted position
+    verify_s(k) is measured (:class:`~verispec.spec.verify_costs.VerifyCosts`): once per batch
+    size the generator times a target forward of every k in 1..max_k (``calibrate``), then every
+    verify pass the loop runs updates the table, so a k the policy seldom runs is priced at the
+    level of the passes it does run; the table is non-decreasing in k. The draft cost per drafted position
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
     step has measured them the policy uses ``start_k``.
 
