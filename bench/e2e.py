@@ -30,7 +30,8 @@ from .common import (
     weight_bytes,
     write_json,
 )
-from .e2e_report import (METHOD, add_priced, add_repeats, add_speedups, plot_acceptance, plot_tokens_per_s, print_report,
+from .e2e_steps import fork, run_steps, speculative_stepper, target_only_stepper
+from .e2e_report import (add_priced, add_repeats, add_speedups, method, plot_acceptance, plot_tokens_per_s, print_report,
                          summarize)
 
 WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
@@ -51,6 +52,10 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="run the whole prompt set this many times (paths interleaved throughout); the JSON keeps "
                         "each repeat's tokens/s, so k=auto against the best fixed k comes with its run-to-run spread")
+    p.add_argument("--interleave", default="step", choices=["step", "prompt"],
+                   help="step: verispec's paths decode each prompt together, one step of each in turn, so the "
+                        "machine's drift touches them alike (transformers runs whole); prompt: each path runs "
+                        "the whole prompt in turn (see bench/e2e_steps.py)")
     p.add_argument("--random-prompts", action="store_true", help="random token prompts (models without tokenizer)")
     p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"], help="dtype of both engines")
     p.add_argument("--device", default="cpu")
@@ -137,7 +142,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _target_only_runner(target, new_tokens, temperature, seed, device):
+def _target_only_runner(target, new_tokens, temperature, seed, device, by_step=False):
+    target = fork(target) if by_step else target
+
     def one(i, p):
         _sync(device)
         t0 = time.perf_counter()
@@ -147,12 +154,17 @@ def _target_only_runner(target, new_tokens, temperature, seed, device):
         s = target.last_stats
         return out[0], _prompt_row(len(p), s["new_tokens"], wall, s["prefill_s"], s["decode_s"]), None
 
-    return one, lambda rows, stats: {"engine": "verispec", "mode": "target-only", "k": None, **_aggregate(rows)}
+    def result(rows, stats):
+        return {"engine": "verispec", "mode": "target-only", "k": None, **_aggregate(rows)}
+
+    return one, result, target_only_stepper(target, new_tokens, temperature, seed, _prompt_row)
 
 
-def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device, policies):
+def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device, policies, by_step=False):
     from verispec.spec import SpeculativeGenerator
 
+    if by_step:  # this path's own KV caches, so the paths can take turns step by step
+        draft, target = fork(draft), fork(target)
     # no in-run decode-step probe: its two extra target forwards would be timed in wall_s.
     # k=auto uses the one AdaptiveK of the whole run (as a long-lived engine would): its one-off cost
     # calibration ran in the warm-up; the time it took is reported beside the results
@@ -174,7 +186,7 @@ def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device,
         return {"engine": "verispec", "mode": "speculative", "k": k, **_aggregate(rows), **_acceptance(stats),
                 "calibration_s": sum(s.calibration_s for s in stats), "policy": stats[0].policy}
 
-    return one, result
+    return one, result, speculative_stepper(gen, new_tokens, temperature, seed, _prompt_row)
 
 
 def _hf_runner(hf_target, hf_draft, new_tokens, temperature, seed):
@@ -188,23 +200,36 @@ def _hf_runner(hf_target, hf_draft, new_tokens, temperature, seed):
     return one, lambda rows, stats: {"engine": "transformers", "mode": mode, "k": None, **_aggregate(rows)}
 
 
-def run_interleaved(runners: list, prompts: list) -> list[tuple[list, dict]]:
+def run_interleaved(runners: list, prompts: list, by_step: bool = False, sync=lambda: None) -> list[tuple[list, dict]]:
     """Run every path on every prompt, prompt-major (prompt 1 through all paths, then prompt 2, ...)
     so that a drift of the machine's speed during the run touches every path alike, the order of
     the paths rotated by one from each prompt to the next (no path always runs first, or right
-    after transformers); return (outputs, path dict) per runner, in the runners' order."""
+    after transformers); return (outputs, path dict) per runner, in the runners' order.
+
+    A runner is ``(one, result)`` or ``(one, result, stepper)``. With ``by_step``, the runners that
+    have a stepper decode each prompt together, one step of each in turn (bench/e2e_steps.py), at
+    the place of the first of them in the prompt's order; the others run whole."""
     outs = [[] for _ in runners]
     rows = [[] for _ in runners]
     stats = [[] for _ in runners]
     n = len(runners)
+
+    def keep(j, out, row, st):
+        outs[j].append(out)
+        rows[j].append(row)
+        if st is not None:
+            stats[j].append(st)
+
     for i, p in enumerate(prompts):
-        for j in ((i + r) % n for r in range(n)):
-            out, row, st = runners[j][0](i, p)
-            outs[j].append(out)
-            rows[j].append(row)
-            if st is not None:
-                stats[j].append(st)
-    return [(outs[j], result(rows[j], stats[j])) for j, (_, result) in enumerate(runners)]
+        order = [(i + r) % n for r in range(n)]
+        stepped = [j for j in order if by_step and len(runners[j]) > 2]
+        for j in order:
+            if j not in stepped:
+                keep(j, *runners[j][0](i, p))
+            elif j == stepped[0]:
+                for js, res in sorted(run_steps(i, p, {js: runners[js][2] for js in stepped}, sync).items()):
+                    keep(js, *res)
+    return [(outs[j], runner[1](rows[j], stats[j])) for j, runner in enumerate(runners)]
 
 
 def _prompt_row(prompt_tokens, new, wall, prefill_s, decode_s) -> dict:
@@ -313,10 +338,12 @@ def run(args) -> int:
     for set_name in sets:
         ps = prompts[set_name] * args.repeats  # prompt i of repeat r is sampled with seed + r * prompts + i
         for temp in temps:
-            runners = [_target_only_runner(target, N, temp, args.seed, args.device)]
-            runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies) for k in specs]
+            by_step = args.interleave == "step"
+            runners = [_target_only_runner(target, N, temp, args.seed, args.device, by_step)]
+            runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies, by_step)
+                        for k in specs]
             runners += [_hf_runner(hf_target, assistant, N, temp, args.seed) for assistant in hf_assistants]
-            done = run_interleaved(runners, ps)
+            done = run_interleaved(runners, ps, by_step, sync=lambda: _sync(args.device))
             ref_outs = done[0][0]
             paths = [path for _, path in done]
             for outs, path in done[1:]:
@@ -337,7 +364,7 @@ def run(args) -> int:
         "target": str(args.target), "draft": str(args.draft), "draft_quant": args.draft_quant, "amp": args.amp, "device": args.device,
         "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "target_weight_bytes": weight_bytes(target),
-        "memory_bandwidth": bandwidth, "method": METHOD, "hf": hf, "runs": runs,
+        "memory_bandwidth": bandwidth, "method": method(args.interleave), "interleave": args.interleave, "hf": hf, "runs": runs,
         "auto_calibration_s_in_warmup": warmup_calibration_s,
     }
     path = write_json(args.name, data, args.out_dir)

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import statistics
 
-# How each figure of the e2e JSON is measured (written into the JSON as "method").
+# How each figure of the e2e JSON is measured (written into the JSON as "method"; see method()).
 METHOD = {
-    "tokens_per_s": "verispec only: new tokens / seconds after prefill, from the engine's own timers "
-                    "(LlamaForSampling.last_stats['decode_s'], SpecStats.decode_s); used for speculative against "
-                    "verispec target-only and for k=auto against fixed k. k=auto is one AdaptiveK for the whole run, "
-                    "as in a long-lived engine: its one-off verify-cost calibration runs in the untimed warm-up "
+    "tokens_per_s": "verispec only: new tokens / seconds after prefill; used for speculative against verispec "
+                    "target-only and for k=auto against fixed k. k=auto is one AdaptiveK for the whole run, as in a "
+                    "long-lived engine: its one-off verify-cost calibration runs in the untimed warm-up "
                     "(auto_calibration_s_in_warmup); any later calibration would be counted in",
     "e2e_tokens_per_s": "every engine: new tokens / wall seconds of the whole generate call, prefill (target and "
                         "draft) included; used for every comparison with transformers and in the tokens/s plot",
     "aggregate": "per prompt set: new tokens and seconds summed over its prompts, then divided",
-    "order": "prompt-major: each prompt runs through every path before the next prompt, so a drift of the "
-             "machine's speed during the run touches all paths alike; the order of the paths is rotated by one "
-             "from each prompt to the next",
     "new_tokens": "EOS stopping disabled in both engines (verispec: no eos_token_id; transformers: "
                   "generation_config.eos_token_id=None), so each prompt makes max_new_tokens; the recorded counts "
                   "are the new tokens actually returned",
@@ -41,6 +37,25 @@ METHOD = {
                            "pooled over the passes at that k only (for a fixed k mostly its own), so part of the "
                            "drift stays. The measured tokens_per_s stays the headline",
 }
+
+ORDER = {
+    "step": ("step-interleaved: for each prompt every verispec path decodes at once, one step (a verify pass, "
+             "or one target-only token) of each in turn, the turn order rotated by one each round, each path on "
+             "its own fork of the models (same weights, own KV cache); a path's seconds are the sum of its own "
+             "steps' wall times (prefill: the engine's timer; after prefill: the rest), so a drift of the "
+             "machine's speed within seconds touches every path alike. Transformers' generate() calls run "
+             "whole, before or after the verispec group: the path order is rotated by one from each prompt to "
+             "the next"),
+    "prompt": ("prompt-major: each prompt runs through every path before the next prompt, so a drift of the "
+               "machine's speed during the run touches all paths alike; the order of the paths is rotated by one "
+               "from each prompt to the next; seconds after prefill from the engine's own timers "
+               "(LlamaForSampling.last_stats['decode_s'], SpecStats.decode_s)"),
+}
+
+
+def method(interleave: str) -> dict:
+    """METHOD with the path order (and timer) of ``--interleave``."""
+    return {**METHOD, "order": ORDER[interleave]}
 
 
 def _find(paths, engine, mode, k=None):
@@ -185,7 +200,7 @@ def print_report(data: dict, written) -> None:
                           _fmt(p.get("speedup_vs_target_only")),
                           _fmt(p.get("e2e_speedup_vs_hf_assisted")), _diverged(p), end_section=i == len(run["paths"]) - 1)
     console.print(table)
-    console.print("tok/s: decode only (verispec timers); e2e tok/s: wall time with prefill, every engine; "
+    console.print("tok/s: decode only (after prefill; timing in the JSON's method.order); e2e tok/s: wall time with prefill, every engine; "
                   "priced tok/s: the same passes at the cell's pooled pass costs; "
                   "x target: tok/s over verispec target-only; x HF assisted: e2e tok/s over transformers assisted; "
                   "diverged: greedy prompts whose tokens differ from verispec target-only")

@@ -7,6 +7,7 @@ model interface the speculative loop drives (``forward``, ``keep_rows``, ``vocab
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -245,7 +246,6 @@ class LlamaForSampling:
 
     # ---- target-only sampling -----------------------------------------------------------------
 
-    @torch.inference_mode()
     def sample(
         self,
         input_ids,
@@ -257,6 +257,22 @@ class LlamaForSampling:
         eos_token_id=None,
     ) -> torch.Tensor:  # [B, sequence_length]
         """Target-only sampling. Rows finished by EOS are filled with that EOS id after it."""
+        steps = self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def stream(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, eos_token_id=None):
+        """Target-only sampling one token per step: yields ``{input row: [token]}`` for the rows
+        that made a token this step (the first step includes the prefill); ``last_stats`` is set
+        once the stream is exhausted. Same tokens as :meth:`sample` with the same arguments."""
+        yield from self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
+
+    @torch.inference_mode()
+    def _sample_steps(self, input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id):
         params = SamplingParams(temperature, top_k, top_p)
         prompts = normalize_prompts(input_ids, self.vocab_size, self.batch_size, sequence_length, self.n_positions)
         eos = validate_eos(eos_token_id, self.vocab_size)
@@ -274,11 +290,16 @@ class LlamaForSampling:
             self.keep_rows(active)
             logits = logits[active]
         n_new = 0
+
+        def stats() -> dict:
+            return {"new_tokens": n_new, "prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill}
+
+        self.last_stats = stats()
         while active:
             probs = logits_to_probs(logits, params)  # [b, V]
             tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
             tok = self.sync_tokens(tok)
-            keep, pos = [], []
+            keep = []
             for i, b in enumerate(active):
                 out[b, lengths[b]] = tok[i]
                 lengths[b] += 1
@@ -287,22 +308,29 @@ class LlamaForSampling:
                     out[b, lengths[b] :] = int(tok[i])
                 elif lengths[b] < sequence_length:
                     keep.append(i)
-            if not keep:
-                break
-            if len(keep) < len(active):
+            step = {b: [int(tok[i])] for i, b in enumerate(active)}
+            if keep and len(keep) < len(active):
                 self.keep_rows(keep)
             active = [active[i] for i in keep]
-            tok = tok[keep]
-            pos = torch.tensor([lengths[b] - 1 for b in active])
-            logits = self.forward(tok[:, None], pos)[:, 0]
-        dt = time.perf_counter() - t0
-        self.last_stats = {
-            "new_tokens": n_new,
-            "prefill_s": t_prefill,
-            "decode_s": dt - t_prefill,
-            "tokens_per_s": n_new / max(dt - t_prefill, 1e-9),
-        }
+            if active:
+                pos = torch.tensor([lengths[b] - 1 for b in active])
+                logits = self.forward(tok[keep][:, None], pos)[:, 0]
+            else:  # the stats are final before the last step is handed out
+                self.last_stats = stats()
+            yield step
+        self.last_stats["tokens_per_s"] = n_new / max(self.last_stats["decode_s"], 1e-9)
         return out
+
+    def fork(self) -> "LlamaForSampling":
+        """A second model over the SAME weights with its own KV cache (and no stats), so two
+        sequences can be decoded in turns, e.g. to time several paths step by step on one machine."""
+        twin = copy.copy(self)
+        attn = self.decoder.model.layers[0].self_attn
+        twin.cache = KVCache(len(self.decoder.model.layers), self.batch_size, attn.n_kv_heads, self.n_positions,
+                             attn.head_dim, self.dtype, self.device)
+        twin.last_stats = {}
+        twin.speculation_lengths = list(self.speculation_lengths)
+        return twin
 
 
 def _progress_bar(enabled: bool, label: str):

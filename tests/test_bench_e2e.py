@@ -162,8 +162,10 @@ def test_bench_e2e_repeats_keep_each_repeats_rates(tiny_pair, tmp_path, capsys):
     target, draft, _ = tiny_pair
     assert main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2,3,4", "--auto", "--no-hf",
                  "--temperatures", "0", "--prompt-sets", "code", "--repeats", "2", "--out-dir", str(tmp_path),
-                 *TINY_ARGS]) == 0
-    (run,) = json.loads((tmp_path / "e2e.json").read_text())["runs"]
+                 "--interleave", "prompt", *TINY_ARGS]) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert data["interleave"] == "prompt" and data["method"]["order"].startswith("prompt-major")
+    (run,) = data["runs"]
     assert run["prompts"] == 2 and run["repeats"] == 2
     per_repeat = {}
     for p in run["paths"]:
@@ -218,3 +220,40 @@ def test_run_interleaved_rotates_the_path_order_and_keeps_each_paths_results():
     for (outs, path), name in zip(done, "abc"):  # results stay with their path, in prompt order
         assert outs == [f"{name}{p}" for p in "xyzw"] and path["name"] == name
         assert [r["i"] for r in path["rows"]] == [0, 1, 2, 3]
+
+
+def test_run_interleaved_by_step_takes_turns_within_a_prompt():
+    """With by_step, the runners that can step decode each prompt together, one step each in turn
+    (the turn order rotated each round, a finished path leaving the turn); each keeps its own
+    tokens and step seconds; a runner that cannot step runs whole at its place in the order."""
+    from bench.e2e import run_interleaved
+
+    calls, ends = [], {}
+
+    def stepper(name, steps):
+        def begin(i, p):
+            for s in range(steps):
+                calls.append(f"{name}{s}")
+                yield {0: [f"{name}{p}{s}"]}
+
+        def end(i, p, toks, secs):
+            ends[(name, i)] = len(secs)
+            return toks, {"i": i}, None
+
+        return begin, end
+
+    def runner(name, steps=None):
+        def one(i, p):
+            calls.append(f"{name}*")
+            return [name], {"i": i}, None
+
+        result = lambda rows, stats: {"name": name, "rows": rows}  # noqa: E731
+        return (one, result) if steps is None else (one, result, stepper(name, steps))
+
+    done = run_interleaved([runner("a", 2), runner("b", 3), runner("h")], ["x", "y"], by_step=True)
+    # prompt 0: order a b h -> a, b step together (round 2 starts with b, round 3 has b alone), then h
+    # prompt 1: order b h a -> the group runs at b's place: b first, then a; h after the group
+    assert calls == ["a0", "b0", "b1", "a1", "b2", "h*", "b0", "a0", "a1", "b1", "b2", "h*"]
+    assert ends == {("a", 0): 3, ("b", 0): 4, ("a", 1): 3, ("b", 1): 4}  # steps + the final StopIteration
+    assert done[0][0] == [["ax0", "ax1"], ["ay0", "ay1"]] and done[1][0][1] == ["by0", "by1", "by2"]
+    assert [r["i"] for r in done[2][1]["rows"]] == [0, 1] and done[2][0] == [["h"], ["h"]]
