@@ -11,6 +11,12 @@ median fixed k (their means over the same seeds), its share of k = 1 passes, and
 seeds in which its single run is within 3% of the best single fixed-k run of that seed (how often
 one ``bench e2e`` cell would show it within 3%).
 
+``--verify-ms-by-k`` replaces the linear verify cost with a measured curve (ms for k = 1..8, e.g.
+the fixed-k paths' pass costs of a ``bench e2e`` run); ``--drift`` multiplies every cost by the
+machine's speed over simulated time (a log-normal process, ``--drift-s`` its correlation time),
+which is what a k-policy's cost table must not mistake for the cost of the k it happened to run
+then ("auto level=off" is the table without the level, for comparison).
+
 ``--traces FILE`` (from ``verispec bench traces``) adds a scenario that replays real greedy texts
 instead of modelled acceptance: which drafts a pass accepts is then what the pair did on the bench
 prompts, for any k, and only the costs are modelled. Where the file holds the draft's confidences,
@@ -38,6 +44,7 @@ VARIANTS = {  # name -> AdaptiveK keyword arguments
     "auto carry_cap=inf": {"carry_cap": float("inf")},
     "auto carry=0": {"carry": 0.0},
     "auto explore_from_1=8": {"explore_from_1": 8},
+    "auto level=off": {"verify_level_window": 0},
 }
 
 
@@ -49,6 +56,11 @@ def register(sub) -> None:
     p.add_argument("--catch-up", type=float, default=0.15, help="extra draft-forward cost per skipped token, relative")
     p.add_argument("--overhead-ms", type=float, default=2.0, help="per-pass overhead")
     p.add_argument("--noise", type=float, default=0.1, help="log-normal sigma on every timed cost")
+    p.add_argument("--verify-ms-by-k", default=None,
+                   help="measured verify pass ms for k = 1..8, comma-separated (replaces --verify-ms/--verify-slope)")
+    p.add_argument("--drift", type=float, default=0.0,
+                   help="log-normal sigma of the machine's speed over time (multiplies every cost)")
+    p.add_argument("--drift-s", type=float, default=20.0, help="correlation time of that drift, simulated seconds")
     p.add_argument("--new-tokens", type=int, default=96, help="tokens per call (prompt)")
     p.add_argument("--seeds", type=int, default=30, help="runs per policy; means are compared")
     p.add_argument("--traces", default=None,
@@ -57,6 +69,19 @@ def register(sub) -> None:
     p.add_argument("--name", default="policy_sim", help="results file stem")
     p.add_argument("--out-dir", default=None, help="results directory (default bench/results/)")
     p.set_defaults(func=run)
+
+
+def _parse_ms_by_k(text: str | None) -> tuple[float, ...]:
+    """``"82,92,...,117"`` (ms for k = 1..8) -> seconds; () when not given."""
+    if text is None:
+        return ()
+    try:
+        ms = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--verify-ms-by-k {text!r}: expected comma-separated numbers (ms for k = 1..8)") from None
+    if len(ms) != 8:
+        raise ValueError(f"--verify-ms-by-k needs 8 values (k = 1..8), got {len(ms)}")
+    return tuple(x / 1e3 for x in ms)
 
 
 def _trace_workloads(path: str, new_tokens: int) -> list:
@@ -105,8 +130,10 @@ def run(args) -> int:
 
     if args.seeds < 1 or args.new_tokens < 1:
         raise ValueError(f"--seeds and --new-tokens must be >= 1, got {args.seeds}, {args.new_tokens}")
-    costs = Costs(draft_s=args.draft_ms / 1e3, verify_s=args.verify_ms / 1e3, verify_slope=args.verify_slope,
-                  catch_up=args.catch_up, overhead_s=args.overhead_ms / 1e3, noise=args.noise)
+    by_k = _parse_ms_by_k(args.verify_ms_by_k)
+    costs = Costs(draft_s=args.draft_ms / 1e3, verify_s=by_k[0] if by_k else args.verify_ms / 1e3,
+                  verify_slope=args.verify_slope, catch_up=args.catch_up, overhead_s=args.overhead_ms / 1e3,
+                  noise=args.noise, drift=args.drift, drift_s=args.drift_s, verify_by_k=by_k)
     scenarios = {scenario: [Workload(name, acc, calls=calls, new_tokens=args.new_tokens) for name, acc, calls in cells]
                  for scenario, cells in SCENARIOS.items()}
     if args.traces:

@@ -52,9 +52,12 @@ class AdaptiveK:
     formula (design.md); per-position rates let it follow acceptance that falls with depth.
 
     verify_s(k) is measured (:class:`~verispec.spec.verify_costs.VerifyCosts`): once per batch
-    size the generator times a target forward of every k in 1..max_k (``calibrate``), then every
-    verify pass the loop runs updates the table, so a k the policy seldom runs is priced at the
-    level of the passes it does run; the table is non-decreasing in k. The draft cost per drafted position
+    size the generator times a target forward of every k in 1..max_k (``calibrate``: the shape),
+    then every verify pass the loop runs moves the machine's level (the last
+    ``verify_level_window`` passes) and its k's shape factor (each pass of k against the passes
+    of other k's around it, over the last ``verify_window`` passes), so a k is priced at the
+    machine's speed now, not at the speed of the moments it happened to run; the table is
+    non-decreasing in k. The draft cost per drafted position
     and the per-step overhead (acceptance test, bookkeeping) are averaged online; until the first
     step has measured them the policy uses ``start_k``.
 
@@ -95,8 +98,8 @@ class AdaptiveK:
     def __init__(self, max_k: int = 8, start_k: int = 4, halflife: float = 24.0, prior_acceptance: float = 0.6,
                  prior_strength: float = 2.0, shrink: float = 4.0, cost_smoothing: float = 0.2,
                  explore_every: int = 8, explore_from_1: int = 2, carry: float = 1.0, carry_cap: float = 4.0,
-                 gate: bool = True, conf_bins: int = 8, conf_shrink: float = 1.0, verify_window: int = 16,
-                 verify_prior: float = 2.0, calibration_rounds: int = 3):
+                 gate: bool = True, conf_bins: int = 8, conf_shrink: float = 1.0, verify_window: int = 128,
+                 verify_prior: float = 2.0, calibration_rounds: int = 3, verify_level_window: int = 16):
         validate_k(max_k)
         if conf_bins < 1 or conf_shrink < 0:
             raise ValueError(f"conf_bins must be >= 1 and conf_shrink >= 0, got {conf_bins}, {conf_shrink}")
@@ -121,7 +124,7 @@ class AdaptiveK:
         self.smoothing = cost_smoothing
         self.reached = [0.0] * (max_k - 1)  # decayed row-passes where draft i+1 was judged
         self.kept = [0.0] * (max_k - 1)  # ... and accepted
-        self.costs = VerifyCosts(verify_window, verify_prior, calibration_rounds)  # verify seconds per k
+        self.costs = VerifyCosts(verify_window, verify_prior, calibration_rounds, verify_level_window)  # seconds per k
         self.calibrated_batch: int | None = None
         self.draft_s_per_position: float | None = None
         self.overhead_s = 0.0
@@ -295,11 +298,12 @@ class AdaptiveK:
         return self.costs.level()
 
     def state(self) -> dict:
-        """What the policy now believes: verify seconds per k (the fitted table, the calibration and
-        the live level), draft seconds per drafted position, per-step overhead, acceptance by
+        """What the policy now believes: verify seconds per k (the fitted table, the calibration, the
+        live level and the shape factors), draft seconds per drafted position, per-step overhead, acceptance by
         position and by confidence bin."""
         return {"verify_s": self._verify_table() if self.costs else {},
                 "verify_level": self.verify_level(), "verify_calibrated": dict(self.costs.calibrated),
+                "verify_shape": {k: self.costs.shape(k) for k in self.costs.calibrated},
                 "draft_s_per_position": self.draft_s_per_position, "overhead_s": self.overhead_s,
                 "position_acceptance": self.position_acceptance(),
                 "confidence_acceptance": self.confidence_acceptance().tolist(),

@@ -15,8 +15,13 @@ The model follows the generator and :class:`~verispec.spec.drafts.ModelDraft` st
   draft forward, which costs ``draft_s * (1 + catch_up * hole)``;
 - with greedy traces that carry the draft's confidences, a k-policy's drafting gate
   (``keep_drafting``) hears each draft's confidence and may end the pass early, as in the engine;
-- a verify pass over k tokens costs ``verify_s * (1 + verify_slope * (k - 1))``; every cost is
-  multiplied by log-normal noise of ``noise`` (sigma), and each pass adds ``overhead_s``.
+- a verify pass over k tokens costs ``verify_s * (1 + verify_slope * (k - 1))``, or
+  ``verify_by_k[k - 1]`` where a measured curve is given; every cost is
+  multiplied by log-normal noise of ``noise`` (sigma), and each pass adds ``overhead_s``;
+- with ``drift`` > 0 every cost is also multiplied by the machine's speed at that moment of the
+  simulated clock: a log-normal process (sigma ``drift``, correlation time ``drift_s`` simulated
+  seconds, one value a second), the same path for every policy run with the same seed, as a
+  shared VM slows and speeds up under everything that runs on it.
 
 A workload may instead carry greedy **traces** (:func:`greedy_trace`): per new token, whether the
 draft's greedy choice at that point of the target's greedy text equals the target's. At
@@ -50,14 +55,43 @@ class Costs:
     catch_up: float = 0.15  # extra draft-forward cost per token of the draft's cache hole, relative to draft_s
     overhead_s: float = 0.0
     noise: float = 0.0
+    drift: float = 0.0  # sigma of the machine's log speed over time
+    drift_s: float = 20.0  # its correlation time, simulated seconds
+    verify_by_k: tuple[float, ...] = ()  # seconds of a verify pass of k = 1, 2, ... tokens (replaces the slope)
 
     def __post_init__(self):
         if self.draft_s < 0 or self.verify_s <= 0 or self.verify_slope < 0 or self.catch_up < 0 \
-                or self.overhead_s < 0 or self.noise < 0:
-            raise ValueError(f"costs must be >= 0 (verify_s > 0), got {self}")
+                or self.overhead_s < 0 or self.noise < 0 or self.drift < 0 or not self.drift_s > 0:
+            raise ValueError(f"costs must be >= 0 (verify_s, drift_s > 0), got {self}")
+        if any(not v > 0 for v in self.verify_by_k):
+            raise ValueError(f"verify_by_k must hold seconds > 0, got {self.verify_by_k}")
 
     def verify(self, k: int) -> float:
+        if self.verify_by_k:
+            if k > len(self.verify_by_k):
+                raise ValueError(f"verify_by_k gives {len(self.verify_by_k)} k's; a pass of k={k} was asked for")
+            return self.verify_by_k[k - 1]
         return self.verify_s * (1 + self.verify_slope * (k - 1))
+
+
+class Drift:
+    """The machine's speed factor at simulated time t: exp of an Ornstein-Uhlenbeck process
+    (stationary sigma ``sigma``, correlation time ``tau`` seconds) sampled once a second, drawn
+    from its own seeded stream, so it depends on the time only, not on what the policy did."""
+
+    def __init__(self, sigma: float, tau: float, seed: int):
+        self.sigma, self.rho = sigma, math.exp(-1.0 / tau)
+        self.rng = random.Random(f"drift-{seed}")
+        self.path = [self.rng.gauss(0.0, sigma)]  # log speed at t = 0, 1, 2 ... s
+
+    def __call__(self, t: float) -> float:
+        if not self.sigma:
+            return 1.0
+        i = int(t)
+        while len(self.path) <= i:
+            x = self.path[-1]
+            self.path.append(self.rho * x + math.sqrt(1 - self.rho ** 2) * self.rng.gauss(0.0, self.sigma))
+        return math.exp(self.path[i])
 
 
 @dataclass(frozen=True)
@@ -121,8 +155,10 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
     one policy for all of them (as one engine serving them in turn); one :class:`Outcome` each."""
     policy = as_policy(policy)
     rng = random.Random(seed)
+    speed, clock = Drift(costs.drift, costs.drift_s, seed), [0.0]  # simulated seconds so far
 
     def noisy(seconds: float) -> float:
+        seconds *= speed(clock[0])
         return seconds * math.exp(rng.gauss(0.0, costs.noise)) if costs.noise else seconds
 
     if hasattr(policy, "needs_calibration") and policy.needs_calibration(1):
@@ -168,6 +204,7 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
                 policy.observe(g + 1, torch.tensor([accepted]), draft_s, verify_s)
                 out.tokens += accepted + 1
                 out.seconds += draft_s + verify_s + costs.overhead_s
+                clock[0] += draft_s + verify_s + costs.overhead_s
                 out.k_counts[g + 1] = out.k_counts.get(g + 1, 0) + 1
                 left -= accepted + 1
         outcomes.append(out)

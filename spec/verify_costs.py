@@ -3,42 +3,70 @@ over k tokens, for every k the policy may choose."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 
 
 class VerifyCosts:
-    """Calibration (the shape of the curve) x the live level, each k's own recent passes on top.
+    """Verify seconds of k = calibration(k) x the machine's level now x a learnt shape factor(k).
 
-    ``calibrate`` times a target forward of every k in ``rounds`` rounds (up, down, up: a slow
-    start or a drift does not favour one end) and keeps the fastest of each k. Every live pass
-    goes into its k's window (the last ``window`` passes) and into the level: live seconds over
-    calibrated seconds, median of the last ``4 * window`` passes of any k. The cost of k is the
-    median of its window, pulled by ``prior`` pseudo-passes towards calibration x level; the
-    table is made non-decreasing in k (pool-adjacent-violators, weighted by passes), so timing
-    noise cannot make a longer pass look cheaper. The level absorbs what separates the calibration
-    moment from the loop (the machine's speed then, the context length, caches the draft has just
-    used); it ended at 0.77-1.29 in the cells of two measured runs (README).
+    A pass is modelled as ``seconds = calibrated[k] * level(t) * shape[k] * noise``: the
+    calibration is the curve's shape measured in one burst, the level is the machine's speed at
+    the time of the pass (a shared VM drifts by tens of percent within seconds), and shape[k]
+    corrects the calibration's shape where the loop disagrees with it.
+
+    - ``calibrate`` times a target forward of every k in ``rounds`` rounds (up, down, up: a slow
+      start or a drift does not favour one end) and keeps the fastest of each k.
+    - Each live pass gives a ratio, live seconds / calibrated seconds. A pass of k is compared
+      with the passes of *other* k's within ``reach`` passes either side of it (their ratios
+      divided by their own shape factors, median): the quotient is one residual of k, free of
+      the machine's speed at that moment. shape[k] is the median of k's residuals among the last
+      ``window`` passes, shrunk in log space by ``prior`` pseudo-residuals towards 1 (the
+      calibration). Passes fix the shapes relative to each other only (a common factor is the
+      level's), so they are centred: the median shape of the k's that ran is 1. Shape factors and
+      residuals are solved together (two alternating rounds a pass, each solve starting from the
+      last one's shapes, so the fit converges over passes), and a residual is revised when passes
+      after it arrive.
+    - The level is the median of ratio / shape over the last ``level_window`` passes of any k.
+
+    Why compare with neighbours rather than keep each k's raw seconds: k=auto runs a given k in
+    clusters (a prompt where the draft is often unsure ends passes at k = 6), so a k's raw passes
+    record the machine's speed during its cluster. Measured: one prompt of a run decoded during a
+    slow spell (target-only 107 ms a token against 80-88 on the other prompts), k=auto ran 12 of
+    its 33 k = 6 passes there, and its table priced k = 6 with k = 7 and 8 (115.6 ms) for the rest
+    of the run, where the fixed-k paths paid 97, 108 and 117 ms; k=auto then drafted to 8
+    (bench/results/e2e_step_p8_nohf.json, README). A pass with no other k around it says nothing
+    about the shape (its cluster's level and its k's shape cannot be told apart) and leaves the
+    calibration's shape in place. With ``level_window=0`` nothing is compared: shape[k] is k's
+    recent median against its calibration and the level is 1, the estimator that ran before the
+    level (kept for comparison).
     """
 
-    def __init__(self, window: int = 16, prior: float = 2.0, rounds: int = 3):
-        if window < 1 or not prior > 0 or rounds < 1:
-            raise ValueError("verify_window and calibration_rounds must be >= 1 and verify_prior > 0, got "
-                             f"{window}, {rounds}, {prior}")
+    def __init__(self, window: int = 128, prior: float = 2.0, rounds: int = 3, level_window: int = 16,
+                 reach: int = 4):
+        if window < 1 or not prior > 0 or rounds < 1 or level_window < 0 or reach < 1:
+            raise ValueError("verify_window and calibration_rounds must be >= 1, verify_prior > 0 and "
+                             f"verify_level_window >= 0, got {window}, {rounds}, {prior}, {level_window}")
         self.window, self.prior, self.rounds = window, prior, rounds
+        self.level_window, self.reach = level_window, reach
         self.calibrated: dict[int, float] = {}  # k -> seconds of a k-token forward at calibration
-        self.samples: dict[int, deque] = {}  # k -> its last `window` live pass seconds
-        self.ratios: deque = deque(maxlen=4 * window)  # live seconds / calibrated seconds, recent passes
+        self.passes: deque = deque(maxlen=window)  # (k, log(live / calibrated)) of recent passes
+        self.raw: dict[int, deque] = {}  # k -> its last `window` live seconds (k's without a calibration)
+        self._fit: tuple[dict[int, float], dict[int, int], float] | None = None  # log shapes, residual counts, log level
+        self._shape: dict[int, float] = {}  # log shapes of the last solve: the next one starts from them
 
     def __bool__(self) -> bool:
-        return bool(self.calibrated or self.samples)
+        return bool(self.calibrated or self.raw)
 
     def calibrate(self, time_verify, ks: list[int]) -> None:
         """``time_verify(k) -> seconds``; forgets the live passes. With two rounds, one measured
         start priced k = 2 at 1.2x k = 1 and k = 2..7 alike, where later rounds gave a smooth
         1.0-1.3x up to k = 8."""
-        self.samples.clear()
-        self.ratios.clear()
+        self.passes.clear()
+        self.raw.clear()
+        self._fit = None
+        self._shape = {}
         best = {k: time_verify(k) for k in ks}
         for r in range(1, self.rounds):
             for k in (reversed(ks) if r % 2 else ks):
@@ -46,35 +74,72 @@ class VerifyCosts:
         self.calibrated = best
 
     def record(self, k: int, seconds: float) -> None:
-        """A live verify pass: into k's window (the last ``window``) and the level. Medians,
-        so one stalled pass at a seldom-used k cannot lift it above its neighbours and make the
-        monotone fit pool it with them (with an exponential average it did: one run priced k = 6,
-        7 and 8 alike at 108.6 ms where they cost about 97, 105 and 116, and k=auto drafted to 8)."""
-        self.samples.setdefault(k, deque(maxlen=self.window)).append(seconds)
-        if self.calibrated.get(k, 0) > 0:
-            self.ratios.append(seconds / self.calibrated[k])
+        """A live verify pass of k tokens. Medians throughout, so one stalled pass moves nothing
+        (with an exponential average one stall at a seldom-used k lifted it above k + 1 and the
+        monotone fit pooled them)."""
+        self.raw.setdefault(k, deque(maxlen=self.window)).append(seconds)
+        c = self.calibrated.get(k, 0.0)
+        if c > 0 and seconds > 0:
+            self.passes.append((k, math.log(seconds / c)))
+            self._fit = None
+            self._solve()  # once per pass, so the fit depends on the passes only, not on how often it is read
+
+    def _solve(self) -> tuple[dict[int, float], dict[int, int], float]:
+        """-> (log shape per k, residuals behind it, log level), from the recent passes."""
+        if self._fit is not None:
+            return self._fit
+        ks = [k for k, _ in self.passes]
+        xs = [x for _, x in self.passes]
+        n, shape, counts = len(xs), dict(self._shape), {}
+        if not self.level_window:  # no level: each k against its calibration alone
+            for k in set(ks):
+                r = [x for kk, x in zip(ks, xs) if kk == k]
+                shape[k], counts[k] = self._shrunk(r), len(r)
+            self._fit = (shape, counts, 0.0)
+            return self._fit
+        for _ in range(2):  # residuals use the neighbours' shapes, shapes the residuals (warm start: it converges over passes)
+            level = [x - shape.get(k, 0.0) for k, x in zip(ks, xs)]  # [n] the machine's log speed per pass
+            residuals: dict[int, list[float]] = {}
+            for i in range(n):
+                around = [level[j] for j in range(max(0, i - self.reach), min(n, i + self.reach + 1)) if ks[j] != ks[i]]
+                if around:
+                    residuals.setdefault(ks[i], []).append(xs[i] - statistics.median(around))
+            shape = {k: self._shrunk(r) for k, r in residuals.items()}
+            counts = {k: len(r) for k, r in residuals.items()}
+            if shape:  # the data fix shapes relative to each other only: the median k's stays at its calibration
+                mid = statistics.median(shape.values())
+                shape = {k: v - mid for k, v in shape.items()}
+        recent = [x - shape.get(k, 0.0) for k, x in zip(ks[-self.level_window:], xs[-self.level_window:])]
+        self._shape = shape
+        self._fit = (shape, counts, statistics.median(recent) if recent else 0.0)
+        return self._fit
+
+    def _shrunk(self, logs: list[float]) -> float:
+        """Median of ``logs`` shrunk towards 0 by ``prior`` pseudo-values."""
+        return len(logs) * statistics.median(logs) / (len(logs) + self.prior) if logs else 0.0
 
     def level(self) -> float:
-        """Median of live over calibrated seconds in the recent passes (1 before any)."""
-        return statistics.median(self.ratios) if self.ratios else 1.0
+        """The machine's speed now, relative to the calibration (1 before any pass, or untracked)."""
+        return math.exp(self._solve()[2])
+
+    def shape(self, k: int) -> float:
+        """The factor the loop's passes put on calibrated[k] (1: the calibration's shape holds)."""
+        return math.exp(self._solve()[0].get(k, 0.0))
 
     def estimates(self) -> dict[int, tuple[float, float]]:
-        """k -> (seconds, weight): k's window median and ``prior`` pseudo-passes at
-        calibration x level, weighted by their number."""
-        level, m, out = self.level(), self.prior, {}
-        for k in sorted(set(self.calibrated) | set(self.samples)):
-            window = self.samples.get(k, ())
-            n = len(window)
+        """k -> (seconds, weight): calibration x level x shape, weighted by k's residuals + the prior."""
+        shape, counts, level = self._solve()
+        out = {}
+        for k in sorted(set(self.calibrated) | set(self.raw)):
             if k in self.calibrated:
-                live = statistics.median(window) if n else 0.0
-                out[k] = ((n * live + m * self.calibrated[k] * level) / (n + m), n + m)
+                out[k] = (self.calibrated[k] * math.exp(level + shape.get(k, 0.0)), counts.get(k, 0) + self.prior)
             else:
-                out[k] = (statistics.median(window), n)
+                out[k] = (statistics.median(self.raw[k]), len(self.raw[k]))
         return out
 
     def table(self, max_k: int) -> dict[int, float]:
-        """verify seconds for every k in 1..max_k: the estimates made non-decreasing, gaps filled
-        from the nearest estimated k below (or above)."""
+        """verify seconds for every k in 1..max_k: the estimates made non-decreasing
+        (pool-adjacent-violators, weighted), gaps filled from the nearest estimated k below (or above)."""
         estimates = self.estimates()
         ks = sorted(estimates)
         blocks = []  # pool adjacent violators: [total weighted seconds, weight, ks]

@@ -4,6 +4,8 @@ prints its table; its ratios are recomputed here from the rates it stores."""
 import json
 import statistics
 
+import pytest
+
 from verispec.cli import main
 
 
@@ -17,7 +19,8 @@ def test_bench_policy_json_and_table(tmp_path, capsys):
         rates = {int(k): v for k, v in c["fixed_tokens_per_s"].items()}
         assert sorted(rates) == list(range(1, 9)) and c["best_fixed_k"] == max(rates, key=rates.get)
         assert c["median_fixed_2_8"] == statistics.median(rates[k] for k in range(2, 9))
-        assert set(c["policies"]) == {"auto", "auto gate=off", "auto carry_cap=inf", "auto carry=0", "auto explore_from_1=8"}
+        assert set(c["policies"]) == {"auto", "auto gate=off", "auto carry_cap=inf", "auto carry=0", "auto explore_from_1=8",
+                                   "auto level=off"}
         per_seed = {int(k): v for k, v in c["fixed_tokens_per_s_per_seed"].items()}
         for p in c["policies"].values():
             assert p["over_best"] == p["tokens_per_s"] / rates[c["best_fixed_k"]]
@@ -34,7 +37,30 @@ def test_bench_policy_bad_options(tmp_path, capsys):
     assert "--seeds" in capsys.readouterr().err
     assert main(["bench", "policy", "--seeds", "1", "--draft-ms", "-1", "--out-dir", str(tmp_path)]) == 1
     assert "costs must be >= 0" in capsys.readouterr().err
+    for bad, err in [("1,2,3", "needs 8 values"), ("1,2,x,4,5,6,7,8", "comma-separated numbers"),
+                     ("1,2,3,4,5,6,7,0", "verify_by_k must hold seconds > 0")]:
+        assert main(["bench", "policy", "--seeds", "1", "--verify-ms-by-k", bad, "--out-dir", str(tmp_path)]) == 1
+        assert err in capsys.readouterr().err
+    assert main(["bench", "policy", "--seeds", "1", "--drift-s", "0", "--out-dir", str(tmp_path)]) == 1
+    assert "drift_s > 0" in capsys.readouterr().err
     assert not (tmp_path / "policy_sim.json").exists()
+
+
+def test_bench_policy_with_a_measured_curve_and_drift(tmp_path):
+    """The curve and drift go into the costs the JSON records; k = 1's fixed rate is a pure verify
+    rate at 82 ms (no noise, no drift) and moves once drift is on."""
+    argv = ["bench", "policy", "--seeds", "1", "--new-tokens", "16", "--noise", "0", "--overhead-ms", "0",
+            "--verify-ms-by-k", "82,92,95,97,95,97,108,117", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    data = json.loads((tmp_path / "policy_sim.json").read_text())
+    assert data["costs"]["verify_by_k"] == [x / 1e3 for x in (82, 92, 95, 97, 95, 97, 108, 117)]
+    assert data["costs"]["verify_s"] == 0.082 and data["costs"]["drift"] == 0.0
+    rate_k1 = data["cells"][0]["fixed_tokens_per_s"]["1"]
+    assert rate_k1 == pytest.approx(1 / 0.082)
+    assert main(argv + ["--drift", "0.3", "--drift-s", "5"]) == 0
+    data = json.loads((tmp_path / "policy_sim.json").read_text())
+    assert data["costs"]["drift"] == 0.3 and data["costs"]["drift_s"] == 5.0
+    assert data["cells"][0]["fixed_tokens_per_s"]["1"] != pytest.approx(1 / 0.082, rel=0.01)
 
 
 def _replay_fixed_k(traces, k, n, draft_s, verify_s, slope):

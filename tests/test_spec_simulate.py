@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from verispec.spec.policy import AdaptiveK, FixedK
-from verispec.spec.simulate import Costs, Workload, simulate
+from verispec.spec.simulate import Costs, Drift, Workload, simulate
 
 # Costs of the int8 qwen2.5-coder-0.5b draft and the bf16 1.5b target on the 2-core machine, roughly
 # (bench/results/e2e_int8.json): a draft step ~30 ms, a one-token verify ~72 ms, k = 8 ~1.7x that.
@@ -60,6 +60,37 @@ def test_accounting_holes_after_k1_and_rejections():
     assert out.seconds == pytest.approx(6 * 10.0 + (1 + 3) + 1)  # hole 3, then 0
 
 
+def test_a_measured_verify_curve_replaces_the_slope():
+    """verify_by_k[k - 1] is the pass cost at k: k = 3 all accepted, 7 tokens: passes of 3, 3, 1."""
+    c = Costs(draft_s=1.0, verify_s=10.0, verify_slope=5.0, catch_up=0.0, verify_by_k=(10.0, 11.0, 17.0))
+    (out,) = simulate(FixedK(3), [Workload("w", (1.0,), calls=1, new_tokens=7)], c)
+    assert out.k_counts == {3: 2, 1: 1} and out.seconds == pytest.approx(2 * (2 * 1.0 + 17.0) + 10.0)
+    with pytest.raises(ValueError, match="verify_by_k gives 3"):
+        simulate(FixedK(4), [Workload("w", (1.0,), calls=1, new_tokens=7)], c)
+
+
+def test_drift_multiplies_every_cost_by_the_speed_of_its_moment():
+    """k = 1 passes of 10 s: pass i costs 10 x speed(t_i), t_i the simulated seconds before it, and
+    the speed path is one function of time for a seed (a second Drift with that seed agrees)."""
+    c = Costs(draft_s=1.0, verify_s=10.0, verify_slope=0.0, drift=0.3, drift_s=15.0)
+    (out,) = simulate(FixedK(1), [Workload("w", (0.0,), calls=1, new_tokens=12)], c, seed=4)
+    speed, t = Drift(0.3, 15.0, seed=4), 0.0
+    for _ in range(12):
+        t += 10.0 * speed(t)
+    assert out.seconds == pytest.approx(t) and not out.seconds == pytest.approx(120.0, rel=0.01)
+    assert Drift(0.3, 15.0, seed=5)(30.0) != speed(30.0) and Drift(0.0, 15.0, seed=4)(30.0) == 1.0
+
+
+def test_drift_has_the_asked_spread_and_memory():
+    """Over 40,000 simulated seconds the log speed has sigma 0.2 and lag-1 s correlation exp(-1/tau)."""
+    speed = Drift(0.2, 10.0, seed=0)
+    logs = [__import__("math").log(speed(t)) for t in range(40_000)]
+    assert statistics.pstdev(logs) == pytest.approx(0.2, rel=0.1)
+    m = statistics.mean(logs)
+    lag1 = sum((a - m) * (b - m) for a, b in zip(logs, logs[1:])) / sum((a - m) ** 2 for a in logs)
+    assert lag1 == pytest.approx(0.905, abs=0.02)  # exp(-1/10)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="acceptance"):
         Workload("w", (0.5, 1.5))
@@ -69,6 +100,11 @@ def test_bad_inputs():
         Workload("w", (0.5,), calls=0)
     with pytest.raises(ValueError, match="costs"):
         Costs(draft_s=-1.0, verify_s=1.0)
+    for bad in ({"drift": -0.1}, {"drift_s": 0.0}):
+        with pytest.raises(ValueError, match="drift_s > 0"):
+            Costs(draft_s=1.0, verify_s=1.0, **bad)
+    with pytest.raises(ValueError, match="verify_by_k"):
+        Costs(draft_s=1.0, verify_s=1.0, verify_by_k=(1.0, 0.0))
 
     class Wild(FixedK):
         def next_k(self):
