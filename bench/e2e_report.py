@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 
 # How each figure of the e2e JSON is measured (written into the JSON as "method"; see method()).
@@ -28,6 +29,12 @@ METHOD = {
     "hf_assisted": "transformers' assisted generation with its default settings (see hf.assisted); with sampling "
                    "it runs its own speculative sampling",
     "auto_vs_fixed": "k=auto against the best and the median fixed k, by tokens_per_s; within_3pct: auto >= 0.97 x best",
+    "bootstrap": "how much of a verdict the cell's prompts support: 2000 resamples of its prompts (rows) with "
+                 "replacement, the same rows for every path (paired: in a row every path decoded the same prompt at "
+                 "the same time); per resample each path's summed tokens over summed seconds. auto_over_best_k_ci90: "
+                 "5th-95th percentile of k=auto over the cell's best fixed k; auto_within_3pct_share: share of "
+                 "resamples where k=auto >= 0.97 x the best fixed k of that resample (the maximum of noisy rates, "
+                 "as a rerun would pick it)",
     "priced_tokens_per_s": "a second reading of the same runs, without the machine's drift between paths: each "
                            "speculative path's passes (its k counts and drafted positions, as run) priced at the "
                            "cell's pooled costs (verify seconds per pass at each k, draft seconds per drafted "
@@ -137,6 +144,23 @@ def _per_repeat(fixed: list[dict], auto: dict) -> dict:
             "auto_beats_median_repeats": sum(auto["tokens_per_s_per_repeat"][r] > median[r] for r in reps)}
 
 
+def _bootstrap(fixed: list[dict], auto: dict, best: dict, resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired resamples of the cell's prompt rows (see METHOD["bootstrap"])."""
+    rows = [[(r["new_tokens"], r["decode_s"]) for r in p["per_prompt"]] for p in [auto, best, *fixed]]
+    n = len(rows[0])
+    if n < 2 or any(len(r) != n or any(s is None or s <= 0 for _, s in r) for r in rows):
+        return {}
+    rng = random.Random(seed)
+    over_best, within = [], 0
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        rate = [sum(r[i][0] for i in pick) / sum(r[i][1] for i in pick) for r in rows]
+        over_best.append(rate[0] / rate[1])
+        within += rate[0] >= 0.97 * max(rate[2:])
+    q = statistics.quantiles(over_best, n=20, method="inclusive")
+    return {"auto_over_best_k_ci90": [q[0], q[-1]], "auto_within_3pct_share": within / resamples}
+
+
 def summarize(paths: list[dict]) -> dict:
     """Best and median fixed k, k=auto against both (by tokens_per_s), and the speedups of the best
     fixed k and of k=auto (call after :func:`add_speedups`)."""
@@ -157,6 +181,7 @@ def summarize(paths: list[dict]) -> dict:
         out["auto_within_3pct_of_best"] = out["auto_over_best"] >= 0.97
         out["auto_beats_median"] = auto["tokens_per_s"] > out["median_fixed_tokens_per_s"]
         out.update(_priced_verdict(fixed, auto))
+        out.update(_bootstrap(fixed, auto, best))
         if len(auto.get("tokens_per_s_per_repeat", [])) > 1:
             out.update(_per_repeat(fixed, auto))
     return out
@@ -215,6 +240,11 @@ def print_report(data: dict, written) -> None:
                 f"{'yes' if s['auto_beats_median'] else 'NO'}; k used {s['auto_k_counts']}"
                 + (f"; per repeat: {', '.join(f'{x:.3f}' for x in s['auto_over_best_per_repeat'])} x that repeat's best"
                    if "auto_over_best_per_repeat" in s else ""))
+            if "auto_over_best_k_ci90" in s:
+                lo, hi = s["auto_over_best_k_ci90"]
+                console.print(f"    over the cell's prompts (paired bootstrap): k=auto / k={s['best_fixed_k']} in "
+                              f"[{lo:.3f}, {hi:.3f}] (90%); within 3% of a resample's best fixed k in "
+                              f"{s['auto_within_3pct_share']:.0%} of resamples")
             if "priced_auto_over_best" in s:
                 console.print(
                     f"    priced at the cell's pooled pass costs: k=auto {s['priced_auto_over_best']:.3f} x best fixed "

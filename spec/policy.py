@@ -89,6 +89,11 @@ class AdaptiveK:
     at a draft the draft model is unsure of and runs on through confident stretches, which no
     fixed k can do.
 
+    Under the gate, a pass length one or two above the formula's best k that no pass has verified
+    for ``4 * explore_every`` steps is run once, exactly (the gate holds that pass to it; at most one
+    such pass every ``explore_every`` steps), so its verify cost is measured, not left at a
+    calibration that may be wrong. Exact like any stop: the length is fixed before the pass.
+
     When the best k has not been followed by a step at k + 1 for ``explore_every`` steps (when
     the best k is 1, ``explore_from_1`` steps), it takes k + 1 once: otherwise a policy that settled
     on k = 1 (no drafts, so nothing learnt about acceptance) would never again measure acceptance,
@@ -132,6 +137,8 @@ class AdaptiveK:
         self.explore_from_1 = explore_from_1
         self._step = 0
         self._last_used: dict[int, int] = {}  # k -> step it was last chosen
+        self._verified: dict[int, int] = {}  # k -> step of the last pass that verified k tokens
+        self._explored_at = 0  # step of the last gated pass held to a stale length
         self._asked_at: float | None = None
         self._drafted_last = True  # whether the previous pass ran the draft (a k = 1 pass does not)
         self.last_choice: dict | None = None  # E, T and rate of every k at the last decision
@@ -187,7 +194,7 @@ class AdaptiveK:
         self.last_choice = table
         self._step += 1
         if self.gate and self._gated and best_k > 1:  # the gate decides how far this pass drafts
-            self._start_pass(alphas, verify)
+            self._start_pass(alphas, verify, self._stale_length(best_k))
             self._last_used[self.max_k] = self._step
             return self.max_k
         every = self.explore_every if best_k > 1 else self.explore_from_1
@@ -212,9 +219,25 @@ class AdaptiveK:
         n = len(self.conf_reached)
         return (conf * n).long().clamp(max=n - 1)
 
-    def _start_pass(self, alphas: list[float], verify: dict[int, float]) -> None:
+    def _stale_length(self, best_k: int) -> int | None:
+        """A pass length of ``best_k`` + 1 or + 2 not verified for ``4 * explore_every`` steps, the least
+        recently verified (at most one such pass every ``explore_every`` steps), or None.
+
+        The gate prices a longer pass from the verify table; a length it never reaches keeps its
+        calibration, however wrong (measured: a start whose calibration put k = 7 and 8 at 1.2x and
+        1.36x k = 6, where fixed-k paths paid 0.96x and 1.0x, and k=auto never ran them)."""
+        if self._step - self._explored_at < self.explore_every:
+            return None
+        near = range(best_k + 1, min(best_k + 2, self.max_k) + 1)  # lengths the gate may pick; farther ones seldom pay
+        stale = [k for k in near if self._step - self._verified.get(k, 0) > 4 * self.explore_every]
+        if not stale:
+            return None
+        self._explored_at = self._step
+        return min(stale, key=lambda k: (self._verified.get(k, 0), -k))
+
+    def _start_pass(self, alphas: list[float], verify: dict[int, float], length: int | None = None) -> None:
         self._pass = {"alphas": alphas, "verify": verify, "by_conf": self.confidence_acceptance(),
-                      "confs": [], "p": None, "accepted": 0.0}
+                      "confs": [], "p": None, "accepted": 0.0, "length": length}
 
     def keep_drafting(self, conf: torch.Tensor) -> bool:
         """After draft j (``conf`` [B]: each row's draft probability): draft one more?"""
@@ -223,6 +246,8 @@ class AdaptiveK:
             return True
         conf = conf.double().clamp(0.0, 1.0)
         ps["confs"].append(conf)
+        if ps["length"] is not None:  # held to a stale length: exactly that many tokens
+            return len(ps["confs"]) + 1 < ps["length"]
         p = ps["by_conf"][self._bins(conf)] * (1.0 if ps["p"] is None else ps["p"])  # [B] P(drafts 1..j all accepted)
         ps["p"] = p
         ps["accepted"] += float(p.sum())  # expected accepted drafts so far, rows summed
@@ -267,6 +292,7 @@ class AdaptiveK:
         for i in range(g):
             self.reached[i] += sum(counts[i:])
         self.costs.record(k, target_s)
+        self._verified[k] = self._step
         caught_up = not self._drafted_last  # this pass's first draft forward fed the tokens k = 1 passes skipped
         self._drafted_last = g > 0
         if g and not caught_up:

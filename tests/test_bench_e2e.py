@@ -202,6 +202,36 @@ def test_priced_tokens_per_s_pools_the_cells_pass_costs():
     assert "priced_tokens_per_s" not in base
 
 
+def _path(k, seconds):
+    rows = [{"new_tokens": 10, "decode_s": x} for x in seconds]
+    return {"engine": "verispec", "mode": "speculative", "k": k, "new_tokens": 10 * len(rows),
+            "decode_s": sum(seconds), "tokens_per_s": 10 * len(rows) / sum(seconds), "k_counts": {}, "per_prompt": rows}
+
+
+def test_bootstrap_over_prompts_is_paired_and_resamples_the_best_fixed_k():
+    """Two prompts, so a resample is one of four equally likely row pairs: the share of resamples in
+    which k=auto is within 3% of that resample's best fixed k is recomputed here by enumerating them;
+    an auto at 0.9x the best k on every prompt gives [0.9, 0.9] and no resample within 3%."""
+    from itertools import product
+
+    from bench.e2e_report import summarize
+
+    k2, k3 = _path(2, [1.0, 2.0]), _path(3, [1.3, 1.4])
+    auto = _path("auto", [1.02, 1.7])
+    s = summarize([k2, k3, auto])
+    rate = lambda p, pick: 10 * len(pick) / sum(p["per_prompt"][i]["decode_s"] for i in pick)  # noqa: E731
+    exact = statistics.mean(rate(auto, pick) >= 0.97 * max(rate(k2, pick), rate(k3, pick)) for pick in product(range(2), repeat=2))
+    assert s["best_fixed_k"] == 3 and s["auto_within_3pct_share"] == pytest.approx(exact, abs=0.04)
+    lo, hi = s["auto_over_best_k_ci90"]
+    ratios = sorted(rate(auto, pick) / rate(k3, pick) for pick in product(range(2), repeat=2))
+    assert ratios[0] <= lo <= hi <= ratios[-1] and lo < hi
+    slow = _path("auto", [1.3 / 0.9, 1.4 / 0.9])
+    s = summarize([k2, k3, slow])
+    assert s["auto_over_best_k_ci90"] == pytest.approx([0.9, 0.9]) and s["auto_within_3pct_share"] == 0.0
+    one_prompt = summarize([_path(2, [1.0]), _path("auto", [1.0])])
+    assert "auto_over_best_k_ci90" not in one_prompt  # nothing to resample
+
+
 def test_run_interleaved_rotates_the_path_order_and_keeps_each_paths_results():
     from bench.e2e import run_interleaved
 

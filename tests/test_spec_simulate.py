@@ -246,3 +246,27 @@ def test_greedy_trace_confidences_are_the_drafts_own(tiny_hf):
         logits = draft.forward(prefix[None], torch.zeros(1, dtype=torch.long),
                                logits_at=torch.tensor([[len(prefix) - 1]]))[0, 0].float()
         assert conf[i] == pytest.approx(float(logits.softmax(-1).max()), rel=1e-4, abs=1e-6)
+
+
+class MiscalibratedLong(AdaptiveK):
+    """Calibration prices passes of 7 and 8 tokens at 1.3x and 1.5x what every pass really costs
+    (a measured start was as far off: 1.2x and 1.36x k = 6 where they cost 0.96x and 1.0x)."""
+
+    def calibrate(self, time_verify, batch, largest_k=None):
+        super().calibrate(lambda k: {7: 0.13, 8: 0.15}.get(k, 0.1), batch, largest_k)
+
+
+@pytest.mark.parametrize("explore_every, learns", [(8, True), (10**6, False)])
+def test_the_gate_measures_pass_lengths_it_never_reaches(explore_every, learns):
+    """Every draft accepted and every pass length costs the same, so passes of 8 are best; the
+    gate, trusting the calibration, stops at 6. Held now and then to a stale length, it measures
+    7 and 8, learns that they cost what 6 does, and ends up drafting to 8; without that it never
+    leaves 6."""
+    work = Workload.from_traces("w", [[1] * 1500], confidence=[[0.99] * 1500])
+    costs = Costs(draft_s=0.01, verify_s=0.1, catch_up=0.0, verify_by_k=(0.1,) * 8)
+    (out,) = simulate(MiscalibratedLong(explore_every=explore_every), [work], costs)
+    late = out.k_counts.get(8, 0)
+    if learns:
+        assert out.k_counts.get(7, 0) >= 1 and late > sum(out.k_counts.values()) / 2, out.k_counts
+    else:
+        assert max(out.k_counts) == 6, out.k_counts
