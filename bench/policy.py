@@ -15,7 +15,10 @@ one ``bench e2e`` cell would show it within 3%).
 the fixed-k paths' pass costs of a ``bench e2e`` run); ``--drift`` multiplies every cost by the
 machine's speed over simulated time (a log-normal process, ``--drift-s`` its correlation time),
 which is what a k-policy's cost table must not mistake for the cost of the k it happened to run
-then ("auto level=off" is the table without the level, for comparison).
+then ("auto level=off" is the table without the level, for comparison); ``--calibration-ms-by-k``
+is what k=auto's calibration measures instead of the true costs (a start taken while the machine
+was busy), against which "auto explore=off" shows what the gate's exploration of stale pass
+lengths buys.
 
 ``--traces FILE`` (from ``verispec bench traces``) adds a scenario that replays real greedy texts
 instead of modelled acceptance: which drafts a pass accepts is then what the pair did on the bench
@@ -45,6 +48,7 @@ VARIANTS = {  # name -> AdaptiveK keyword arguments
     "auto carry=0": {"carry": 0.0},
     "auto explore_from_1=8": {"explore_from_1": 8},
     "auto level=off": {"verify_level_window": 0},
+    "auto explore=off": {"explore_every": 10**9},
 }
 
 
@@ -58,6 +62,9 @@ def register(sub) -> None:
     p.add_argument("--noise", type=float, default=0.1, help="log-normal sigma on every timed cost")
     p.add_argument("--verify-ms-by-k", default=None,
                    help="measured verify pass ms for k = 1..8, comma-separated (replaces --verify-ms/--verify-slope)")
+    p.add_argument("--calibration-ms-by-k", default=None,
+                   help="what k=auto's calibration measures for k = 1..8 (ms, comma-separated), e.g. a measured start "
+                        "that went wrong; default: the true verify costs")
     p.add_argument("--drift", type=float, default=0.0,
                    help="log-normal sigma of the machine's speed over time (multiplies every cost)")
     p.add_argument("--drift-s", type=float, default=20.0, help="correlation time of that drift, simulated seconds")
@@ -71,16 +78,16 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _parse_ms_by_k(text: str | None) -> tuple[float, ...]:
+def _parse_ms_by_k(text: str | None, option: str) -> tuple[float, ...]:
     """``"82,92,...,117"`` (ms for k = 1..8) -> seconds; () when not given."""
     if text is None:
         return ()
     try:
         ms = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"--verify-ms-by-k {text!r}: expected comma-separated numbers (ms for k = 1..8)") from None
+        raise ValueError(f"{option} {text!r}: expected comma-separated numbers (ms for k = 1..8)") from None
     if len(ms) != 8:
-        raise ValueError(f"--verify-ms-by-k needs 8 values (k = 1..8), got {len(ms)}")
+        raise ValueError(f"{option} needs 8 values (k = 1..8), got {len(ms)}")
     return tuple(x / 1e3 for x in ms)
 
 
@@ -130,10 +137,11 @@ def run(args) -> int:
 
     if args.seeds < 1 or args.new_tokens < 1:
         raise ValueError(f"--seeds and --new-tokens must be >= 1, got {args.seeds}, {args.new_tokens}")
-    by_k = _parse_ms_by_k(args.verify_ms_by_k)
+    by_k = _parse_ms_by_k(args.verify_ms_by_k, "--verify-ms-by-k")
     costs = Costs(draft_s=args.draft_ms / 1e3, verify_s=by_k[0] if by_k else args.verify_ms / 1e3,
                   verify_slope=args.verify_slope, catch_up=args.catch_up, overhead_s=args.overhead_ms / 1e3,
-                  noise=args.noise, drift=args.drift, drift_s=args.drift_s, verify_by_k=by_k)
+                  noise=args.noise, drift=args.drift, drift_s=args.drift_s, verify_by_k=by_k,
+                  calibration_by_k=_parse_ms_by_k(args.calibration_ms_by_k, "--calibration-ms-by-k"))
     scenarios = {scenario: [Workload(name, acc, calls=calls, new_tokens=args.new_tokens) for name, acc, calls in cells]
                  for scenario, cells in SCENARIOS.items()}
     if args.traces:
@@ -170,7 +178,7 @@ def _print(rows, path) -> None:
 
     console = Console()
     if not console.is_terminal:
-        console = Console(width=max(console.width, 200))
+        console = Console(width=max(console.width, 260))
     table = Table(title="k-policies in the simulator: mean tokens/s over seeds / best fixed k's "
                         "(k=1 share; share of single runs within 3% of that seed's best fixed k)")
     for col in ("scenario", "cell", "best fixed k"):

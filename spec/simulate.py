@@ -16,7 +16,8 @@ The model follows the generator and :class:`~verispec.spec.drafts.ModelDraft` st
 - with greedy traces that carry the draft's confidences, a k-policy's drafting gate
   (``keep_drafting``) hears each draft's confidence and may end the pass early, as in the engine;
 - a verify pass over k tokens costs ``verify_s * (1 + verify_slope * (k - 1))``, or
-  ``verify_by_k[k - 1]`` where a measured curve is given; every cost is
+  ``verify_by_k[k - 1]`` where a measured curve is given (``calibration_by_k``: what a k-policy's
+  calibration measures instead, e.g. a start taken while the machine was busy); every cost is
   multiplied by log-normal noise of ``noise`` (sigma), and each pass adds ``overhead_s``;
 - with ``drift`` > 0 every cost is also multiplied by the machine's speed at that moment of the
   simulated clock: a log-normal process (sigma ``drift``, correlation time ``drift_s`` simulated
@@ -58,13 +59,15 @@ class Costs:
     drift: float = 0.0  # sigma of the machine's log speed over time
     drift_s: float = 20.0  # its correlation time, simulated seconds
     verify_by_k: tuple[float, ...] = ()  # seconds of a verify pass of k = 1, 2, ... tokens (replaces the slope)
+    calibration_by_k: tuple[float, ...] = ()  # what a policy's calibration measures instead (a start gone wrong)
 
     def __post_init__(self):
         if self.draft_s < 0 or self.verify_s <= 0 or self.verify_slope < 0 or self.catch_up < 0 \
                 or self.overhead_s < 0 or self.noise < 0 or self.drift < 0 or not self.drift_s > 0:
             raise ValueError(f"costs must be >= 0 (verify_s, drift_s > 0), got {self}")
-        if any(not v > 0 for v in self.verify_by_k):
-            raise ValueError(f"verify_by_k must hold seconds > 0, got {self.verify_by_k}")
+        for name in ("verify_by_k", "calibration_by_k"):
+            if any(not v > 0 for v in getattr(self, name)):
+                raise ValueError(f"{name} must hold seconds > 0, got {getattr(self, name)}")
 
     def verify(self, k: int) -> float:
         if self.verify_by_k:
@@ -162,7 +165,8 @@ def simulate(policy, workloads: list[Workload], costs: Costs, seed: int = 0) -> 
         return seconds * math.exp(rng.gauss(0.0, costs.noise)) if costs.noise else seconds
 
     if hasattr(policy, "needs_calibration") and policy.needs_calibration(1):
-        policy.calibrate(lambda k: noisy(costs.verify(k)), batch=1)
+        calibration = (lambda k: costs.calibration_by_k[k - 1]) if costs.calibration_by_k else costs.verify
+        policy.calibrate(lambda k: noisy(calibration(k)), batch=1)
     outcomes = []
     for w in workloads:
         out = Outcome(w.name)

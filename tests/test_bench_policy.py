@@ -20,7 +20,7 @@ def test_bench_policy_json_and_table(tmp_path, capsys):
         assert sorted(rates) == list(range(1, 9)) and c["best_fixed_k"] == max(rates, key=rates.get)
         assert c["median_fixed_2_8"] == statistics.median(rates[k] for k in range(2, 9))
         assert set(c["policies"]) == {"auto", "auto gate=off", "auto carry_cap=inf", "auto carry=0", "auto explore_from_1=8",
-                                   "auto level=off"}
+                                   "auto level=off", "auto explore=off"}
         per_seed = {int(k): v for k, v in c["fixed_tokens_per_s_per_seed"].items()}
         for p in c["policies"].values():
             assert p["over_best"] == p["tokens_per_s"] / rates[c["best_fixed_k"]]
@@ -41,6 +41,8 @@ def test_bench_policy_bad_options(tmp_path, capsys):
                      ("1,2,3,4,5,6,7,0", "verify_by_k must hold seconds > 0")]:
         assert main(["bench", "policy", "--seeds", "1", "--verify-ms-by-k", bad, "--out-dir", str(tmp_path)]) == 1
         assert err in capsys.readouterr().err
+    assert main(["bench", "policy", "--seeds", "1", "--calibration-ms-by-k", "1,2", "--out-dir", str(tmp_path)]) == 1
+    assert "--calibration-ms-by-k needs 8 values" in capsys.readouterr().err
     assert main(["bench", "policy", "--seeds", "1", "--drift-s", "0", "--out-dir", str(tmp_path)]) == 1
     assert "drift_s > 0" in capsys.readouterr().err
     assert not (tmp_path / "policy_sim.json").exists()
@@ -57,6 +59,10 @@ def test_bench_policy_with_a_measured_curve_and_drift(tmp_path):
     assert data["costs"]["verify_s"] == 0.082 and data["costs"]["drift"] == 0.0
     rate_k1 = data["cells"][0]["fixed_tokens_per_s"]["1"]
     assert rate_k1 == pytest.approx(1 / 0.082)
+    assert main(argv + ["--calibration-ms-by-k", "130,97,89,121,115,113,136,154"]) == 0
+    data = json.loads((tmp_path / "policy_sim.json").read_text())
+    assert data["costs"]["calibration_by_k"] == [x / 1e3 for x in (130, 97, 89, 121, 115, 113, 136, 154)]
+    assert data["cells"][0]["fixed_tokens_per_s"]["1"] == pytest.approx(1 / 0.082)  # fixed k's never calibrate
     assert main(argv + ["--drift", "0.3", "--drift-s", "5"]) == 0
     data = json.loads((tmp_path / "policy_sim.json").read_text())
     assert data["costs"]["drift"] == 0.3 and data["costs"]["drift_s"] == 5.0

@@ -69,6 +69,17 @@ def test_a_measured_verify_curve_replaces_the_slope():
         simulate(FixedK(4), [Workload("w", (1.0,), calls=1, new_tokens=7)], c)
 
 
+def test_a_calibration_curve_is_what_the_policy_calibrates_with():
+    """calibration_by_k feeds the policy's calibration only; the passes still cost verify_by_k."""
+    c = Costs(draft_s=1.0, verify_s=10.0, catch_up=0.0, verify_by_k=(10.0, 11.0, 12.0),
+              calibration_by_k=(5.0, 6.0, 9.0))
+    policy = AdaptiveK(max_k=3)
+    (out,) = simulate(policy, [Workload("w", (1.0,), calls=1, new_tokens=7)], c)
+    assert policy.state()["verify_calibrated"] == {1: 5.0, 2: 6.0, 3: 9.0}
+    passes = sum(out.k_counts.values())
+    assert out.seconds > 10.0 * passes  # paid at the true costs
+
+
 def test_drift_multiplies_every_cost_by_the_speed_of_its_moment():
     """k = 1 passes of 10 s: pass i costs 10 x speed(t_i), t_i the simulated seconds before it, and
     the speed path is one function of time for a seed (a second Drift with that seed agrees)."""
@@ -105,6 +116,8 @@ def test_bad_inputs():
             Costs(draft_s=1.0, verify_s=1.0, **bad)
     with pytest.raises(ValueError, match="verify_by_k"):
         Costs(draft_s=1.0, verify_s=1.0, verify_by_k=(1.0, 0.0))
+    with pytest.raises(ValueError, match="calibration_by_k"):
+        Costs(draft_s=1.0, verify_s=1.0, calibration_by_k=(-1.0,))
 
     class Wild(FixedK):
         def next_k(self):
