@@ -225,7 +225,7 @@ class AdaptiveK:
 
         The gate prices a longer pass from the verify table; a length it never reaches keeps its
         calibration, however wrong (measured: a start whose calibration put k = 7 and 8 at 1.2x and
-        1.36x k = 6, where fixed-k paths paid 0.96x and 1.0x, and k=auto never ran them)."""
+        1.36x k = 6, where fixed-k paths paid 0.96-1.06x, and k=auto never ran them)."""
         if self._step - self._explored_at < self.explore_every:
             return None
         near = range(best_k + 1, min(best_k + 2, self.max_k) + 1)  # lengths the gate may pick; farther ones seldom pay
