@@ -64,6 +64,10 @@ def register(sub) -> None:
                    help="also time transformers generate() (target-only and assisted)")
     p.add_argument("--hf-dir", default=None, help="where converted HF directories are cached "
                    "(default $VERISPEC_HOME/hf-converted or ~/.cache/verispec/hf-converted); converted only if missing")
+    p.add_argument("--acceptor", default="default", choices=["default", "coupled", "sample-match"],
+                   help="verispec's token acceptor (lossless ones): default = rejection sampling; coupled = "
+                        "position-keyed race noise, so at T > 0 every k and k=auto emit the same text (the "
+                        "JSON records each path's divergence from the first fixed k)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
     p.add_argument("--name", default="e2e", help="results file stem")
@@ -160,7 +164,8 @@ def _target_only_runner(target, new_tokens, temperature, seed, device, by_step=F
     return one, result, target_only_stepper(target, new_tokens, temperature, seed, _prompt_row)
 
 
-def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device, policies, by_step=False):
+def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device, policies, by_step=False,
+                        acceptor="default"):
     from verispec.spec import SpeculativeGenerator
 
     if by_step:  # this path's own KV caches, so the paths can take turns step by step
@@ -168,7 +173,7 @@ def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device,
     # no in-run decode-step probe: its two extra target forwards would be timed in wall_s.
     # k=auto uses the one AdaptiveK of the whole run (as a long-lived engine would): its one-off cost
     # calibration ran in the warm-up; the time it took is reported beside the results
-    gen = SpeculativeGenerator(draft, target, policies.get(k, k), measure_decode_step=False)
+    gen = SpeculativeGenerator(draft, target, policies.get(k, k), acceptor=acceptor, measure_decode_step=False)
 
     def one(i, p):
         _sync(device)
@@ -313,7 +318,7 @@ def _warm_up(prompt, target, draft, specs, hf_target, hf_draft, args, policies) 
     target.sample(prompt[None], seq, temperature=0)
     calibration_s = 0.0
     for k in dict.fromkeys(specs[:1] + (["auto"] if "auto" in specs else [])):
-        gen = SpeculativeGenerator(draft, target, policies.get(k, k), measure_decode_step=False)
+        gen = SpeculativeGenerator(draft, target, policies.get(k, k), acceptor=args.acceptor, measure_decode_step=False)
         calibration_s += gen.generate(prompt[None], seq, temperature=0).stats.calibration_s
     if hf_target is not None:
         from .e2e_hf import hf_generate
@@ -340,17 +345,22 @@ def run(args) -> int:
         for temp in temps:
             by_step = args.interleave == "step"
             runners = [_target_only_runner(target, N, temp, args.seed, args.device, by_step)]
-            runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies, by_step)
-                        for k in specs]
+            runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies, by_step,
+                                            args.acceptor) for k in specs]
             runners += [_hf_runner(hf_target, assistant, N, temp, args.seed) for assistant in hf_assistants]
             done = run_interleaved(runners, ps, by_step, sync=lambda: _sync(args.device))
             ref_outs = done[0][0]
             paths = [path for _, path in done]
+            first_spec = next(i for i, (_, path) in enumerate(done) if path["mode"] == "speculative")
             for outs, path in done[1:]:
                 if temp == 0 and path["engine"] == "verispec":
                     path["greedy_divergence"] = greedy_divergence(outs, ref_outs, ps)
                 elif temp == 0:  # same weights, same greedy rule: a check that the comparison is like for like
                     path["greedy_divergence_from_verispec_target_only"] = greedy_divergence(outs, ref_outs, ps)
+                if temp > 0 and args.acceptor == "coupled" and path["mode"] == "speculative":
+                    # one seed, one text: every speculative path should emit the first fixed k's tokens
+                    path["coupled_divergence"] = {**greedy_divergence(outs, done[first_spec][0], ps),
+                                                  "from_k": done[first_spec][1]["k"]}
             add_speedups(paths)
             add_repeats(paths, args.repeats)
             add_priced(paths)
@@ -362,7 +372,7 @@ def run(args) -> int:
     data = {
         "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
         "target": str(args.target), "draft": str(args.draft), "draft_quant": args.draft_quant, "amp": args.amp, "device": args.device,
-        "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
+        "acceptor": args.acceptor, "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "target_weight_bytes": weight_bytes(target),
         "memory_bandwidth": bandwidth, "method": method(args.interleave), "interleave": args.interleave, "hf": hf, "runs": runs,
         "auto_calibration_s_in_warmup": warmup_calibration_s,

@@ -201,7 +201,7 @@ def _fmt(v, f="{:.2f}") -> str:
 
 
 def _diverged(p) -> str:
-    d = p.get("greedy_divergence") or p.get("greedy_divergence_from_verispec_target_only")
+    d = p.get("greedy_divergence") or p.get("greedy_divergence_from_verispec_target_only") or p.get("coupled_divergence")
     return f"{d['diverged_prompts']}/{d['prompts']}" if d else ""
 
 
@@ -213,6 +213,7 @@ def print_report(data: dict, written) -> None:
     if not console.is_terminal:  # a log file or a pipe: wide enough that no column is cut
         console = Console(width=max(console.width, 130))
     table = Table(title=f"{data['draft']} -> {data['target']}, {data['amp']}, {data['device']}, "
+                        f"acceptor {data.get('acceptor', 'default')}, "
                         f"{data['max_new_tokens']} new tokens, batch 1")
     for col in ("set", "T", "path", "accept", "tok/pass", "tok/s", "priced tok/s", "e2e tok/s", "x target",
                 "x HF assisted", "diverged"):
@@ -228,7 +229,9 @@ def print_report(data: dict, written) -> None:
     console.print("tok/s: decode only (after prefill; timing in the JSON's method.order); e2e tok/s: wall time with prefill, every engine; "
                   "priced tok/s: the same passes at the cell's pooled pass costs; "
                   "x target: tok/s over verispec target-only; x HF assisted: e2e tok/s over transformers assisted; "
-                  "diverged: greedy prompts whose tokens differ from verispec target-only")
+                  "diverged: greedy prompts whose tokens differ from verispec target-only"
+                  + ("; sampled, coupled acceptor: prompts whose tokens differ from the first fixed k's"
+                     if data.get("acceptor") == "coupled" else ""))
     for run in data["runs"]:
         s = run["summary"]
         if s["auto_tokens_per_s"] is not None and s["best_fixed_k"] is not None:

@@ -3,11 +3,13 @@ models and the exactness checker."""
 
 from .acceptors import (
     ACCEPTORS,
+    CoupledAcceptor,
     DefaultTokenAcceptor,
     GreedyTokenAcceptor,
     SampleMatchAcceptor,
     TypicalAcceptor,
 )
+from .coupled import PositionalNoise
 from .drafts import LayerSkipDraft, ModelDraft, NGramDraft, ngram_lookup
 from .generator import GenerationResult, SpeculativeGenerator, StepTokens
 from .policy import AdaptiveK, FixedK
@@ -19,6 +21,7 @@ from .toy import MarkovChainLM
 __all__ = [
     "ACCEPTORS",
     "AcceptorRandomness",
+    "CoupledAcceptor",
     "DefaultTokenAcceptor",
     "AdaptiveK",
     "FixedK",
@@ -28,6 +31,7 @@ __all__ = [
     "MarkovChainLM",
     "ModelDraft",
     "NGramDraft",
+    "PositionalNoise",
     "SampleMatchAcceptor",
     "SpecStats",
     "SpeculativeGenerator",

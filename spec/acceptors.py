@@ -21,14 +21,10 @@ from typing import Callable
 
 import torch
 
+from .coupled import race as _race
 from .rejection import rejection_sample
 
 log = logging.getLogger("verispec.spec")
-
-
-def _race(weights: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
-    """Exponential race: argmax_v w_v / E_v picks v with probability w_v / sum(w) (lowest id on ties)."""
-    return torch.argmax(weights.float() / exponentials, dim=-1)
 
 
 def _emit_after_prefix(
@@ -119,6 +115,30 @@ class SampleMatchAcceptor:
         return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
 
 
+class CoupledAcceptor:
+    """Sample-and-match on position-keyed noise (coupled.py): the token at position t is
+    argmax_v p_t(v) / E[row, t, v], with E a fixed function of (seed, row, t, v), and drafts are
+    kept while they equal those tokens. A draft that samples with the same noise (model and
+    layer-skip drafts do, when the generator hands them ``noise``) proposes argmax q_t / E[t],
+    which matches with probability >= (1 - TV) / (1 + TV) for TV = TV(p_t, q_t).
+
+    Exact for any draft, and more: the output is the target-only race sampling of that noise,
+    so for a given seed the text does not depend on k, the k-policy or the draft. The price is
+    acceptance: rejection sampling (the default) matches with probability 1 - TV.
+    """
+
+    lossless = True
+    coupled = True  # the generator gives drafts the positional noise
+    name = "coupled"
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        g = draft_ids.shape[1]
+        samples = _race(target_probs, rng.positional_exponentials(g + 1))  # [B, g + 1]
+        accepted = _prefix_length(draft_ids == samples[:, :g])
+        emitted = samples.gather(1, accepted[:, None])[:, 0]
+        return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
+
+
 class TypicalAcceptor:
     """LOSSY typical acceptance (Medusa, Cai et al. 2024): accept draft x while
     p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p))); then sample one token from p
@@ -153,6 +173,7 @@ ACCEPTORS = {
     "default": DefaultTokenAcceptor,
     "greedy": GreedyTokenAcceptor,
     "sample-match": SampleMatchAcceptor,
+    "coupled": CoupledAcceptor,
     "typical": TypicalAcceptor,
 }
 

@@ -21,6 +21,8 @@ class ArgmaxSoftQDraft(ModelDraft):
 
     name = "argmax-softq"
 
+    can_couple = False  # it stays the biased argmax draft whatever the acceptor
+
     def _choose(self, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
         return q.argmax(-1)
 

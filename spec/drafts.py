@@ -7,6 +7,9 @@ Protocol (only ``propose`` is required; the others are called when present)::
     propose(tokens, lengths, g, params, uniforms) -> (draft_ids [B, g] int64, draft_probs [B, g, V] fp32)
         tokens [B, W] int64: each row's committed tokens (prompt included) in tokens[b, :lengths[b]];
         uniforms [B, g] fp64: the draft's own random stream, for sampling its proposals
+    propose(..., noise=fn)         only if ``can_couple``, with a coupled acceptor: ``fn(j)`` -> [B, V]
+        Exp(1) noise of draft j's position; sample draft j as argmax_v q_v / noise_v (see
+        coupled.py), the race the acceptor runs on the target's p with the same noise
     propose(..., keep=fn)          only if ``can_stop_early``: after each draft j, ``fn(conf [B])``
         with conf = the draft model's softmax probability (temperature 1) of each row's draft j;
         False stops the pass at j drafts (draft_ids [B, j]); after draft g the answer is unused. The generator passes it when the
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sampling import SamplingParams, check_logits, logits_to_probs, sample_categorical
+from .coupled import race
 
 
 def _confidence(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -72,6 +76,7 @@ class ModelDraft:
 
     deterministic = False
     can_stop_early = True
+    can_couple = True
     name = "model"
 
     def __init__(self, model):
@@ -100,7 +105,7 @@ class ModelDraft:
     def _choose(self, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:  # [B, V], [B] -> [B]
         return sample_categorical(q, uniforms)
 
-    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None):
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None, noise=None):
         B = lengths.shape[0]
         if g == 0:
             return _empty_proposal(B, self.vocab_size, tokens.device)
@@ -114,7 +119,8 @@ class ModelDraft:
         for i in range(g):
             check_logits(logits, "draft model")
             q = logits_to_probs(logits, params)  # [B, V] fp32: what the draft samples from
-            d = _sync(self.model, self._choose(q, uniforms[:, i]).cpu())  # [B]
+            d = self._choose(q, uniforms[:, i]) if noise is None else race(q, noise(i))
+            d = _sync(self.model, d.cpu())  # [B]
             draft_ids.append(d)
             draft_probs.append(q)
             if not _keep(self.model, keep, logits, d, last=i == g - 1):
@@ -145,6 +151,7 @@ class LayerSkipDraft:
 
     deterministic = False
     can_stop_early = True
+    can_couple = True
     name = "self"
 
     def __init__(self, num_layers: int):
@@ -161,7 +168,7 @@ class LayerSkipDraft:
         self.vocab_size = target.vocab_size
         self.name = f"self:{self.num_layers}"
 
-    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None):
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None, noise=None):
         if self.target is None:
             raise RuntimeError("LayerSkipDraft.propose before bind(target)")
         B = lengths.shape[0]
@@ -174,7 +181,8 @@ class LayerSkipDraft:
             logits = self.target.forward(d, last + i, num_layers=self.num_layers)[:, 0]  # [B, V]
             check_logits(logits, "layer-skip draft")
             q = logits_to_probs(logits, params)
-            d = _sync(self.target, sample_categorical(q, uniforms[:, i]).cpu())[:, None]  # [B, 1]
+            d = sample_categorical(q, uniforms[:, i]) if noise is None else race(q, noise(i))
+            d = _sync(self.target, d.cpu())[:, None]  # [B, 1]
             draft_ids.append(d[:, 0])
             draft_probs.append(q)
             if not _keep(self.target, keep, logits, d[:, 0], last=i == g - 1):

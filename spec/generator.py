@@ -115,6 +115,11 @@ class SpeculativeGenerator:
         self._gate = getattr(self.policy, "keep_drafting", None) if getattr(self.draft, "can_stop_early", False) else None
         if hasattr(self.policy, "set_gated"):
             self.policy.set_gated(self._gate is not None)
+        # a coupled acceptor (coupled.py) hands its positional noise to drafts that can sample with it
+        self._couple_draft = bool(getattr(self.acceptor, "coupled", False) and getattr(self.draft, "can_couple", False))
+        if getattr(self.acceptor, "coupled", False) and not self._couple_draft and not getattr(self.draft, "deterministic", False):
+            log.info("draft %s cannot sample with the coupled noise: still exact, but it will match less often",
+                     getattr(self.draft, "name", type(self.draft).__name__))
         self.measure_decode_step = measure_decode_step
         self.device = torch.device(getattr(target, "device", "cpu"))
         self.last_stats: SpecStats | None = None
@@ -156,7 +161,7 @@ class SpeculativeGenerator:
         eos = validate_eos(eos_token_id, V)
         self._eos = torch.tensor(sorted(eos), dtype=torch.long)
         self._seq_len = sequence_length
-        rng = SpeculativeRandomness(seed, self.device)
+        rng = SpeculativeRandomness(seed, self.device, vocab_size=V, noise_slots=self.policy.max_k + 1)
         B = len(lengths)
         self._tokens = torch.zeros(B, sequence_length + self.policy.max_k + 1, dtype=torch.long)  # [B, W]
         self._tokens[:, : padded.shape[1]] = padded
@@ -188,6 +193,7 @@ class SpeculativeGenerator:
             target_probs = logits_to_probs(logits, params)[:, None]  # [B, 1, V]
             empty_ids = torch.zeros(len(logits), 0, dtype=torch.long, device=self.device)
             empty_q = torch.zeros(len(logits), 0, V, device=self.device)
+            rng.acceptor.at(self._rows, self._lengths)
             accepted, new = self._accept(empty_ids, empty_q, target_probs, rng)
             yield self._commit(accepted, new)
         while self._lengths.numel():
@@ -207,10 +213,13 @@ class SpeculativeGenerator:
             rows = self._lengths.shape[0]
 
             t_a = time.perf_counter()
-            gate = {"keep": self._gate} if self._gate is not None and g else {}
+            rng.acceptor.at(self._rows, self._lengths)
+            extra = {"keep": self._gate} if self._gate is not None and g else {}
+            if self._couple_draft and g:  # the draft samples with the coupled acceptor's noise
+                extra["noise"] = lambda i: rng.acceptor.positional_exponentials(1, offset=i)[:, 0]  # [B, V]
             draft_ids, draft_probs = self.draft.propose(self._tokens, self._lengths, g, params,
-                                                        rng.draft_uniforms(rows, g), **gate)
-            if gate and 1 <= draft_ids.shape[-1] < g:  # the gate stopped drafting early
+                                                        rng.draft_uniforms(rows, g), **extra)
+            if "keep" in extra and 1 <= draft_ids.shape[-1] < g:  # the gate stopped drafting early
                 g = draft_ids.shape[-1]
             self._check_proposal(draft_ids, draft_probs, rows, g, V)
             self._sync_device()

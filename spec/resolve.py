@@ -3,7 +3,7 @@
 Drafts: a model with the model interface (-> ModelDraft), ``"ngram"`` / ``"ngram:N"`` (prompt
 lookup, n-grams up to N), ``"self:N"`` (layer-skip self-draft), any object with ``propose``,
 or a ``"module:attr"`` import string naming one of these (a class is instantiated).
-Acceptors: ``"default"``, ``"greedy"``, ``"sample-match"``, ``"typical"``, any callable with
+Acceptors: ``"default"``, ``"greedy"``, ``"sample-match"``, ``"coupled"``, ``"typical"``, any callable with
 the acceptor protocol, or a ``"module:attr"`` import string.
 """
 

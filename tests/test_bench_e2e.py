@@ -287,3 +287,22 @@ def test_run_interleaved_by_step_takes_turns_within_a_prompt():
     assert ends == {("a", 0): 3, ("b", 0): 4, ("a", 1): 3, ("b", 1): 4}  # steps + the final StopIteration
     assert done[0][0] == [["ax0", "ax1"], ["ay0", "ay1"]] and done[1][0][1] == ["by0", "by1", "by2"]
     assert [r["i"] for r in done[2][1]["rows"]] == [0, 1] and done[2][0] == [["h"], ["h"]]
+
+
+def test_bench_e2e_coupled_acceptor_gives_every_k_the_same_sampled_text(tiny_pair, tmp_path, capsys):
+    """--acceptor coupled at T > 0: every fixed k and k=auto emit the first fixed k's tokens (fp32
+    tiny models), recorded per path; the acceptor is in the JSON and the table's title."""
+    target, draft, _ = tiny_pair
+    assert main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2,3,5", "--auto", "--no-hf",
+                 "--temperatures", "0.7", "--prompt-sets", "code", "--acceptor", "coupled", "--out-dir", str(tmp_path),
+                 *TINY_ARGS, "--max-new-tokens", "12"]) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert data["acceptor"] == "coupled"
+    (run,) = data["runs"]
+    spec = [p for p in run["paths"] if p["mode"] == "speculative"]
+    assert [p["k"] for p in spec] == [2, 3, 5, "auto"]
+    for p in spec:
+        d = p["coupled_divergence"]
+        assert d["from_k"] == 2 and d["prompts"] == 2 and d["diverged_prompts"] == 0, p["k"]
+    assert "coupled_divergence" not in run["paths"][0]  # target-only samples with its own generator
+    assert "acceptor coupled" in capsys.readouterr().out

@@ -24,7 +24,7 @@ def register(sub) -> None:
         "check",
         help="test an acceptor or draft provider for exactness (chi-square against the exact distribution)",
         description="Run the speculative loop on toy Markov chains and test its output distribution against "
-        "the exact target-only one. Acceptors: default, greedy, sample-match, typical (lossy), "
+        "the exact target-only one. Acceptors: default, greedy, sample-match, coupled, typical (lossy), "
         "shared-uniform (deliberately biased) or module:attr. Drafts: model (a second random chain), ngram, "
         "ngram:N, self:N, argmax-softq (deliberately biased) or module:attr.",
     )
