@@ -63,6 +63,21 @@ def test_prompt_from_stdin_and_seeded_sampling(models, capsys, monkeypatch):
     assert rc == 0 and capsys.readouterr().out == first  # same seed, same prompt (from stdin): same text
 
 
+def test_coupled_acceptor_gives_one_sampled_text_for_every_k_and_draft(models, capsys):
+    # with --acceptor coupled the seed alone fixes the text: k=auto (whose k follows wall-clock
+    # costs), fixed k, model, n-gram and self drafts all emit the same tokens
+    texts = set()
+    for draft, k in (("other", "auto"), ("other", "4"), ("twin", "auto:5"), ("ngram", "3"), ("self:1", "2")):
+        rc, text, err = generate(capsys, "--target", models["target"], "--draft", models.get(draft, draft), "-k", k,
+                                 "--acceptor", "coupled", "--temperature", "1.0", "--seed", "3")
+        assert rc == 0 and "acceptance rate" in err, err
+        texts.add(text)
+    assert len(texts) == 1
+    rc, other_seed, _ = generate(capsys, "--target", models["target"], "--draft", models["other"], "-k", "4",
+                                 "--acceptor", "coupled", "--temperature", "1.0", "--seed", "4")
+    assert rc == 0 and other_seed not in texts
+
+
 def test_chat_needs_a_template(models, capsys):
     rc, _, err = generate(capsys, "--target", models["target"], "--draft", "none", "--chat")
     assert rc == 1 and "no chat template" in err

@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="int8: the draft's weights as int8; w8a8: int8 weights and int8 activations (faster "
                         "still); either way a faster draft and the same output distribution")
     p.add_argument("-k", "--k", default="auto", help="tokens per verify pass (drafts + 1), or 'auto' / 'auto:MAX'")
-    p.add_argument("--acceptor", default=None, help="token acceptor (default: exact rejection sampling)")
+    p.add_argument("--acceptor", default=None, help="token acceptor: default (exact rejection sampling), coupled (exact; one seed, one text for any k and draft), sample-match, greedy, typical (lossy) or module:attr")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
