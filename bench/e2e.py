@@ -66,8 +66,8 @@ def register(sub) -> None:
                    "(default $VERISPEC_HOME/hf-converted or ~/.cache/verispec/hf-converted); converted only if missing")
     p.add_argument("--acceptor", default="default", choices=["default", "coupled", "sample-match"],
                    help="verispec's token acceptor (lossless ones): default = rejection sampling; coupled = "
-                        "position-keyed race noise, so at T > 0 every k and k=auto emit the same text (the "
-                        "JSON records each path's divergence from the first fixed k)")
+                        "position-keyed race noise, so at T > 0 target-only (sampling on the same noise), "
+                        "every k and k=auto emit the same text (the JSON records each path's divergence)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
     p.add_argument("--name", default="e2e", help="results file stem")
@@ -146,13 +146,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _target_only_runner(target, new_tokens, temperature, seed, device, by_step=False):
+def _target_only_runner(target, new_tokens, temperature, seed, device, by_step=False, coupled=False):
     target = fork(target) if by_step else target
 
     def one(i, p):
         _sync(device)
         t0 = time.perf_counter()
-        out = target.sample(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)  # [1, L + N]
+        out = target.sample(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i,
+                            coupled=coupled)  # [1, L + N]
         _sync(device)
         wall = time.perf_counter() - t0
         s = target.last_stats
@@ -161,7 +162,7 @@ def _target_only_runner(target, new_tokens, temperature, seed, device, by_step=F
     def result(rows, stats):
         return {"engine": "verispec", "mode": "target-only", "k": None, **_aggregate(rows)}
 
-    return one, result, target_only_stepper(target, new_tokens, temperature, seed, _prompt_row)
+    return one, result, target_only_stepper(target, new_tokens, temperature, seed, _prompt_row, coupled)
 
 
 def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device, policies, by_step=False,
@@ -344,23 +345,21 @@ def run(args) -> int:
         ps = prompts[set_name] * args.repeats  # prompt i of repeat r is sampled with seed + r * prompts + i
         for temp in temps:
             by_step = args.interleave == "step"
-            runners = [_target_only_runner(target, N, temp, args.seed, args.device, by_step)]
+            runners = [_target_only_runner(target, N, temp, args.seed, args.device, by_step, args.acceptor == "coupled")]
             runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies, by_step,
                                             args.acceptor) for k in specs]
             runners += [_hf_runner(hf_target, assistant, N, temp, args.seed) for assistant in hf_assistants]
             done = run_interleaved(runners, ps, by_step, sync=lambda: _sync(args.device))
             ref_outs = done[0][0]
             paths = [path for _, path in done]
-            first_spec = next(i for i, (_, path) in enumerate(done) if path["mode"] == "speculative")
             for outs, path in done[1:]:
                 if temp == 0 and path["engine"] == "verispec":
                     path["greedy_divergence"] = greedy_divergence(outs, ref_outs, ps)
                 elif temp == 0:  # same weights, same greedy rule: a check that the comparison is like for like
                     path["greedy_divergence_from_verispec_target_only"] = greedy_divergence(outs, ref_outs, ps)
-                if temp > 0 and args.acceptor == "coupled" and path["mode"] == "speculative":
-                    # one seed, one text: every speculative path should emit the first fixed k's tokens
-                    path["coupled_divergence"] = {**greedy_divergence(outs, done[first_spec][0], ps),
-                                                  "from_k": done[first_spec][1]["k"]}
+                if temp > 0 and args.acceptor == "coupled" and path["engine"] == "verispec":
+                    # one seed, one text: every speculative path should emit target-only's coupled tokens
+                    path["coupled_divergence"] = greedy_divergence(outs, ref_outs, ps)
             add_speedups(paths)
             add_repeats(paths, args.repeats)
             add_priced(paths)

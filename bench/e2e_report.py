@@ -230,7 +230,7 @@ def print_report(data: dict, written) -> None:
                   "priced tok/s: the same passes at the cell's pooled pass costs; "
                   "x target: tok/s over verispec target-only; x HF assisted: e2e tok/s over transformers assisted; "
                   "diverged: greedy prompts whose tokens differ from verispec target-only"
-                  + ("; sampled, coupled acceptor: prompts whose tokens differ from the first fixed k's"
+                  + ("; sampled, coupled acceptor: prompts whose tokens differ from target-only's coupled sample"
                      if data.get("acceptor") == "coupled" else ""))
     for run in data["runs"]:
         s = run["summary"]

@@ -49,11 +49,11 @@ def run_steps(i: int, prompt, steppers: dict[int, Stepper], sync: Callable[[], N
     return done
 
 
-def target_only_stepper(model, new_tokens: int, temperature: float, seed: int, row) -> Stepper:
+def target_only_stepper(model, new_tokens: int, temperature: float, seed: int, row, coupled: bool = False) -> Stepper:
     """Target-only decoding by ``model.stream`` (``row(prompt_tokens, new, wall, prefill_s, decode_s)``
-    makes the per-prompt record)."""
+    makes the per-prompt record; ``coupled``: race sampling on the coupled acceptor's noise)."""
     def begin(i, p):
-        return model.stream(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)
+        return model.stream(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i, coupled=coupled)
 
     def end(i, p, toks, secs):
         prefill = model.last_stats["prefill_s"]

@@ -255,9 +255,14 @@ class LlamaForSampling:
         top_p: float | None = None,
         seed: int | None = None,
         eos_token_id=None,
+        coupled: bool = False,
     ) -> torch.Tensor:  # [B, sequence_length]
-        """Target-only sampling. Rows finished by EOS are filled with that EOS id after it."""
-        steps = self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
+        """Target-only sampling. Rows finished by EOS are filled with that EOS id after it.
+
+        ``coupled=True``: each token is the exponential race of the seed's position-keyed noise
+        (verispec.spec.coupled), the same tokens a speculative run with ``acceptor="coupled"`` and
+        this seed emits at any k and with any draft."""
+        steps = self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id, coupled)
         while True:
             try:
                 next(steps)
@@ -265,15 +270,21 @@ class LlamaForSampling:
                 return done.value
 
     def stream(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, seed: int | None = None, eos_token_id=None):
+               top_p: float | None = None, seed: int | None = None, eos_token_id=None, coupled: bool = False):
         """Target-only sampling one token per step: yields ``{input row: [token]}`` for the rows
         that made a token this step (the first step includes the prefill); ``last_stats`` is set
         once the stream is exhausted. Same tokens as :meth:`sample` with the same arguments."""
-        yield from self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
+        yield from self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id, coupled)
 
     @torch.inference_mode()
-    def _sample_steps(self, input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id):
+    def _sample_steps(self, input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id, coupled=False):
         params = SamplingParams(temperature, top_k, top_p)
+        noise = None
+        if coupled:  # the speculative loop's noise for this seed (its fourth draw from the seed)
+            from ..spec.coupled import race
+            from ..spec.randomness import SpeculativeRandomness
+
+            noise = SpeculativeRandomness(seed, vocab_size=self.vocab_size).acceptor.noise
         prompts = normalize_prompts(input_ids, self.vocab_size, self.batch_size, sequence_length, self.n_positions)
         eos = validate_eos(eos_token_id, self.vocab_size)
         gen = make_generator(seed)
@@ -297,7 +308,10 @@ class LlamaForSampling:
         self.last_stats = stats()
         while active:
             probs = logits_to_probs(logits, params)  # [b, V]
-            tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
+            if noise is None:
+                tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
+            else:  # positions of the new tokens: lengths[b]
+                tok = race(probs, noise.compute(torch.tensor(active), torch.tensor([lengths[b] for b in active])))
             tok = self.sync_tokens(tok)
             keep = []
             for i, b in enumerate(active):

@@ -130,6 +130,15 @@ def test_coupled_text_is_the_same_for_every_k_and_draft_on_tiny_llamas(tiny_llam
     reference = _reference(target, prompts, seq_len, SamplingParams(0.8), seed=11)
     for row, ref in enumerate(reference):
         assert torch.equal(expected[row, : len(ref)], ref)
+    # target-only sampling on the same noise (LlamaForSampling.sample / stream, coupled=True)
+    assert torch.equal(target.sample(prompts, seq_len, 0.8, seed=11, coupled=True), expected)
+    streamed = {b: [] for b in range(3)}
+    for step in target.stream(prompts, seq_len, 0.8, seed=11, coupled=True):
+        for b, toks in step.items():
+            streamed[b].extend(toks)
+    for b, p in enumerate(prompts):
+        assert streamed[b] == expected[b, len(p):].tolist()
+    assert not torch.equal(target.sample(prompts, seq_len, 0.8, seed=11), expected)  # the plain sampler differs
     for d, k in ((twin, 5), (other, 3), ("self:1", 4), ("ngram", 6), (other, "auto"), (twin, "auto:6")):
         gen = SpeculativeGenerator(d, target, k, acceptor="coupled")
         assert torch.equal(gen.sample(prompts, seq_len, 0.8, seed=11), expected), (d, k)
