@@ -69,7 +69,7 @@ class PositionalNoise:
         self.slots = slots
         self.device = torch.device(device)
         self._key = _signed(_mix_int(self.seed ^ _mix_int(0x636F75706C6564)))  # "coupled"
-        self._tokens = torch.arange(1, vocab_size + 1, dtype=torch.int64) * _signed(_GAMMA)  # [V]
+        self._tokens: torch.Tensor | None = None  # [V] per-token offsets, made on first use
         self._ring: torch.Tensor | None = None  # [R, slots, V] fp32, R = rows seen so far
         self._tags: torch.Tensor | None = None  # [R, slots] int64: position held in each slot, -1 empty
 
@@ -79,6 +79,8 @@ class PositionalNoise:
         positions = positions.to(torch.int64).cpu()
         if positions.numel() and int(positions.min()) < 0:
             raise ValueError("positions must be >= 0")
+        if self._tokens is None:  # every run builds a PositionalNoise; only coupled runs compute with it
+            self._tokens = torch.arange(1, self.vocab_size + 1, dtype=torch.int64) * _signed(_GAMMA)
         key = _mix(_mix(self._key ^ rows) ^ positions)  # [n]
         z = _mix(key[:, None] + self._tokens[None])  # [n, V]
         u = _shr(z, 11).to(torch.float64) * 2.0**-53  # [0, 1)

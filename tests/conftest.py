@@ -31,6 +31,17 @@ def build_tiny_hf(path, arch: str = "llama", seed: int = 0, **overrides):
     return str(path), model
 
 
+def load_tiny_trio(root, n_positions: int = 128, batch_size: int = 3) -> dict:
+    """A tiny random Llama target, a separately loaded twin (same weights) and a one-layer other
+    model, as LlamaForSampling: {"target", "twin", "other"}."""
+    from verispec.model import LlamaForSampling
+
+    target_dir, _ = build_tiny_hf(root / "target", "llama", seed=0)
+    other_dir, _ = build_tiny_hf(root / "other", "llama", seed=1, num_hidden_layers=1)
+    load = lambda d: LlamaForSampling.from_pretrained(d, n_positions=n_positions, batch_size=batch_size)  # noqa: E731
+    return {"target": load(target_dir), "twin": load(target_dir), "other": load(other_dir)}
+
+
 @pytest.fixture
 def tiny_hf(tmp_path):
     """Factory: tiny_hf(arch="llama", **config_overrides) -> (dir, hf_model)."""

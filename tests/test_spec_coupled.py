@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from verispec.model import LlamaForSampling, SamplingParams, logits_to_probs
+from verispec.model import SamplingParams, logits_to_probs
 from verispec.spec import CoupledAcceptor, MarkovChainLM, SpeculativeGenerator
 from verispec.spec.checker import check_exactness
 from verispec.spec.coupled import PositionalNoise, race
@@ -112,13 +112,10 @@ def test_coupled_text_is_the_same_for_every_k_policy_and_draft_on_toy_chains():
 
 @pytest.fixture(scope="module")
 def tiny_llamas(tmp_path_factory):
-    from conftest import build_tiny_hf
+    from conftest import load_tiny_trio
 
-    root = tmp_path_factory.mktemp("coupled")
-    target_dir, _ = build_tiny_hf(root / "target", "llama", seed=0)
-    other_dir, _ = build_tiny_hf(root / "other", "llama", seed=1, num_hidden_layers=1)
-    load = lambda d: LlamaForSampling.from_pretrained(d, n_positions=128, batch_size=3)  # noqa: E731
-    return load(target_dir), load(target_dir), load(other_dir)
+    m = load_tiny_trio(tmp_path_factory.mktemp("coupled"))
+    return m["target"], m["twin"], m["other"]
 
 
 def test_coupled_text_is_the_same_for_every_k_and_draft_on_tiny_llamas(tiny_llamas):

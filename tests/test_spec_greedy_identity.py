@@ -13,13 +13,9 @@ NEW_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from conftest import build_tiny_hf
+    from conftest import load_tiny_trio
 
-    root = tmp_path_factory.mktemp("greedy")
-    target_dir, _ = build_tiny_hf(root / "target", "llama", seed=0)
-    other_dir, _ = build_tiny_hf(root / "other", "llama", seed=1, num_hidden_layers=1)
-    load = lambda d: LlamaForSampling.from_pretrained(d, n_positions=128, batch_size=3)  # noqa: E731
-    return {"target": load(target_dir), "twin": load(target_dir), "other": load(other_dir)}
+    return load_tiny_trio(tmp_path_factory.mktemp("greedy"))
 
 
 def prompts(lengths, seed=0):
