@@ -18,6 +18,7 @@ __all__ = [
     "add_rms_norm",
     "apply_rope",
     "rope_append",
+    "silu_mul",
 ]
 
 
@@ -174,6 +175,13 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     """The residual add and the next norm: ``(x + delta, rms_norm(x + delta))``."""
     h = x + delta
     return h, rms_norm(h, weight, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation on a fused gate/up output [..., 2F] = [gate | up]: ``silu(gate) * up``,
+    each op rounded to the model dtype as torch rounds it."""
+    gate, up = gate_up.chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -149,10 +149,11 @@ class MLP(nn.Module):
             object.__setattr__(self, "_gate_up", fuse_linears(parts))
         return self._gate_up is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul=None) -> torch.Tensor:
+        """``silu_mul``: a backend's SiLU(gate) * up on the fused [gate | up] output (default the
+        reference's)."""
         if self._gate_up is not None:
-            gate, up = self._gate_up(x).chunk(2, -1)
-            return self.down_proj(F.silu(gate) * up)
+            return self.down_proj((silu_mul or reference.silu_mul)(self._gate_up(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -171,7 +172,7 @@ class DecoderLayer(nn.Module):
         attn = self.self_attn(rms_norm(x, norm1.weight, norm1.eps), cos, sin, k_cache, v_cache, positions, kernels,
                               active_mask)
         x, h = add_rms_norm(x, attn, norm2.weight, norm2.eps)  # the residual add and the next norm
-        return x + self.mlp(h)
+        return x + self.mlp(h, kernels.get("silu_mul"))
 
 
 class Decoder(nn.Module):

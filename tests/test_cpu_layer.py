@@ -1,6 +1,6 @@
-"""The ``cpu`` backend's layer glue (kernels/cpu/layer.c): RMSNorm with the residual add and RoPE
-with the cache append, against the torch reference they replace; and a model run through them
-against the same model on the reference backend."""
+"""The ``cpu`` backend's layer glue (kernels/cpu/layer.c, fused.c): RMSNorm with the residual add,
+RoPE with the cache append and SiLU(gate) * up, against the torch reference they replace; and a
+model run through them against the same model on the reference backend."""
 
 import pytest
 import torch
@@ -95,9 +95,57 @@ def test_rope_append_rejects_slots_past_the_cache():
     assert torch.equal(k1, before)  # nothing written
 
 
+def _silu_ref_exact_exp(gate_up: torch.Tensor) -> torch.Tensor:
+    """The fp32 formula gate / (1 + e^-gate) with e^-gate correctly rounded to fp32 (computed in
+    float64; inf past fp32's range, as in fp32), then rounded to the dtype, times up, rounded."""
+    gate, up = gate_up.float().chunk(2, -1)
+    e = torch.exp(-gate.double()).float()
+    s = (gate / (1 + e)).to(gate_up.dtype)
+    return (s.float() * up).to(gate_up.dtype)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 6), F=st.integers(1, 300), dtype=st.sampled_from(DTYPES), scale=st.sampled_from([0.1, 3.0, 40.0]))
+def test_silu_mul_matches_the_reference(rows, F, dtype, scale):
+    g = torch.Generator().manual_seed(rows * 1000 + F)
+    gu = (scale * torch.randn(rows, 2 * F, generator=g)).to(dtype)
+    out = layer.silu_mul(gu)
+    assert out.shape == (rows, F) and out.dtype == dtype
+    ref = reference.silu_mul(gu)
+    # e^x here is not torch's: the fp32 silu may be an ulp or two off, so after the rounding(s) to
+    # the model dtype an element is either equal or one ulp of the dtype away
+    n = 1 if dtype == torch.bfloat16 else 4
+    assert _within_ulps(out, ref, n), (out - ref).abs().max()
+    assert _within_ulps(out, _silu_ref_exact_exp(gu), n)
+    if dtype == torch.bfloat16:  # and almost always equal
+        assert (out == ref).float().mean() >= 0.99
+
+
+def test_silu_mul_edge_values_and_row_independence():
+    vals = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 88.0, -88.0, 89.0, -89.0, 100.0, -100.0, 120.0, -120.0,
+                         float("inf"), float("-inf"), float("nan"), 3.0])
+    for dtype in DTYPES:
+        gu = torch.cat([vals, torch.full_like(vals, 2.0)]).to(dtype)[None]  # up = 2
+        out, ref = layer.silu_mul(gu), reference.silu_mul(gu)
+        assert torch.equal(out.isnan(), ref.isnan()), (out, ref)
+        fin = ~ref.isnan()
+        assert torch.equal(out[fin].isinf(), ref[fin].isinf()) and _within_ulps(out[fin & ~ref.isinf()], ref[fin & ~ref.isinf()], 4)
+    g = torch.Generator().manual_seed(3)
+    gu = torch.randn(5, 2 * 4864, generator=g).bfloat16()  # parallel (many elements) and a 16-lane tail-free F
+    together = layer.silu_mul(gu)
+    assert torch.equal(together, torch.cat([layer.silu_mul(gu[i : i + 1]) for i in range(5)]))
+    odd = torch.randn(3, 2 * 37, generator=g).bfloat16()  # F % 16 != 0: the tail lanes agree with full blocks
+    wide = torch.cat([odd[:, :37], odd[:, :37], odd[:, :37], odd[:, 37:], odd[:, 37:], odd[:, 37:]], -1)
+    assert torch.equal(layer.silu_mul(wide)[:, 37:74], layer.silu_mul(odd))
+    with pytest.MonkeyPatch.context() as mp:  # odd last dimension: not a [gate | up] pair, the reference decides
+        mp.setattr(reference, "silu_mul", lambda t: "reference")
+        assert layer.silu_mul(torch.zeros(2, 5)) == "reference"
+
+
 def test_cpu_backend_carries_the_layer_glue():
     ks = get_backend("cpu")
     assert ks.get("rms_norm") is layer.rms_norm and ks.get("rope_append") is layer.rope_append
+    assert ks.get("silu_mul") is layer.silu_mul
     assert get_backend("torch").get("rms_norm") is None  # the decoder then uses the reference
 
 

@@ -61,4 +61,5 @@ def load() -> dict:
         "rms_norm": layer.rms_norm,
         "add_rms_norm": layer.add_rms_norm,
         "rope_append": layer.rope_append,
+        "silu_mul": layer.silu_mul,
     }

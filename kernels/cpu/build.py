@@ -22,7 +22,7 @@ import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares tor
 log = logging.getLogger("verispec.kernels.cpu")
 
 SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c", "fused.c")]
-HEADERS = [Path(__file__).with_name("bf16.h")]  # included by the sources: part of the build key
+HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "vmath.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lib = None
@@ -80,6 +80,8 @@ def _build() -> ctypes.CDLL:
     lib.verispec_rms_norm.restype = None
     lib.verispec_rope_append.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_int]
     lib.verispec_rope_append.restype = None
+    lib.verispec_silu_mul.argtypes = [vp, vp, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.verispec_silu_mul.restype = None
     lib.verispec_gemv_isa.restype = ctypes.c_int
     lib.verispec_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.verispec_stream_read.restype = ctypes.c_double

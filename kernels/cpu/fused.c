@@ -5,10 +5,9 @@
  * this machine (3-4 ms of a 20 ms draft step). This runs the same kernels in the same order on one
  * scratch block: RMSNorm, the fused q/k/v product, RoPE with the cache append, verify attention,
  * the o product, the residual add with the next RMSNorm, the fused gate/up product, SiLU(gate) *
- * up, the down product and the residual add. Every step rounds as the Python path does (the
- * products, norms, RoPE and attention are the very same functions); SiLU uses the C library's
- * expf where torch uses its own vectorised exp, so its output may differ from torch's in the last
- * bit of an fp32 intermediate (kernels/cpu/fused.py checks the layer against the module path).
+ * up, the down product and the residual add. Every step rounds as the module path of the cpu
+ * backend does: the products, norms, RoPE, attention and SiLU are the very same functions
+ * (tests/test_cpu_fused.py checks the layer against the module path).
  * Row-wise throughout, so a token's result does not depend on how many rows share the call.
  */
 #include <math.h>
@@ -16,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "bf16.h"
+#include "vmath.h"
 
 void verispec_rms_norm(const void *x, const void *delta, const void *w, void *h_out, void *y, int64_t R, int64_t E,
                        float eps, int bf16);
@@ -58,13 +58,47 @@ static int linear(const int64_t *L, const void *x, void *y, int64_t M, int bf16,
 }
 
 
-/* m [R, F] = dtype(dtype(silu(gate)) * up), gu [R, 2F] = [gate | up] (torch's F.silu(gate) * up). */
-NO_CONTRACT static void silu_mul(const void *gu, void *m, int64_t R, int64_t F, int bf16) {
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t f = 0; f < F; f++) {
-            const float g = ld_any(gu, r * 2 * F + f, bf16), u = ld_any(gu, r * 2 * F + F + f, bf16);
-            st_any(m, r * F + f, rnd_any(g / (1.0f + expf(-g)), bf16) * u, bf16);
+/* m [R, F] = dtype(dtype(silu(gate)) * up), gu [R, 2F] = [gate | up] (torch's F.silu(gate) * up),
+ * silu(g) = g / (1 + e^-g) in fp32. With AVX512F, e^x is vmath.h's polynomial (about 1 ulp) on 16
+ * lanes, else the C library's expf; either may differ from torch's exp in the last bit of the fp32
+ * silu, so the decoder's module path calls this same function (layer.py's silu_mul) and the two
+ * paths agree bitwise. Element-wise, so a row's result does not depend on R or on the threads.
+ * The R * F elements are split over nt threads in blocks of 16. */
+NO_CONTRACT void verispec_silu_mul(const void *gu, void *m, int64_t R, int64_t F, int bf16, int nt) {
+    const int64_t blocks = (F + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(nt) if (R * F >= 4096)
+    for (int64_t i = 0; i < R * blocks; i++) {
+        const int64_t r = i / blocks, f0 = (i % blocks) * 16, f1 = f0 + 16 < F ? f0 + 16 : F;
+#if defined(__AVX512F__)
+        if (f1 - f0 == 16) {
+            const int64_t g0 = r * 2 * F + f0, u0 = g0 + F, o = r * F + f0;
+            __m512 g, u;
+            if (bf16) {
+                g = bf16x16_to_f32((const uint16_t *)gu + g0);
+                u = bf16x16_to_f32((const uint16_t *)gu + u0);
+            } else {
+                g = _mm512_loadu_ps((const float *)gu + g0);
+                u = _mm512_loadu_ps((const float *)gu + u0);
+            }
+            const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            float sv[16], uv[16];
+            _mm512_storeu_ps(sv, s);
+            _mm512_storeu_ps(uv, u);
+            for (int j = 0; j < 16; j++) st_any(m, o + j, rnd_any(sv[j], bf16) * uv[j], bf16);
+            continue;
         }
+#endif
+        for (int64_t f = f0; f < f1; f++) {
+            const float g = ld_any(gu, r * 2 * F + f, bf16), u = ld_any(gu, r * 2 * F + F + f, bf16);
+#if defined(__AVX512F__)
+            float e[16];
+            _mm512_storeu_ps(e, exp512(_mm512_set1_ps(-g)));
+            st_any(m, r * F + f, rnd_any(g / (1.0f + e[0]), bf16) * u, bf16);
+#else
+            st_any(m, r * F + f, rnd_any(g / (1.0f + expf(-g)), bf16) * u, bf16);
+#endif
+        }
+    }
 }
 
 /* P: x (residual stream [B, T, E], updated in place), in-norm weight, post-norm weight, cos,
@@ -99,7 +133,7 @@ NO_CONTRACT int verispec_layer(const int64_t *P, float eps_in, float eps_post, f
     if ((rc = linear(o_l, q, a, R, bf16, nt))) goto done;
     verispec_rms_norm(x, a, w_post, x, h, R, E, eps_post, bf16); /* x <- dtype(x + a); h <- norm(x) */
     if ((rc = linear(gu_l, h, gu, R, bf16, nt))) goto done;
-    silu_mul(gu, m, R, F, bf16);
+    verispec_silu_mul(gu, m, R, F, bf16, nt);
     if ((rc = linear(down_l, m, a, R, bf16, nt))) goto done;
     for (int64_t i = 0; i < R * E; i++) st_any(x, i, ld_any(x, i, bf16) + ld_any(a, i, bf16), bf16);
 done:

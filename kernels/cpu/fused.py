@@ -4,8 +4,8 @@ The ``cpu`` backend's path for few rows (B * T <= 16): the decoder hands its lay
 every piece is one the native layer runs (fused q/k/v and gate/up projections, products of the
 native kinds, the ``cpu`` backend's own attention, RoPE/append and norms, bf16 or fp32, CPU) and
 falls back to the module path otherwise. Same kernels, same order, same roundings as the module
-path except SiLU's exp (fused.c), so outputs agree to the last bit of an fp32 intermediate;
-tests/test_cpu_fused.py compares the two.
+path, so the outputs agree bitwise (bf16) or to the last fp32 bit of RMSNorm's sum of squares
+(fp32); tests/test_cpu_fused.py compares the two.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def applies(kernels, h: torch.Tensor, active_mask) -> bool:
         and kernels.get("rope_append") is layer.rope_append
         and kernels.get("rms_norm") is layer.rms_norm
         and kernels.get("add_rms_norm") is layer.add_rms_norm
+        and kernels.get("silu_mul") is layer.silu_mul
         and get_lib() is not None
         and not torch.is_grad_enabled()
     )

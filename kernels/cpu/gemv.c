@@ -53,55 +53,82 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 /* ROW_BF16(MM) defines row_bf16_MM: acc[m] = dot(w_row, x[m]) for m < MM, the weight row
  * streamed once. MM is a compile-time constant so the accumulators stay in registers. */
 #if defined(__AVX512BF16__)
-/* The AVX512-BF16 kernel runs over a chunk [k0, k1) of the row (multiples of 32), the MM
- * accumulators carried in acc between chunks, so a long row can be cut into chunks whose
- * activations stay in L1 without changing the order of any addition. pf: where to prefetch
- * (into L2) at offset k, far enough ahead that DRAM latency is hidden even when MM rows of
- * arithmetic per weight line leave the core little slack. */
+/* The AVX512-BF16 kernel. group_bf16(R, MM, ...) runs R consecutive weight rows n .. n + R - 1
+ * over a chunk [k0, k1) of K (multiples of 32) against MM activation rows, R * MM accumulators in
+ * registers, each activation load shared by the R rows and each weight load by the MM
+ * activations. pass_bf16_MM runs a thread's output rows [n0, n1) in groups of R = rows_per_pass(MM)
+ * (then single rows): 2 rows for MM = 1 (two independent dpbf16 chains per step), 4 for MM in
+ * 2 .. QUAD_M (fewer loads per dpbf16: at MM = 5, 9 loads for 20 products instead of 7 for 10,
+ * which lifts the cache-resident rate of a 5-token verify pass), 2 up to PAIR_M, else 1. Every
+ * row's MM accumulators see the same additions in the same order whatever R, M and the chunking,
+ * so the sums are bitwise those of a plain row-by-row loop and do not depend on M.
+ *
+ * Whole rows (park == NULL): the accumulators start at zero and each row is finished (lane sum,
+ * K % 32 tail, bias, rounding) as soon as its group ends; each row prefetches PF_L2_BYTES ahead
+ * of itself. Chunked (park != NULL): the accumulators are loaded from and stored back to
+ * park[(n - n0) * MM ...], so a long row can be cut into chunks whose activations stay in L1;
+ * the prefetch reads the next group's rows at the same offset, which is where the next group
+ * reads. One call per thread and chunk, not per row: a row kernel called through a pointer for
+ * each pair of short rows (K = 896: 28 lines a row) left a tenth of the read bandwidth unused. */
 #define CHUNKED 1
-#define ROW_BF16(MM)                                                                              \
-    static void row_bf16_##MM(const uint16_t *w, const uint16_t *x, int64_t K, int64_t k0, int64_t k1, \
-                              __m512 *acc, const char *pf) {                                      \
-        __m512 a[MM];                                                                             \
-        for (int m = 0; m < MM; m++) a[m] = acc[m];                                               \
-        for (int64_t k = k0; k + 32 <= k1; k += 32) {                                             \
-            PREFETCH_L2(pf + 2 * k);                                                              \
-            __m512i wv = _mm512_loadu_si512((const void *)(w + k));                               \
-            for (int m = 0; m < MM; m++)                                                          \
-                a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)wv,                                       \
-                                        (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k))); \
-        }                                                                                         \
-        for (int m = 0; m < MM; m++) acc[m] = a[m];                                               \
+#define PAIR_M 8 /* activation rows up to which weight rows go at least two to a group */
+#define QUAD_M 5 /* ... and four to a group from 2 rows up to this (4 x 5 accumulators) */
+
+static inline int rows_per_pass(int MM) { return MM >= 2 && MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
+
+/* y[m, n] from the accumulators of row n: lane sum, the K % 32 tail, the bias, rounding. */
+static inline void finish_bf16(const __m512 *acc, const uint16_t *w, const uint16_t *x, const uint16_t *bias,
+                               uint16_t *y, int64_t M, int64_t K, int64_t N, int64_t n) {
+    const float b = bias ? bf16_to_f32(bias[n]) : 0.f;
+    for (int64_t m = 0; m < M; m++) {
+        float s = _mm512_reduce_add_ps(acc[m]);
+        for (int64_t j = K / 32 * 32; j < K; j++) s += bf16_to_f32(w[n * K + j]) * bf16_to_f32(x[m * K + j]);
+        y[m * N + n] = f32_to_bf16(s + b);
     }
-/* ROW2_BF16(MM): rows n and n + 1 in one pass, each activation load shared by both (7 loads per \
- * 64 weights at MM = 5 instead of 12); each row's accumulators see the same additions in the    \
- * same order as with row_bf16_MM, so the sums are bitwise the same. acc: row n's MM, then row   \
- * n + 1's; pf: prefetch into L2 for the first row, pf + 2 K bytes for the second. */            \
-#define ROW2_BF16(MM)                                                                             \
-    static void row2_bf16_##MM(const uint16_t *w, const uint16_t *x, int64_t K, int64_t k0, int64_t k1, \
-                               __m512 *acc, const char *pf) {                                     \
-        __m512 a[MM], b[MM];                                                                      \
-        for (int m = 0; m < MM; m++) {                                                            \
-            a[m] = acc[m];                                                                        \
-            b[m] = acc[MM + m];                                                                   \
-        }                                                                                         \
-        for (int64_t k = k0; k + 32 <= k1; k += 32) {                                             \
-            PREFETCH_L2(pf + 2 * k);                                                              \
-            PREFETCH_L2(pf + 2 * K + 2 * k);                                                      \
-            __m512i wa = _mm512_loadu_si512((const void *)(w + k));                               \
-            __m512i wb = _mm512_loadu_si512((const void *)(w + K + k));                           \
-            for (int m = 0; m < MM; m++) {                                                        \
-                __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k));        \
-                a[m] = _mm512_dpbf16_ps(a[m], (__m512bh)wa, xv);                                  \
-                b[m] = _mm512_dpbf16_ps(b[m], (__m512bh)wb, xv);                                  \
-            }                                                                                     \
-        }                                                                                         \
-        for (int m = 0; m < MM; m++) {                                                            \
-            acc[m] = a[m];                                                                        \
-            acc[MM + m] = b[m];                                                                   \
-        }                                                                                         \
+}
+
+/* R and MM are compile-time constants at every call (always inlined), so the loops unroll and
+ * the R * MM accumulators are registers. */
+static inline __attribute__((always_inline)) void group_bf16(const int R, const int MM, const uint16_t *w,
+                                                             const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                                                             int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n,
+                                                             int64_t n0, int64_t n1, __m512 *park) {
+    __m512 a[4 * MAX_M];
+    const uint16_t *wr = w + n * K;
+    const char *pf = park ? (const char *)(w + (n + 2 * R <= n1 ? n + R : n) * K) : (const char *)wr + PF_L2_BYTES;
+#pragma GCC unroll 64
+    for (int i = 0; i < R * MM; i++) a[i] = park ? park[(n - n0) * MM + i] : _mm512_setzero_ps();
+    for (int64_t k = k0; k + 32 <= k1; k += 32) {
+        __m512i wv[4];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++) {
+            PREFETCH_L2(pf + 2 * (r * K + k));
+            wv[r] = _mm512_loadu_si512((const void *)(wr + r * K + k));
+        }
+#pragma GCC unroll 16
+        for (int m = 0; m < MM; m++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + m * K + k));
+#pragma GCC unroll 4
+            for (int r = 0; r < R; r++) a[r * MM + m] = _mm512_dpbf16_ps(a[r * MM + m], (__m512bh)wv[r], xv);
+        }
     }
-#define PAIR_M 8 /* rows of activations up to which two weight rows share a pass (2 x 8 accumulators) */
+    if (park) {
+#pragma GCC unroll 64
+        for (int i = 0; i < R * MM; i++) park[(n - n0) * MM + i] = a[i];
+    } else
+        for (int r = 0; r < R; r++) finish_bf16(a + r * MM, w, x, bias, y, MM, K, N, n + r);
+}
+
+#define PASS_BF16(MM)                                                                             \
+    static void pass_bf16_##MM(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, \
+                               int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1, __m512 *park) { \
+        int64_t n = n0;                                                                           \
+        if (rows_per_pass(MM) == 4)                                                               \
+            for (; n + 4 <= n1; n += 4) group_bf16(4, MM, w, x, bias, y, K, N, k0, k1, n, n0, n1, park); \
+        if (rows_per_pass(MM) >= 2)                                                               \
+            for (; n + 2 <= n1; n += 2) group_bf16(2, MM, w, x, bias, y, K, N, k0, k1, n, n0, n1, park); \
+        for (; n < n1; n++) group_bf16(1, MM, w, x, bias, y, K, N, k0, k1, n, n0, n1, park);       \
+    }
 #elif defined(__AVX512F__)
 #define WIDEN(p) bf16x16_to_f32(p)
 #define ROW_BF16(MM)                                                                              \
@@ -158,39 +185,23 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 #endif
 
 #define EACH_M(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) X(16)
-EACH_M(ROW_BF16)
 EACH_M(ROW_F32)
-
-#if defined(CHUNKED)
-typedef void (*row_bf16_fn)(const uint16_t *, const uint16_t *, int64_t, int64_t, int64_t, __m512 *, const char *);
-#else
-typedef void (*row_bf16_fn)(const uint16_t *, const uint16_t *, int64_t, float *);
-#endif
 typedef void (*row_f32_fn)(const float *, const float *, int64_t, float *);
-#define REF_BF16(MM) row_bf16_##MM,
 #define REF_F32(MM) row_f32_##MM,
-static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
-#if defined(PAIR_M)
-#define EACH_PAIR_M(X) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8)
-EACH_PAIR_M(ROW2_BF16)
-#define REF2_BF16(MM) row2_bf16_##MM,
-static const row_bf16_fn ROWS2_BF16[PAIR_M] = {EACH_PAIR_M(REF2_BF16)};
-#endif
 static const row_f32_fn ROWS_F32[MAX_M] = {EACH_M(REF_F32)};
-
-
 #if defined(CHUNKED)
-/* y[m, n] from the accumulators of row n: lane sum, the K % 32 tail, the bias, rounding. */
-static void finish_bf16(const __m512 *acc, const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y,
-                        int64_t M, int64_t K, int64_t N, int64_t n) {
-    const float b = bias ? bf16_to_f32(bias[n]) : 0.f;
-    for (int64_t m = 0; m < M; m++) {
-        float s = _mm512_reduce_add_ps(acc[m]);
-        for (int64_t j = K / 32 * 32; j < K; j++) s += bf16_to_f32(w[n * K + j]) * bf16_to_f32(x[m * K + j]);
-        y[m * N + n] = f32_to_bf16(s + b);
-    }
-}
+EACH_M(PASS_BF16)
+typedef void (*pass_bf16_fn)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, int64_t, int64_t,
+                             int64_t, int64_t, int64_t, int64_t, __m512 *);
+#define REF_PASS_BF16(MM) pass_bf16_##MM,
+static const pass_bf16_fn PASSES_BF16[MAX_M] = {EACH_M(REF_PASS_BF16)};
+#else
+EACH_M(ROW_BF16)
+typedef void (*row_bf16_fn)(const uint16_t *, const uint16_t *, int64_t, float *);
+#define REF_BF16(MM) row_bf16_##MM,
+static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
 #endif
+
 
 /* M must be in 1..MAX_M (the caller splits larger M). Rows whose M activations outgrow X_L1_BYTES are cut into K-chunks: each thread runs chunk c
  * over all its output rows before chunk c + 1, the accumulators parked in a per-thread buffer. */
@@ -207,39 +218,16 @@ void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bi
     {
         const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
         const int64_t n0 = N * id / nt, n1 = N * (id + 1) / nt;
-        __m512 *acc = NULL;
-        if (K32 > 0 && KC < K32 && n1 > n0) acc = (__m512 *)aligned_alloc(64, (size_t)((n1 - n0) * M) * sizeof(__m512));
-        if (acc) { /* chunked: the prefetch runs two rows ahead at the same offset */
-            for (int64_t i = 0; i < (n1 - n0) * M; i++) acc[i] = _mm512_setzero_ps();
-            for (int64_t k0 = 0; k0 < K32; k0 += KC) {
-                const int64_t k1 = k0 + KC < K32 ? k0 + KC : K32;
-                int64_t n = n0;
-                if (M <= PAIR_M)
-                    for (; n + 1 < n1; n += 2)
-                        ROWS2_BF16[M - 1](w + n * K, x, K, k0, k1, acc + (n - n0) * M,
-                                          (const char *)(w + (n + 3 < n1 ? n + 2 : n) * K));
-                for (; n < n1; n++)
-                    ROWS_BF16[M - 1](w + n * K, x, K, k0, k1, acc + (n - n0) * M,
-                                     (const char *)(w + (n + 2 < n1 ? n + 2 : n1 - 1) * K));
-            }
-            for (int64_t n = n0; n < n1; n++) finish_bf16(acc + (n - n0) * M, w, x, bias, y, M, K, N, n);
-            free(acc);
-        } else { /* whole rows (also the fallback when the buffer cannot be had: same sums) */
-            __m512 a[2 * MAX_M];
-            int64_t n = n0;
-            if (M <= PAIR_M)
-                for (; n + 1 < n1; n += 2) {
-                    for (int64_t m = 0; m < 2 * M; m++) a[m] = _mm512_setzero_ps();
-                    ROWS2_BF16[M - 1](w + n * K, x, K, 0, K32, a, (const char *)(w + n * K) + PF_L2_BYTES);
-                    finish_bf16(a, w, x, bias, y, M, K, N, n);
-                    finish_bf16(a + M, w, x, bias, y, M, K, N, n + 1);
-                }
-            for (; n < n1; n++) {
-                for (int64_t m = 0; m < M; m++) a[m] = _mm512_setzero_ps();
-                ROWS_BF16[M - 1](w + n * K, x, K, 0, K32, a, (const char *)(w + n * K) + PF_L2_BYTES);
-                finish_bf16(a, w, x, bias, y, M, K, N, n);
-            }
-        }
+        const pass_bf16_fn pass = PASSES_BF16[M - 1];
+        __m512 *park = NULL;
+        if (K32 > 0 && KC < K32 && n1 > n0) park = (__m512 *)aligned_alloc(64, (size_t)((n1 - n0) * M) * sizeof(__m512));
+        if (park) { /* chunked */
+            for (int64_t i = 0; i < (n1 - n0) * M; i++) park[i] = _mm512_setzero_ps();
+            for (int64_t k0 = 0; k0 < K32; k0 += KC) pass(w, x, bias, y, K, N, k0, k0 + KC < K32 ? k0 + KC : K32, n0, n1, park);
+            for (int64_t n = n0; n < n1; n++) finish_bf16(park + (n - n0) * M, w, x, bias, y, M, K, N, n);
+            free(park);
+        } else /* whole rows (also the fallback when the buffer cannot be had: same sums) */
+            pass(w, x, bias, y, K, N, 0, K32, n0, n1, NULL);
     }
 #else
 #pragma omp parallel for schedule(static) num_threads(nthreads)

@@ -1,5 +1,6 @@
-"""Layer glue of the ``cpu`` backend (layer.c): RMSNorm with the residual add, and RoPE with the
-k/v cache append, each one native call instead of a handful of torch operators.
+"""Layer glue of the ``cpu`` backend (layer.c, fused.c): RMSNorm with the residual add, RoPE with
+the k/v cache append, and SiLU(gate) * up, each one native call instead of a handful of torch
+operators.
 
 Extras of the backend (``KernelSet.get``), not part of the kernel contract: the decoder uses the
 torch reference (kernels/reference.py) where a backend has none. Same rounding as the reference
@@ -76,3 +77,19 @@ def rope_append(qkv, cos, signed_sin, k_cache, v_cache, positions, n_heads: int,
                              k_cache.data_ptr(), v_cache.data_ptr(), B, T, n_heads, n_kv_heads, D, S_max,
                              int(qkv.dtype == torch.bfloat16))
     return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """reference.silu_mul in one native call (fused.c's verispec_silu_mul, vectorised and split
+    over the threads): ``dtype(dtype(silu(gate)) * up)`` for ``gate_up`` [..., 2F] = [gate | up].
+    Its e^x is not torch's, so the fp32 silu may differ from the reference's in the last bit
+    (below a bf16 ulp after rounding); the fused layer calls the same function."""
+    lib = get_lib()
+    if lib is None or gate_up.dim() == 0 or gate_up.shape[-1] % 2 or not _native(gate_up):
+        return reference.silu_mul(gate_up)
+    gate_up = gate_up.contiguous()
+    F2 = gate_up.shape[-1]
+    out = torch.empty(*gate_up.shape[:-1], F2 // 2, dtype=gate_up.dtype)
+    lib.verispec_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // F2 if F2 else 0, F2 // 2,
+                          int(gate_up.dtype == torch.bfloat16), torch.get_num_threads())
+    return out
