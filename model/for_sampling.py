@@ -21,7 +21,7 @@ from .config import LlamaConfig
 from .decoder import Decoder
 from .loader import SafetensorsSource, TensorSource, check_source, expected_tensors, materialize
 from .prompts import normalize_prompts, validate_eos
-from .sampling import SamplingParams, logits_to_probs, make_generator, sample_categorical
+from .sampling import SamplingParams, greedy_ids, logits_to_probs, make_generator, sample_categorical
 
 log = logging.getLogger("verispec.model")
 
@@ -307,10 +307,13 @@ class LlamaForSampling:
 
         self.last_stats = stats()
         while active:
-            probs = logits_to_probs(logits, params)  # [b, V]
-            if noise is None:
+            if params.greedy and noise is None:  # what sampling the one-hot distribution returns
+                tok = greedy_ids(logits)
+            elif noise is None:
+                probs = logits_to_probs(logits, params)  # [b, V]
                 tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
             else:  # positions of the new tokens: lengths[b]
+                probs = logits_to_probs(logits, params)
                 tok = race(probs, noise.compute(torch.tensor(active), torch.tensor([lengths[b] for b in active])))
             tok = self.sync_tokens(tok)
             keep = []

@@ -36,17 +36,43 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def _nan_error(who: str) -> FloatingPointError:
+    return FloatingPointError(f"{who} produced NaN logits; refusing to sample from them")
+
+
 def check_logits(logits: torch.Tensor, who: str = "model") -> None:
     if torch.isnan(logits).any():
-        raise FloatingPointError(f"{who} produced NaN logits; refusing to sample from them")
+        raise _nan_error(who)
 
 
-def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """[..., V] logits -> [..., V] fp32 probabilities after temperature/top-k/top-p."""
-    check_logits(logits)
-    logits = logits.float()
+def greedy_ids(logits: torch.Tensor, who: str = "model") -> torch.Tensor:
+    """[..., V] logits -> [...] int64: the argmax, lowest id on ties (what sampling the greedy
+    one-hot distribution returns), after the same NaN check as :func:`check_logits`. On CPU one
+    native pass (kernels/cpu/sampling.c) does both; elsewhere torch does."""
+    from ..kernels.cpu.sampling import argmax
+
+    got = argmax(logits)
+    if got is None:
+        check_logits(logits, who)
+        return logits.float().argmax(-1)
+    ids, has_nan = got
+    if has_nan:
+        raise _nan_error(who)
+    return ids
+
+
+def one_hot(ids: torch.Tensor, V: int) -> torch.Tensor:
+    """[...] ids -> [..., V] fp32 one-hot rows (the greedy distribution)."""
+    return torch.zeros(*ids.shape, V, device=ids.device).scatter_(-1, ids[..., None], 1.0)
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams, who: str = "model") -> torch.Tensor:
+    """[..., V] logits -> [..., V] fp32 probabilities after temperature/top-k/top-p; NaN logits
+    raise FloatingPointError naming ``who``."""
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return one_hot(greedy_ids(logits, who), logits.shape[-1])
+    check_logits(logits, who)
+    logits = logits.float()
     x = logits / params.temperature
     V = x.shape[-1]
     if params.top_k is not None and params.top_k < V:

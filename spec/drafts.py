@@ -31,8 +31,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.sampling import SamplingParams, check_logits, logits_to_probs, sample_categorical
+from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs, one_hot, sample_categorical
 from .coupled import race
+
+
+def _draft_dist(logits: torch.Tensor, params: SamplingParams, who: str):
+    """(q [B, V] fp32, greedy ids [B] or None): the distribution a draft samples from, and at
+    temperature 0 its argmax, the only id the one-hot q can yield (so sampling it is skipped)."""
+    if params.greedy:
+        ids = greedy_ids(logits, who)
+        return one_hot(ids, logits.shape[-1]), ids
+    return logits_to_probs(logits, params, who), None
 
 
 def _confidence(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -117,9 +126,13 @@ class ModelDraft:
         logits = self.model.forward(ids, start, logits_at=(last - start)[:, None])[:, 0]  # [B, V]
         draft_ids, draft_probs = [], []
         for i in range(g):
-            check_logits(logits, "draft model")
-            q = logits_to_probs(logits, params)  # [B, V] fp32: what the draft samples from
-            d = self._choose(q, uniforms[:, i]) if noise is None else race(q, noise(i))
+            q, ids = _draft_dist(logits, params, "draft model")  # [B, V] fp32: what the draft samples from
+            if noise is not None:
+                d = race(q, noise(i))
+            elif ids is not None and type(self)._choose is ModelDraft._choose:
+                d = ids  # sampling a one-hot q returns its id
+            else:
+                d = self._choose(q, uniforms[:, i])
             d = _sync(self.model, d.cpu())  # [B]
             draft_ids.append(d)
             draft_probs.append(q)
@@ -179,9 +192,11 @@ class LayerSkipDraft:
         draft_ids, draft_probs = [], []
         for i in range(g):
             logits = self.target.forward(d, last + i, num_layers=self.num_layers)[:, 0]  # [B, V]
-            check_logits(logits, "layer-skip draft")
-            q = logits_to_probs(logits, params)
-            d = sample_categorical(q, uniforms[:, i]) if noise is None else race(q, noise(i))
+            q, ids = _draft_dist(logits, params, "layer-skip draft")
+            if noise is not None:
+                d = race(q, noise(i))
+            else:
+                d = ids if ids is not None else sample_categorical(q, uniforms[:, i])
             d = _sync(self.target, d.cpu())[:, None]  # [B, 1]
             draft_ids.append(d[:, 0])
             draft_probs.append(q)

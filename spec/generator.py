@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from ..model.prompts import normalize_prompts, validate_eos
-from ..model.sampling import SamplingParams, check_logits, logits_to_probs
+from ..model.sampling import SamplingParams, logits_to_probs
 from .acceptors import acceptor_name, is_lossless
 from .policy import as_policy, validate_k
 from .randomness import SpeculativeRandomness
@@ -189,8 +189,7 @@ class SpeculativeGenerator:
         done = self._lengths >= sequence_length  # prompts that already fill the sequence
         logits = self._finish_rows(done, logits)
         if self._lengths.numel():
-            check_logits(logits, "target model")
-            target_probs = logits_to_probs(logits, params)[:, None]  # [B, 1, V]
+            target_probs = logits_to_probs(logits, params, "target model")[:, None]  # [B, 1, V]
             empty_ids = torch.zeros(len(logits), 0, dtype=torch.long, device=self.device)
             empty_q = torch.zeros(len(logits), 0, V, device=self.device)
             rng.acceptor.at(self._rows, self._lengths)
@@ -227,8 +226,7 @@ class SpeculativeGenerator:
             last = self._tokens.gather(1, (self._lengths - 1)[:, None])  # [B, 1]
             verify_ids = torch.cat([last, draft_ids.cpu()], 1)  # [B, g + 1]
             logits = self.target.forward(verify_ids, self._lengths - 1)  # [B, g + 1, V]
-            check_logits(logits, "target model")
-            target_probs = logits_to_probs(logits, params)
+            target_probs = logits_to_probs(logits, params, "target model")
             self._sync_device()
             t_c = time.perf_counter()
             accepted, new = self._accept(draft_ids.to(self.device), draft_probs.to(self.device), target_probs, rng)

@@ -71,14 +71,16 @@ def nan_chain(seed):
     return c
 
 
-def test_nan_logits_from_the_target():
+@pytest.mark.parametrize("temperature", [1.0, 0.0])  # 0: the greedy path's own NaN check
+def test_nan_logits_from_the_target(temperature):
     with pytest.raises(FloatingPointError, match="target model produced NaN"):
-        SpeculativeGenerator(chain(seed=1), nan_chain(0), 3).sample(PROMPT, 8)
+        SpeculativeGenerator(chain(seed=1), nan_chain(0), 3).sample(PROMPT, 8, temperature=temperature)
 
 
-def test_nan_logits_from_the_draft():
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_nan_logits_from_the_draft(temperature):
     with pytest.raises(FloatingPointError, match="draft model produced NaN"):
-        SpeculativeGenerator(nan_chain(1), chain(), 3).sample(PROMPT, 8)
+        SpeculativeGenerator(nan_chain(1), chain(), 3).sample(PROMPT, 8, temperature=temperature)
 
 
 @pytest.mark.parametrize("draft,exc,msg", [

@@ -1,4 +1,4 @@
-"""Builds the native CPU kernels (gemv.c, w8a8.c, attention.c, layer.c, fused.c) into a shared library on first use.
+"""Builds the native CPU kernels (gemv.c, w8a8.c, attention.c, layer.c, fused.c, sampling.c) into a shared library on first use.
 
 Compiled with the system C compiler (no torch headers: about a second) into
 ``$VERISPEC_HOME/build`` (default ~/.cache/verispec/build), keyed by source, flags and CPU,
@@ -21,7 +21,7 @@ import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares tor
 
 log = logging.getLogger("verispec.kernels.cpu")
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c", "fused.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c", "fused.c", "sampling.c")]
 HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "vmath.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
@@ -82,6 +82,8 @@ def _build() -> ctypes.CDLL:
     lib.verispec_rope_append.restype = None
     lib.verispec_silu_mul.argtypes = [vp, vp, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.verispec_silu_mul.restype = None
+    lib.verispec_argmax.argtypes = [vp, i64, i64, ctypes.c_int, vp]
+    lib.verispec_argmax.restype = i64
     lib.verispec_gemv_isa.restype = ctypes.c_int
     lib.verispec_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.verispec_stream_read.restype = ctypes.c_double

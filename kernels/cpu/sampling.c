@@ -1,0 +1,74 @@
+/* Greedy decoding's argmax over the vocabulary, row by row, on CPU.
+ *
+ * torch's argmax over one row of a 151936-token vocabulary costs about 0.25 ms here (0.55 ms on
+ * bf16 logits), and the NaN check before it another 0.2 ms: at a 30 ms decode step of a small
+ * model that is a few percent of every token. This reads the row once in 16-lane blocks,
+ * keeping each lane's first maximum, and flags any NaN on the way.
+ *
+ * out[r] = the lowest index of the maximum of row r (torch.argmax's choice on ties), or -1 where
+ * the row holds a NaN. x: R rows of V values, fp32 (bf16 = 0) or bf16 (bf16 = 1). Returns the
+ * number of rows that hold a NaN.
+ */
+#include <math.h>
+#include <stdint.h>
+#include "bf16.h"
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+static int64_t argmax_row(const void *x, int64_t V, int bf16, int *nan) {
+    int64_t i = 0, best_i = 0;
+    float best = -INFINITY;
+    int seen = 0, has_nan = 0;
+#if defined(__AVX512F__)
+    if (V >= 16) {
+        __m512 bv = bf16 ? bf16x16_to_f32((const uint16_t *)x) : _mm512_loadu_ps((const float *)x);
+        __m512i bi = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __mmask16 nanm = _mm512_cmp_ps_mask(bv, bv, _CMP_UNORD_Q);
+        __m512i idx = bi;
+        const __m512i step = _mm512_set1_epi32(16);
+        for (i = 16; i + 16 <= V; i += 16) {
+            idx = _mm512_add_epi32(idx, step);
+            const __m512 v = bf16 ? bf16x16_to_f32((const uint16_t *)x + i) : _mm512_loadu_ps((const float *)x + i);
+            const __mmask16 gt = _mm512_cmp_ps_mask(v, bv, _CMP_GT_OQ); /* strictly greater: first max kept */
+            nanm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            bv = _mm512_mask_mov_ps(bv, gt, v);
+            bi = _mm512_mask_mov_epi32(bi, gt, idx);
+        }
+        if (nanm) has_nan = 1;
+        float vals[16];
+        int32_t ids[16];
+        _mm512_storeu_ps(vals, bv);
+        _mm512_storeu_si512((void *)ids, bi);
+        for (int l = 0; l < 16; l++) /* the largest value; on ties the lowest index */
+            if (!seen || vals[l] > best || (vals[l] == best && ids[l] < best_i)) {
+                best = vals[l];
+                best_i = ids[l];
+                seen = 1;
+            }
+    }
+#endif
+    for (; i < V; i++) { /* the tail (or the whole row): indices above every lane's */
+        const float v = ld_any(x, i, bf16);
+        if (v != v) has_nan = 1;
+        if (!seen || v > best) {
+            best = v;
+            best_i = i;
+            seen = 1;
+        }
+    }
+    *nan = has_nan;
+    return best_i;
+}
+
+int64_t verispec_argmax(const void *x, int64_t R, int64_t V, int bf16, int64_t *out) {
+    int64_t n_nan = 0;
+    const int64_t esize = bf16 ? 2 : 4;
+    for (int64_t r = 0; r < R; r++) {
+        int nan = 0;
+        const int64_t i = argmax_row((const char *)x + r * V * esize, V, bf16, &nan);
+        out[r] = nan ? -1 : i;
+        n_nan += nan;
+    }
+    return n_nan;
+}

@@ -1,0 +1,26 @@
+"""Greedy decoding's argmax in one native call (sampling.c): the lowest index of each row's
+maximum, as ``torch.argmax`` picks it, with a NaN check in the same pass."""
+
+from __future__ import annotations
+
+import torch
+
+from .build import get_lib
+
+
+def argmax(logits: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """(ids [...] int64, whether any row holds a NaN) for CPU fp32/bf16 ``logits`` [..., V], or
+    None where the native kernels are unavailable or the tensor does not fit (the caller then uses
+    torch). Rows holding a NaN get id -1."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() == 0:
+        return None
+    V = logits.shape[-1]
+    if V == 0 or V >= 2**31 or logits.requires_grad:
+        return None
+    lib = get_lib()
+    if lib is None:
+        return None
+    x = logits.contiguous()
+    out = torch.empty(x.shape[:-1], dtype=torch.int64)
+    n_nan = lib.verispec_argmax(x.data_ptr(), x.numel() // V, V, int(x.dtype == torch.bfloat16), out.data_ptr())
+    return out, n_nan > 0

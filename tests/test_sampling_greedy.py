@@ -1,0 +1,93 @@
+"""Greedy decoding's argmax (kernels/cpu/sampling.c via model.sampling.greedy_ids): the id torch's
+argmax picks (lowest on ties) for every dtype, shape and awkward value, the NaN check folded into
+the same pass, and the greedy paths that use it against sampling the one-hot distribution."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verispec.kernels import cpu as native
+from verispec.kernels.cpu import sampling as native_sampling
+from verispec.model.sampling import SamplingParams, greedy_ids, logits_to_probs, one_hot, sample_categorical
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native CPU kernels not built")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 5), V=st.integers(1, 700), dtype=st.sampled_from(DTYPES), levels=st.sampled_from([0, 3, 50]))
+def test_native_argmax_is_torchs(rows, V, dtype, levels):
+    g = torch.Generator().manual_seed(rows * 1000 + V)
+    x = torch.randn(rows, V, generator=g)
+    if levels:  # few distinct values: many ties, in every lane and in the tail
+        x = torch.randint(0, levels, (rows, V), generator=g).float()
+    x = x.to(dtype)
+    ids, has_nan = native_sampling.argmax(x)
+    assert not has_nan and ids.dtype == torch.int64 and ids.shape == (rows,)
+    assert torch.equal(ids, x.float().argmax(-1))
+
+
+def test_native_argmax_infinities_shapes_and_fallbacks():
+    for dtype in DTYPES:
+        x = torch.full((4, 37), float("-inf"), dtype=dtype)
+        x[1, 20] = float("inf")
+        x[2, 36] = -1e30
+        x[3, 5] = x[3, 33] = 7.0  # a tie between a lane and the tail: the lower id
+        ids, has_nan = native_sampling.argmax(x)
+        assert not has_nan and ids.tolist() == [0, 20, 36, 5] == x.float().argmax(-1).tolist()
+        y = torch.randn(2, 3, 40).to(dtype)  # any leading shape
+        assert torch.equal(native_sampling.argmax(y)[0], y.float().argmax(-1))
+        t = torch.randn(40, 3).to(dtype).t()  # non-contiguous
+        assert torch.equal(native_sampling.argmax(t)[0], t.float().argmax(-1))
+    assert native_sampling.argmax(torch.zeros(2, 5, dtype=torch.float16)) is None  # not a native dtype
+    assert native_sampling.argmax(torch.zeros(2, 0)) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("where", [0, 7, 15, 16, 100, 150, 160])  # first block, a later block, the tail
+def test_native_argmax_flags_nan_rows(dtype, where):
+    x = torch.randn(3, 161).to(dtype)
+    x[1, where] = float("nan")
+    ids, has_nan = native_sampling.argmax(x)
+    assert has_nan and ids[1] == -1
+    assert torch.equal(ids[[0, 2]], x[[0, 2]].float().argmax(-1))
+    with pytest.raises(FloatingPointError, match="draft model produced NaN"):
+        greedy_ids(x, "draft model")
+
+
+def test_greedy_ids_without_the_native_kernel(monkeypatch):
+    x = torch.randn(3, 300).bfloat16()
+    fast = greedy_ids(x)
+    monkeypatch.setattr(native_sampling, "argmax", lambda t: None)
+    assert torch.equal(greedy_ids(x), fast)
+    x[2, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="target model produced NaN"):
+        greedy_ids(x, "target model")
+
+
+def test_greedy_probs_and_ids_are_what_sampling_the_one_hot_gives():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(0, 4, (6, 2, 50), generator=g).float().bfloat16()  # ties
+    probs = logits_to_probs(logits, SamplingParams(0.0))
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.float().argmax(-1), 50).float())
+    ids = greedy_ids(logits)
+    assert torch.equal(one_hot(ids, 50), probs)
+    u = torch.rand(12, generator=g, dtype=torch.float64)
+    assert torch.equal(sample_categorical(probs.reshape(12, 50), u), ids.reshape(12))
+
+
+def test_target_only_greedy_shortcut_gives_the_sampled_text(tiny_hf, monkeypatch):
+    """sample() at temperature 0 takes the argmax instead of sampling the one-hot distribution:
+    the text is the one the sampling path gives (forced here by disabling the shortcut)."""
+    from verispec.model import LlamaForSampling
+    from verispec.model import for_sampling
+
+    path, _ = tiny_hf("llama")
+    m = LlamaForSampling.from_pretrained(path, n_positions=64, batch_size=2, amp="bf16")
+    ids = torch.randint(0, m.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    fast = m.sample(ids, 30, temperature=0.0, seed=3)
+    monkeypatch.setattr(for_sampling, "greedy_ids", lambda logits, who="model": sample_categorical(
+        logits_to_probs(logits, SamplingParams(0.0)), torch.rand(len(logits), dtype=torch.float64)))
+    assert torch.equal(m.sample(ids, 30, temperature=0.0, seed=3), fast)
