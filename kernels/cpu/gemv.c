@@ -76,15 +76,20 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 
 static inline int rows_per_pass(int MM) { return MM >= 2 && MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
 
-/* y[m, n] from the accumulators of row n: lane sum, the K % 32 tail, the bias, rounding. */
-static inline void finish_bf16(const __m512 *acc, const uint16_t *w, const uint16_t *x, const uint16_t *bias,
-                               uint16_t *y, int64_t M, int64_t K, int64_t N, int64_t n) {
-    const float b = bias ? bf16_to_f32(bias[n]) : 0.f;
-    for (int64_t m = 0; m < M; m++) {
-        float s = _mm512_reduce_add_ps(acc[m]);
-        for (int64_t j = K / 32 * 32; j < K; j++) s += bf16_to_f32(w[n * K + j]) * bf16_to_f32(x[m * K + j]);
-        y[m * N + n] = f32_to_bf16(s + b);
-    }
+/* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
+ * rounding. Takes the accumulator by value, so the caller's stay in registers. */
+static inline __attribute__((always_inline)) void finish1_bf16(__m512 acc, const uint16_t *w, const uint16_t *x,
+                                                               const uint16_t *bias, uint16_t *y, int64_t K,
+                                                               int64_t N, int64_t m, int64_t n) {
+    float s = _mm512_reduce_add_ps(acc);
+    for (int64_t j = K / 32 * 32; j < K; j++) s += bf16_to_f32(w[n * K + j]) * bf16_to_f32(x[m * K + j]);
+    y[m * N + n] = f32_to_bf16(s + (bias ? bf16_to_f32(bias[n]) : 0.f));
+}
+
+/* The same for the M accumulators of row n in acc[0 .. M). */
+static void finish_bf16(const __m512 *acc, const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                        int64_t M, int64_t K, int64_t N, int64_t n) {
+    for (int64_t m = 0; m < M; m++) finish1_bf16(acc[m], w, x, bias, y, K, N, m, n);
 }
 
 /* R and MM are compile-time constants at every call (always inlined), so the loops unroll and
@@ -115,8 +120,12 @@ static inline __attribute__((always_inline)) void group_bf16(const int R, const 
     if (park) {
 #pragma GCC unroll 64
         for (int i = 0; i < R * MM; i++) park[(n - n0) * MM + i] = a[i];
-    } else
-        for (int r = 0; r < R; r++) finish_bf16(a + r * MM, w, x, bias, y, MM, K, N, n + r);
+    } else {
+#pragma GCC unroll 4
+        for (int r = 0; r < R; r++)
+#pragma GCC unroll 16
+            for (int m = 0; m < MM; m++) finish1_bf16(a[r * MM + m], w, x, bias, y, K, N, m, n + r);
+    }
 }
 
 #define PASS_BF16(MM)                                                                             \
