@@ -309,12 +309,12 @@ class LlamaForSampling:
         while active:
             if params.greedy and noise is None:  # what sampling the one-hot distribution returns
                 tok = greedy_ids(logits)
-            elif noise is None:
+            else:
                 probs = logits_to_probs(logits, params)  # [b, V]
-                tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
-            else:  # positions of the new tokens: lengths[b]
-                probs = logits_to_probs(logits, params)
-                tok = race(probs, noise.compute(torch.tensor(active), torch.tensor([lengths[b] for b in active])))
+                if noise is None:
+                    tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
+                else:  # positions of the new tokens: lengths[b]
+                    tok = race(probs, noise.compute(torch.tensor(active), torch.tensor([lengths[b] for b in active])))
             tok = self.sync_tokens(tok)
             keep = []
             for i, b in enumerate(active):
