@@ -45,7 +45,13 @@ def _draft_dist(logits: torch.Tensor, params: SamplingParams, who: str):
 
 
 def _confidence(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """[B, V] logits, [B] drafts -> [B] fp32 softmax probability of each draft (temperature 1)."""
+    """[B, V] logits, [B] drafts -> [B] fp32 softmax probability of each draft (temperature 1):
+    one native pass on CPU (kernels/cpu/sampling.c), torch elsewhere."""
+    from ..kernels.cpu.sampling import softmax_at
+
+    got = softmax_at(logits, ids)
+    if got is not None:
+        return got
     logits = logits.float()
     return (logits.gather(1, ids.to(logits.device)[:, None])[:, 0] - torch.logsumexp(logits, -1)).exp().cpu()
 

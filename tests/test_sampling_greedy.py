@@ -1,6 +1,7 @@
 """Greedy decoding's argmax (kernels/cpu/sampling.c via model.sampling.greedy_ids): the id torch's
 argmax picks (lowest on ties) for every dtype, shape and awkward value, the NaN check folded into
-the same pass, and the greedy paths that use it against sampling the one-hot distribution."""
+the same pass, and the greedy paths that use it against sampling the one-hot distribution; and the drafting gate's
+native draft confidence (softmax_at) against torch."""
 
 import pytest
 import torch
@@ -91,3 +92,48 @@ def test_target_only_greedy_shortcut_gives_the_sampled_text(tiny_hf, monkeypatch
     monkeypatch.setattr(for_sampling, "greedy_ids", lambda logits, who="model": sample_categorical(
         logits_to_probs(logits, SamplingParams(0.0)), torch.rand(len(logits), dtype=torch.float64)))
     assert torch.equal(m.sample(ids, 30, temperature=0.0, seed=3), fast)
+
+
+def _torch_softmax_at(x, ids):
+    x = x.float()
+    return (x.gather(1, ids[:, None])[:, 0] - torch.logsumexp(x, -1)).exp()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(rows=st.integers(1, 4), V=st.integers(1, 9000), dtype=st.sampled_from(DTYPES), scale=st.sampled_from([0.1, 4.0, 60.0]))
+def test_native_softmax_at_is_torchs(rows, V, dtype, scale):
+    """The gate's draft confidence: the softmax probability at temperature 1 of one id per row,
+    within float rounding of torch's gather - logsumexp - exp (the argmax, and random ids)."""
+    g = torch.Generator().manual_seed(rows * 10000 + V)
+    x = (torch.randn(rows, V, generator=g) * scale).to(dtype)
+    ids = torch.randint(0, V, (rows,), generator=g)
+    ids[0] = x[0].float().argmax()
+    got = native_sampling.softmax_at(x, ids)
+    want = _torch_softmax_at(x, ids)
+    assert got is not None and got.dtype == torch.float32 and got.shape == (rows,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-30)
+
+
+def test_native_softmax_at_edges_fall_back_to_torch():
+    from verispec.spec.drafts import _confidence
+
+    for dtype in DTYPES:
+        x = torch.randn(3, 50).to(dtype)
+        x[1, :] = float("-inf")
+        x[1, 7] = 3.0  # one finite value: probability 1
+        x[2, 9] = -1e30  # underflows to probability 0
+        ids = torch.tensor([4, 7, 9])
+        got = native_sampling.softmax_at(x, ids)
+        assert got is not None and got[1].item() == 1.0 and got[2].item() == 0.0
+        for bad in (float("inf"), float("nan")):  # rows the native pass declines: torch's answer
+            y = x.clone()
+            y[0, 3] = bad
+            assert native_sampling.softmax_at(y, ids) is None
+            torch.testing.assert_close(_confidence(y, ids), _torch_softmax_at(y, ids), equal_nan=True)
+        y = torch.full((1, 20), float("-inf"), dtype=dtype)  # every value -inf
+        assert native_sampling.softmax_at(y, torch.tensor([0])) is None
+        with pytest.raises(IndexError, match=r"\[0, 50\)"):
+            native_sampling.softmax_at(x, torch.tensor([0, 50, 1]))
+        assert native_sampling.softmax_at(x[0], ids[:1]) is None  # not [R, V]: the caller's torch path
+        assert native_sampling.softmax_at(x, ids[:2]) is None
+        torch.testing.assert_close(_confidence(x, ids), _torch_softmax_at(x, ids), rtol=1e-5, atol=1e-30)

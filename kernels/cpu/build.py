@@ -84,6 +84,8 @@ def _build() -> ctypes.CDLL:
     lib.verispec_silu_mul.restype = None
     lib.verispec_argmax.argtypes = [vp, i64, i64, ctypes.c_int, vp]
     lib.verispec_argmax.restype = i64
+    lib.verispec_softmax_at.argtypes = [vp, i64, i64, ctypes.c_int, vp, vp]
+    lib.verispec_softmax_at.restype = i64
     lib.verispec_gemv_isa.restype = ctypes.c_int
     lib.verispec_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.verispec_stream_read.restype = ctypes.c_double

@@ -24,3 +24,24 @@ def argmax(logits: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     out = torch.empty(x.shape[:-1], dtype=torch.int64)
     n_nan = lib.verispec_argmax(x.data_ptr(), x.numel() // V, V, int(x.dtype == torch.bfloat16), out.data_ptr())
     return out, n_nan > 0
+
+
+def softmax_at(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+    """[R] fp32: softmax(``logits`` [R, V], temperature 1)[r, ids[r]] on CPU fp32/bf16 logits, or
+    None where the native kernels are unavailable, the tensors do not fit, or a row's maximum is
+    not finite (the caller then uses torch, keeping its conventions for infinities and NaN)."""
+    if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.bfloat16) or logits.dim() != 2:
+        return None
+    R, V = logits.shape
+    if V == 0 or V >= 2**31 or logits.requires_grad or ids.shape != (R,):
+        return None
+    lib = get_lib()
+    if lib is None:
+        return None
+    ids = ids.to(device="cpu", dtype=torch.int64).contiguous()
+    if R and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise IndexError(f"softmax_at: ids must lie in [0, {V}), got {ids.tolist()}")
+    x = logits.contiguous()
+    out = torch.empty(R, dtype=torch.float32)
+    bad = lib.verispec_softmax_at(x.data_ptr(), R, V, int(x.dtype == torch.bfloat16), ids.data_ptr(), out.data_ptr())
+    return None if bad else out
