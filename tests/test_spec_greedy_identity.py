@@ -41,6 +41,53 @@ def test_speculative_greedy_equals_target_greedy(models, lengths, draft, accepto
         assert gen.last_stats.acceptance_rate == 1.0
 
 
+@pytest.mark.parametrize("draft,k", [("other", 4), ("ngram", 3), ("self:1", 6)])
+def test_greedy_id_decisions_equal_the_acceptor_kernels(models, draft, k):
+    """At temperature 0 the stock acceptors decide from the target's argmax ids (no [B, k, V]
+    distributions, no random numbers): the same tokens and the same accepted drafts, pass by
+    pass, as running DefaultTokenAcceptor's rejection kernel on the one-hot distributions."""
+    from verispec.spec.acceptors import DefaultTokenAcceptor
+
+    target, ps = models["target"], prompts((5, 11, 2), seed=2)
+    runs = []
+    for by_ids in (True, False):
+        gen = SpeculativeGenerator(models.get(draft, draft), target, k)
+        assert gen._greedy_ids_accept and isinstance(gen.acceptor, DefaultTokenAcceptor)
+        gen._greedy_ids_accept = by_ids
+        out = gen.sample(ps, 11 + 40, temperature=0, seed=9)
+        s = gen.last_stats
+        runs.append((out, s.accepted_drafts, s.proposed_drafts, dict(s.k_counts), list(s.histogram), list(s.kept)))
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
+    assert runs[0][2] > 0
+
+
+def test_greedy_keeps_calling_a_users_acceptor_or_kernel(models):
+    """The id shortcut is the stock acceptors' only: a DefaultTokenAcceptor with another kernel,
+    and a subclass, are still called at temperature 0 (and give the target's greedy text)."""
+    from verispec.spec.acceptors import DefaultTokenAcceptor
+    from verispec.spec.rejection import rejection_sample
+
+    target, ps = models["target"], prompts((6, 3), seed=4)
+    expected = target.sample(ps, 30, temperature=0)
+    calls = []
+
+    def kernel(*args):
+        calls.append(args[0].shape)
+        return rejection_sample(*args)
+
+    class Mine(DefaultTokenAcceptor):
+        def __call__(self, *args):
+            calls.append("subclass")
+            return super().__call__(*args)
+
+    for acceptor in (DefaultTokenAcceptor(kernel), Mine()):
+        calls.clear()
+        gen = SpeculativeGenerator(models["other"], target, 3, acceptor=acceptor)
+        assert not gen._greedy_ids_accept
+        assert torch.equal(gen.sample(ps, 30, temperature=0, seed=1), expected)
+        assert len(calls) >= 10  # the prefill's token and every verify pass
+
+
 def test_greedy_identity_with_eos(models):
     target = models["target"]
     ps = prompts((4, 9, 6), seed=5)
