@@ -88,11 +88,17 @@ class GreedyTokenAcceptor:
     name = "greedy"
 
     def __call__(self, draft_ids, draft_probs, target_probs, rng):
-        g = draft_ids.shape[1]
-        choice = target_probs.argmax(-1)  # [B, g + 1]; lowest id on ties, as logits_to_probs
-        accepted = _prefix_length(draft_ids == choice[:, :g])
-        emitted = choice.gather(1, accepted[:, None])[:, 0]
-        return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
+        return accept_by_ids(draft_ids, target_probs.argmax(-1))  # lowest id on ties, as logits_to_probs
+
+
+def accept_by_ids(draft_ids: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Match decisions against the target's chosen ids ``choice`` [B, g + 1] (its argmax, or its
+    samples): keep the drafts up to the first that differs from ``choice``, then emit ``choice``
+    there -> (accepted [B], tokens [B, g + 1]). With the argmax this is also what rejection
+    sampling decides at temperature 0 (one-hot q and p)."""
+    g = draft_ids.shape[1]
+    accepted = _prefix_length(draft_ids == choice[:, :g])
+    return accepted, _emit_after_prefix(draft_ids, accepted, choice.gather(1, accepted[:, None])[:, 0])
 
 
 class SampleMatchAcceptor:
@@ -109,10 +115,7 @@ class SampleMatchAcceptor:
 
     def __call__(self, draft_ids, draft_probs, target_probs, rng):
         B, g = draft_ids.shape
-        samples = _race(target_probs, rng.exponentials(B, g + 1, target_probs.shape[-1]))  # [B, g + 1]
-        accepted = _prefix_length(draft_ids == samples[:, :g])
-        emitted = samples.gather(1, accepted[:, None])[:, 0]
-        return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
+        return accept_by_ids(draft_ids, _race(target_probs, rng.exponentials(B, g + 1, target_probs.shape[-1])))
 
 
 class CoupledAcceptor:
@@ -133,10 +136,7 @@ class CoupledAcceptor:
 
     def __call__(self, draft_ids, draft_probs, target_probs, rng):
         g = draft_ids.shape[1]
-        samples = _race(target_probs, rng.positional_exponentials(g + 1))  # [B, g + 1]
-        accepted = _prefix_length(draft_ids == samples[:, :g])
-        emitted = samples.gather(1, accepted[:, None])[:, 0]
-        return accepted, _emit_after_prefix(draft_ids, accepted, emitted)
+        return accept_by_ids(draft_ids, _race(target_probs, rng.positional_exponentials(g + 1)))  # [B, g + 1] samples
 
 
 class TypicalAcceptor:

@@ -76,36 +76,12 @@ int64_t verispec_argmax(const void *x, int64_t R, int64_t V, int bf16, int64_t *
 
 /* The drafting gate's confidence: the softmax probability, at temperature 1, of one id per row.
  *
- * out[r] = exp(x[r, ids[r]] - logsumexp(x[r])), from the row's maximum m and the sum of
- * e^(x - m) (two reads of a row that stays in cache). torch's gather + logsumexp + exp over a
+ * out[r] = exp(x[r, ids[r]] - logsumexp(x[r])), from the row's maximum m (argmax_row, with its
+ * NaN check) and the sum of e^(x - m): two reads of a row that stays in cache. torch's gather + logsumexp + exp over a
  * 151936-token row costs about 0.5 ms here, paid after every draft the gate judges.
  * Returns the number of rows whose maximum is not finite (+inf, NaN, or every value -inf): the
  * caller computes those with torch, whose conventions for them it keeps.
  */
-static float row_max(const void *x, int64_t V, int bf16) {
-    int64_t i = 0;
-    float m = -INFINITY;
-#if defined(__AVX512F__)
-    if (V >= 16) {
-        __m512 mv = _mm512_set1_ps(-INFINITY);
-        __mmask16 nanm = 0;
-        for (; i + 16 <= V; i += 16) {
-            const __m512 v = bf16 ? bf16x16_to_f32((const uint16_t *)x + i) : _mm512_loadu_ps((const float *)x + i);
-            nanm |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            mv = _mm512_max_ps(mv, v);
-        }
-        if (nanm) return NAN;
-        m = _mm512_reduce_max_ps(mv);
-    }
-#endif
-    for (; i < V; i++) {
-        const float v = ld_any(x, i, bf16);
-        if (v != v) return NAN;
-        if (v > m) m = v;
-    }
-    return m;
-}
-
 static double row_sum_exp(const void *x, int64_t V, int bf16, float m) {
     int64_t i = 0;
     double total = 0.0;
@@ -133,8 +109,9 @@ int64_t verispec_softmax_at(const void *x, int64_t R, int64_t V, int bf16, const
     const int64_t esize = bf16 ? 2 : 4;
     for (int64_t r = 0; r < R; r++) {
         const void *row = (const char *)x + r * V * esize;
-        const float m = row_max(row, V, bf16);
-        if (!isfinite(m)) {
+        int nan = 0;
+        const float m = ld_any(row, argmax_row(row, V, bf16, &nan), bf16); /* the row's maximum */
+        if (nan || !isfinite(m)) {
             out[r] = NAN;
             bad++;
             continue;
