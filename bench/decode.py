@@ -7,7 +7,9 @@ tokens/s, weight bytes per token, achieved weight bandwidth (bytes/token x token
 a fraction of the measured read bandwidth. The bandwidth of this kind of VM drifts by tens of
 percent within minutes, so besides a measurement at the start and one before each row, the read
 bandwidth is measured right before every timed run and each run's rate is set against its own
-measurement ("paired"; the median over runs is reported). KV-cache reads (small at these lengths) and
+measurement ("paired"; the median over runs is reported), and, on CPU, as many more runs
+interleave a read of one step's weight bytes with every decode step ("interleaved": the floor at
+the very moments the steps ran; median and minimum over runs). KV-cache reads (small at these lengths) and
 activations are not counted, so the fraction slightly understates the real traffic.
 """
 
@@ -62,8 +64,10 @@ def weight_bytes_per_token(model) -> int:
 
 
 def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, kernel_backend,
-              context: int = VERIFY_CONTEXT, bandwidth=None, profile: bool = False) -> dict:
-    """One model and dtype; ``bandwidth()`` (-> read GB/s), when given, runs before every timed run."""
+              context: int = VERIFY_CONTEXT, bandwidth=None, profile: bool = False, probe_bytes: int = 0) -> dict:
+    """One model and dtype; ``bandwidth()`` (-> read GB/s), when given, runs before every timed run;
+    with ``probe_bytes`` (CPU), ``repeats`` more runs interleave a read probe with every decode step
+    (:func:`interleaved_runs`)."""
     import torch
 
     from verispec.model import LlamaForSampling, Tokenizer
@@ -90,6 +94,7 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
     tps = statistics.median(rates)
     wbytes = weight_bytes_per_token(model)
     paired = [wbytes * r / 1e9 / bw for r, bw in zip(rates, bws)]
+    inter = interleaved_runs(model, ids, len(prompt) + new_tokens, wbytes, repeats, probe_bytes) if probe_bytes else []
     verify_ms = verify_pass_costs(model, context, repeats=max(5, 3 * repeats))
     profiled = profile_sample(model, ids, len(prompt) + new_tokens) if profile else None
     return {
@@ -108,11 +113,54 @@ def bench_one(name: str, amp: str, new_tokens: int, repeats: int, device: str, k
         "read_GBps_paired": bws,  # measured just before each timed run
         "fraction_of_paired_read_bandwidth_runs": paired,
         "fraction_of_paired_read_bandwidth": statistics.median(paired) if paired else None,
+        "interleaved_runs": inter,
+        "fraction_of_interleaved_read_bandwidth_runs": [r["fraction"] for r in inter],
+        "fraction_of_interleaved_read_bandwidth": statistics.median(r["fraction"] for r in inter) if inter else None,
         "sample_text": model.tokenizer.decode(outputs[0, len(prompt):].tolist()),
         "verify_context": context,
         "forward_ms_by_T": verify_ms,
         "verify_k5_over_decode": verify_ms[5] / verify_ms[1],
     }
+
+
+def interleaved_runs(model, ids, sequence_length: int, wbytes: int, repeats: int, probe_bytes: int) -> list[dict]:
+    """The floor measured at the same moments as the decode steps: ``repeats`` greedy runs
+    (``model.stream``) in which every decode step is followed by a native streaming read of
+    ``wbytes`` bytes (a ``probe_bytes`` buffer, read as often as it takes), the time a read of
+    one step's weight bytes takes right then. Per run: the floor time over the steps' time, both
+    summed over the run's decode steps (the first step, which holds the prefill, and the last,
+    which runs no forward, are left out). This VM's bandwidth drifts within a second, so a probe
+    a few seconds before a run can be far from what the run saw; this one is never more than a
+    step away. The probe evicts the caches between steps (KV cache, activations), which if
+    anything slows the steps: a conservative pairing."""
+    import torch
+
+    from verispec.kernels import cpu as native
+
+    n = min(probe_bytes, wbytes) // 4 // 4096 * 4096
+    buf = torch.ones(max(n, 4096), dtype=torch.float32)
+    reads = max(1, round(wbytes / (buf.numel() * 4)))
+    native.stream_read(buf)  # fault the pages in
+    out = []
+    for _ in range(repeats):
+        steps, floors = [], []
+        it = model.stream(ids, sequence_length, temperature=0.0)
+        next(it)  # the prefill and the first decode step
+        while True:
+            t = time.perf_counter()
+            try:
+                next(it)
+            except StopIteration:
+                break
+            steps.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(reads):
+                native.stream_read(buf)
+            floors.append(wbytes * (time.perf_counter() - t) / (reads * buf.numel() * 4))
+        steps, floors = steps[:-1], floors[:-1]  # the last yield ran no forward
+        out.append({"steps": len(steps), "step_s": sum(steps), "floor_s": sum(floors), "fraction": sum(floors) / sum(steps),
+                    "read_GBps": wbytes * len(floors) / sum(floors) / 1e9, "tokens_per_s": len(steps) / sum(steps)})
+    return out
 
 
 def profile_sample(model, ids, sequence_length: int, top: int = 12) -> dict:
@@ -177,7 +225,7 @@ def run(args) -> int:
             near = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
             r = bench_one(name, amp, args.new_tokens, args.repeats, args.device, args.kernel_backend, args.verify_context,
                           bandwidth=lambda: measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)["read_GBps"],
-                          profile=args.profile)
+                          profile=args.profile, probe_bytes=args.bandwidth_bytes if _native_probe(args.device) else 0)
             r["memory_bandwidth_before"] = near
             r["fraction_of_read_bandwidth"] = r["achieved_weight_GBps"] / bw["read_GBps"]
             r["fraction_of_nearby_read_bandwidth"] = r["achieved_weight_GBps"] / min(near["read_GBps"], bw["read_GBps"])
@@ -188,12 +236,13 @@ def run(args) -> int:
                                  "prompt": PROMPT, "results": rows}, args.out)
     plot = _plot(rows, bw, path.with_suffix(".png"))
     table = Table("model", "amp", "tokens/s", "MB/token", "weight GB/s", "% of read BW", "% of nearby BW",
-                  "% of paired BW", f"verify k=5 / decode @{args.verify_context}")
+                  "% of paired BW", "% of interleaved BW (min)", f"verify k=5 / decode @{args.verify_context}")
     for r in rows:
         table.add_row(r["model"], r["amp"], f"{r['tokens_per_s']:.2f}", f"{r['weight_bytes_per_token'] / 1e6:.1f}",
                       f"{r['achieved_weight_GBps']:.2f}", f"{100 * r['fraction_of_read_bandwidth']:.1f}",
                       f"{100 * r['fraction_of_nearby_read_bandwidth']:.1f}",
                       f"{100 * r['fraction_of_paired_read_bandwidth']:.1f}",
+                      _interleaved_cell(r),
                       f"{r['verify_k5_over_decode']:.2f}x")
     console.print(table)
     for r in rows:
@@ -204,6 +253,17 @@ def run(args) -> int:
                           f"({100 * pr['skinny_products_share']:.0f}%)")
     console.print(f"wrote {path} and {plot}")
     return 0
+
+
+def _native_probe(device: str) -> bool:
+    from verispec.kernels import cpu as native
+
+    return str(device) == "cpu" and native.available()
+
+
+def _interleaved_cell(r: dict) -> str:
+    runs = r["fraction_of_interleaved_read_bandwidth_runs"]
+    return f"{100 * r['fraction_of_interleaved_read_bandwidth']:.1f} ({100 * min(runs):.1f})" if runs else "-"
 
 
 def _plot(rows: list[dict], bw: dict, out):

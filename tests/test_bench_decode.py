@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from verispec.cli import main as cli_main
+from verispec.kernels.cpu import available as native_available
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -47,6 +48,16 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
         runs = [r["weight_bytes_per_token"] * t / 1e9 / bw for t, bw in zip(r["tokens_per_s_runs"], r["read_GBps_paired"])]
         assert r["fraction_of_paired_read_bandwidth_runs"] == pytest.approx(runs)
         assert r["fraction_of_paired_read_bandwidth"] == pytest.approx(sorted(runs)[0] / 2 + sorted(runs)[1] / 2)
+        # interleaved: 2 more runs, a probe after each of the 5 - 2 timed decode steps
+        inter = r["interleaved_runs"]
+        if not native_available():  # the probe is the native streaming read
+            assert inter == [] and r["fraction_of_interleaved_read_bandwidth"] is None
+        else:
+            assert len(inter) == 2 and all(i["steps"] == 3 and i["step_s"] > 0 and i["floor_s"] > 0 for i in inter)
+            fr = [i["floor_s"] / i["step_s"] for i in inter]
+            assert r["fraction_of_interleaved_read_bandwidth_runs"] == pytest.approx(fr)
+            assert r["fraction_of_interleaved_read_bandwidth"] == pytest.approx(sum(fr) / 2)
+            assert all(i["read_GBps"] == pytest.approx(r["weight_bytes_per_token"] * 3 / i["floor_s"] / 1e9) for i in inter)
         ms = {int(T): v for T, v in r["forward_ms_by_T"].items()}
         assert set(ms) == {1, 2, 3, 4, 5, 6, 8} and min(ms.values()) > 0 and r["verify_context"] == 40
         assert r["verify_k5_over_decode"] == pytest.approx(ms[5] / ms[1])

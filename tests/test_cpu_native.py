@@ -56,6 +56,37 @@ def test_rows_are_bitwise_independent_of_batch_rows():
                 assert ours <= 2 * theirs + ulp + 1e-6, (dtype, K, M)
 
 
+@pytest.mark.parametrize("M,K,N", [(1, 64, 5003), (1, 896, 1100), (2, 96, 4099), (5, 1536, 700), (1, 20, 9)])
+def test_products_do_not_depend_on_the_thread_count(M, K, N):
+    """The bf16 products split their rows into blocks that threads take and steal (steal.h):
+    every row is computed exactly once whatever the thread count (a skipped block would leave
+    the output's uninitialised memory), and bitwise the same."""
+    g = torch.Generator().manual_seed(M * 7 + K + N)
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    b = torch.randn(N, generator=g).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3, 7):
+            torch.set_num_threads(nt)
+            outs.append(skinny_linear(x, w, b))
+    finally:
+        torch.set_num_threads(before)
+    ours, theirs = _errors(x, w, b)
+    ulp = torch.finfo(torch.bfloat16).eps * (x.double().abs() @ w.double().abs().T + b.double().abs()).max().item()
+    assert ours <= 2 * theirs + ulp + 1e-6
+    for nt, out in zip((2, 3, 7), outs[1:]):
+        assert torch.equal(out, outs[0]), nt
+    many = torch.full(((1 << 16) + 4096 * 37 + 11,), 0.5)  # blocks of 4096 floats and a ragged tail
+    for nt in (1, 2, 5):
+        torch.set_num_threads(nt)
+        try:
+            assert native.stream_read(many) == many.numel() * 0.5
+        finally:
+            torch.set_num_threads(before)
+
+
 def test_falls_back_to_torch_where_it_does_not_apply():
     w = torch.randn(8, 16)
     x = torch.randn(3, 16, dtype=torch.float64)  # fp64: not a native dtype

@@ -22,7 +22,7 @@ import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares tor
 log = logging.getLogger("verispec.kernels.cpu")
 
 SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c", "fused.c", "sampling.c")]
-HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "vmath.h")]  # included by the sources: part of the build key
+HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "vmath.h", "steal.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lib = None
@@ -73,6 +73,8 @@ def _build() -> ctypes.CDLL:
     lib.verispec_w8a8_available.restype = ctypes.c_int
     lib.verispec_layer.argtypes = [vp, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.verispec_layer.restype = ctypes.c_int
+    lib.verispec_layers.argtypes = [vp, i64, i64, vp, ctypes.c_int, ctypes.c_int, vp]
+    lib.verispec_layers.restype = ctypes.c_int
     lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int, ctypes.c_int]
     lib.verispec_attention.restype = ctypes.c_int

@@ -1,4 +1,5 @@
-"""Decoder layers of a decode or verify step as one native call each (fused.c's verispec_layer).
+"""Decoder layers of a decode or verify step in one native call (fused.c's verispec_layers, which
+runs verispec_layer for each).
 
 The ``cpu`` backend's path for few rows (B * T <= 16): the decoder hands its layers here when
 every piece is one the native layer runs (fused q/k/v and gate/up projections, products of the
@@ -101,7 +102,29 @@ def applies(kernels, h: torch.Tensor, active_mask) -> bool:
     )
 
 
-def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> list[LayerPlan] | None:
+class LayerStack:
+    """Every layer's words in one [L, HEAD + 24] int64 array (and their eps and attention scales),
+    so a step runs all its layers in ONE native call (fused.c's verispec_layers). The per-call
+    words (residual stream, RoPE tables, positions, batch shape) are written as columns; the KV
+    cache pointers only when the cache tensors change, after checking they fit."""
+
+    def __init__(self, plans: list[LayerPlan], layers):
+        self.plans = plans
+        self.array = torch.stack([p.array for p in plans])  # [L, HEAD + 24]
+        self.words = self.array.numpy()  # a view
+        for i, p in enumerate(plans):
+            self.words[i, 1:3] = (p.keep[-2].data_ptr(), p.keep[-1].data_ptr())  # norm weights
+        attn0 = layers[0].self_attn
+        self.shape = (attn0.n_heads, attn0.n_kv_heads, attn0.head_dim)
+        self.words[:, 11:14] = self.shape
+        self.words[:, 15] = [p.F for p in plans]
+        self.floats = torch.tensor([[p.eps[0], p.eps[1], l.self_attn.scale] for p, l in zip(plans, layers)],
+                                   dtype=torch.float32)  # [L, 3]
+        self.failed = torch.zeros(1, dtype=torch.int64)
+        self.checked = None  # (KV cache pointers, B, dtype) whose fit was last checked
+
+
+def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> LayerStack | None:
     """Cached per decoder and dtype; rebuilt when a layer's modules were replaced."""
     lib = get_lib()
     cache = decoder.__dict__.setdefault("_fused_plans", {})
@@ -111,30 +134,43 @@ def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> list[LayerPlan]
     ):
         plans = [LayerPlan(l, dtype, lib) for l in decoder.model.layers]
         cache[dtype] = plans
-    plans = plans[: len(layers)]
-    return plans if all(p.words is not None for p in plans) else None
+        cache.pop(("stack", dtype), None)
+    if not all(p.words is not None for p in plans[: len(layers)]):
+        return None
+    stack = cache.get(("stack", dtype))
+    if stack is None or stack.plans is not plans:
+        if not all(p.words is not None for p in plans):  # a prefix of fusable layers: stack just those
+            return LayerStack(plans[: len(layers)], layers)
+        stack = cache[("stack", dtype)] = LayerStack(plans, decoder.model.layers)
+    return stack
 
 
-def run_layers(plans, layers, h, cos, sin, cache, positions) -> torch.Tensor:
-    """h [B, T, E] through ``layers`` (one native call each); returns the new residual stream."""
+def run_layers(stack: LayerStack, layers, h, cos, sin, cache, positions) -> torch.Tensor:
+    """h [B, T, E] through ``layers`` (the first len(layers) of the stack) in one native call;
+    returns the new residual stream."""
     lib = get_lib()
     B, T, E = h.shape
+    L = len(layers)
     x = h.contiguous().clone()
     cos, sin = cos.contiguous(), sin.contiguous()
-    attn0 = layers[0].self_attn
-    H, H_kv, D = attn0.n_heads, attn0.n_kv_heads, attn0.head_dim
-    k0 = cache.k[0][:B]
-    pos = torch.tensor(reference.check_append_slots(positions, B, T, k0.shape[2]), dtype=torch.int64)
-    bf16 = int(h.dtype == torch.bfloat16)
-    nt = torch.get_num_threads()
-    x_ptr, cos_ptr, sin_ptr, pos_ptr = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr()
-    for i, (plan, layer) in enumerate(zip(plans, layers)):
-        k, v = cache.k[i][:B], cache.v[i][:B]
-        if not (k.is_contiguous() and v.is_contiguous() and k.dtype == h.dtype and k.shape == (B, H_kv, k0.shape[2], D)):
-            raise ValueError(f"layer {i}: KV cache {tuple(k.shape)} {k.dtype} does not fit the fused layer")
-        plan.head[:HEAD] = (x_ptr, plan.keep[-2].data_ptr(), plan.keep[-1].data_ptr(), cos_ptr, sin_ptr, pos_ptr,
-                            k.data_ptr(), v.data_ptr(), B, T, E, H, H_kv, D, k.shape[2], plan.F)
-        rc = lib.verispec_layer(plan.array.data_ptr(), plan.eps[0], plan.eps[1], layer.self_attn.scale, bf16, nt)
-        if rc != 0:
-            raise MemoryError(f"verispec_layer failed in layer {i} (code {rc})")
+    H, H_kv, D = stack.shape
+    S_max = cache.k[0].shape[2]
+    pos = torch.tensor(reference.check_append_slots(positions, B, T, S_max), dtype=torch.int64)
+    ks, vs = cache.k[:L], cache.v[:L]
+    ptrs = ([k.data_ptr() for k in ks], [v.data_ptr() for v in vs])
+    key = (ptrs, B, h.dtype)
+    w = stack.words
+    if stack.checked != key:
+        for i, (k, v) in enumerate(zip(ks, vs)):
+            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == h.dtype
+                    and k.shape == v.shape and k.shape[0] >= B and k.shape[1:] == (H_kv, S_max, D)):
+                raise ValueError(f"layer {i}: KV cache {tuple(k.shape)} {k.dtype} does not fit the fused layer")
+        w[:L, 6], w[:L, 7] = ptrs  # k[:B], v[:B] start where k, v do
+        stack.checked = key
+    w[:L, 0], w[:L, 3], w[:L, 4], w[:L, 5] = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr()
+    w[:L, 8], w[:L, 9], w[:L, 10], w[:L, 14] = B, T, E, S_max
+    rc = lib.verispec_layers(stack.array.data_ptr(), L, w.shape[1], stack.floats.data_ptr(),
+                             int(h.dtype == torch.bfloat16), torch.get_num_threads(), stack.failed.data_ptr())
+    if rc != 0:
+        raise MemoryError(f"verispec_layer failed in layer {int(stack.failed[0])} (code {rc})")
     return x

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <omp.h>
 #include "bf16.h"
+#include "steal.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -26,6 +27,9 @@
 #ifndef PF_L2_BYTES
 #define PF_L2_BYTES 16384 /* bytes ahead in a weight row for the bf16 kernel's prefetch into L2 */
 #endif
+#ifndef STEAL_BYTES
+#define STEAL_BYTES 65536 /* weight bytes per block of the rebalanced split (steal.h) */
+#endif
 #ifndef X_L1_BYTES
 #define X_L1_BYTES 24576 /* activation bytes per K-chunk of the bf16 kernel: they stay in L1 */
 #endif
@@ -34,7 +38,10 @@
 #define PREFETCH_L2(p)
 #else
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
-#define PREFETCH_L2(p) __builtin_prefetch((const void *)(p), 0, 2)
+#ifndef PF_HINT
+#define PF_HINT 2
+#endif
+#define PREFETCH_L2(p) __builtin_prefetch((const void *)(p), 0, PF_HINT)
 #endif
 
 
@@ -74,7 +81,10 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 #define PAIR_M 8 /* activation rows up to which weight rows go at least two to a group */
 #define QUAD_M 5 /* ... and four to a group from 2 rows up to this (4 x 5 accumulators) */
 
-static inline int rows_per_pass(int MM) { return MM >= 2 && MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
+#ifndef R1
+#define R1 2
+#endif
+static inline int rows_per_pass(int MM) { return MM == 1 ? R1 : MM >= 2 && MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
 
 /* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
  * rounding. Takes the accumulator by value, so the caller's stay in registers. */
@@ -223,19 +233,34 @@ void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bi
         const int64_t nchunks = (2 * M * K32 + X_L1_BYTES - 1) / X_L1_BYTES;
         KC = (K32 / 32 + nchunks - 1) / nchunks * 32;
     }
+    const pass_bf16_fn pass = PASSES_BF16[M - 1];
+    if (K32 == 0 || KC == K32) { /* whole rows: blocks of ~STEAL_BYTES of weights, rebalanced (steal.h) */
+        int64_t BR = K > 0 ? STEAL_BYTES / (2 * K) / 4 * 4 : N; /* rows per block, whole groups of 4 */
+        if (BR < 4) BR = 4;
+        const int64_t nblocks = (N + BR - 1) / BR;
+        const int nreg = nthreads > 0 ? nthreads : 1;
+        steal_region regions[nreg];
+        steal_init(regions, nreg, nblocks);
+#pragma omp parallel num_threads(nreg)
+        {
+            const int id = omp_get_thread_num();
+            for (int64_t blk; (blk = steal_next(regions, nreg, id)) >= 0;)
+                pass(w, x, bias, y, K, N, 0, K32, blk * BR, blk * BR + BR < N ? blk * BR + BR : N, NULL);
+        }
+        return;
+    }
 #pragma omp parallel num_threads(nthreads)
-    {
+    { /* K-chunks: a fixed share of the rows per thread, the accumulators parked between chunks */
         const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
         const int64_t n0 = N * id / nt, n1 = N * (id + 1) / nt;
-        const pass_bf16_fn pass = PASSES_BF16[M - 1];
         __m512 *park = NULL;
-        if (K32 > 0 && KC < K32 && n1 > n0) park = (__m512 *)aligned_alloc(64, (size_t)((n1 - n0) * M) * sizeof(__m512));
-        if (park) { /* chunked */
+        if (n1 > n0) park = (__m512 *)aligned_alloc(64, (size_t)((n1 - n0) * M) * sizeof(__m512));
+        if (park) {
             for (int64_t i = 0; i < (n1 - n0) * M; i++) park[i] = _mm512_setzero_ps();
             for (int64_t k0 = 0; k0 < K32; k0 += KC) pass(w, x, bias, y, K, N, k0, k0 + KC < K32 ? k0 + KC : K32, n0, n1, park);
             for (int64_t n = n0; n < n1; n++) finish_bf16(park + (n - n0) * M, w, x, bias, y, M, K, N, n);
             free(park);
-        } else /* whole rows (also the fallback when the buffer cannot be had: same sums) */
+        } else if (n1 > n0) /* whole rows when the buffer cannot be had: same sums */
             pass(w, x, bias, y, K, N, 0, K32, n0, n1, NULL);
     }
 #else
@@ -329,13 +354,17 @@ int verispec_gemv_i8(const void *x, int x_bf16, const int8_t *w, const float *sc
 /* ---- memory bandwidth probe ---------------------------------------------------------------- */
 
 /* Sum of n floats split over threads: a streaming read at the machine's limit (with the same
- * software prefetch into L2 as the bf16 products, a few percent faster here than without), so benchmarks
- * can state decode speed against a bandwidth measured in the same run by code as tight as the
- * kernels themselves. Returns the sum so the reads cannot be optimised away. */
+ * software prefetch into L2 as the bf16 products, a few percent faster here than without, and the
+ * same rebalanced split), so benchmarks can state decode speed against a bandwidth measured in the
+ * same run by code as tight as the kernels themselves. Returns the sum (blocks added in an order
+ * that varies) so the reads cannot be optimised away. */
 double verispec_stream_read(const float *p, int64_t n, int nthreads) {
     double total = 0.0;
-#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(+ : total)
-    for (int64_t c = 0; c < n / 4096; c++) {
+    const int nreg = nthreads > 0 ? nthreads : 1;
+    steal_region regions[nreg]; /* blocks of 4096 floats, rebalanced as the bf16 products are */
+    steal_init(regions, nreg, n / 4096);
+#pragma omp parallel num_threads(nreg) reduction(+ : total)
+    for (int64_t c; (c = steal_next(regions, nreg, omp_get_thread_num())) >= 0;) {
         const float *q = p + c * 4096;
 #if defined(__AVX512F__)
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
