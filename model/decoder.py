@@ -216,22 +216,36 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = positions[:, None].long() + torch.arange(T, device=input_ids.device)  # [B, T]
-        h = self.model.embed_tokens(input_ids)  # [B, T, E]
-        cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
-        sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
+        embed, norm = self.model.embed_tokens, self.model.norm
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
-        plans = None
-        if kernels.name == "cpu" and self.fused_layers:  # a decode/verify step: one native call per layer
+        stack = h = None
+        if kernels.name == "cpu" and self.fused_layers and len(layers):  # a decode/verify step: one native call
             from ..kernels.cpu import fused
 
-            plans = fused.plans_for(self, layers, h.dtype) if fused.applies(kernels, h, active_mask) else None
-        if plans is not None:
-            h = fused.run_layers(plans, layers, h, cos, sin, cache, positions)
-        else:
-            for i, layer in enumerate(layers):
-                h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
+            dtype = norm.weight.dtype
+            if fused.applies_to(kernels, B, T, dtype, input_ids.device, active_mask) and fused.norm_fits(norm, dtype):
+                stack = fused.plans_for(self, layers, dtype)
+            if stack is not None and not fused.embedding_fits(embed, dtype):  # the embedding module's rows
+                h = embed(input_ids)
+                stack = stack if h.dtype == dtype and h.shape[-1] == norm.weight.shape[0] else None
+        if stack is not None:  # (the embedding rows,) every layer and the final norm in one call
+            cos = self.rope_cos[position_ids].to(dtype)[:, None]  # [B, 1, T, D]
+            sin = self.rope_sin[position_ids].to(dtype)[:, None]
+            if h is None:
+                _, h = fused.run_layers(stack, layers, input_ids, None, embed.weight, cos, sin, cache, positions, norm)
+            else:
+                _, h = fused.run_layers(stack, layers, None, h, None, cos, sin, cache, positions, norm)
+            if logits_at is not None:  # the norm is row-wise: normalising before the gather is the same
+                idx = logits_at.long()
+                h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
+            return self.lm_head(h).float()
+        if h is None:
+            h = embed(input_ids)  # [B, T, E]
+        cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
+        sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
+        for i, layer in enumerate(layers):
+            h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
         if logits_at is not None:
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
-        norm = self.model.norm
         return self.lm_head((kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps)).float()

@@ -108,3 +108,52 @@ def test_plans_follow_weights_given_new_storage(tiny_hf):
             w.data = (w.data * 2).clone()
     a, b, calls = _both(m, ids, pos, prefix)
     assert calls == 1 and torch.equal(a, b)
+
+
+def test_plans_follow_a_replaced_weight_parameter(tiny_hf):
+    """A linear layer given a new Parameter object (not just new storage): the plans see it."""
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama")
+    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp="bf16")
+    g = torch.Generator().manual_seed(3)
+    prefix = [torch.randint(0, m.vocab_size, (4,), generator=g)]
+    ids, pos = torch.randint(0, m.vocab_size, (1, 2), generator=g), torch.tensor([4])
+    before, _, _ = _both(m, ids, pos, prefix)  # plans built
+    for layer in m.decoder.model.layers:
+        o = layer.self_attn.o_proj
+        o.weight = torch.nn.Parameter(-o.weight.detach().clone(), requires_grad=False)
+    a, b, calls = _both(m, ids, pos, prefix)
+    assert calls == 1 and torch.equal(a, b) and not torch.equal(a, before)
+
+
+def test_fused_step_embedding_rows_and_errors(tiny_hf):
+    """The fused step copies the embedding rows itself; an embedding module it does not know
+    (here a subclass) runs as a module and the layers still fuse; an id outside the table is an
+    IndexError naming it on both paths, not a read past the table."""
+    from verispec.model import LlamaForSampling
+
+    class Embedding(torch.nn.Embedding):
+        pass
+
+    path, _ = tiny_hf("llama")
+    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp="bf16")
+    g = torch.Generator().manual_seed(4)
+    prefix = [torch.randint(0, m.vocab_size, (4,), generator=g)]
+    ids, pos = torch.randint(0, m.vocab_size, (1, 3), generator=g), torch.tensor([4])
+    a, b, calls = _both(m, ids, pos, prefix)
+    assert calls == 1 and torch.equal(a, b)
+    old = m.decoder.model.embed_tokens
+    sub = Embedding(old.num_embeddings, old.embedding_dim)
+    sub.weight = old.weight
+    m.decoder.model.embed_tokens = sub
+    a2, b2, calls = _both(m, ids, pos, prefix)
+    assert calls == 1 and torch.equal(a2, b2) and torch.equal(a2, a)
+    m.decoder.model.embed_tokens = old
+    bad = ids.clone()
+    bad[0, 1] = m.vocab_size
+    for on in (True, False):
+        m.decoder.fused_layers = on
+        m.reset()
+        with pytest.raises(IndexError, match=str(m.vocab_size) if on else "out of range"):
+            m.forward(bad, pos)

@@ -24,6 +24,10 @@ log = logging.getLogger("verispec.kernels.cpu")
 SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c", "fused.c", "sampling.c")]
 HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "vmath.h", "steal.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+# extra compiler flags, e.g. VERISPEC_CFLAGS=-DSTAGE_TIMING: fused.c then adds each layer stage's
+# seconds into the exported double verispec_stage_s[16] (norm, qkv, rope, attention, transpose, o,
+# add+norm, gate/up, silu*up, down, residual add), for profiling by hand
+EXTRA_FLAGS = os.environ.get("VERISPEC_CFLAGS", "").split()
 
 _lib = None
 _error: str | None = None
@@ -48,13 +52,14 @@ def _build() -> ctypes.CDLL:
     if not cc:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
     src = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
-    key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    flags = FLAGS + EXTRA_FLAGS
+    key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_signature().encode()).hexdigest()[:16]
     out = _cache_dir() / f"native-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             os.unlink(tmp)
             raise RuntimeError(f"compiling the native CPU kernels failed: {res.stderr.strip()[:500]}")
@@ -73,8 +78,9 @@ def _build() -> ctypes.CDLL:
     lib.verispec_w8a8_available.restype = ctypes.c_int
     lib.verispec_layer.argtypes = [vp, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.verispec_layer.restype = ctypes.c_int
-    lib.verispec_layers.argtypes = [vp, i64, i64, vp, ctypes.c_int, ctypes.c_int, vp]
-    lib.verispec_layers.restype = ctypes.c_int
+    lib.verispec_step.argtypes = [vp, i64, i64, vp, ctypes.c_int, ctypes.c_int, vp, i64, i64, vp, vp, i64, vp,
+                                  ctypes.c_float, vp]
+    lib.verispec_step.restype = ctypes.c_int
     lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int, ctypes.c_int]
     lib.verispec_attention.restype = ctypes.c_int

@@ -163,11 +163,27 @@ done:
     return rc;
 }
 
-/* L layers in one call: layer l reads words P + l * stride (as verispec_layer) and f[3 l .. 3 l + 2]
- * = (eps_in, eps_post, attn_scale). Returns 0; else the failing layer's code, its index in
- * *failed. Saves the per-layer call from Python (argument conversion, the per-call words), which
- * after a layer's weight stream runs with cold caches: ~1.5 ms of a 35 ms 0.5B step. */
-int verispec_layers(const int64_t *P, int64_t L, int64_t stride, const float *f, int bf16, int nt, int64_t *failed) {
+/* A step's decoder in one call: the embedding rows of ids (when given) into the residual stream
+ * x [R, E] (every layer's P[0]), L layers, layer l reading words P + l * stride (as
+ * verispec_layer) and f[3 l .. 3 l + 2] = (eps_in, eps_post, attn_scale), then the final RMSNorm
+ * of x into y (when norm_w is given). Returns 0; -5 if ids[*failed] is not in [0, V); else the
+ * failing layer's code, its index in *failed. Saves the per-layer calls from Python (argument
+ * conversion, the per-call words) and the embedding and norm operators, which after a layer's
+ * weight stream run with cold caches: ~2 ms of a 30 ms 0.5B step. */
+int verispec_step(const int64_t *P, int64_t L, int64_t stride, const float *f, int bf16, int nt, int64_t *failed,
+                  int64_t R, int64_t E, const int64_t *ids, const void *embed, int64_t V, const void *norm_w,
+                  float norm_eps, void *y) {
+    void *x = (void *)P[0];
+    const int64_t size = bf16 ? 2 : 4;
+    if (ids) {
+        for (int64_t r = 0; r < R; r++)
+            if (ids[r] < 0 || ids[r] >= V) {
+                *failed = r;
+                return -5;
+            }
+        for (int64_t r = 0; r < R; r++)
+            memcpy((char *)x + r * E * size, (const char *)embed + ids[r] * E * size, (size_t)(E * size));
+    }
     for (int64_t l = 0; l < L; l++) {
         const int rc = verispec_layer(P + l * stride, f[3 * l], f[3 * l + 1], f[3 * l + 2], bf16, nt);
         if (rc) {
@@ -175,5 +191,6 @@ int verispec_layers(const int64_t *P, int64_t L, int64_t stride, const float *f,
             return rc;
         }
     }
+    if (norm_w) verispec_rms_norm(x, NULL, norm_w, NULL, y, R, E, norm_eps, bf16);
     return 0;
 }

@@ -11,6 +11,8 @@ path, so the outputs agree bitwise (bf16) or to the last fp32 bit of RMSNorm's s
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -61,7 +63,6 @@ class LayerPlan:
             words += got[0]
             self.keep += got[1]
         self.keep += list(norms)
-        self.ptrs = [t.data_ptr() for t in self.keep]  # a tensor given new storage (e.g. .to()) is seen
         self.words = words
         # fused.c's word array: HEAD per-call words (filled in by run_layers), then these
         self.array = torch.tensor([0] * HEAD + words, dtype=torch.int64)
@@ -69,26 +70,19 @@ class LayerPlan:
         self.eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
         self.F = mlp._gate_up.out_features // 2
 
-    def current(self, layer: nn.Module) -> bool:
-        # run before every fused forward: the module dicts are read directly (nn.Module's
-        # __getattr__ costs ~1 us a lookup, a quarter of this check's time over 24 layers)
-        mods = layer._modules
-        attn, mlp = mods["self_attn"], mods["mlp"]
-        now = (mods["input_layernorm"]._parameters["weight"], mods["post_attention_layernorm"]._parameters["weight"],
-               attn._qkv, attn._modules["o_proj"], mlp._gate_up, mlp._modules["down_proj"])
-        return all(a is b for a, b in zip(now, self.parts)) and (
-            self.words is None or all(t.data_ptr() == p for t, p in zip(self.keep, self.ptrs)))
-
-
 def applies(kernels, h: torch.Tensor, active_mask) -> bool:
     """Whether this forward can take the fused path (before looking at the layers)."""
+    return applies_to(kernels, h.shape[0], h.shape[1], h.dtype, h.device, active_mask)
+
+
+def applies_to(kernels, B: int, T: int, dtype: torch.dtype, device: torch.device, active_mask) -> bool:
+    """:func:`applies` for a [B, T] step in ``dtype`` on ``device``."""
     from . import attention, layer
 
-    B, T, _ = h.shape
     return (
         active_mask is None
-        and h.device.type == "cpu"
-        and h.dtype in (torch.bfloat16, torch.float32)
+        and device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float32)
         and B * T <= MAX_M
         and T <= attention.MAX_T
         and kernels.verify_attention is attention.verify_attention
@@ -124,16 +118,60 @@ class LayerStack:
         self.checked = None  # (KV cache pointers, B, dtype) whose fit was last checked
 
 
+class _Fingerprint:
+    """What a decoder's plans were built from, checked in a few C-level passes before every fused
+    forward (a per-layer Python check cost ~0.45 ms of a 30 ms step, run with caches cold from the
+    weight stream): every module and norm weight the plans read, found through the same dicts the
+    decoder's own attribute lookups use, and every tensor's storage pointer (``.to()`` or
+    ``.data =`` give a tensor new storage without replacing the object)."""
+
+    def __init__(self, decoder: nn.Module, plans: list[LayerPlan]):
+        dicts, keys, objs = [], [], []
+
+        def add(d, k):
+            dicts.append(d)
+            keys.append(k)
+            objs.append(d[k])
+
+        layers = decoder.model.layers
+        for i, layer in enumerate(layers):
+            add(layers._modules, str(i))
+            mods = layer._modules
+            for name in ("input_layernorm", "post_attention_layernorm", "self_attn", "mlp"):
+                add(mods, name)
+            add(mods["input_layernorm"]._parameters, "weight")
+            add(mods["post_attention_layernorm"]._parameters, "weight")
+            attn, mlp = mods["self_attn"], mods["mlp"]
+            add(attn.__dict__, "_qkv")
+            add(attn._modules, "o_proj")
+            add(mlp.__dict__, "_gate_up")
+            add(mlp._modules, "down_proj")
+            for lin in (attn.__dict__["_qkv"], attn._modules["o_proj"], mlp.__dict__["_gate_up"], mlp._modules["down_proj"]):
+                for d in (lin._parameters, lin._buffers) if lin is not None else ():
+                    for k in d:  # a weight, bias, scale replaced by another tensor object
+                        add(d, k)
+        self.n = len(layers)
+        self.dicts, self.keys, self.objs = dicts, keys, objs
+        self.tensors = [t for p in plans for t in p.keep]
+        self.ptrs = [t.data_ptr() for t in self.tensors]
+
+    def holds(self, decoder: nn.Module) -> bool:
+        return (len(decoder.model.layers) == self.n
+                and all(map(operator.is_, map(operator.getitem, self.dicts, self.keys), self.objs))
+                and list(map(torch.Tensor.data_ptr, self.tensors)) == self.ptrs)
+
+
 def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> LayerStack | None:
-    """Cached per decoder and dtype; rebuilt when a layer's modules were replaced."""
+    """Cached per decoder and dtype; rebuilt when a layer's modules were replaced or a weight
+    given new storage."""
     lib = get_lib()
     cache = decoder.__dict__.setdefault("_fused_plans", {})
     plans = cache.get(dtype)
-    if plans is None or len(plans) != len(decoder.model.layers) or not all(
-        p.current(l) for p, l in zip(plans, decoder.model.layers)
-    ):
+    fp = cache.get(("fingerprint", dtype))
+    if plans is None or fp is None or not fp.holds(decoder):
         plans = [LayerPlan(l, dtype, lib) for l in decoder.model.layers]
         cache[dtype] = plans
+        cache[("fingerprint", dtype)] = _Fingerprint(decoder, plans)
         cache.pop(("stack", dtype), None)
     if not all(p.words is not None for p in plans[: len(layers)]):
         return None
@@ -145,32 +183,64 @@ def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> LayerStack | No
     return stack
 
 
-def run_layers(stack: LayerStack, layers, h, cos, sin, cache, positions) -> torch.Tensor:
-    """h [B, T, E] through ``layers`` (the first len(layers) of the stack) in one native call;
-    returns the new residual stream."""
+def run_layers(stack: LayerStack, layers, ids, h, embed, cos, sin, cache, positions, norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first len(layers) layers of the stack in one native call (fused.c's verispec_step), on
+    the embedding rows of ``ids`` [B, T] (``embed``: the table) or, with ``ids`` None, on ``h``
+    [B, T, E]; returns (the residual stream, its final RMSNorm by ``norm``)."""
     lib = get_lib()
-    B, T, E = h.shape
     L = len(layers)
-    x = h.contiguous().clone()
+    if ids is not None:
+        B, T = ids.shape
+        E = embed.shape[1]
+        dtype = embed.dtype
+        x = torch.empty(B, T, E, dtype=dtype)
+        ids = ids.contiguous()
+    else:
+        B, T, E = h.shape
+        dtype = h.dtype
+        x = h.contiguous().clone()
+    if norm.weight.shape != (E,):
+        raise ValueError(f"final norm weight {tuple(norm.weight.shape)} does not fit hidden size {E}")
+    y = torch.empty_like(x)
     cos, sin = cos.contiguous(), sin.contiguous()
     H, H_kv, D = stack.shape
     S_max = cache.k[0].shape[2]
     pos = torch.tensor(reference.check_append_slots(positions, B, T, S_max), dtype=torch.int64)
     ks, vs = cache.k[:L], cache.v[:L]
     ptrs = ([k.data_ptr() for k in ks], [v.data_ptr() for v in vs])
-    key = (ptrs, B, h.dtype)
+    key = (ptrs, B, dtype)
     w = stack.words
     if stack.checked != key:
         for i, (k, v) in enumerate(zip(ks, vs)):
-            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == h.dtype
+            if not (k.is_contiguous() and v.is_contiguous() and k.dtype == v.dtype == dtype
                     and k.shape == v.shape and k.shape[0] >= B and k.shape[1:] == (H_kv, S_max, D)):
                 raise ValueError(f"layer {i}: KV cache {tuple(k.shape)} {k.dtype} does not fit the fused layer")
         w[:L, 6], w[:L, 7] = ptrs  # k[:B], v[:B] start where k, v do
         stack.checked = key
     w[:L, 0], w[:L, 3], w[:L, 4], w[:L, 5] = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr()
     w[:L, 8], w[:L, 9], w[:L, 10], w[:L, 14] = B, T, E, S_max
-    rc = lib.verispec_layers(stack.array.data_ptr(), L, w.shape[1], stack.floats.data_ptr(),
-                             int(h.dtype == torch.bfloat16), torch.get_num_threads(), stack.failed.data_ptr())
+    rc = lib.verispec_step(stack.array.data_ptr(), L, w.shape[1], stack.floats.data_ptr(), int(dtype == torch.bfloat16),
+                           torch.get_num_threads(), stack.failed.data_ptr(), B * T, E,
+                           ids.data_ptr() if ids is not None else None, embed.data_ptr() if ids is not None else None,
+                           embed.shape[0] if ids is not None else 0, norm.weight.data_ptr(), float(norm.eps), y.data_ptr())
+    if rc == -5:
+        bad = int(ids.reshape(-1)[int(stack.failed[0])])
+        raise IndexError(f"token id {bad} is out of range for the embedding table of {embed.shape[0]} rows")
     if rc != 0:
         raise MemoryError(f"verispec_layer failed in layer {int(stack.failed[0])} (code {rc})")
-    return x
+    return x, y
+
+
+def embedding_fits(embed: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether run_layers may copy the embedding rows itself (a plain table in the model dtype)."""
+    if type(embed) is not nn.Embedding or embed.max_norm is not None:
+        return False
+    w = embed.weight
+    return w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous() and w.dim() == 2
+
+
+def norm_fits(norm: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether run_layers may run the final RMSNorm (its weight in the model dtype, on the CPU)."""
+    w = getattr(norm, "weight", None)
+    return (isinstance(w, torch.Tensor) and w.dtype == dtype and w.device.type == "cpu" and w.is_contiguous()
+            and w.dim() == 1 and not w.requires_grad)
