@@ -3,7 +3,8 @@
  * Decode and verify passes multiply a handful of activation rows (M = 1 .. 16) by every
  * weight matrix, so they are bound by the speed at which the weights stream from memory.
  * These kernels read each weight row once for all M activation rows, accumulate in fp32,
- * and split the output columns over OpenMP threads. The per-row summation order does not
+ * and split the output columns over OpenMP threads (the bf16 products in blocks that idle threads
+ * take over, steal.h). The per-row summation order does not
  * depend on M, so a token's result in a k-token verify pass is bitwise the one it gets in
  * a one-token decode step.
  *
@@ -222,8 +223,12 @@ static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
 #endif
 
 
-/* M must be in 1..MAX_M (the caller splits larger M). Rows whose M activations outgrow X_L1_BYTES are cut into K-chunks: each thread runs chunk c
- * over all its output rows before chunk c + 1, the accumulators parked in a per-thread buffer. */
+/* M must be in 1..MAX_M (the caller splits larger M). Whole rows: blocks of about STEAL_BYTES of
+ * weights, each thread through its own range, then stealing from the back of the others' (steal.h).
+ * Rows whose M activations outgrow X_L1_BYTES are cut into K-chunks: each thread runs chunk c over
+ * a fixed share of the output rows before chunk c + 1, the accumulators parked in a per-thread
+ * buffer. Either way a row is computed by one thread in one order: the result does not depend on
+ * the thread count. */
 void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
                        int64_t K, int64_t N, int nthreads) {
 #if defined(CHUNKED)
