@@ -238,7 +238,7 @@ class Decoder(nn.Module):
             if logits_at is not None:  # the norm is row-wise: normalising before the gather is the same
                 idx = logits_at.long()
                 h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
-            return self.lm_head(h).float()
+            return self.logits(h)
         if h is None:
             h = embed(input_ids)  # [B, T, E]
         cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
@@ -248,4 +248,11 @@ class Decoder(nn.Module):
         if logits_at is not None:
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
-        return self.lm_head((kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps)).float()
+        return self.logits((kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the normalised hidden states: the LM head's output in the model dtype,
+        widened (in the product itself where the head has a ``forward_f32``, e.g. SkinnyLinear)."""
+        head = self.lm_head
+        f32 = getattr(head, "forward_f32", None)
+        return f32(h) if f32 is not None else head(h).float()

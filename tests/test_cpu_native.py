@@ -87,6 +87,25 @@ def test_products_do_not_depend_on_the_thread_count(M, K, N):
             torch.set_num_threads(before)
 
 
+def test_fp32_output_is_the_widened_bf16_product():
+    """out_f32 (the decoder's logits): bitwise ``skinny_linear(...).float()`` for whole rows and
+    K-chunked rows, with a bias, through infinities and NaN; fp32 and the torch fallback too."""
+    g = torch.Generator().manual_seed(5)
+    for M, K, N in ((1, 896, 300), (5, 3000, 70), (16, 64, 33), (3, 20, 9)):
+        x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+        w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+        b = torch.randn(N, generator=g).to(torch.bfloat16)
+        w[0, 0], w[1, 0], x[0, 1] = float("inf"), float("nan"), 1e38
+        for bias in (None, b):
+            got = skinny_linear(x, w, bias, out_f32=True)
+            assert got.dtype == torch.float32
+            assert torch.equal(got.view(torch.int32), skinny_linear(x, w, bias).float().view(torch.int32)), (M, K, N)
+    xf, wf = torch.randn(2, 40, generator=g), torch.randn(7, 40, generator=g)
+    assert torch.equal(skinny_linear(xf, wf, out_f32=True), skinny_linear(xf, wf))
+    xd = torch.randn(2, 40, dtype=torch.float64, generator=g)  # not native: torch's product, widened
+    assert skinny_linear(xd, wf.double(), out_f32=True).dtype == torch.float32
+
+
 def test_falls_back_to_torch_where_it_does_not_apply():
     w = torch.randn(8, 16)
     x = torch.randn(3, 16, dtype=torch.float64)  # fp64: not a native dtype

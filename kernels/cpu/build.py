@@ -67,7 +67,7 @@ def _build() -> ctypes.CDLL:
     # torch is imported, so its libgomp.so.1 is loaded and this library shares that OpenMP runtime
     lib = ctypes.CDLL(str(out))
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    for name in ("verispec_gemv_bf16", "verispec_gemv_f32"):
+    for name in ("verispec_gemv_bf16", "verispec_gemv_bf16_f32out", "verispec_gemv_f32"):
         fn = getattr(lib, name)
         fn.argtypes = [vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
         fn.restype = None

@@ -90,23 +90,27 @@ static inline int rows_per_pass(int MM) { return MM == 1 ? R1 : MM >= 2 && MM <=
 /* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
  * rounding. Takes the accumulator by value, so the caller's stay in registers. */
 static inline __attribute__((always_inline)) void finish1_bf16(__m512 acc, const uint16_t *w, const uint16_t *x,
-                                                               const uint16_t *bias, uint16_t *y, int64_t K,
+                                                               const uint16_t *bias, void *y, int yf, int64_t K,
                                                                int64_t N, int64_t m, int64_t n) {
     float s = _mm512_reduce_add_ps(acc);
     for (int64_t j = K / 32 * 32; j < K; j++) s += bf16_to_f32(w[n * K + j]) * bf16_to_f32(x[m * K + j]);
-    y[m * N + n] = f32_to_bf16(s + (bias ? bf16_to_f32(bias[n]) : 0.f));
+    const uint16_t v = f32_to_bf16(s + (bias ? bf16_to_f32(bias[n]) : 0.f));
+    if (yf)
+        ((float *)y)[m * N + n] = bf16_to_f32(v); /* the bf16 value, widened: what .float() gives */
+    else
+        ((uint16_t *)y)[m * N + n] = v;
 }
 
 /* The same for the M accumulators of row n in acc[0 .. M). */
-static void finish_bf16(const __m512 *acc, const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+static void finish_bf16(const __m512 *acc, const uint16_t *w, const uint16_t *x, const uint16_t *bias, void *y, int yf,
                         int64_t M, int64_t K, int64_t N, int64_t n) {
-    for (int64_t m = 0; m < M; m++) finish1_bf16(acc[m], w, x, bias, y, K, N, m, n);
+    for (int64_t m = 0; m < M; m++) finish1_bf16(acc[m], w, x, bias, y, yf, K, N, m, n);
 }
 
 /* R and MM are compile-time constants at every call (always inlined), so the loops unroll and
  * the R * MM accumulators are registers. */
 static inline __attribute__((always_inline)) void group_bf16(const int R, const int MM, const uint16_t *w,
-                                                             const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                                                             const uint16_t *x, const uint16_t *bias, void *y, int yf,
                                                              int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n,
                                                              int64_t n0, int64_t n1, __m512 *park) {
     __m512 a[4 * MAX_M];
@@ -135,19 +139,19 @@ static inline __attribute__((always_inline)) void group_bf16(const int R, const 
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++)
 #pragma GCC unroll 16
-            for (int m = 0; m < MM; m++) finish1_bf16(a[r * MM + m], w, x, bias, y, K, N, m, n + r);
+            for (int m = 0; m < MM; m++) finish1_bf16(a[r * MM + m], w, x, bias, y, yf, K, N, m, n + r);
     }
 }
 
 #define PASS_BF16(MM)                                                                             \
-    static void pass_bf16_##MM(const uint16_t *w, const uint16_t *x, const uint16_t *bias, uint16_t *y, \
+    static void pass_bf16_##MM(const uint16_t *w, const uint16_t *x, const uint16_t *bias, void *y, int yf, \
                                int64_t K, int64_t N, int64_t k0, int64_t k1, int64_t n0, int64_t n1, __m512 *park) { \
         int64_t n = n0;                                                                           \
         if (rows_per_pass(MM) == 4)                                                               \
-            for (; n + 4 <= n1; n += 4) group_bf16(4, MM, w, x, bias, y, K, N, k0, k1, n, n0, n1, park); \
+            for (; n + 4 <= n1; n += 4) group_bf16(4, MM, w, x, bias, y, yf, K, N, k0, k1, n, n0, n1, park); \
         if (rows_per_pass(MM) >= 2)                                                               \
-            for (; n + 2 <= n1; n += 2) group_bf16(2, MM, w, x, bias, y, K, N, k0, k1, n, n0, n1, park); \
-        for (; n < n1; n++) group_bf16(1, MM, w, x, bias, y, K, N, k0, k1, n, n0, n1, park);       \
+            for (; n + 2 <= n1; n += 2) group_bf16(2, MM, w, x, bias, y, yf, K, N, k0, k1, n, n0, n1, park); \
+        for (; n < n1; n++) group_bf16(1, MM, w, x, bias, y, yf, K, N, k0, k1, n, n0, n1, park);       \
     }
 #elif defined(__AVX512F__)
 #define WIDEN(p) bf16x16_to_f32(p)
@@ -211,7 +215,7 @@ typedef void (*row_f32_fn)(const float *, const float *, int64_t, float *);
 static const row_f32_fn ROWS_F32[MAX_M] = {EACH_M(REF_F32)};
 #if defined(CHUNKED)
 EACH_M(PASS_BF16)
-typedef void (*pass_bf16_fn)(const uint16_t *, const uint16_t *, const uint16_t *, uint16_t *, int64_t, int64_t,
+typedef void (*pass_bf16_fn)(const uint16_t *, const uint16_t *, const uint16_t *, void *, int, int64_t, int64_t,
                              int64_t, int64_t, int64_t, int64_t, __m512 *);
 #define REF_PASS_BF16(MM) pass_bf16_##MM,
 static const pass_bf16_fn PASSES_BF16[MAX_M] = {EACH_M(REF_PASS_BF16)};
@@ -229,8 +233,8 @@ static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
  * a fixed share of the output rows before chunk c + 1, the accumulators parked in a per-thread
  * buffer. Either way a row is computed by one thread in one order: the result does not depend on
  * the thread count. */
-void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
-                       int64_t K, int64_t N, int nthreads) {
+static void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, void *y, int yf, int64_t M,
+                      int64_t K, int64_t N, int nthreads) {
 #if defined(CHUNKED)
     const int64_t K32 = K / 32 * 32;
     int64_t KC = K32; /* K32 in equal chunks of at most X_L1_BYTES of activations */
@@ -250,7 +254,7 @@ void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bi
         {
             const int id = omp_get_thread_num();
             for (int64_t blk; (blk = steal_next(regions, nreg, id)) >= 0;)
-                pass(w, x, bias, y, K, N, 0, K32, blk * BR, blk * BR + BR < N ? blk * BR + BR : N, NULL);
+                pass(w, x, bias, y, yf, K, N, 0, K32, blk * BR, blk * BR + BR < N ? blk * BR + BR : N, NULL);
         }
         return;
     }
@@ -262,11 +266,11 @@ void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bi
         if (n1 > n0) park = (__m512 *)aligned_alloc(64, (size_t)((n1 - n0) * M) * sizeof(__m512));
         if (park) {
             for (int64_t i = 0; i < (n1 - n0) * M; i++) park[i] = _mm512_setzero_ps();
-            for (int64_t k0 = 0; k0 < K32; k0 += KC) pass(w, x, bias, y, K, N, k0, k0 + KC < K32 ? k0 + KC : K32, n0, n1, park);
-            for (int64_t n = n0; n < n1; n++) finish_bf16(park + (n - n0) * M, w, x, bias, y, M, K, N, n);
+            for (int64_t k0 = 0; k0 < K32; k0 += KC) pass(w, x, bias, y, yf, K, N, k0, k0 + KC < K32 ? k0 + KC : K32, n0, n1, park);
+            for (int64_t n = n0; n < n1; n++) finish_bf16(park + (n - n0) * M, w, x, bias, y, yf, M, K, N, n);
             free(park);
         } else if (n1 > n0) /* whole rows when the buffer cannot be had: same sums */
-            pass(w, x, bias, y, K, N, 0, K32, n0, n1, NULL);
+            pass(w, x, bias, y, yf, K, N, 0, K32, n0, n1, NULL);
     }
 #else
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -274,9 +278,27 @@ void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bi
         float acc[MAX_M];
         ROWS_BF16[M - 1](w + n * K, x, K, acc);
         float b = bias ? bf16_to_f32(bias[n]) : 0.f;
-        for (int64_t m = 0; m < M; m++) y[m * N + n] = f32_to_bf16(acc[m] + b);
+        for (int64_t m = 0; m < M; m++) {
+            const uint16_t v = f32_to_bf16(acc[m] + b);
+            if (yf)
+                ((float *)y)[m * N + n] = bf16_to_f32(v);
+            else
+                ((uint16_t *)y)[m * N + n] = v;
+        }
     }
 #endif
+}
+
+void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+                        int64_t K, int64_t N, int nthreads) {
+    gemv_bf16(x, w, bias, y, 0, M, K, N, nthreads);
+}
+
+/* The same product, each bf16 result written widened to fp32 (y [M, N] float): a bf16 model's
+ * logits as the fp32 the decoder returns, without a second pass over them. */
+void verispec_gemv_bf16_f32out(const uint16_t *x, const uint16_t *w, const uint16_t *bias, float *y, int64_t M,
+                               int64_t K, int64_t N, int nthreads) {
+    gemv_bf16(x, w, bias, y, 1, M, K, N, nthreads);
 }
 
 void verispec_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,

@@ -22,23 +22,29 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
     )
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for x [..., K] with few rows, via gemv.c when it applies."""
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  out_f32: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x [..., K] with few rows, via gemv.c when it applies.
+    ``out_f32``: return ``F.linear(...).float()``; for bf16 the native product writes each bf16
+    result widened to fp32 itself (the same values, one pass fewer over e.g. 151936 logits)."""
     lib = get_lib()
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
     if lib is None or rows == 0 or rows > 4 * MAX_M or not _fits(x, weight, bias):
-        return F.linear(x, weight, bias)
+        y = F.linear(x, weight, bias)
+        return y.float() if out_f32 else y
     N = weight.shape[0]
     x2 = x if x.is_contiguous() else x.contiguous()  # [..., K] read as [M, K]
-    y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)  # [..., N] written as [M, N]
-    fn = lib.verispec_gemv_bf16 if x.dtype == torch.bfloat16 else lib.verispec_gemv_f32
+    widen = out_f32 and x.dtype == torch.bfloat16
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.float32 if widen else x.dtype)  # [..., N] written as [M, N]
+    fn = (lib.verispec_gemv_bf16_f32out if widen else lib.verispec_gemv_bf16) if x.dtype == torch.bfloat16 \
+        else lib.verispec_gemv_f32
     b = bias.contiguous().data_ptr() if bias is not None else None
     nt = torch.get_num_threads()
-    size = x.element_size()
+    size, ysize = x.element_size(), y.element_size()
     xp, yp, wp = x2.data_ptr(), y.data_ptr(), weight.data_ptr()
     for m0 in range(0, rows, MAX_M):  # pointer arithmetic, not row views: this runs ~200 times a token
-        fn(xp + m0 * K * size, wp, b, yp + m0 * N * size, min(MAX_M, rows - m0), K, N, nt)
+        fn(xp + m0 * K * size, wp, b, yp + m0 * N * ysize, min(MAX_M, rows - m0), K, N, nt)
     return y
 
 
@@ -58,6 +64,10 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return skinny_linear(x, self.weight, self.bias)
+
+    def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(x).float()`` in one pass (the decoder's logits)."""
+        return skinny_linear(x, self.weight, self.bias, out_f32=True)
 
 
 def use_skinny_linear(module: nn.Module) -> int:
