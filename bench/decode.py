@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model and dtype (median reported)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel-backend", default=None)
-    p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
+    p.add_argument("--bandwidth-bytes", type=int, default=1 << 30,
+                   help="buffer size of the bandwidth measurement (and the most the interleaved probe allocates)")
     p.add_argument("--verify-context", type=int, default=VERIFY_CONTEXT,
                    help="cached tokens before the timed decode step and verify passes")
     p.add_argument("--profile", action="store_true",
