@@ -213,6 +213,8 @@ def run(args) -> int:
 
     if args.new_tokens < 2 or args.repeats < 1 or args.verify_context < 1:
         raise ValueError("--new-tokens must be at least 2, --repeats and --verify-context at least 1")
+    if args.bandwidth_bytes < 1 << 16:
+        raise ValueError(f"--bandwidth-bytes must be at least 65536 (64 KiB), got {args.bandwidth_bytes}")
     models = [m for m in args.models.split(",") if m]
     dtypes = [d for d in args.dtypes.split(",") if d]
     console = Console()

@@ -64,8 +64,11 @@ def test_decode_bench_writes_json(tied, tiny_hf, tmp_path):
         assert r["profile"] is None  # only with --profile
 
 
-def test_decode_bench_rejects_bad_arguments(tmp_path):
+def test_decode_bench_rejects_bad_arguments(tmp_path, capsys):
     assert cli_main(["bench", "decode", "--models", "x", "--new-tokens", "1", "--out", str(tmp_path)]) == 1
+    assert cli_main(["bench", "decode", "--models", "x", "--bandwidth-bytes", "100", "--out", str(tmp_path)]) == 1
+    cap = capsys.readouterr()
+    assert "--bandwidth-bytes must be at least 65536" in " ".join((cap.err + cap.out).split())
 
 
 def test_decode_bench_profile(tiny_hf, tmp_path, capsys):
