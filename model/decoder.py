@@ -228,27 +228,24 @@ class Decoder(nn.Module):
             if stack is not None and not fused.embedding_fits(embed, dtype):  # the embedding module's rows
                 h = embed(input_ids)
                 stack = stack if h.dtype == dtype and h.shape[-1] == norm.weight.shape[0] else None
-        if stack is not None:  # (the embedding rows,) every layer and the final norm in one call
-            cos = self.rope_cos[position_ids].to(dtype)[:, None]  # [B, 1, T, D]
-            sin = self.rope_sin[position_ids].to(dtype)[:, None]
-            if h is None:
-                _, h = fused.run_layers(stack, layers, input_ids, None, embed.weight, cos, sin, cache, positions, norm)
-            else:
-                _, h = fused.run_layers(stack, layers, None, h, None, cos, sin, cache, positions, norm)
-            if logits_at is not None:  # the norm is row-wise: normalising before the gather is the same
-                idx = logits_at.long()
-                h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
-            return self.logits(h)
-        if h is None:
+        if h is None and stack is None:
             h = embed(input_ids)  # [B, T, E]
-        cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
-        sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
-        for i, layer in enumerate(layers):
-            h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
-        if logits_at is not None:
+        rope_dtype = dtype if stack is not None else h.dtype
+        cos = self.rope_cos[position_ids].to(rope_dtype)[:, None]  # [B, 1, T, D]
+        sin = self.rope_sin[position_ids].to(rope_dtype)[:, None]
+        if stack is not None:  # (the embedding rows,) every layer and the final norm in one call
+            ids = input_ids if h is None else None
+            h = fused.run_layers(stack, layers, ids, h, embed.weight if ids is not None else None, cos, sin, cache,
+                                    positions, norm)
+        else:
+            for i, layer in enumerate(layers):
+                h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
+        if logits_at is not None:  # the norm is row-wise: the fused step's normalising before it is the same
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
-        return self.logits((kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps))
+        if stack is None:
+            h = (kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps)
+        return self.logits(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the normalised hidden states: the LM head's output in the model dtype,

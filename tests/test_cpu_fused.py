@@ -93,14 +93,20 @@ def test_plans_follow_replaced_modules(tiny_hf):
     assert isinstance(m.decoder.model.layers[0].mlp.down_proj, Int8Linear)
 
 
-def test_plans_follow_weights_given_new_storage(tiny_hf):
+def _bf16_case(tiny_hf, seed: int, n_prefix: int, T: int):
+    """A tiny bf16 llama, a cached prefix of n_prefix random tokens and T more to run after it."""
     from verispec.model import LlamaForSampling
 
     path, _ = tiny_hf("llama")
     m = LlamaForSampling.from_pretrained(path, n_positions=32, amp="bf16")
-    g = torch.Generator().manual_seed(2)
-    prefix = [torch.randint(0, m.vocab_size, (5,), generator=g)]
-    ids, pos = torch.randint(0, m.vocab_size, (1, 3), generator=g), torch.tensor([5])
+    g = torch.Generator().manual_seed(seed)
+    prefix = [torch.randint(0, m.vocab_size, (n_prefix,), generator=g)]
+    ids, pos = torch.randint(0, m.vocab_size, (1, T), generator=g), torch.tensor([n_prefix])
+    return m, prefix, ids, pos
+
+
+def test_plans_follow_weights_given_new_storage(tiny_hf):
+    m, prefix, ids, pos = _bf16_case(tiny_hf, seed=2, n_prefix=5, T=3)
     _both(m, ids, pos, prefix)  # plans built
     with torch.no_grad():
         for layer in m.decoder.model.layers:  # same Parameter objects, new storage and values
@@ -112,13 +118,7 @@ def test_plans_follow_weights_given_new_storage(tiny_hf):
 
 def test_plans_follow_a_replaced_weight_parameter(tiny_hf):
     """A linear layer given a new Parameter object (not just new storage): the plans see it."""
-    from verispec.model import LlamaForSampling
-
-    path, _ = tiny_hf("llama")
-    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp="bf16")
-    g = torch.Generator().manual_seed(3)
-    prefix = [torch.randint(0, m.vocab_size, (4,), generator=g)]
-    ids, pos = torch.randint(0, m.vocab_size, (1, 2), generator=g), torch.tensor([4])
+    m, prefix, ids, pos = _bf16_case(tiny_hf, seed=3, n_prefix=4, T=2)
     before, _, _ = _both(m, ids, pos, prefix)  # plans built
     for layer in m.decoder.model.layers:
         o = layer.self_attn.o_proj
@@ -131,16 +131,10 @@ def test_fused_step_embedding_rows_and_errors(tiny_hf):
     """The fused step copies the embedding rows itself; an embedding module it does not know
     (here a subclass) runs as a module and the layers still fuse; an id outside the table is an
     IndexError naming it on both paths, not a read past the table."""
-    from verispec.model import LlamaForSampling
-
     class Embedding(torch.nn.Embedding):
         pass
 
-    path, _ = tiny_hf("llama")
-    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp="bf16")
-    g = torch.Generator().manual_seed(4)
-    prefix = [torch.randint(0, m.vocab_size, (4,), generator=g)]
-    ids, pos = torch.randint(0, m.vocab_size, (1, 3), generator=g), torch.tensor([4])
+    m, prefix, ids, pos = _bf16_case(tiny_hf, seed=4, n_prefix=4, T=3)
     a, b, calls = _both(m, ids, pos, prefix)
     assert calls == 1 and torch.equal(a, b)
     old = m.decoder.model.embed_tokens

@@ -47,12 +47,10 @@ class LayerPlan:
 
     def __init__(self, layer: nn.Module, dtype: torch.dtype, lib):
         attn, mlp = layer.self_attn, layer.mlp
-        self.parts = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, attn._qkv, attn.o_proj,
-                      mlp._gate_up, mlp.down_proj)
         self.words: list[int] | None = None
         self.keep: list[torch.Tensor] = []
         lins = [attn._qkv, attn.o_proj, mlp._gate_up, mlp.down_proj]
-        norms = self.parts[:2]
+        norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
         if any(n.dtype != dtype or not n.is_contiguous() or n.requires_grad for n in norms):
             return
         words = []
@@ -64,11 +62,11 @@ class LayerPlan:
             self.keep += got[1]
         self.keep += list(norms)
         self.words = words
-        # fused.c's word array: HEAD per-call words (filled in by run_layers), then these
+        # fused.c's word array: HEAD words (filled in by LayerStack and run_layers), then these
         self.array = torch.tensor([0] * HEAD + words, dtype=torch.int64)
-        self.head = self.array.numpy()  # a view: writing the per-call words costs no allocation
         self.eps = (layer.input_layernorm.eps, layer.post_attention_layernorm.eps)
         self.F = mlp._gate_up.out_features // 2
+
 
 def applies(kernels, h: torch.Tensor, active_mask) -> bool:
     """Whether this forward can take the fused path (before looking at the layers)."""
@@ -98,7 +96,7 @@ def applies_to(kernels, B: int, T: int, dtype: torch.dtype, device: torch.device
 
 class LayerStack:
     """Every layer's words in one [L, HEAD + 24] int64 array (and their eps and attention scales),
-    so a step runs all its layers in ONE native call (fused.c's verispec_layers). The per-call
+    so a step runs all its layers in ONE native call (fused.c's verispec_step). The per-call
     words (residual stream, RoPE tables, positions, batch shape) are written as columns; the KV
     cache pointers only when the cache tensors change, after checking they fit."""
 
@@ -183,10 +181,10 @@ def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> LayerStack | No
     return stack
 
 
-def run_layers(stack: LayerStack, layers, ids, h, embed, cos, sin, cache, positions, norm) -> tuple[torch.Tensor, torch.Tensor]:
+def run_layers(stack: LayerStack, layers, ids, h, embed, cos, sin, cache, positions, norm) -> torch.Tensor:
     """The first len(layers) layers of the stack in one native call (fused.c's verispec_step), on
     the embedding rows of ``ids`` [B, T] (``embed``: the table) or, with ``ids`` None, on ``h``
-    [B, T, E]; returns (the residual stream, its final RMSNorm by ``norm``)."""
+    [B, T, E]; returns the final residual stream's RMSNorm by ``norm`` [B, T, E]."""
     lib = get_lib()
     L = len(layers)
     if ids is not None:
@@ -228,7 +226,7 @@ def run_layers(stack: LayerStack, layers, ids, h, embed, cos, sin, cache, positi
         raise IndexError(f"token id {bad} is out of range for the embedding table of {embed.shape[0]} rows")
     if rc != 0:
         raise MemoryError(f"verispec_layer failed in layer {int(stack.failed[0])} (code {rc})")
-    return x, y
+    return y
 
 
 def embedding_fits(embed: nn.Module, dtype: torch.dtype) -> bool:

@@ -39,10 +39,7 @@
 #define PREFETCH_L2(p)
 #else
 #define PREFETCH(p) __builtin_prefetch((const void *)(p), 0, 0)
-#ifndef PF_HINT
-#define PF_HINT 2
-#endif
-#define PREFETCH_L2(p) __builtin_prefetch((const void *)(p), 0, PF_HINT)
+#define PREFETCH_L2(p) __builtin_prefetch((const void *)(p), 0, 2)
 #endif
 
 
@@ -82,10 +79,7 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 #define PAIR_M 8 /* activation rows up to which weight rows go at least two to a group */
 #define QUAD_M 5 /* ... and four to a group from 2 rows up to this (4 x 5 accumulators) */
 
-#ifndef R1
-#define R1 2
-#endif
-static inline int rows_per_pass(int MM) { return MM == 1 ? R1 : MM >= 2 && MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
+static inline int rows_per_pass(int MM) { return MM >= 2 && MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
 
 /* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
  * rounding. Takes the accumulator by value, so the caller's stay in registers. */
