@@ -142,26 +142,33 @@ def interleaved_runs(model, ids, sequence_length: int, wbytes: int, repeats: int
     buf = torch.ones(max(n, 4096), dtype=torch.float32)
     reads = max(1, round(wbytes / (buf.numel() * 4)))
     native.stream_read(buf)  # fault the pages in
+    from verispec.kernels.cpu.fused import hold_plans
+
     out = []
     for _ in range(repeats):
-        steps, floors = [], []
-        it = model.stream(ids, sequence_length, temperature=0.0)
-        next(it)  # the prefill and the first decode step
-        while True:
-            t = time.perf_counter()
-            try:
-                next(it)
-            except StopIteration:
-                break
-            steps.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            for _ in range(reads):
-                native.stream_read(buf)
-            floors.append(wbytes * (time.perf_counter() - t) / (reads * buf.numel() * 4))
-        steps, floors = steps[:-1], floors[:-1]  # the last yield ran no forward
-        out.append({"steps": len(steps), "step_s": sum(steps), "floor_s": sum(floors), "fraction": sum(floors) / sum(steps),
-                    "read_GBps": wbytes * len(floors) / sum(floors) / 1e9, "tokens_per_s": len(steps) / sum(steps)})
+        with hold_plans():  # as in sample(): the probe between the steps changes no model
+            out.append(_interleaved_run(model.stream(ids, sequence_length, temperature=0.0), wbytes, buf, reads, native))
     return out
+
+
+def _interleaved_run(it, wbytes: int, buf, reads: int, native) -> dict:
+    """One run of :func:`interleaved_runs` over the stream ``it``."""
+    steps, floors = [], []
+    next(it)  # the prefill and the first decode step
+    while True:
+        t = time.perf_counter()
+        try:
+            next(it)
+        except StopIteration:
+            break
+        steps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(reads):
+            native.stream_read(buf)
+        floors.append(wbytes * (time.perf_counter() - t) / (reads * buf.numel() * 4))
+    steps, floors = steps[:-1], floors[:-1]  # the last yield ran no forward
+    return {"steps": len(steps), "step_s": sum(steps), "floor_s": sum(floors), "fraction": sum(floors) / sum(steps),
+            "read_GBps": wbytes * len(floors) / sum(floors) / 1e9, "tokens_per_s": len(steps) / sum(steps)}
 
 
 def profile_sample(model, ids, sequence_length: int, top: int = 12) -> dict:

@@ -205,8 +205,9 @@ class LlamaForSampling:
             raise ValueError(f"batch of {B} rows exceeds batch_size={self.batch_size} given to from_pretrained")
         if positions.shape != (B,):
             raise ValueError(f"positions must be [B={B}], got {tuple(positions.shape)}")
-        end = int(positions.max()) + T
-        if int(positions.min()) < 0 or end > self.n_positions:
+        first = positions.tolist()  # (one conversion, not a max and a min: this runs every step)
+        end = max(first, default=0) + T
+        if min(first, default=0) < 0 or end > self.n_positions:
             raise ValueError(f"sequence longer than n_positions={self.n_positions}: a row would reach slot {end - 1}")
         dev = self.device
         return self.decoder(
@@ -262,12 +263,15 @@ class LlamaForSampling:
         ``coupled=True``: each token is the exponential race of the seed's position-keyed noise
         (verispec.spec.coupled), the same tokens a speculative run with ``acceptor="coupled"`` and
         this seed emits at any k and with any draft."""
+        from ..kernels.cpu.fused import hold_plans
+
         steps = self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id, coupled)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        with hold_plans():  # no caller code runs between the steps: the fused plans are checked once
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    return done.value
 
     def stream(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, eos_token_id=None, coupled: bool = False):
@@ -316,22 +320,24 @@ class LlamaForSampling:
                 else:  # positions of the new tokens: lengths[b]
                     tok = race(probs, noise.compute(torch.tensor(active), torch.tensor([lengths[b] for b in active])))
             tok = self.sync_tokens(tok)
+            toks = tok.tolist()
             keep = []
             for i, b in enumerate(active):
-                out[b, lengths[b]] = tok[i]
+                out[b, lengths[b]] = toks[i]
                 lengths[b] += 1
                 n_new += 1
-                if int(tok[i]) in eos:
-                    out[b, lengths[b] :] = int(tok[i])
+                if toks[i] in eos:
+                    out[b, lengths[b] :] = toks[i]
                 elif lengths[b] < sequence_length:
                     keep.append(i)
-            step = {b: [int(tok[i])] for i, b in enumerate(active)}
+            step = {b: [toks[i]] for i, b in enumerate(active)}
             if keep and len(keep) < len(active):
                 self.keep_rows(keep)
+                tok = tok[keep]
             active = [active[i] for i in keep]
             if active:
                 pos = torch.tensor([lengths[b] - 1 for b in active])
-                logits = self.forward(tok[keep][:, None], pos)[:, 0]
+                logits = self.forward(tok[:, None], pos)[:, 0]
             else:  # the stats are final before the last step is handed out
                 self.last_stats = stats()
             yield step

@@ -141,9 +141,12 @@ class SpeculativeGenerator:
 
     def generate(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id=None) -> GenerationResult:
+        from ..kernels.cpu.fused import hold_plans
+
         run = self._run(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
-        for _ in run:
-            pass
+        with hold_plans():  # only the loop's own components run between the forwards
+            for _ in run:
+                pass
         return GenerationResult(self._out, self.last_stats)
 
     def stream(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,

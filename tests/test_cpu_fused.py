@@ -151,3 +151,84 @@ def test_fused_step_embedding_rows_and_errors(tiny_hf):
         m.reset()
         with pytest.raises(IndexError, match=str(m.vocab_size) if on else "out of range"):
             m.forward(bad, pos)
+
+
+def _counting_holds(mp):
+    """Patch _Fingerprint.holds to count its calls; return the list that grows by one per call."""
+    calls = []
+    real = fused._Fingerprint.holds
+
+    def holds(self, decoder):
+        calls.append(1)
+        return real(self, decoder)
+
+    mp.setattr(fused._Fingerprint, "holds", holds)
+    return calls
+
+
+def test_hold_plans_checks_once_per_block_and_per_thread(tiny_hf):
+    """sample() checks the plans at its first fused forward, not at each; a forward outside the
+    block, or on another thread while the block is open, checks as before; the block's end
+    restores the outer state."""
+    import threading
+
+    m, prefix, ids, pos = _bf16_case(tiny_hf, seed=6, n_prefix=4, T=1)
+    m.forward(ids, torch.tensor([0]))  # plans built
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _counting_holds(mp)
+        m.sample(prefix[0][None], 4 + 6, temperature=0.0)  # prefill (4 tokens: fused) + 5 decode steps
+        assert len(calls) == 1
+        for _ in range(3):
+            m.forward(ids, torch.tensor([0]))
+        assert len(calls) == 4
+        with fused.hold_plans():
+            m.forward(ids, torch.tensor([0]))
+            m.forward(ids, torch.tensor([0]))
+            assert len(calls) == 5
+            t = threading.Thread(target=lambda: m.forward(ids, torch.tensor([1])))
+            t.start()
+            t.join()
+            assert len(calls) == 6  # the other thread is not inside this block
+            with fused.hold_plans():  # a nested block checks once more, then holds
+                m.forward(ids, torch.tensor([0]))
+                m.forward(ids, torch.tensor([0]))
+            assert len(calls) == 7
+        assert getattr(fused._held, "scope", None) is None
+        m.forward(ids, torch.tensor([0]))
+        assert len(calls) == 8
+
+
+def test_replacements_between_sample_calls_are_seen(tiny_hf):
+    """A weight Parameter replaced between two sample() calls: the second call's plans use it
+    (the same tokens as the module path), though each call checks only once."""
+    m, prefix, ids, pos = _bf16_case(tiny_hf, seed=7, n_prefix=5, T=1)
+    prompt = prefix[0][None]
+    m.sample(prompt, 5 + 8, temperature=0.0)
+    first = m.decoder.__dict__["_fused_plans"][torch.bfloat16]
+    for layer in m.decoder.model.layers:
+        d = layer.mlp.down_proj
+        d.weight = torch.nn.Parameter(-d.weight.detach().clone(), requires_grad=False)
+    fused_out = m.sample(prompt, 5 + 8, temperature=0.0)
+    assert m.decoder.__dict__["_fused_plans"][torch.bfloat16] is not first
+    m.decoder.fused_layers = False
+    assert torch.equal(fused_out, m.sample(prompt, 5 + 8, temperature=0.0))
+
+
+def test_speculative_generate_checks_each_decoder_once(tiny_hf):
+    from verispec.model import LlamaForSampling
+    from verispec.spec import SpeculativeGenerator
+
+    path, _ = tiny_hf("llama")
+    target = LlamaForSampling.from_pretrained(path, n_positions=64, amp="bf16")
+    draft = LlamaForSampling.from_pretrained(path, n_positions=64, amp="bf16")
+    target.enable_speculative_decoder(4)
+    gen = SpeculativeGenerator(draft, target, 4)
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    gen.sample(prompt, 5 + 12, temperature=0.0)  # plans built
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _counting_holds(mp)
+        out = gen.sample(prompt, 5 + 12, temperature=0.0)
+        assert len(calls) == 2  # the target's and the draft's decoder
+        assert len(list(gen.stream(prompt, 5 + 12, temperature=0.0))) > 2
+        assert len(calls) > 4  # a stream checks at every forward: its caller runs between steps
+    assert torch.equal(out, target.sample(prompt, 5 + 12, temperature=0.0))

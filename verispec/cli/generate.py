@@ -65,6 +65,7 @@ def run(args) -> int:
     import torch
     from rich.console import Console
 
+    from verispec.kernels.cpu.fused import hold_plans
     from verispec.model import LlamaForSampling, Tokenizer, open_source
     from verispec.parallel.launch import in_torchrun, relaunch_under_torchrun
     from verispec.parallel.plan import check_tp_degree
@@ -110,13 +111,14 @@ def run(args) -> int:
     stream = TextStream(tokenizer)
     if not args.chat:  # a chat reply is printed alone; a plain continuation after its prompt
         console.print(text, end="", markup=False, soft_wrap=True)
-    for step in gen.stream(torch.tensor([ids]), seq_len, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, eos_token_id=eos):
-        new = step.per_row().get(0, [])
-        piece = stream.push([t for t in new if eos is None or t not in eos])
-        if piece:
-            console.print(piece, end="", markup=False, soft_wrap=True)
-            console.file.flush()
+    with hold_plans():  # printing between the steps changes no model
+        for step in gen.stream(torch.tensor([ids]), seq_len, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, seed=args.seed, eos_token_id=eos):
+            new = step.per_row().get(0, [])
+            piece = stream.push([t for t in new if eos is None or t not in eos])
+            if piece:
+                console.print(piece, end="", markup=False, soft_wrap=True)
+                console.file.flush()
     console.print(stream.flush(), markup=False, soft_wrap=True)
     if not args.no_stats:  # on stderr, so that stdout is the text alone
         quant = f" ({args.draft_quant} weights)" if args.draft_quant else ""
