@@ -214,8 +214,6 @@ class Decoder(nn.Module):
         num_layers: int | None = None,  # run only the first N layers (layer-skip self-draft)
     ) -> torch.Tensor:  # [B, T or n, V] fp32
         B, T = input_ids.shape
-        if position_ids is None:
-            position_ids = positions[:, None].long() + torch.arange(T, device=input_ids.device)  # [B, T]
         embed, norm = self.model.embed_tokens, self.model.norm
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
         stack = h = None
@@ -230,14 +228,19 @@ class Decoder(nn.Module):
                 stack = stack if h.dtype == dtype and h.shape[-1] == norm.weight.shape[0] else None
         if h is None and stack is None:
             h = embed(input_ids)  # [B, T, E]
-        rope_dtype = dtype if stack is not None else h.dtype
-        cos = self.rope_cos[position_ids].to(rope_dtype)[:, None]  # [B, 1, T, D]
-        sin = self.rope_sin[position_ids].to(rope_dtype)[:, None]
         if stack is not None:  # (the embedding rows,) every layer and the final norm in one call
             ids = input_ids if h is None else None
-            h = fused.run_layers(stack, layers, ids, h, embed.weight if ids is not None else None, cos, sin, cache,
-                                    positions, norm)
+            if position_ids is None:  # rows positions + t of the cast tables, copied by the native step
+                rope = self.rope_tables(dtype)
+            else:
+                rope = (self.rope_cos[position_ids].to(dtype), self.rope_sin[position_ids].to(dtype))  # [B, T, D]
+            h = fused.run_layers(stack, layers, ids, h, embed.weight if ids is not None else None, rope, cache,
+                                 positions, norm)
         else:
+            if position_ids is None:
+                position_ids = positions[:, None].long() + torch.arange(T, device=input_ids.device)  # [B, T]
+            cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
+            sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
             for i, layer in enumerate(layers):
                 h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
         if logits_at is not None:  # the norm is row-wise: the fused step's normalising before it is the same
@@ -246,6 +249,16 @@ class Decoder(nn.Module):
         if stack is None:
             h = (kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps)
         return self.logits(h)
+
+    def rope_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables [S_max, D] cast to ``dtype`` (cached; re-cast when the tables are
+        replaced, e.g. moved to another device): their rows are the cast rows of the fp32 tables,
+        bitwise, since the cast is element-wise."""
+        cos, sin = self.rope_cos, self.rope_sin
+        got = self.__dict__.get("_rope_cast")
+        if got is None or got[0] is not cos or got[1] is not sin or got[2] != dtype:
+            got = self.__dict__["_rope_cast"] = (cos, sin, dtype, cos.to(dtype).contiguous(), sin.to(dtype).contiguous())
+        return got[3], got[4]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of the normalised hidden states: the LM head's output in the model dtype,

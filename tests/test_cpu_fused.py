@@ -232,3 +232,29 @@ def test_speculative_generate_checks_each_decoder_once(tiny_hf):
         assert len(list(gen.stream(prompt, 5 + 12, temperature=0.0))) > 2
         assert len(calls) > 4  # a stream checks at every forward: its caller runs between steps
     assert torch.equal(out, target.sample(prompt, 5 + 12, temperature=0.0))
+
+
+def test_fused_rope_rows_from_tables_and_from_position_ids(tiny_hf):
+    """The native step copies RoPE rows positions + t from the decoder's cast tables; explicit
+    position ids give the module path's logits too; tables replaced (e.g. a device move) are cast
+    again; a table without the rows a step needs is an IndexError, not a read past it."""
+    m, prefix, ids, pos = _bf16_case(tiny_hf, seed=8, n_prefix=6, T=3)
+    a, b, calls = _both(m, ids, pos, prefix)
+    assert calls == 1 and torch.equal(a, b)
+    shifted = pos[:, None] + torch.tensor([[0, 2, 5]])  # explicit, not positions + t
+    outs = []
+    for on in (False, True):
+        m.decoder.fused_layers = on
+        m.reset()
+        m.prefill(prefix)
+        outs.append(m.forward(ids, pos, position_ids=shifted))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], a)
+    dec = m.decoder
+    cos, sin = dec.rope_tables(torch.bfloat16)
+    assert cos.dtype == torch.bfloat16 and torch.equal(cos, dec.rope_cos.to(torch.bfloat16))
+    dec.rope_cos, dec.rope_sin = dec.rope_cos[:8].clone(), dec.rope_sin[:8].clone()  # rows 0..7 only
+    assert dec.rope_tables(torch.bfloat16)[0].shape[0] == 8
+    m.reset()
+    m.prefill(prefix)
+    with pytest.raises(IndexError, match="RoPE table of 8 positions"):
+        m.forward(ids, pos)  # slots 6..8

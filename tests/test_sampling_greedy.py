@@ -137,3 +137,44 @@ def test_native_softmax_at_edges_fall_back_to_torch():
         assert native_sampling.softmax_at(x[0], ids[:1]) is None  # not [R, V]: the caller's torch path
         assert native_sampling.softmax_at(x, ids[:2]) is None
         torch.testing.assert_close(_confidence(x, ids), _torch_softmax_at(x, ids), rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_argmax_of_a_long_row_is_the_same_for_any_thread_count(dtype):
+    """A row of >= 32768 values is cut over the threads: the lowest id of the maximum whatever the
+    thread count, with ties and NaN on either side of every cut, as torch picks it."""
+    V = 151936
+    g = torch.Generator().manual_seed(11)
+    rows = [torch.randn(V, generator=g)]
+    tie = torch.randint(0, 3, (V,), generator=g).float()  # ties in every part
+    rows.append(tie)
+    late = torch.full((V,), -1.0)
+    late[V - 1] = 5.0  # the maximum in the last part, its tail
+    rows.append(late)
+    edge = torch.zeros(V)
+    edge[V // 2] = edge[V // 2 - 1] = 2.0  # a tie at the two-thread cut: the lower id
+    rows.append(edge)
+    rows.append(torch.full((V,), float("-inf")))
+    threads = torch.get_num_threads()
+    try:
+        for x in rows:
+            x = x[None].to(dtype)
+            want = x.float().argmax(-1)
+            for nt in (1, 2, 3, 7):
+                torch.set_num_threads(nt)
+                ids, has_nan = native_sampling.argmax(x)
+                assert not has_nan and torch.equal(ids, want), nt
+        for where in (0, V // 3, V // 2, V - 1):
+            x = torch.randn(1, V, generator=g).to(dtype)
+            x[0, where] = float("nan")
+            for nt in (1, 2, 3):
+                torch.set_num_threads(nt)
+                ids, has_nan = native_sampling.argmax(x)
+                assert has_nan and ids.tolist() == [-1], (where, nt)
+        x = torch.randn(4, V, generator=g).to(dtype)  # several long rows: rows over the threads
+        x[2, 9] = float("nan")
+        torch.set_num_threads(2)
+        ids, has_nan = native_sampling.argmax(x)
+        assert has_nan and ids[2] == -1 and torch.equal(ids[[0, 1, 3]], x[[0, 1, 3]].float().argmax(-1))
+    finally:
+        torch.set_num_threads(threads)

@@ -79,7 +79,7 @@ def _build() -> ctypes.CDLL:
     lib.verispec_layer.argtypes = [vp, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
     lib.verispec_layer.restype = ctypes.c_int
     lib.verispec_step.argtypes = [vp, i64, i64, vp, ctypes.c_int, ctypes.c_int, vp, i64, i64, vp, vp, i64, vp,
-                                  ctypes.c_float, vp]
+                                  ctypes.c_float, vp, vp, vp]
     lib.verispec_step.restype = ctypes.c_int
     lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int, ctypes.c_int]
@@ -90,7 +90,7 @@ def _build() -> ctypes.CDLL:
     lib.verispec_rope_append.restype = None
     lib.verispec_silu_mul.argtypes = [vp, vp, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.verispec_silu_mul.restype = None
-    lib.verispec_argmax.argtypes = [vp, i64, i64, ctypes.c_int, vp]
+    lib.verispec_argmax.argtypes = [vp, i64, i64, ctypes.c_int, vp, ctypes.c_int]
     lib.verispec_argmax.restype = i64
     lib.verispec_softmax_at.argtypes = [vp, i64, i64, ctypes.c_int, vp, vp]
     lib.verispec_softmax_at.restype = i64

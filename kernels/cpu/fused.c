@@ -164,7 +164,9 @@ done:
 }
 
 /* A step's decoder in one call: the embedding rows of ids (when given) into the residual stream
- * x [R, E] (every layer's P[0]), L layers, layer l reading words P + l * stride (as
+ * x [R, E] (every layer's P[0]), when cos_tab/sin_tab are given ([S, D] RoPE tables in the model
+ * dtype, S > positions[b] + T - 1, checked by the caller) their rows positions[b] + t into the
+ * [B, T, D] buffers every layer reads (P[3], P[4]), L layers, layer l reading words P + l * stride (as
  * verispec_layer) and f[3 l .. 3 l + 2] = (eps_in, eps_post, attn_scale), then the final RMSNorm
  * of x into y (when norm_w is given). Returns 0; -5 if ids[*failed] is not in [0, V); else the
  * failing layer's code, its index in *failed. Saves the per-layer calls from Python (argument
@@ -172,9 +174,17 @@ done:
  * weight stream run with cold caches: ~2 ms of a 30 ms 0.5B step. */
 int verispec_step(const int64_t *P, int64_t L, int64_t stride, const float *f, int bf16, int nt, int64_t *failed,
                   int64_t R, int64_t E, const int64_t *ids, const void *embed, int64_t V, const void *norm_w,
-                  float norm_eps, void *y) {
+                  float norm_eps, void *y, const void *cos_tab, const void *sin_tab) {
     void *x = (void *)P[0];
     const int64_t size = bf16 ? 2 : 4;
+    if (cos_tab) {
+        const int64_t *pos = (const int64_t *)P[5], B = P[8], T = P[9], D = P[13], row = D * size;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t t = 0; t < T; t++) {
+                memcpy((char *)P[3] + (b * T + t) * row, (const char *)cos_tab + (pos[b] + t) * row, (size_t)row);
+                memcpy((char *)P[4] + (b * T + t) * row, (const char *)sin_tab + (pos[b] + t) * row, (size_t)row);
+            }
+    }
     if (ids) {
         for (int64_t r = 0; r < R; r++)
             if (ids[r] < 0 || ids[r] >= V) {

@@ -115,7 +115,15 @@ class LayerStack:
         self.floats = torch.tensor([[p.eps[0], p.eps[1], l.self_attn.scale] for p, l in zip(plans, layers)],
                                    dtype=torch.float32)  # [L, 3]
         self.failed = torch.zeros(1, dtype=torch.int64)
+        self._rope = None  # [2, MAX_M, D] rows of the RoPE tables for one step (rope_rows)
         self.checked = None  # (KV cache pointers, B, dtype) whose fit was last checked
+
+
+    def rope_rows(self, dtype: torch.dtype, D: int) -> torch.Tensor:
+        """[2, MAX_M, D] buffers the native step fills with a step's cos and sin rows."""
+        if self._rope is None or self._rope.dtype != dtype or self._rope.shape[2] != D:
+            self._rope = torch.empty(2, MAX_M, D, dtype=dtype)
+        return self._rope
 
 
 class _Fingerprint:
@@ -209,10 +217,12 @@ def plans_for(decoder: nn.Module, layers, dtype: torch.dtype) -> LayerStack | No
     return stack
 
 
-def run_layers(stack: LayerStack, layers, ids, h, embed, cos, sin, cache, positions, norm) -> torch.Tensor:
+def run_layers(stack: LayerStack, layers, ids, h, embed, rope, cache, positions, norm) -> torch.Tensor:
     """The first len(layers) layers of the stack in one native call (fused.c's verispec_step), on
     the embedding rows of ``ids`` [B, T] (``embed``: the table) or, with ``ids`` None, on ``h``
-    [B, T, E]; returns the final residual stream's RMSNorm by ``norm`` [B, T, E]."""
+    [B, T, E]; returns the final residual stream's RMSNorm by ``norm`` [B, T, E]. ``rope``: (cos,
+    sin) either [S, D] tables in the model dtype, whose rows positions[b] + t the native step
+    copies itself, or the [B, T, D] rows (explicit position ids)."""
     lib = get_lib()
     L = len(layers)
     if ids is not None:
@@ -228,10 +238,23 @@ def run_layers(stack: LayerStack, layers, ids, h, embed, cos, sin, cache, positi
     if norm.weight.shape != (E,):
         raise ValueError(f"final norm weight {tuple(norm.weight.shape)} does not fit hidden size {E}")
     y = torch.empty_like(x)
-    cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = rope
     H, H_kv, D = stack.shape
     S_max = cache.k[0].shape[2]
-    pos = torch.tensor(reference.check_append_slots(positions, B, T, S_max), dtype=torch.int64)
+    first = reference.check_append_slots(positions, B, T, S_max)
+    pos = torch.tensor(first, dtype=torch.int64)
+    tables = cos.dim() == 2
+    if tables:  # the native step copies the rows into the stack's buffers
+        if cos.shape != sin.shape or cos.shape[1] != D or cos.dtype != dtype or not cos.is_contiguous() \
+                or not sin.is_contiguous() or sin.dtype != dtype:
+            raise ValueError(f"RoPE tables {tuple(cos.shape)} {cos.dtype} do not fit head size {D} in {dtype}")
+        if max(first) + T > cos.shape[0]:
+            raise IndexError(f"RoPE table of {cos.shape[0]} positions has no row {max(first) + T - 1}")
+        rows = stack.rope_rows(dtype, D)
+        cos_p, sin_p, tab = rows[0].data_ptr(), rows[1].data_ptr(), (cos.data_ptr(), sin.data_ptr())
+    else:
+        cos, sin = cos.contiguous(), sin.contiguous()
+        cos_p, sin_p, tab = cos.data_ptr(), sin.data_ptr(), (None, None)
     ks, vs = cache.k[:L], cache.v[:L]
     ptrs = ([k.data_ptr() for k in ks], [v.data_ptr() for v in vs])
     key = (ptrs, B, dtype)
@@ -243,12 +266,13 @@ def run_layers(stack: LayerStack, layers, ids, h, embed, cos, sin, cache, positi
                 raise ValueError(f"layer {i}: KV cache {tuple(k.shape)} {k.dtype} does not fit the fused layer")
         w[:L, 6], w[:L, 7] = ptrs  # k[:B], v[:B] start where k, v do
         stack.checked = key
-    w[:L, 0], w[:L, 3], w[:L, 4], w[:L, 5] = x.data_ptr(), cos.data_ptr(), sin.data_ptr(), pos.data_ptr()
+    w[:L, 0], w[:L, 3], w[:L, 4], w[:L, 5] = x.data_ptr(), cos_p, sin_p, pos.data_ptr()
     w[:L, 8], w[:L, 9], w[:L, 10], w[:L, 14] = B, T, E, S_max
     rc = lib.verispec_step(stack.array.data_ptr(), L, w.shape[1], stack.floats.data_ptr(), int(dtype == torch.bfloat16),
                            torch.get_num_threads(), stack.failed.data_ptr(), B * T, E,
                            ids.data_ptr() if ids is not None else None, embed.data_ptr() if ids is not None else None,
-                           embed.shape[0] if ids is not None else 0, norm.weight.data_ptr(), float(norm.eps), y.data_ptr())
+                           embed.shape[0] if ids is not None else 0, norm.weight.data_ptr(), float(norm.eps), y.data_ptr(),
+                           *tab)
     if rc == -5:
         bad = int(ids.reshape(-1)[int(stack.failed[0])])
         raise IndexError(f"token id {bad} is out of range for the embedding table of {embed.shape[0]} rows")

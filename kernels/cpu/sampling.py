@@ -29,7 +29,8 @@ def argmax(logits: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     V = logits.shape[-1]
     x = logits.contiguous()
     out = torch.empty(x.shape[:-1], dtype=torch.int64)
-    n_nan = lib.verispec_argmax(x.data_ptr(), x.numel() // V, V, int(x.dtype == torch.bfloat16), out.data_ptr())
+    n_nan = lib.verispec_argmax(x.data_ptr(), x.numel() // V, V, int(x.dtype == torch.bfloat16), out.data_ptr(),
+                                torch.get_num_threads())
     return out, n_nan > 0
 
 
