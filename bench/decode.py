@@ -137,13 +137,12 @@ def interleaved_runs(model, ids, sequence_length: int, wbytes: int, repeats: int
     import torch
 
     from verispec.kernels import cpu as native
+    from verispec.kernels.cpu.fused import hold_plans
 
     n = min(probe_bytes, wbytes) // 4 // 4096 * 4096
     buf = torch.ones(max(n, 4096), dtype=torch.float32)
     reads = max(1, round(wbytes / (buf.numel() * 4)))
     native.stream_read(buf)  # fault the pages in
-    from verispec.kernels.cpu.fused import hold_plans
-
     out = []
     for _ in range(repeats):
         with hold_plans():  # as in sample(): the probe between the steps changes no model

@@ -115,15 +115,10 @@ class LayerStack:
         self.floats = torch.tensor([[p.eps[0], p.eps[1], l.self_attn.scale] for p, l in zip(plans, layers)],
                                    dtype=torch.float32)  # [L, 3]
         self.failed = torch.zeros(1, dtype=torch.int64)
-        self._rope = None  # [2, MAX_M, D] rows of the RoPE tables for one step (rope_rows)
+        # [2, MAX_M, D] in the plans' dtype (their norm weights'): a step's cos and sin rows, which
+        # the native step copies from the RoPE tables
+        self.rope = torch.empty(2, MAX_M, attn0.head_dim, dtype=plans[0].keep[-1].dtype)
         self.checked = None  # (KV cache pointers, B, dtype) whose fit was last checked
-
-
-    def rope_rows(self, dtype: torch.dtype, D: int) -> torch.Tensor:
-        """[2, MAX_M, D] buffers the native step fills with a step's cos and sin rows."""
-        if self._rope is None or self._rope.dtype != dtype or self._rope.shape[2] != D:
-            self._rope = torch.empty(2, MAX_M, D, dtype=dtype)
-        return self._rope
 
 
 class _Fingerprint:
@@ -250,8 +245,7 @@ def run_layers(stack: LayerStack, layers, ids, h, embed, rope, cache, positions,
             raise ValueError(f"RoPE tables {tuple(cos.shape)} {cos.dtype} do not fit head size {D} in {dtype}")
         if max(first) + T > cos.shape[0]:
             raise IndexError(f"RoPE table of {cos.shape[0]} positions has no row {max(first) + T - 1}")
-        rows = stack.rope_rows(dtype, D)
-        cos_p, sin_p, tab = rows[0].data_ptr(), rows[1].data_ptr(), (cos.data_ptr(), sin.data_ptr())
+        cos_p, sin_p, tab = stack.rope[0].data_ptr(), stack.rope[1].data_ptr(), (cos.data_ptr(), sin.data_ptr())
     else:
         cos, sin = cos.contiguous(), sin.contiguous()
         cos_p, sin_p, tab = cos.data_ptr(), sin.data_ptr(), (None, None)

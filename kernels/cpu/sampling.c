@@ -77,19 +77,18 @@ int64_t verispec_argmax(const void *x, int64_t R, int64_t V, int bf16, int64_t *
     if (nt > MAX_PARTS) nt = MAX_PARTS;
     if (R == 1 && nt > 1 && V >= SPLIT_MIN) {
         int64_t best[MAX_PARTS];
-        int nan[MAX_PARTS];
+        int nan[MAX_PARTS], parts = 1;
 #pragma omp parallel num_threads(nt)
         {
             const int n = omp_get_num_threads(), id = omp_get_thread_num();
             const int64_t c0 = V * id / n / 16 * 16, c1 = id + 1 == n ? V : V * (id + 1) / n / 16 * 16;
             nan[id] = 0;
             best[id] = c0 + argmax_row((const char *)x + c0 * esize, c1 - c0, bf16, &nan[id]);
-            if (id == 0)
-                for (int j = n; j < MAX_PARTS; j++) best[j] = -1; /* parts no thread ran */
+            if (id == 0) parts = n; /* the threads the runtime gave */
         }
         int64_t i = best[0];
         int any_nan = nan[0];
-        for (int j = 1; j < nt && best[j] >= 0; j++) {
+        for (int j = 1; j < parts; j++) {
             any_nan |= nan[j];
             if (ld_any(x, best[j], bf16) > ld_any(x, i, bf16)) i = best[j];
         }
