@@ -61,15 +61,33 @@ def _rope_case(B, T, H, H_kv, D, S, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,T,H,H_kv,D", [(1, 1, 4, 2, 8), (2, 3, 6, 2, 16), (3, 5, 2, 2, 6)])
-def test_rope_append_is_bitwise_the_reference(dtype, B, T, H, H_kv, D):
+@pytest.mark.parametrize("B,T,H,H_kv,D", [(1, 1, 4, 2, 8), (2, 3, 6, 2, 16), (3, 5, 2, 2, 6), (1, 1, 14, 2, 64),
+                                           (2, 5, 3, 1, 32), (1, 2, 4, 2, 128)])
+@pytest.mark.parametrize("special", [False, True])
+def test_rope_append_is_bitwise_the_reference(dtype, B, T, H, H_kv, D, special):
+    """Half widths of 16 and more take the 16-lane path; ``special`` puts NaN, infinities, values
+    whose products are denormal or overflow, and round-to-even ties into the inputs."""
     S = 12
     qkv, cos, sin, (k1, v1, k2, v2) = _rope_case(B, T, H, H_kv, D, S, dtype)
+    if special:
+        g = torch.Generator().manual_seed(D)
+        vals = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-38, -3e-39, 1e38, 3e38, 1.00390625,
+                             1.01171875, 0.0, -0.0, 2.0 ** -133]).to(dtype)
+        for t in (qkv, cos, sin):
+            flat = t.view(-1)
+            idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 3),), generator=g)
+            flat[idx] = vals[torch.randint(0, len(vals), (len(idx),), generator=g)]
     pos = torch.tensor([S - T - b for b in range(B)])  # rows at different slots, the last ones used
     q = layer.rope_append(qkv, cos, sin, k1, v1, pos, H, H_kv)
     q_ref = reference.rope_append(qkv, cos, sin, k2, v2, pos, H, H_kv)
     assert q.shape == (B, H, T, D)
-    assert torch.equal(q, q_ref) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    if not special:
+        assert torch.equal(q, q_ref) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    else:  # NaN where the reference has NaN (its payload is torch's business), the same bits elsewhere
+        for a, b in ((q, q_ref), (k1, k2), (v1, v2)):
+            assert torch.equal(a.isnan(), b.isnan()) and a.isnan().any() == b.isnan().any()
+            bits = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+            assert torch.equal(a.view(bits)[~a.isnan()], b.view(bits)[~b.isnan()])
 
 
 def test_rope_append_takes_strided_input_and_leaves_other_appends_to_their_backend():

@@ -93,61 +93,114 @@ static inline __m512 load16(const char *row, int64_t d, int is_bf16) {
 #define TC 5     /* queries whose p . V sums share one pass over V (5 x 4 accumulators in registers) */
 #define VBLOCK 32 /* slots per block of the p . V sum: a block's sum is added to the total */
 
-/* Fast path, D = 16 * NV (NV = 4 or 8). Every cache row is read once for all T queries; each
- * query's arithmetic is the same sequence whatever T is:
- * - scores: dot over D in 16 lanes, D / 16 FMAs in order, then a fixed-order lane reduction;
+/* The sum of a's 16 lanes by a fixed tree: lane i + lane i + 8, then i + i + 4, then (0 + 2) +
+ * (1 + 3). */
+static inline float hsum1(__m512 a) {
+    const __m256 t3 = _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)), _mm512_castps512_ps256(a));
+    const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+    const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, _MM_SHUFFLE(1, 1, 1, 1)));
+}
+
+/* Lane n = hsum1(a[n]) for 16 vectors at once, bit for bit (the same additions of the same
+ * values): the four levels of hsum1's tree, each combining two vectors' lanes with two shuffles
+ * and one add. 45 operations for 16 sums instead of ~8 each. The pairing below puts key n in
+ * output lane n. */
+#define HS_L1(x, y) _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0xEE), _mm512_shuffle_f32x4(x, y, 0x44))
+#define HS_L2(x, y) _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0xDD), _mm512_shuffle_f32x4(x, y, 0x88))
+#define HS_L3(x, y) _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x44), _mm512_shuffle_ps(x, y, 0xEE))
+#define HS_L4(x, y) _mm512_add_ps(_mm512_shuffle_ps(x, y, 0x88), _mm512_shuffle_ps(x, y, 0xDD))
+static inline __m512 hsum16(const __m512 *a) {
+    const __m512 r1 = HS_L2(HS_L1(a[0], a[4]), HS_L1(a[8], a[12])), r2 = HS_L2(HS_L1(a[1], a[5]), HS_L1(a[9], a[13]));
+    const __m512 r3 = HS_L2(HS_L1(a[2], a[6]), HS_L1(a[10], a[14])), r4 = HS_L2(HS_L1(a[3], a[7]), HS_L1(a[11], a[15]));
+    return HS_L4(HS_L3(r1, r2), HS_L3(r3, r4));
+}
+
+/* Lane accumulators of one query's score with key row kr: D / 16 FMAs (fp32) or D / 32 dpbf16
+ * (bf16 pairs multiplied exactly, accumulated in fp32) in order from zero. */
+static inline __attribute__((always_inline)) __m512 score_lanes(const float *q, const __m512i *qv, const char *kr,
+                                                                const int NV, int is_bf16) {
+    __m512 a = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+    if (is_bf16) {
+        for (int v = 0; v < NV / 2; v++) a = _mm512_dpbf16_ps(a, (__m512bh)qv[v], (__m512bh)_mm512_loadu_si512(kr + 64 * v));
+        return a;
+    }
+#endif
+    for (int v = 0; v < NV; v++) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), load16(kr, 16 * v, is_bf16), a);
+    return a;
+}
+
+/* V row j's 64 values from d0 as fp32 in vr[4]. bf16 rows are widened 32 at a time, the even
+ * elements in one register and the odd ones in the next (a fixed permutation of the lanes, undone
+ * on the way out): one operation per 16 values instead of two. */
+static inline __attribute__((always_inline)) void load_v64(const char *row, int d0, int is_bf16, __m512 *vr) {
+    if (is_bf16) {
+        const __m512i lo = _mm512_loadu_si512(row + 2 * d0), hi = _mm512_loadu_si512(row + 2 * d0 + 64);
+        const __m512i m = _mm512_set1_epi32((int)0xffff0000u);
+        vr[0] = _mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)); /* elements d0 + 0, 2, ..., 30 */
+        vr[1] = _mm512_castsi512_ps(_mm512_and_si512(lo, m));   /* d0 + 1, 3, ..., 31 */
+        vr[2] = _mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)); /* d0 + 32, 34, ..., 62 */
+        vr[3] = _mm512_castsi512_ps(_mm512_and_si512(hi, m));   /* d0 + 33, 35, ..., 63 */
+    } else
+        for (int v = 0; v < 4; v++) vr[v] = _mm512_loadu_ps((const float *)row + d0 + 16 * v);
+}
+
+/* p . V over slots [j0, j1) for NQ queries that all see them, into their block and running sums:
+ * slot j's weight p[u * Sp + j] times its V row, added in slot order; a block's sum goes into the
+ * total after each VBLOCK-th slot (by absolute index). NQ is a compile-time constant, so the sums
+ * live in registers for the span and in blk / tot between spans. */
+static inline __attribute__((always_inline)) void pv_span(const int NQ, const float *p, int64_t Sp, const char *vb,
+                                                          int64_t j0, int64_t j1, int64_t D, int d0, int64_t esize,
+                                                          int is_bf16, __m512 blk[TC][4], __m512 tot[TC][4]) {
+    __m512 b[TC][4], tt[TC][4];
+    for (int u = 0; u < NQ; u++)
+        for (int v = 0; v < 4; v++) b[u][v] = blk[u][v], tt[u][v] = tot[u][v];
+    for (int64_t j = j0; j < j1; j++) {
+        __m512 vr[4];
+        load_v64(vb + j * D * esize, d0, is_bf16, vr);
+        for (int u = 0; u < NQ; u++) {
+            const __m512 w = _mm512_set1_ps(p[u * Sp + j]);
+            for (int v = 0; v < 4; v++) b[u][v] = _mm512_fmadd_ps(w, vr[v], b[u][v]);
+        }
+        if ((j + 1) % VBLOCK == 0)
+            for (int u = 0; u < NQ; u++)
+                for (int v = 0; v < 4; v++) {
+                    tt[u][v] = _mm512_add_ps(tt[u][v], b[u][v]);
+                    b[u][v] = _mm512_setzero_ps();
+                }
+    }
+    for (int u = 0; u < NQ; u++)
+        for (int v = 0; v < 4; v++) blk[u][v] = b[u][v], tot[u][v] = tt[u][v];
+}
+
+/* Fast path, D = 16 * NV (NV = 4 or 8). Each query's arithmetic is the same sequence whatever T
+ * is:
+ * - scores: score_lanes, then hsum1's lane tree (16 keys at a time by hsum16, bitwise the same);
  * - softmax: exp of s - max, summed in 16 lanes (slot j in lane j % 16), then reduced;
  * - p . V: slots in blocks of VBLOCK (by absolute slot index), summed in order within a block,
- *   block sums added to the total in order; the total divided by the softmax sum. */
+ *   block sums added to the total in order; the total divided by the softmax sum. Queries share
+ *   each pass over V, TC at a time. */
 static inline __attribute__((always_inline)) void head_fast(const float *qf, const uint16_t *qbf, const char *kb, const char *vb,
                                                             int64_t S0, int64_t T, const int NV, int64_t esize,
                                                             int is_bf16, float scale, float *p, int64_t Sp,
                                                             float *outf) {
     const int64_t D = 16 * NV;
-    for (int64_t t = 0; t < T; t++) { /* scores of query t: slots 0 .. S0 - 1 + t, four at a time */
+    const __m512 scale16 = _mm512_set1_ps(scale);
+    for (int64_t t = 0; t < T; t++) { /* scores of query t: slots 0 .. S0 - 1 + t */
         const int64_t S = S0 + t;
         float *pt = p + t * Sp;
-#if defined(__AVX512BF16__)
-        if (is_bf16) { /* bf16 pairs multiplied exactly, accumulated in fp32 (vdpbf16ps) */
-            __m512bh qv[4];
-            for (int v = 0; v < NV / 2; v++) qv[v] = (__m512bh)_mm512_loadu_si512(qbf + t * D + 32 * v);
-            int64_t j = 0;
-            for (; j + 4 <= S; j += 4) {
-                __m512 a[4];
-                for (int u = 0; u < 4; u++) {
-                    const uint16_t *kr = (const uint16_t *)kb + (j + u) * D;
-                    a[u] = _mm512_setzero_ps();
-                    for (int v = 0; v < NV / 2; v++)
-                        a[u] = _mm512_dpbf16_ps(a[u], qv[v], (__m512bh)_mm512_loadu_si512(kr + 32 * v));
-                }
-                for (int u = 0; u < 4; u++) pt[j + u] = _mm512_reduce_add_ps(a[u]) * scale;
-            }
-            for (; j < S; j++) {
-                const uint16_t *kr = (const uint16_t *)kb + j * D;
-                __m512 a = _mm512_setzero_ps();
-                for (int v = 0; v < NV / 2; v++) a = _mm512_dpbf16_ps(a, qv[v], (__m512bh)_mm512_loadu_si512(kr + 32 * v));
-                pt[j] = _mm512_reduce_add_ps(a) * scale;
-            }
-            continue;
-        }
-#endif
         const float *q = qf + t * D;
+        __m512i qv[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        if (is_bf16 && qbf)
+            for (int v = 0; v < NV / 2; v++) qv[v] = _mm512_loadu_si512(qbf + t * D + 32 * v);
         int64_t j = 0;
-        for (; j + 4 <= S; j += 4) {
-            __m512 a[4];
-            for (int u = 0; u < 4; u++) {
-                a[u] = _mm512_setzero_ps();
-                for (int v = 0; v < NV; v++)
-                    a[u] = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), load16(kb + (j + u) * D * esize, 16 * v, is_bf16), a[u]);
-            }
-            for (int u = 0; u < 4; u++) pt[j + u] = _mm512_reduce_add_ps(a[u]) * scale;
+        for (; j + 16 <= S; j += 16) {
+            __m512 a[16];
+            for (int u = 0; u < 16; u++) a[u] = score_lanes(q, qv, kb + (j + u) * D * esize, NV, is_bf16);
+            _mm512_storeu_ps(pt + j, _mm512_mul_ps(hsum16(a), scale16));
         }
-        for (; j < S; j++) {
-            __m512 a = _mm512_setzero_ps();
-            for (int v = 0; v < NV; v++)
-                a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), load16(kb + j * D * esize, 16 * v, is_bf16), a);
-            pt[j] = _mm512_reduce_add_ps(a) * scale;
-        }
+        for (; j < S; j++) pt[j] = hsum1(score_lanes(q, qv, kb + j * D * esize, NV, is_bf16)) * scale;
     }
     float sum[16];
     for (int64_t t = 0; t < T; t++) { /* softmax numerators in place, and their sum */
@@ -177,27 +230,40 @@ static inline __attribute__((always_inline)) void head_fast(const float *qf, con
             __m512 blk[TC][4], tot[TC][4];
             for (int u = 0; u < TC; u++)
                 for (int v = 0; v < 4; v++) blk[u][v] = tot[u][v] = _mm512_setzero_ps();
-            const int64_t S_end = S0 + t0 + tc - 1;
-            for (int64_t j = 0; j < S_end; j++) {
+            const float *pq = p + t0 * Sp;
+            const int64_t shared = S0 + t0; /* slots every one of the tc queries sees */
+            switch (tc) { /* a compile-time query count, so the sums stay in registers */
+            case 1: pv_span(1, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
+            case 2: pv_span(2, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
+            case 3: pv_span(3, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
+            case 4: pv_span(4, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
+            default: pv_span(TC, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
+            }
+            for (int64_t j = shared; j < S0 + t0 + tc - 1; j++) { /* the last tc - 1 slots: later queries only */
                 __m512 vr[4];
-                for (int v = 0; v < 4; v++) vr[v] = load16(vb + j * D * esize, d0 + 16 * v, is_bf16);
-                for (int u = 0; u < TC; u++)
-                    if (u < tc && j < S0 + t0 + u) {
-                        const __m512 w = _mm512_set1_ps(p[(t0 + u) * Sp + j]);
-                        for (int v = 0; v < 4; v++) blk[u][v] = _mm512_fmadd_ps(w, vr[v], blk[u][v]);
-                    }
-                if ((j + 1) % VBLOCK == 0)
-                    for (int u = 0; u < TC; u++)
+                load_v64(vb + j * D * esize, d0, is_bf16, vr);
+                for (int64_t u = j - shared + 1; u < tc; u++) { /* query u sees slots < S0 + t0 + u */
+                    const __m512 w = _mm512_set1_ps(pq[u * Sp + j]);
+                    for (int v = 0; v < 4; v++) blk[u][v] = _mm512_fmadd_ps(w, vr[v], blk[u][v]);
+                    if ((j + 1) % VBLOCK == 0)
                         for (int v = 0; v < 4; v++) {
                             tot[u][v] = _mm512_add_ps(tot[u][v], blk[u][v]);
                             blk[u][v] = _mm512_setzero_ps();
                         }
+                }
             }
             for (int u = 0; u < tc; u++) {
                 const __m512 s = _mm512_set1_ps(sum[t0 + u]);
-                for (int v = 0; v < 4; v++)
-                    _mm512_storeu_ps(outf + (t0 + u) * D + d0 + 16 * v,
-                                     _mm512_div_ps(_mm512_add_ps(tot[u][v], blk[u][v]), s));
+                float o[64];
+                for (int v = 0; v < 4; v++) _mm512_storeu_ps(o + 16 * v, _mm512_div_ps(_mm512_add_ps(tot[u][v], blk[u][v]), s));
+                float *dst = outf + (t0 + u) * D + d0;
+                if (is_bf16) /* undo the even/odd lanes: o[0:16] = elements 0, 2, .., o[16:32] = 1, 3, .. */
+                    for (int i = 0; i < 16; i++) {
+                        dst[2 * i] = o[i], dst[2 * i + 1] = o[16 + i];
+                        dst[32 + 2 * i] = o[32 + i], dst[33 + 2 * i] = o[48 + i];
+                    }
+                else
+                    memcpy(dst, o, sizeof o);
             }
         }
 }

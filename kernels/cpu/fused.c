@@ -89,10 +89,7 @@ NO_CONTRACT void verispec_silu_mul(const void *gu, void *m, int64_t R, int64_t F
                 u = _mm512_loadu_ps((const float *)gu + u0);
             }
             const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            float sv[16], uv[16];
-            _mm512_storeu_ps(sv, s);
-            _mm512_storeu_ps(uv, u);
-            for (int j = 0; j < 16; j++) st_any(m, o + j, rnd_any(sv[j], bf16) * uv[j], bf16);
+            st16_any(m, o, MUL16(rnd16_any(s, bf16), u), bf16);
             continue;
         }
 #endif
@@ -156,7 +153,11 @@ NO_CONTRACT int verispec_layer(const int64_t *P, float eps_in, float eps_post, f
     STAGE(8);
     if ((rc = linear(down_l, m, a, R, bf16, nt))) goto done;
     STAGE(9);
-    for (int64_t i = 0; i < R * E; i++) st_any(x, i, ld_any(x, i, bf16) + ld_any(a, i, bf16), bf16);
+    int64_t i0 = 0;
+#if defined(__AVX512F__)
+    for (; i0 + 16 <= R * E; i0 += 16) st16_any(x, i0, ADD16(ld16_any(x, i0, bf16), ld16_any(a, i0, bf16)), bf16);
+#endif
+    for (int64_t i = i0; i < R * E; i++) st_any(x, i, ld_any(x, i, bf16) + ld_any(a, i, bf16), bf16);
     STAGE(10);
 done:
     free(buf);

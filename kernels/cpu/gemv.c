@@ -31,6 +31,9 @@
 #ifndef STEAL_BYTES
 #define STEAL_BYTES 65536 /* weight bytes per block of the rebalanced split (steal.h) */
 #endif
+#ifndef CHUNK_STEAL_BYTES
+#define CHUNK_STEAL_BYTES 262144 /* ... and of the K-chunked split: each block reads all M activations again */
+#endif
 #ifndef X_L1_BYTES
 #define X_L1_BYTES 24576 /* activation bytes per K-chunk of the bf16 kernel: they stay in L1 */
 #endif
@@ -62,9 +65,13 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
  * over a chunk [k0, k1) of K (multiples of 32) against MM activation rows, R * MM accumulators in
  * registers, each activation load shared by the R rows and each weight load by the MM
  * activations. pass_bf16_MM runs a thread's output rows [n0, n1) in groups of R = rows_per_pass(MM)
- * (then single rows): 2 rows for MM = 1 (two independent dpbf16 chains per step), 4 for MM in
- * 2 .. QUAD_M (fewer loads per dpbf16: at MM = 5, 9 loads for 20 products instead of 7 for 10,
- * which lifts the cache-resident rate of a 5-token verify pass), 2 up to PAIR_M, else 1. Every
+ * (then single rows): 1 row for MM = 1, 4 for MM in 2 .. QUAD_M (fewer loads per dpbf16: at
+ * MM = 5, 9 loads for 20 products instead of 7 for 10, which lifts the cache-resident rate of a
+ * 5-token verify pass), 2 up to PAIR_M, else 1. A decode step (MM = 1) is bound by the weight
+ * stream, and one row at a time keeps each thread's reads a single sequential stream: over the
+ * 0.5B's products at 40-45 GB/s it read 3-7% faster than rows in pairs (two interleaved streams,
+ * two dpbf16 chains), and four rows were slower still; one chain of dpbf16 still outruns a
+ * core's share of the stream. Every
  * row's MM accumulators see the same additions in the same order whatever R, M and the chunking,
  * so the sums are bitwise those of a plain row-by-row loop and do not depend on M.
  *
@@ -76,10 +83,10 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
  * reads. One call per thread and chunk, not per row: a row kernel called through a pointer for
  * each pair of short rows (K = 896: 28 lines a row) left a tenth of the read bandwidth unused. */
 #define CHUNKED 1
-#define PAIR_M 8 /* activation rows up to which weight rows go at least two to a group */
+#define PAIR_M 8 /* activation rows (from 2) up to which weight rows go at least two to a group */
 #define QUAD_M 5 /* ... and four to a group from 2 rows up to this (4 x 5 accumulators) */
 
-static inline int rows_per_pass(int MM) { return MM >= 2 && MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
+static inline int rows_per_pass(int MM) { return MM == 1 ? 1 : MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
 
 /* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
  * rounding. Takes the accumulator by value, so the caller's stay in registers. */
@@ -223,9 +230,10 @@ static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
 
 /* M must be in 1..MAX_M (the caller splits larger M). Whole rows: blocks of about STEAL_BYTES of
  * weights, each thread through its own range, then stealing from the back of the others' (steal.h).
- * Rows whose M activations outgrow X_L1_BYTES are cut into K-chunks: each thread runs chunk c over
- * a fixed share of the output rows before chunk c + 1, the accumulators parked in a per-thread
- * buffer. Either way a row is computed by one thread in one order: the result does not depend on
+ * Rows whose M activations outgrow X_L1_BYTES are cut into K-chunks: the rows go in blocks of about
+ * CHUNK_STEAL_BYTES, rebalanced the same way, and a thread runs chunk c over its block's rows before
+ * chunk c + 1, the accumulators parked in a per-thread buffer (a fixed share of the rows per
+ * thread, as before, waited up to 1.5 ms a 5-token 0.5B verify pass on the slower vCPU). Either way a row is computed by one thread in one order: the result does not depend on
  * the thread count. */
 static void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, void *y, int yf, int64_t M,
                       int64_t K, int64_t N, int nthreads) {
@@ -252,19 +260,29 @@ static void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias
         }
         return;
     }
-#pragma omp parallel num_threads(nthreads)
-    { /* K-chunks: a fixed share of the rows per thread, the accumulators parked between chunks */
-        const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const int64_t n0 = N * id / nt, n1 = N * (id + 1) / nt;
-        __m512 *park = NULL;
-        if (n1 > n0) park = (__m512 *)aligned_alloc(64, (size_t)((n1 - n0) * M) * sizeof(__m512));
-        if (park) {
+    /* K-chunks: blocks of ~CHUNK_STEAL_BYTES of weights rebalanced as above; within a block, chunk
+     * c over all its rows before chunk c + 1, the accumulators parked in a per-thread buffer */
+    int64_t BR = CHUNK_STEAL_BYTES / (2 * K) / 4 * 4;
+    if (BR < 4) BR = 4;
+    const int64_t nblocks = (N + BR - 1) / BR;
+    const int nreg = nthreads > 0 ? nthreads : 1;
+    steal_region regions[nreg];
+    steal_init(regions, nreg, nblocks);
+#pragma omp parallel num_threads(nreg)
+    {
+        const int id = omp_get_thread_num();
+        __m512 *park = (__m512 *)aligned_alloc(64, (size_t)(BR * M) * sizeof(__m512));
+        for (int64_t blk; (blk = steal_next(regions, nreg, id)) >= 0;) {
+            const int64_t n0 = blk * BR, n1 = n0 + BR < N ? n0 + BR : N;
+            if (!park) { /* whole rows when the buffer cannot be had: same sums */
+                pass(w, x, bias, y, yf, K, N, 0, K32, n0, n1, NULL);
+                continue;
+            }
             for (int64_t i = 0; i < (n1 - n0) * M; i++) park[i] = _mm512_setzero_ps();
             for (int64_t k0 = 0; k0 < K32; k0 += KC) pass(w, x, bias, y, yf, K, N, k0, k0 + KC < K32 ? k0 + KC : K32, n0, n1, park);
             for (int64_t n = n0; n < n1; n++) finish_bf16(park + (n - n0) * M, w, x, bias, y, yf, M, K, N, n);
-            free(park);
-        } else if (n1 > n0) /* whole rows when the buffer cannot be had: same sums */
-            pass(w, x, bias, y, yf, K, N, 0, K32, n0, n1, NULL);
+        }
+        free(park);
     }
 #else
 #pragma omp parallel for schedule(static) num_threads(nthreads)

@@ -19,23 +19,48 @@
 
 
 /* y[r] = w * dtype(x[r] * rsqrt(mean(x[r]^2) + eps)) for rows r < R of E values. With delta
- * given, x is first replaced by dtype(x + delta), written to h_out (the new residual stream). */
+ * given, x is first replaced by dtype(x + delta), written to h_out (the new residual stream).
+ * With AVX512F the 16-lane loops do the scalar loops' arithmetic, the sum of squares in 16
+ * partial sums; each row on its own, in an order fixed by E alone. */
 NO_CONTRACT void verispec_rms_norm(const void *x, const void *delta, const void *w, void *h_out, void *y,
                                    int64_t R, int64_t E, float eps, int bf16) {
     float buf[E > 0 ? E : 1];
     for (int64_t r = 0; r < R; r++) {
         float ss = 0.f;
+        int64_t e1 = 0;
+#if defined(__AVX512F__)
+        { /* squares summed in 16 lanes (element e in lane e % 16), reduced, then the tail in order */
+            __m512 acc = _mm512_setzero_ps();
+            for (; e1 + 16 <= E; e1 += 16) {
+                __m512 v = ld16_any(x, r * E + e1, bf16);
+                if (delta) v = rnd16_any(ADD16(v, ld16_any(delta, r * E + e1, bf16)), bf16);
+                _mm512_storeu_ps(buf + e1, v);
+                acc = ADD16(acc, MUL16(v, v));
+            }
+            ss = _mm512_reduce_add_ps(acc);
+        }
+#else
 #pragma omp simd reduction(+ : ss)
-        for (int64_t e = 0; e < E; e++) {
+#endif
+        for (int64_t e = e1; e < E; e++) {
             float v = ld_any(x, r * E + e, bf16);
             if (delta) v = rnd_any(v + ld_any(delta, r * E + e, bf16), bf16);
             buf[e] = v;
             ss += v * v;
         }
-        if (delta)
-            for (int64_t e = 0; e < E; e++) st_any(h_out, r * E + e, buf[e], bf16);
+        int64_t e0 = 0;
         const float inv = 1.0f / sqrtf(ss / (float)E + eps);
-        for (int64_t e = 0; e < E; e++) st_any(y, r * E + e, ld_any(w, e, bf16) * rnd_any(buf[e] * inv, bf16), bf16);
+#if defined(__AVX512F__)
+        const __m512 inv16 = _mm512_set1_ps(inv);
+        for (; e0 + 16 <= E; e0 += 16) { /* the scalar loops' arithmetic, 16 elements at a time */
+            const __m512 v = _mm512_loadu_ps(buf + e0);
+            if (delta) st16_any(h_out, r * E + e0, v, bf16);
+            st16_any(y, r * E + e0, MUL16(ld16_any(w, e0, bf16), rnd16_any(MUL16(v, inv16), bf16)), bf16);
+        }
+#endif
+        if (delta)
+            for (int64_t e = e0; e < E; e++) st_any(h_out, r * E + e, buf[e], bf16);
+        for (int64_t e = e0; e < E; e++) st_any(y, r * E + e, ld_any(w, e, bf16) * rnd_any(buf[e] * inv, bf16), bf16);
     }
 }
 
@@ -44,6 +69,20 @@ NO_CONTRACT void verispec_rms_norm(const void *x, const void *delta, const void 
 NO_CONTRACT static void rope_head(const void *x, int64_t xo, const void *cos, const void *sin, int64_t co, void *out,
                                   int64_t oo, int64_t D, int bf16) {
     const int64_t half = D / 2;
+#if defined(__AVX512F__)
+    if (half % 16 == 0) { /* the loop below, 16 elements of each half at a time */
+        for (int64_t d = 0; d < half; d += 16) {
+            const __m512 x1 = ld16_any(x, xo + d, bf16), x2 = ld16_any(x, xo + d + half, bf16);
+            const __m512 a1 = rnd16_any(MUL16(x1, ld16_any(cos, co + d, bf16)), bf16);
+            const __m512 b1 = rnd16_any(MUL16(x2, ld16_any(sin, co + d, bf16)), bf16);
+            const __m512 a2 = rnd16_any(MUL16(x2, ld16_any(cos, co + d + half, bf16)), bf16);
+            const __m512 b2 = rnd16_any(MUL16(x1, ld16_any(sin, co + d + half, bf16)), bf16);
+            st16_any(out, oo + d, ADD16(a1, b1), bf16);
+            st16_any(out, oo + d + half, ADD16(a2, b2), bf16);
+        }
+        return;
+    }
+#endif
     for (int64_t d = 0; d < D; d++) {
         const float a = rnd_any(ld_any(x, xo + d, bf16) * ld_any(cos, co + d, bf16), bf16);
         const float b = rnd_any(ld_any(x, xo + (d + half) % D, bf16) * ld_any(sin, co + d, bf16), bf16);
