@@ -65,15 +65,13 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
  * over a chunk [k0, k1) of K (multiples of 32) against MM activation rows, R * MM accumulators in
  * registers, each activation load shared by the R rows and each weight load by the MM
  * activations. pass_bf16_MM runs a thread's output rows [n0, n1) in groups of R = rows_per_pass(MM)
- * (then single rows): 1 row for MM = 1, 4 for MM in 2 .. QUAD_M (fewer loads per dpbf16: at
- * MM = 5, 9 loads for 20 products instead of 7 for 10, which lifts the cache-resident rate of a
- * 5-token verify pass), 2 up to PAIR_M, else 1. A decode step (MM = 1) is bound by the weight
- * stream, and one row at a time keeps each thread's reads a single sequential stream: over the
- * 0.5B's products at 40-45 GB/s it read 3-7% faster than rows in pairs (two interleaved streams,
- * two dpbf16 chains), and four rows were slower still; one chain of dpbf16 still outruns a
- * core's share of the stream. Every
- * row's MM accumulators see the same additions in the same order whatever R, M and the chunking,
- * so the sums are bitwise those of a plain row-by-row loop and do not depend on M.
+ * (then single rows): 2 rows for MM = 1 (two independent dpbf16 chains per step), 4 for MM in
+ * 2 .. QUAD_M (fewer loads per dpbf16: at MM = 5, 9 loads for 20 products instead of 7 for 10,
+ * which lifts the cache-resident rate of a 5-token verify pass), 2 up to PAIR_M, else 1. For
+ * decode, measured in situ (0.5B steps interleaved at ~50 GB/s): one row at a time was 4-6%
+ * slower than two and four rows 5% slower, though back-to-back products alone had favoured one.
+ * Every row's MM accumulators see the same additions in the same order whatever R, M and the
+ * chunking, so the sums are bitwise those of a plain row-by-row loop and do not depend on M.
  *
  * Whole rows (park == NULL): the accumulators start at zero and each row is finished (lane sum,
  * K % 32 tail, bias, rounding) as soon as its group ends; each row prefetches PF_L2_BYTES ahead
@@ -86,7 +84,7 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 #define PAIR_M 8 /* activation rows (from 2) up to which weight rows go at least two to a group */
 #define QUAD_M 5 /* ... and four to a group from 2 rows up to this (4 x 5 accumulators) */
 
-static inline int rows_per_pass(int MM) { return MM == 1 ? 1 : MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
+static inline int rows_per_pass(int MM) { return MM == 1 ? 2 : MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
 
 /* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
  * rounding. Takes the accumulator by value, so the caller's stay in registers. */
