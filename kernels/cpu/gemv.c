@@ -243,24 +243,10 @@ static void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias
         KC = (K32 / 32 + nchunks - 1) / nchunks * 32;
     }
     const pass_bf16_fn pass = PASSES_BF16[M - 1];
-    if (K32 == 0 || KC == K32) { /* whole rows: blocks of ~STEAL_BYTES of weights, rebalanced (steal.h) */
-        int64_t BR = K > 0 ? STEAL_BYTES / (2 * K) / 4 * 4 : N; /* rows per block, whole groups of 4 */
-        if (BR < 4) BR = 4;
-        const int64_t nblocks = (N + BR - 1) / BR;
-        const int nreg = nthreads > 0 ? nthreads : 1;
-        steal_region regions[nreg];
-        steal_init(regions, nreg, nblocks);
-#pragma omp parallel num_threads(nreg)
-        {
-            const int id = omp_get_thread_num();
-            for (int64_t blk; (blk = steal_next(regions, nreg, id)) >= 0;)
-                pass(w, x, bias, y, yf, K, N, 0, K32, blk * BR, blk * BR + BR < N ? blk * BR + BR : N, NULL);
-        }
-        return;
-    }
-    /* K-chunks: blocks of ~CHUNK_STEAL_BYTES of weights rebalanced as above; within a block, chunk
-     * c over all its rows before chunk c + 1, the accumulators parked in a per-thread buffer */
-    int64_t BR = CHUNK_STEAL_BYTES / (2 * K) / 4 * 4;
+    /* blocks of ~STEAL_BYTES of weights (whole rows) or ~CHUNK_STEAL_BYTES (K-chunks), rebalanced
+     * (steal.h); rows per block in whole groups of 4 */
+    const int whole = K32 == 0 || KC == K32;
+    int64_t BR = K > 0 ? (whole ? STEAL_BYTES : CHUNK_STEAL_BYTES) / (2 * K) / 4 * 4 : N;
     if (BR < 4) BR = 4;
     const int64_t nblocks = (N + BR - 1) / BR;
     const int nreg = nthreads > 0 ? nthreads : 1;
@@ -269,10 +255,12 @@ static void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias
 #pragma omp parallel num_threads(nreg)
     {
         const int id = omp_get_thread_num();
-        __m512 *park = (__m512 *)aligned_alloc(64, (size_t)(BR * M) * sizeof(__m512));
+        /* K-chunks: within a block, chunk c over all its rows before chunk c + 1, the accumulators
+         * parked in a per-thread buffer; whole rows when it cannot be had (the same sums) */
+        __m512 *park = whole ? NULL : (__m512 *)aligned_alloc(64, (size_t)(BR * M) * sizeof(__m512));
         for (int64_t blk; (blk = steal_next(regions, nreg, id)) >= 0;) {
             const int64_t n0 = blk * BR, n1 = n0 + BR < N ? n0 + BR : N;
-            if (!park) { /* whole rows when the buffer cannot be had: same sums */
+            if (!park) {
                 pass(w, x, bias, y, yf, K, N, 0, K32, n0, n1, NULL);
                 continue;
             }
