@@ -43,8 +43,10 @@ def relaunch_under_torchrun(nproc: int, module: str, args: list[str]) -> int:
     """Run ``python -m module args`` as ``nproc`` torchrun workers; return torchrun's exit status.
 
     torchrun ends every worker when one fails, so a dead rank cannot leave the others hanging.
+    The workers run with PYTHONSAFEPATH=1: started in a checkout of verispec, the working
+    directory's kernels/ or model/ folder must not shadow an installed package of that name.
     """
-    return subprocess.call(torchrun_command(nproc, module, args))
+    return subprocess.call(torchrun_command(nproc, module, args), env={**os.environ, "PYTHONSAFEPATH": "1"})
 
 
 def free_port() -> int:

@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-import torch
+REPO = Path(__file__).resolve().parent.parent
+# The repository's top-level folders (kernels/, model/, spec/, parallel/, bench/) are importable
+# only as verispec.* (pyproject.toml maps them). `python -m pytest` puts the working directory
+# first on sys.path, where kernels/ would hide Hugging Face's `kernels` package (which
+# transformers, the test oracle, imports). Drop the checkout from sys.path before anything is
+# imported, and make every child process a test starts do the same (PYTHONSAFEPATH: Python
+# prepends neither the working directory nor the script's folder).
+sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != REPO]
+os.environ["PYTHONSAFEPATH"] = "1"
+_shadowing = [m for m in ("kernels", "model", "spec", "parallel", "bench")
+              if m in sys.modules and str(getattr(sys.modules[m], "__file__", "") or "").startswith(str(REPO / m))]
+if _shadowing:
+    raise RuntimeError(f"the checkout's folders {_shadowing} were imported as top-level modules before the "
+                       "tests started; run the tests as the README says (python -m pytest)")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -187,7 +187,7 @@ def test_bench_e2e_repeats_keep_each_repeats_rates(tiny_pair, tmp_path, capsys):
 def test_priced_tokens_per_s_pools_the_cells_pass_costs():
     """Hand-worked: pooled verify price per pass is 0.2 s at k=2, 0.4 s at k=3, 0.3 s at k=1; draft
     0.2 s per drafted position (4 s / 20); other loop time 0.05 s per pass ((0.5 + 0.3) s / 16)."""
-    from bench.e2e_report import add_priced
+    from verispec.bench.e2e_report import add_priced
 
     a = {"engine": "verispec", "mode": "speculative", "k": 2, "new_tokens": 20, "decode_s": 3.5, "k_counts": {2: 10},
          "pass_costs": {"steps": 10, "drafted_positions": 10, "draft_s": 1.0, "target_s": 2.0, "target_s_by_k": {2: 2.0}}}
@@ -214,7 +214,7 @@ def test_bootstrap_over_prompts_is_paired_and_resamples_the_best_fixed_k():
     an auto at 0.9x the best k on every prompt gives [0.9, 0.9] and no resample within 3%."""
     from itertools import product
 
-    from bench.e2e_report import summarize
+    from verispec.bench.e2e_report import summarize
 
     k2, k3 = _path(2, [1.0, 2.0]), _path(3, [1.3, 1.4])
     auto = _path("auto", [1.02, 1.7])
@@ -233,7 +233,7 @@ def test_bootstrap_over_prompts_is_paired_and_resamples_the_best_fixed_k():
 
 
 def test_run_interleaved_rotates_the_path_order_and_keeps_each_paths_results():
-    from bench.e2e import run_interleaved
+    from verispec.bench.e2e import run_interleaved
 
     calls = []
 
@@ -256,7 +256,7 @@ def test_run_interleaved_by_step_takes_turns_within_a_prompt():
     """With by_step, the runners that can step decode each prompt together, one step each in turn
     (the turn order rotated each round, a finished path leaving the turn); each keeps its own
     tokens and step seconds; a runner that cannot step runs whole at its place in the order."""
-    from bench.e2e import run_interleaved
+    from verispec.bench.e2e import run_interleaved
 
     calls, ends = [], {}
 

@@ -61,7 +61,7 @@ def test_stages_bench_rejects_bad_arguments(bad, tiny_hf, tmp_path, capsys):
 def test_stages_bench_names_a_model_that_does_not_run_the_native_layer(tiny_hf, tmp_path):
     """A model on the reference kernel backend never runs the fused native layer: an error, not a
     table of zeros."""
-    from bench.stages import stage_profile, timing_library
+    from verispec.bench.stages import stage_profile, timing_library
     from verispec.model import LlamaForSampling
 
     path, _ = _tiny(tiny_hf, tmp_path)
