@@ -11,7 +11,7 @@ Protocol (any callable with this signature and an optional ``lossless`` attribut
 
 ``tokens[b, :a]`` must equal ``draft_ids[b, :a]`` (a = accepted[b]): those drafts are already
 in the target's cache. ``lossless = True`` claims the output distribution equals target-only
-sampling (exactness.md); the test suite checks every acceptor that claims it.
+sampling (docs/exactness.md); the test suite checks every acceptor that claims it.
 """
 
 from __future__ import annotations

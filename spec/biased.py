@@ -1,5 +1,5 @@
 """Deliberately WRONG pairings, kept so that the exactness checker can be shown to fail
-(exactness.md tier 4: a test harness that cannot fail proves nothing). Never use them to
+(docs/exactness.md tier 4: a test harness that cannot fail proves nothing). Never use them to
 generate text.
 
 * :class:`ArgmaxSoftQDraft`: drafts the argmax but reports q = softmax(draft logits)

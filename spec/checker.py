@@ -1,4 +1,4 @@
-"""The exactness checker (exactness.md tiers 3 and 4), as a library function.
+"""The exactness checker (docs/exactness.md tiers 3 and 4), as a library function.
 
 It enumerates the exact target-only distribution of a length-L continuation (all V^L
 outcomes, through the target's own ``forward`` and the same ``logits_to_probs`` the sampler

@@ -18,12 +18,12 @@ Protocol (only ``propose`` is required; the others are called when present)::
     keep_rows(rows)                finished rows leave the batch (same list the target gets)
 
 ``draft_probs`` must be exactly the distribution each draft was sampled from, after the same
-temperature/top-k/top-p as the target (exactness.md pitfalls 1 and 4); a deterministic draft
+temperature/top-k/top-p as the target (docs/exactness.md pitfalls 1 and 4); a deterministic draft
 reports a one-hot q and sets ``deterministic = True``.
 
 Stopping early keeps the output exact: whether draft j + 1 is proposed is decided from drafts
 1..j and their probabilities, i.e. from the prefix position j + 1 is sampled after; a proposed
-draft is never withdrawn, so each one is still a plain sample from q (exactness.md).
+draft is never withdrawn, so each one is still a plain sample from q (docs/exactness.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Explicit random sources for the speculative loop.
 
 One seed fans out into independent torch generators, one per use, so that no random number
-is ever reused for two decisions (exactness.md pitfall 2):
+is ever reused for two decisions (docs/exactness.md pitfall 2):
 
 * ``draft``: the uniforms the draft samples its proposals with;
 * ``accept``: the uniforms of the accept test (``rng.uniforms``);

@@ -1,5 +1,5 @@
 """The NKI interpreter's instructions (nki.isa), one by one, each against a NumPy expectation
-written from the semantics in nki-subset.md."""
+written from the semantics in docs/nki.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Each of the twelve rules of nki-subset.md: a kernel that breaks it is rejected with an error
+"""Each of the twelve rules of docs/nki.md: a kernel that breaks it is rejected with an error
 naming the rule (or, for the storage rules 9 and 11, shows the effect the rule describes)."""
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def trained(alphas, draft_per_position: float, verify, steps: int = 30, rows: in
 
 
 def leviathan_rates(alpha: float, c: float, verify, max_k: int) -> dict:
-    """Expected tokens per second for a constant acceptance alpha (design.md's formula, unnormalised)."""
+    """Expected tokens per second for a constant acceptance alpha (docs/design.md's formula, unnormalised)."""
     return {k: (1 - alpha**k) / (1 - alpha) / (c * (k - 1) + verify(k)) for k in range(1, max_k + 1)}
 
 

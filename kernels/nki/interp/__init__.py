@@ -1,4 +1,4 @@
-"""verispec's NKI interpreter: a NumPy executor of the NKI 0.3 subset in nki-subset.md.
+"""verispec's NKI interpreter: a NumPy executor of the NKI 0.3 subset in docs/nki.md.
 
 It stands in for AWS's ``nki`` package where that cannot be installed. Use it like the real one::
 
@@ -10,7 +10,7 @@ It stands in for AWS's ``nki`` package where that cannot be installed. Use it li
 
     out = nki.simulate(kernel)(x_numpy)           # or nki.simulate(kernel, target="trn2")
 
-It enforces the twelve rules of nki-subset.md (each violation raises :class:`NKIRuleError`
+It enforces the twelve rules of docs/nki.md (each violation raises :class:`NKIRuleError`
 naming its rule) and counts instructions per engine and DMA bytes per call
 (:func:`last_stats`). It checks semantics and tile rules, not speed: its wall-clock time says
 nothing about Trainium.

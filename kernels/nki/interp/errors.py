@@ -1,13 +1,13 @@
 """Errors raised by the NKI interpreter.
 
 A broken hardware rule raises :class:`NKIRuleError`, whose message starts with the rule's number
-and name from nki-subset.md, e.g. ``rule 4 (nc_matmul): moving free size 513 > 512``.
+and name from docs/nki.md, e.g. ``rule 4 (nc_matmul): moving free size 513 > 512``.
 Misuse of the API that is not one of the twelve rules raises :class:`NKIError`.
 """
 
 from __future__ import annotations
 
-# The twelve rules of nki-subset.md, by number.
+# The twelve rules of docs/nki.md, by number.
 RULES = {
     1: "partition size",
     2: "PSUM capacity",
