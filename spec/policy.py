@@ -49,7 +49,7 @@ class AdaptiveK:
     decayed with a half-life of ``halflife`` steps, so it follows a change of prompt or topic,
     each position shrunk towards the pooled rate so a position seldom reached is not guessed
     from a handful of passes). With a constant alpha, E(k)/T(k) is Leviathan et al.'s speedup
-    formula (design.md); per-position rates let it follow acceptance that falls with depth.
+    formula (docs/design.md); per-position rates let it follow acceptance that falls with depth.
 
     verify_s(k) is measured (:class:`~verispec.spec.verify_costs.VerifyCosts`): once per batch
     size the generator times a target forward of every k in 1..max_k (``calibrate``: the shape),
