@@ -50,7 +50,7 @@ def ensure_hf_dir(model: str, amp: str, hf_root) -> tuple[Path, bool]:
         return out, False
     from verispec.model.convert import convert
 
-    convert(model, out, dtype=amp, progress=True)
+    convert(model, out, dtype=amp, progress=True, overwrite=True)  # our cache: an interrupted conversion's leftovers
     return out, True
 
 

@@ -31,6 +31,14 @@ class BackendUnavailable(RuntimeError):
     without its interpreter). Raised by the kernels themselves, with what to do instead."""
 
 
+class UnknownBackendError(ValueError, KeyError):
+    """A backend name nobody registered. A ValueError (a bad input, like any bad name) and, for
+    code written against older versions, a KeyError."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass(frozen=True)
 class KernelSet:
     """The kernels a model calls, resolved once. ``fallbacks`` names kernels taken from torch."""
@@ -69,11 +77,20 @@ def register_backend_loader(name: str, loader: Callable[[], dict[str, Callable]]
 def _load(name: str) -> dict[str, Callable]:
     if name in _backends:
         return _backends[name]
-    if name in _loaders:
-        kernels = _loaders[name]()  # may raise ImportError with a reason
-        _backends[name] = dict(kernels)
-        return _backends[name]
-    raise KeyError(f"unknown kernel backend {name!r}; available: {', '.join(available_backends())}")
+    check_backend_name(name)
+    try:
+        kernels = _loaders[name]()
+    except ImportError as e:  # a missing package or a failed native build, with its reason
+        raise BackendUnavailable(f"kernel backend {name!r} cannot be loaded here: {e}") from e
+    _backends[name] = dict(kernels)
+    return _backends[name]
+
+
+def check_backend_name(name: str) -> None:
+    """Raise :class:`UnknownBackendError` naming the available backends unless ``name`` is one
+    (registered or lazy; nothing is imported)."""
+    if name not in _backends and name not in _loaders:
+        raise UnknownBackendError(f"unknown kernel backend {name!r}; available: {', '.join(available_backends())}")
 
 
 def available_backends() -> list[str]:

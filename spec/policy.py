@@ -346,6 +346,13 @@ def validate_k(k) -> None:
         raise ValueError(f"k must be >= 1 (k = 1 is plain target decoding), got {k}")
 
 
+def check_k_fits(max_k: int, n_positions: int, cache: str = "") -> None:
+    """The limit on k: a verify pass writes k slots of the KV cache, so k < n_positions.
+    ``cache`` may say where n_positions came from (appended to the message)."""
+    if max_k >= n_positions:
+        raise ValueError(f"k={max_k} too large: a verify pass of k tokens needs k < n_positions={n_positions}{cache}")
+
+
 def parse_auto(k: str) -> AdaptiveK:
     """``"auto"`` -> AdaptiveK(max_k=8); ``"auto:12"`` -> AdaptiveK(max_k=12)."""
     head, _, tail = k.partition(":")

@@ -29,12 +29,13 @@ def generate(capsys, *extra) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
-@pytest.mark.parametrize("draft,k,quant", [("twin", "auto", None), ("other", "4", None), ("ngram", "3", None),
+@pytest.mark.parametrize("draft,k,quant", [("twin", "auto", "none"), ("other", "4", "none"), ("ngram", "3", None),
                                            ("self:1", "auto:5", None), ("other", "3", "int8"),
-                                           ("other", "3", "w8a8")])
+                                           ("other", "3", "w8a8"), ("other", "3", None)])
 def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys, draft, k, quant):
     rc, alone, table = generate(capsys, "--target", models["target"], "--draft", "none")
-    assert rc == 0 and alone.startswith(PROMPT) and len(alone.split()) == 4 + 20, alone
+    # stdout holds the continuation alone: the prompt is not echoed
+    assert rc == 0 and not alone.startswith(PROMPT.strip()) and len(alone.split()) == 20, alone
     assert "new tokens" in table and "acceptance rate" not in table  # target-only: no speculative rows
     rc, text, table = generate(capsys, "--target", models["target"], "--draft", models.get(draft, draft), "-k", k,
                                *(("--draft-quant", quant) if quant else ()))
@@ -49,6 +50,10 @@ def test_speculative_text_equals_target_only_and_prints_the_table(models, capsys
         assert "AdaptiveK" in table
     for q in ("int8", "w8a8"):
         assert (f"({q} weights)" in " ".join(table.split())) == (quant == q)
+    if draft in ("twin", "other"):  # a draft model: its weight format is a row of the table
+        assert ("draft weights" in table) and f"--draft-quant {quant or 'auto'}" in " ".join(table.split()), table
+    else:  # ngram / self:N: no draft weights, --draft-quant auto says nothing
+        assert "draft weights" not in table and "weights, auto" not in table
 
 
 def test_prompt_from_stdin_and_seeded_sampling(models, capsys, monkeypatch):
@@ -92,7 +97,7 @@ def test_chat_needs_a_template(models, capsys):
     (("--top-p", "1.5"), "top_p"),
     (("--top-k", "0"), "top_k"),
     (("--draft", "self:9"), "self:9"),
-    (("--n-positions", "10"), "n_positions"),
+    (("--n-positions", "10"), "--n-positions 10 is too small: prompt 4 + 20 new tokens needs 24"),
     (("--draft", "ngram", "--draft-quant", "int8"), "--draft-quant int8 needs a draft model"),
 ])
 def test_bad_input_is_a_clear_error(models, capsys, extra, message):

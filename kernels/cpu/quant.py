@@ -115,18 +115,25 @@ def w8a8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: 
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
 
 
+def w8a8_native() -> bool:
+    """Whether the W8A8 product runs natively here: the native kernels built and this CPU has the
+    instructions w8a8.c needs (AVX512-VNNI, AVX512-BW). Elsewhere :class:`W8A8Linear` computes
+    :func:`w8a8_reference` in torch: the same numbers, slower than a plain bf16 draft."""
+    lib = get_lib()
+    return lib is not None and bool(lib.verispec_w8a8_available())
+
+
 class W8A8Linear(Int8Linear):
     """Int8 weights and int8 activations (see the module docstring); output in the activation dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         K = self.in_features
         rows = x.numel() // K if K else 0
-        lib = get_lib()
-        if (lib is None or not lib.verispec_w8a8_available() or rows == 0 or rows > 4 * MAX_M
+        if (not w8a8_native() or rows == 0 or rows > 4 * MAX_M
                 or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32)):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return w8a8_reference(x, self.qweight, self.scale, bias)
-        return self._native(lib.verispec_gemv_w8a8, x, rows)
+        return self._native(get_lib().verispec_gemv_w8a8, x, rows)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace(", int8", ", w8a8")

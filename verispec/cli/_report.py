@@ -34,11 +34,13 @@ def _fmt(v, spec: str = "{:.2f}") -> str:
     return "-" if v is None else spec.format(v)
 
 
-def stats_table(stats: dict, title: str):
-    """A rich Table of one run's SpecStats.to_dict()."""
+def stats_table(stats: dict, title: str, extra_rows=()):
+    """A rich Table of one run's SpecStats.to_dict(); ``extra_rows`` ((figure, value), ...) follow
+    the first rows (e.g. the draft's weight format)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, show_header=False, title_justify="left")
+    table = Table(title=escape(title), show_header=False, title_justify="left")  # a path is text, not markup
     table.add_column("figure", style="bold")
     table.add_column("value", justify="right")
     speculative = bool(stats.get("proposed_drafts"))
@@ -47,6 +49,7 @@ def stats_table(stats: dict, title: str):
         ("tokens/s (after prefill)", _fmt(stats["tokens_per_s"])),
         ("prefill", _fmt(stats["prefill_s"], "{:.3f} s")),
         ("one-token decode step", _fmt(None if stats["decode_step_s"] is None else stats["decode_step_s"] * 1e3, "{:.1f} ms")),
+        *extra_rows,
     ]
     if speculative:
         ks = ", ".join(f"k={k}: {n}" for k, n in sorted(stats["k_counts"].items()))

@@ -1,7 +1,9 @@
 """``verispec generate``: stream text from exact speculative decoding, then print its statistics.
 
-Defaults: target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b, bf16, k=auto, greedy; named
-models are fetched on first use. ``--draft none`` (or ``-k 1``) decodes with the target alone.
+Defaults: target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b (for another target: a registered
+model sharing its vocabulary, else 'ngram'), the draft's weights in w8a8 where the CPU runs those
+kernels, bf16, k=auto, greedy; named models are fetched on first use. stdout gets the generated
+text alone; the statistics table and notes go to stderr.
 """
 
 from __future__ import annotations
@@ -9,31 +11,56 @@ from __future__ import annotations
 import os
 import sys
 
-DEFAULT_TARGET = "qwen2.5-coder-1.5b"
-DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+from ._generate_plan import DEFAULT_TARGET
+
+DESCRIPTION = (
+    "Generate text with exact speculative decoding: the output is distributed exactly as the target's "
+    "own sampling (greedy: the very same text) whatever the draft, k or weight format of the draft. stdout "
+    "gets the generated text only (the prompt is not echoed), so `verispec generate ... > out.txt` keeps "
+    "the model's text; the statistics table and notes go to stderr. Every argument, the configs and the "
+    "vocabularies are checked before any weights are loaded; an error is one line and exit status 1."
+)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with exact speculative decoding")
+    p = sub.add_parser("generate", help="generate text with exact speculative decoding", description=DESCRIPTION)
     p.add_argument("prompt", nargs="?", default="Write a Python function that checks whether a number is prime.",
-                   help="prompt text ('-' reads it from stdin)")
+                   help="prompt text ('-' reads it from stdin); only the continuation is printed")
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, HF directory or .gguf file")
-    p.add_argument("--draft", default=DEFAULT_DRAFT,
-                   help="draft: model name/path, 'ngram', 'self:N' (target's first N layers), or 'none'")
-    p.add_argument("--draft-quant", default=None, choices=["int8", "w8a8"],
-                   help="int8: the draft's weights as int8; w8a8: int8 weights and int8 activations (faster "
-                        "still); either way a faster draft and the same output distribution")
-    p.add_argument("-k", "--k", default="auto", help="tokens per verify pass (drafts + 1), or 'auto' / 'auto:MAX'")
-    p.add_argument("--acceptor", default=None, help="token acceptor: default (exact rejection sampling), coupled (exact; one seed, one text for any k and draft), sample-match, greedy, typical (lossy) or module:attr")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"])
+    p.add_argument("--draft", default=None,
+                   help="draft: a model name/path, 'ngram' or 'ngram:N' (prompt lookup), 'self:N' (the target's "
+                        "first N layers), or 'none' (the target alone) (default: the smallest registered model "
+                        "that shares the target's vocabulary and has at most half its parameters, "
+                        "qwen2.5-coder-0.5b for the default target; else 'ngram', said on stderr; the "
+                        "vocabularies are compared before loading, a named draft's from the registry)")
+    p.add_argument("--draft-quant", default="auto", choices=["auto", "none", "int8", "w8a8"],
+                   help="weights of a draft model: int8 (int8 weights), w8a8 (int8 weights and activations, "
+                        "faster still), none (--amp), auto (w8a8 where this CPU runs the w8a8 kernels, "
+                        "AVX512-VNNI; else none). Any choice keeps the output distribution; ngram/self/none "
+                        "drafts ignore auto and none")
+    p.add_argument("-k", "--k", default="auto",
+                   help="tokens per verify pass (drafts + 1), or 'auto' / 'auto:MAX' (adapted each step, "
+                        "MAX 8 by default); k must be below the cache length (n_positions)")
+    p.add_argument("--acceptor", default="default",
+                   help="token acceptor: default (exact rejection sampling), coupled (exact; one seed, one text for "
+                        "any k and draft), sample-match, greedy, typical (lossy) or module:attr")
+    p.add_argument("--max-new-tokens", type=int, default=512,
+                   help="most tokens to generate; a reply cut there (no end-of-sequence token) is said on stderr")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with probability >= P (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, an integer in [0, 2**63)")
+    p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"], help="dtype of weights and activations")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the target's chat template")
-    p.add_argument("--n-positions", type=int, default=None, help="cache length (default: what the run needs)")
-    p.add_argument("--kernel-backend", default=None)
+    p.add_argument("--n-positions", type=int, default=None,
+                   help="KV-cache length (default: what the run needs, prompt + --max-new-tokens)")
+    p.add_argument("--allow-beyond-max-positions", action="store_true",
+                   help="allow a cache longer than the target's max_position_embeddings (positions the model "
+                        "was not trained for); without it that is an error")
+    p.add_argument("--kernel-backend", default=None,
+                   help="kernel backend: torch, cpu, triton, nki or a registered one "
+                        "(default: $VERISPEC_KERNELS, else cpu's native kernels where they build, else torch)")
     p.add_argument("--no-stats", action="store_true", help="leave out the statistics table (printed on stderr)")
     p.add_argument("--tp-degree", type=int, default=1,
                    help="tensor-parallel degree of the target: N > 1 starts N processes under torchrun "
@@ -41,87 +68,60 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_k(text: str):
-    """'4' -> 4, 'auto' / 'auto:MAX' kept as text (the generator turns it into AdaptiveK)."""
-    from verispec.spec.policy import as_policy
-
-    k = int(text) if text.strip().lstrip("-").isdigit() else text.strip()
-    as_policy(k)  # validates: a clear error before any model is loaded
-    return k
-
-
-def _prompt(args, tokenizer) -> tuple[str, list[int]]:
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not text:
-        raise ValueError("the prompt is empty")
-    if args.chat:
-        if not tokenizer.chat_template:
-            raise ValueError(f"--chat: {args.target} has no chat template")
-        return text, tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True)
-    return text, tokenizer.encode(text)
-
-
 def run(args) -> int:
+    from verispec.parallel.launch import in_torchrun, relaunch_under_torchrun
+
+    from ._generate_plan import plan
+
+    if args.tp_degree > 1 and not in_torchrun():
+        # check everything (and fetch the models) once, here, rather than once per rank
+        plan(args, progress=True, with_prompt=args.prompt != "-")
+        # one process per rank; each runs this same command line and finds itself inside torchrun
+        return relaunch_under_torchrun(args.tp_degree, "verispec", getattr(args, "argv", None) or sys.argv[1:])
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    return _generate(args, plan(args, progress=is_rank0), is_rank0)
+
+
+def _generate(args, p, is_rank0: bool) -> int:
     import torch
     from rich.console import Console
 
     from verispec.kernels.cpu.fused import hold_plans
-    from verispec.model import LlamaForSampling, Tokenizer, open_source
-    from verispec.parallel.launch import in_torchrun, relaunch_under_torchrun
-    from verispec.parallel.plan import check_tp_degree
+    from verispec.model import LlamaForSampling
     from verispec.spec import SpeculativeGenerator
-    from verispec.spec.policy import as_policy
 
     from ._report import TextStream, stats_table
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    k = parse_k(args.k)
-    draft_name = None if args.draft.lower() == "none" or k == 1 else args.draft
-    if draft_name is None:
-        k = 1
-    is_model = bool(draft_name) and not (draft_name == "ngram" or draft_name.startswith(("self:", "ngram:")))
-    if args.draft_quant and not is_model:
-        raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; the draft is {args.draft!r}")
-    if args.tp_degree > 1 and not in_torchrun():
-        # resolve (fetch) the models and check the split once, here, rather than once per rank
-        check_tp_degree(open_source(args.target, progress=True)[0], args.tp_degree)
-        if is_model:
-            open_source(draft_name, progress=True)
-        # one process per rank; each runs this same command line and finds itself inside torchrun
-        return relaunch_under_torchrun(args.tp_degree, "verispec", getattr(args, "argv", None) or sys.argv[1:])
-    is_rank0 = int(os.environ.get("RANK", "0")) == 0
     console = Console(quiet=not is_rank0, highlight=False)  # every rank holds the same tokens; one prints
-    err = Console(stderr=True, quiet=not is_rank0)
+    err = Console(stderr=True, quiet=not is_rank0, highlight=False, soft_wrap=True)
+    for note in p.notes:
+        err.print(note, markup=False)
+    load = dict(n_positions=p.n_positions, amp=args.amp, kernel_backend=args.kernel_backend, progress=is_rank0)
+    target = LlamaForSampling.from_pretrained(p.target_path, tp_degree=args.tp_degree, **load)
+    draft = p.draft
+    if p.draft_path is not None:  # replicated under TP
+        draft = LlamaForSampling.from_pretrained(p.draft_path, tp_degree=1, quant=p.quant, **load)
+    gen = SpeculativeGenerator(draft, target, p.k, acceptor=args.acceptor)
 
-    target_path = open_source(args.target, progress=is_rank0)[2]
-    tokenizer = Tokenizer.from_pretrained(target_path)
-    text, ids = _prompt(args, tokenizer)
-    max_k = as_policy(k).max_k
-    seq_len = len(ids) + args.max_new_tokens
-    n_positions = args.n_positions or seq_len + max_k + 1
-    load = dict(n_positions=n_positions, amp=args.amp, kernel_backend=args.kernel_backend, progress=is_rank0)
-    target = LlamaForSampling.from_pretrained(target_path, tp_degree=args.tp_degree, **load)
-    draft = draft_name
-    if is_model:
-        draft = LlamaForSampling.from_pretrained(draft_name, tp_degree=1, quant=args.draft_quant, **load)  # replicated under TP
-    gen = SpeculativeGenerator(draft, target, k, acceptor=args.acceptor)
-
-    eos = list(target.config.eos_token_id) or None
-    stream = TextStream(tokenizer)
-    if not args.chat:  # a chat reply is printed alone; a plain continuation after its prompt
-        console.print(text, end="", markup=False, soft_wrap=True)
+    eos = set(target.config.eos_token_id)
+    stream = TextStream(p.tokenizer)
+    ended = False  # an end-of-sequence token came (else the reply stopped at --max-new-tokens)
     with hold_plans():  # printing between the steps changes no model
-        for step in gen.stream(torch.tensor([ids]), seq_len, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, seed=args.seed, eos_token_id=eos):
+        for step in gen.stream(torch.tensor([p.ids]), len(p.ids) + args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=sorted(eos) or None):
             new = step.per_row().get(0, [])
-            piece = stream.push([t for t in new if eos is None or t not in eos])
+            ended = ended or any(t in eos for t in new)
+            piece = stream.push([t for t in new if t not in eos])
             if piece:
                 console.print(piece, end="", markup=False, soft_wrap=True)
                 console.file.flush()
     console.print(stream.flush(), markup=False, soft_wrap=True)
+    if not ended:
+        err.print(f"note: stopped at --max-new-tokens {args.max_new_tokens} before the end of the answer; raise "
+                  "--max-new-tokens to continue", markup=False)
     if not args.no_stats:  # on stderr, so that stdout is the text alone
-        quant = f" ({args.draft_quant} weights)" if args.draft_quant else ""
-        what = f"{args.target} alone" if draft_name is None else f"{draft_name}{quant} -> {args.target}"
-        err.print(stats_table(gen.last_stats.to_dict(), f"{what}, {args.amp}, T={args.temperature:g}"))
+        quant = f" ({p.quant_label})" if p.quant_label else ""
+        what = f"{args.target} alone" if p.draft is None else f"{p.draft}{quant} -> {args.target}"
+        rows = [("draft weights", p.quant_row)] if p.quant_row else []
+        err.print(stats_table(gen.last_stats.to_dict(), f"{what}, {args.amp}, T={args.temperature:g}", rows))
     return 0
