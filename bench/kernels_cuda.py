@@ -144,7 +144,7 @@ def model_step_rows(Ls, *, k: int, dtype, device, backends, shape: dict, timer_r
 
 
 def goals(rows: list[dict], kernel_ratio: list[dict], model_rows: list[dict]) -> dict:
-    """The issue's performance goals, evaluated on this run's numbers."""
+    """The CUDA backend's performance goals (docs/triton.md), evaluated on this run's numbers."""
     ratios = [r["sdpa_over_triton"] for r in rows if r["sdpa_over_triton"] is not None]
     long = [r["fraction_of_copy_bw"] for r in rows if r["L"] >= 4096]
     triton_model = [r["ratio"] for r in model_rows if r["backend"] == "triton"]

@@ -38,7 +38,7 @@ def rejects(rule: int, body, *arrays, match: str = "", **kw):
     return err.value
 
 
-# ---- the five rule-breaking kernels of the issue --------------------------------------------
+# ---- five rule-breaking kernels, one per hardware rule --------------------------------------------
 
 
 def test_129_partition_tile_is_rejected():

@@ -1,4 +1,4 @@
-"""Decoder layers of a decode or verify step in one native call (fused.c's verispec_layers, which
+"""Decoder layers of a decode or verify step in one native call (fused.c's verispec_step, which
 runs verispec_layer for each).
 
 The ``cpu`` backend's path for few rows (B * T <= 16): the decoder hands its layers here when
