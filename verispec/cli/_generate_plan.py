@@ -128,8 +128,8 @@ def resolve_quant(choice: str, draft: str | None, amp: str) -> tuple[str | None,
         from verispec.kernels.cpu.quant import w8a8_native
 
         if w8a8_native():
-            return "w8a8", "w8a8 weights, auto", "w8a8 (--draft-quant auto: this CPU runs the w8a8 kernels)"
-        return None, f"{amp} weights, auto", f"{amp} (--draft-quant auto: no w8a8 kernels on this CPU)"
+            return "w8a8", "w8a8 weights, auto", "w8a8 (auto: w8a8 kernels here)"
+        return None, f"{amp} weights, auto", f"{amp} (auto: no w8a8 kernels here)"
     if choice == "none":
         return None, "", f"{amp} (--draft-quant none)"
     return choice, f"{choice} weights", f"{choice} (--draft-quant {choice})"

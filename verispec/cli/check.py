@@ -28,22 +28,24 @@ def register(sub) -> None:
         "shared-uniform (deliberately biased) or module:attr. Drafts: model (a second random chain), ngram, "
         "ngram:N, self:N, argmax-softq (deliberately biased) or module:attr.",
     )
-    p.add_argument("--acceptor", default="default", help="acceptor name or module:attr (default: default)")
+    p.add_argument("--acceptor", default="default", help="acceptor name or module:attr")
     p.add_argument("--k", type=int, default=4, help="tokens scored per verify pass (draft proposes k-1)")
     p.add_argument("--draft", default="model", help="draft: model, ngram, ngram:N, self:N, argmax-softq, module:attr")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling: the smallest set of tokens with probability >= P (default: off)")
     p.add_argument("--samples", type=int, default=100_000, help="rows in the batch (identical prompts)")
     p.add_argument("--length", type=int, default=4, help="continuation length L (V^L outcomes are enumerated)")
     p.add_argument("--vocab", type=int, default=6, help="toy vocabulary size V")
     p.add_argument("--order", type=int, default=1, choices=[1, 2], help="Markov order of the toy chains")
     p.add_argument("--prompt", action="append", type=_ids, default=None,
                    help="comma-separated prompt token ids; repeat for several prompts (default: 0)")
-    p.add_argument("--eos", type=int, default=None, help="EOS token id (rows stop there)")
+    p.add_argument("--eos", type=int, default=None, help="EOS token id (rows stop there) (default: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the run and (unless --chain-seed) of the chains")
-    p.add_argument("--chain-seed", type=int, default=None)
-    p.add_argument("--statistic", choices=["chi2", "g"], default="chi2")
+    p.add_argument("--chain-seed", type=int, default=None, help="seed of the toy chains (default: --seed)")
+    p.add_argument("--statistic", choices=["chi2", "g"], default="chi2",
+                   help="goodness-of-fit statistic: Pearson's chi-square or the G-test")
     p.add_argument("--threshold", type=float, default=1e-6, help="FAIL when the p-value is below this")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)

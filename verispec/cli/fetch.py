@@ -5,7 +5,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     p = sub.add_parser("fetch", help="download a named model into the cache ($VERISPEC_HOME or ~/.cache/verispec)")
-    p.add_argument("names", nargs="*", metavar="NAME", help="registered model name(s)")
+    p.add_argument("names", nargs="*", metavar="NAME", help="registered model name(s) (default: none; see --list, --all)")
     p.add_argument("--list", action="store_true", help="list the registered models and whether they are cached")
     p.add_argument("--all", action="store_true", help="fetch every registered model")
     p.add_argument("--force", action="store_true", help="download again even if the file is cached")
