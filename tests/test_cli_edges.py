@@ -177,6 +177,8 @@ def test_vocabulary_mismatch_is_found_before_loading_and_names_the_drafts_that_f
     err = " ".join(err.split())
     assert rc == 1 and "vocabulary mismatch" in err and "50 tokens" in err and "97" in err
     assert "drafts that fit: ngram, self:N (N <= 2), none" in err
+    rc, _, err = gen(capsys, models, "--draft", "smollm2-135m")  # a named draft: the registry knows, no fetch
+    assert rc == 1 and "vocabulary mismatch: draft smollm2-135m has 49152 tokens" in " ".join(err.split())
 
 
 # ---- 4. limits: the API's k limit, the cache length, max_position_embeddings ---------------------
@@ -202,6 +204,14 @@ def test_bad_input_fails_before_loading_with_one_line(models, capsys, no_loading
     assert rc == 1 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert message in err.strip(), err
+
+
+def test_plain_auto_fits_a_short_run(models, capsys):
+    # 'auto' means AdaptiveK(max_k=8); a 4 + 3 token run has room for k < 7 only: the MAX shrinks, no error
+    rc, text, err = gen(capsys, models, "--draft", models["other"], "--max-new-tokens", "3")
+    assert rc == 0 and len(text.split()) == 3 and "AdaptiveK(max_k=6)" in err, err
+    rc, _, err = gen(capsys, models, "--draft", models["other"], "--max-new-tokens", "3", "-k", "auto:8")
+    assert rc == 1 and "k=8 too large" in err  # an explicit MAX is the user's: an error
 
 
 def test_generation_beyond_max_positions_needs_the_flag(models, capsys):
@@ -243,6 +253,20 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_every_traceback(models, capsy
     monkeypatch.setenv("VERISPEC_DEBUG", "1")
     with pytest.raises(ValueError, match="seed"):
         main(args)
+
+
+def test_which_errors_are_one_line():
+    from verispec.cli import is_user_error
+
+    def torch_bug():
+        return torch.ones(2, 3) @ torch.ones(2, 3)  # a shape error out of torch: a bug
+
+    with pytest.raises(RuntimeError) as bug:
+        torch_bug()
+    assert not is_user_error(bug.value)
+    assert is_user_error(RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory: you tried ..."))
+    assert is_user_error(FloatingPointError("NaN")) and is_user_error(FileNotFoundError("x"))
+    assert is_user_error(hub.FetchError("registry unreachable"))
 
 
 def test_bad_input_in_a_fresh_process_is_one_line_and_status_1(models):

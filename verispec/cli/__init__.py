@@ -98,6 +98,8 @@ def raised_on_purpose(e: BaseException) -> bool:
 
 
 def is_user_error(e: BaseException) -> bool:
+    if isinstance(e, RuntimeError) and "can't allocate memory" in str(e):  # torch's CPU allocator: too large a run
+        return True
     return isinstance(e, _user_errors()) or (isinstance(e, Exception) and raised_on_purpose(e))
 
 

@@ -197,13 +197,23 @@ def plan(args, progress: bool = True, with_prompt: bool = True) -> Plan:
     p = Plan(target_path=target_path, config=config, k=k, max_k=as_policy(k).max_k, draft=draft, notes=notes)
     p.quant, p.quant_label, p.quant_row = resolve_quant(args.draft_quant, draft, args.amp)
     if is_model_draft(draft):
-        draft_config, _, p.draft_path = open_source(draft, progress=progress)
-        if draft_config.vocab_size != config.vocab_size:
+        from verispec.model import hub
+
+        known = hub.get(draft).vocab_size if hub.is_registered(draft) else 0  # a named draft: no fetch to know
+        vocab = known or None
+        if not known or known == config.vocab_size:
+            draft_config, _, p.draft_path = open_source(draft, progress=progress)
+            vocab = draft_config.vocab_size
+        if vocab != config.vocab_size:
             raise ValueError(
-                f"vocabulary mismatch: draft {draft} has {draft_config.vocab_size} tokens, target {args.target} "
+                f"vocabulary mismatch: draft {draft} has {vocab} tokens, target {args.target} "
                 f"{config.vocab_size}; drafts that fit: {drafts_that_fit(args.target, config)}")
     if with_prompt:
         p.tokenizer = Tokenizer.from_pretrained(target_path)
         p.text, p.ids = read_prompt(args, p.tokenizer)
+        n = args.n_positions or len(p.ids) + args.max_new_tokens
+        if p.k == "auto" and p.max_k >= n:  # the implicit MAX of plain 'auto' shrinks to a short run's cache
+            p.k = f"auto:{n - 1}"
+            p.max_k = as_policy(p.k).max_k
         p.n_positions = cache_length(args, config, len(p.ids), p.max_k)
     return p

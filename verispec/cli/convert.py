@@ -6,7 +6,7 @@ from __future__ import annotations
 def register(sub) -> None:
     p = sub.add_parser("convert", help="write an HF model directory (config, safetensors, tokenizer) from a model")
     p.add_argument("model", help="a .gguf file, a registered model name, or an HF model directory")
-    p.add_argument("out_dir", help="directory to write (created if missing)")
+    p.add_argument("out_dir", help="directory to write (created if missing; if it exists it must be empty, or see --force)")
     p.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="dtype of model.safetensors")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty OUT_DIR: the model files there (config, safetensors weights, "

@@ -29,10 +29,10 @@ def register(sub) -> None:
     p.add_argument("--target", default=DEFAULT_TARGET, help="model name, HF directory or .gguf file")
     p.add_argument("--draft", default=None,
                    help="draft: a model name/path, 'ngram' or 'ngram:N' (prompt lookup), 'self:N' (the target's "
-                        "first N layers), or 'none' (the target alone) (default: the smallest registered model "
-                        "that shares the target's vocabulary and has at most half its parameters, "
-                        "qwen2.5-coder-0.5b for the default target; else 'ngram', said on stderr; the "
-                        "vocabularies are compared before loading, a named draft's from the registry)")
+                        "first N layers) or 'none' (the target alone); a draft model must share the target's "
+                        "vocabulary, checked before loading (default: the smallest registered model that shares "
+                        "the target's vocabulary with at most half its parameters, so qwen2.5-coder-0.5b for the "
+                        "default target; else 'ngram', said on stderr)")
     p.add_argument("--draft-quant", default="auto", choices=["auto", "none", "int8", "w8a8"],
                    help="weights of a draft model: int8 (int8 weights), w8a8 (int8 weights and activations, "
                         "faster still), none (--amp), auto (w8a8 where this CPU runs the w8a8 kernels, "
