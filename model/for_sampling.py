@@ -43,7 +43,11 @@ def open_source(path_or_name: str | os.PathLike, progress: bool = False) -> tupl
     if p.is_file():
         if p.suffix.lower() == ".gguf":
             from .gguf_source import GGUFSource
+            from .hub import registered_name, verify
 
+            name = registered_name(p)
+            if name is not None:  # a named model's cached file: sha256-checked after any change
+                verify(name, progress=progress)
             src = GGUFSource(p)
             return src.config, src, p
         raise ValueError(f"{p}: not a model directory or a .gguf file")
@@ -123,6 +127,7 @@ class LlamaForSampling:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         kernels = get_backend(kernel_backend, device=str(device))  # chosen once, here
         config, source, path = open_source(path_or_name, progress=progress)
+        source = _weights_in(source, path, dtype, progress)
         if n_positions > config.max_position_embeddings:
             log.warning(
                 "n_positions=%d exceeds the model's max_position_embeddings=%d", n_positions, config.max_position_embeddings
@@ -137,7 +142,9 @@ class LlamaForSampling:
             shard_fn, tp = apply_tensor_parallel(decoder, tp_degree, device=device)
             device = tp.device  # cuda -> cuda:LOCAL_RANK, one GPU per rank
         bar = _progress_bar(progress, f"loading {path.name}")
+        t0 = time.perf_counter()
         materialize(decoder, source, dtype, device, shard_fn=shard_fn, progress=bar)
+        log.info("timing: load weights of %s from %s %.2f s", path.name, type(source).__name__, time.perf_counter() - t0)
         decoder.rope_cos = decoder.rope_cos.to(device)
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
@@ -354,6 +361,23 @@ class LlamaForSampling:
         twin.last_stats = {}
         twin.speculation_lengths = list(self.speculation_lengths)
         return twin
+
+
+def _weights_in(source: TensorSource, path: Path, dtype: torch.dtype, progress: bool) -> TensorSource:
+    """Where to read the weights: a named model's converted weights in the cache (built on its first
+    load, see ``converted``); for another GGUF file, the file, dequantized straight into ``dtype``."""
+    from .gguf_source import GGUFSource
+
+    if not isinstance(source, GGUFSource):
+        return source
+    from . import converted
+    from .hub import registered_name
+
+    source.dtype = dtype
+    name = registered_name(path)
+    if name is None or dtype not in converted.DTYPE_NAMES or not converted.enabled():
+        return source
+    return converted.open_converted(name, source, dtype, progress=progress)
 
 
 def _progress_bar(enabled: bool, label: str):

@@ -1,5 +1,5 @@
-"""A fast reader for the GGUF container: metadata, tensor directory, and tensor bytes from a
-memory map.
+"""A fast reader for the GGUF container: metadata and the tensor directory (type, shape, byte
+offset and size of each tensor) from a memory map.
 
 ``gguf.GGUFReader`` builds one numpy object per metadata array element, which takes ~10 s for a
 151k-token vocabulary; this reader parses the same layout directly (numeric arrays with
@@ -169,18 +169,3 @@ def read_gguf(path: Path, buf) -> tuple[dict, list[TensorInfo]]:
         tensors.append(TensorInfo(name, dims, int(qtype), start, nbytes))
     return metadata, tensors
 
-
-def tensor_array(buf, info: TensorInfo) -> np.ndarray:
-    """The stored bytes of a tensor as ``gguf.quants.dequantize`` expects them: float views for
-    F32/F16, else uint8 rows of packed blocks."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    qtype = GGMLQuantizationType(info.ggml_type)
-    raw = np.frombuffer(buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
-    shape = info.shape
-    if qtype == GGMLQuantizationType.F32:
-        return raw.view(np.float32).reshape(shape)
-    if qtype == GGMLQuantizationType.F16:
-        return raw.view(np.float16).reshape(shape)
-    block, type_size = GGML_QUANT_SIZES[qtype]
-    return raw.reshape(*shape[:-1], shape[-1] // block * type_size)

