@@ -30,6 +30,19 @@ def test_quantize_rows_rounds_to_nearest_within_half_a_step():
     assert (q.abs().amax(1)[torch.arange(37) != 5] == 127).all()  # each row's extreme maps to +-127
 
 
+def test_quantize_rows_in_blocks_is_the_whole_at_once():
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(37, 50, generator=g) * torch.logspace(-3, 2, 37)[:, None]).bfloat16()
+    w[7] = 0.0
+    whole_q, whole_s = quantize_rows(w, block_rows=37)
+    for rows in (1, 5, 36):
+        q, s = quantize_rows(w, block_rows=rows)
+        assert torch.equal(q, whole_q) and torch.equal(s, whole_s)
+    w[30, 3] = float("inf")  # found in whichever block holds it
+    with pytest.raises(ValueError, match="inf or NaN"):
+        quantize_rows(w, block_rows=4)
+
+
 def test_quantize_rows_rejects_bad_weights():
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         quantize_rows(torch.zeros(3))
