@@ -38,6 +38,9 @@ def test_quantize_rows_in_blocks_is_the_whole_at_once():
     for rows in (1, 5, 36):
         q, s = quantize_rows(w, block_rows=rows)
         assert torch.equal(q, whole_q) and torch.equal(s, whole_s)
+    w32 = w.float()
+    kept = w32.clone()
+    assert torch.equal(quantize_rows(w32, block_rows=4)[0], whole_q) and torch.equal(w32, kept)  # w32 untouched
     w[30, 3] = float("inf")  # found in whichever block holds it
     with pytest.raises(ValueError, match="inf or NaN"):
         quantize_rows(w, block_rows=4)

@@ -28,21 +28,22 @@ QUANT_MODES = ("int8", "w8a8")
 QB = 64  # activation values per quantization block (w8a8.c's QB)
 
 
-def quantize_rows(w: torch.Tensor, block_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(w: torch.Tensor, block_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric int8: returns (q int8 [N, K], scale fp32 [N]); an all-zero row gets scale 1.
-    Rows are done ``block_rows`` at a time (each row alone decides its values), so the fp32
-    temporaries of a large weight (a 151936-row LM head) never exist for the whole of it."""
+    Rows are done ``block_rows`` at a time (default: 16M values), each row alone deciding its
+    values, so the fp32 temporaries of a large weight (a 151936-row LM head) never exist whole."""
     if w.dim() != 2:
         raise ValueError(f"quantize_rows expects a [N, K] weight, got shape {tuple(w.shape)}")
+    block_rows = block_rows or max(1, (1 << 24) // max(1, w.shape[1]))
     q = torch.empty(w.shape, dtype=torch.int8)
     scale = torch.empty(w.shape[0], dtype=torch.float32)
     for r0 in range(0, w.shape[0], block_rows):
-        wf = w.detach()[r0 : r0 + block_rows].float()
+        wf = w.detach()[r0 : r0 + block_rows].to(torch.float32, copy=True)  # divided in place below
         if not torch.isfinite(wf).all():
             raise ValueError("cannot quantize a weight that holds inf or NaN")
         amax = wf.abs().amax(dim=1)  # [rows]
         s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-        q[r0 : r0 + block_rows] = torch.round(wf / s[:, None]).clamp_(-127, 127).to(torch.int8)
+        q[r0 : r0 + block_rows] = wf.div_(s[:, None]).round_().clamp_(-127, 127)
         scale[r0 : r0 + block_rows] = s
     return q, scale
 
