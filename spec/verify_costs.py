@@ -7,6 +7,16 @@ import math
 import statistics
 from collections import deque
 
+import numpy as np
+
+
+def _median(values: list[float]) -> float:
+    """``statistics.median`` of a non-empty list, with its arithmetic (the middle value, or the
+    mean of the two middle ones as (a + b) / 2), without its overhead."""
+    v = sorted(values)
+    h = len(v) // 2
+    return v[h] if len(v) % 2 else (v[h - 1] + v[h]) / 2
+
 
 class VerifyCosts:
     """Verify seconds of k = calibration(k) x the machine's level now x a learnt shape factor(k).
@@ -97,17 +107,34 @@ class VerifyCosts:
                 shape[k], counts[k] = self._shrunk(r), len(r)
             self._fit = (shape, counts, 0.0)
             return self._fit
+        # Each pass's neighbours: the passes of other k's within `reach` either side, the same in
+        # both rounds; their medians are taken for all passes at once (numpy, the same arithmetic
+        # as statistics.median: the middle value, or (a + b) / 2): the solve runs once per pass
+        # over up to `window` passes, and in Python it dominated the simulator's run time.
+        ks_a, xs_a = np.array(ks, dtype=np.int64), np.array(xs, dtype=np.float64)  # [n]
+        offsets = np.array([o for o in range(-self.reach, self.reach + 1) if o])  # [2 reach]
+        idx = np.arange(n)[:, None] + offsets[None, :]  # [n, 2 reach]
+        idx_c = idx.clip(0, max(n - 1, 0))
+        valid = (idx >= 0) & (idx < n) & (ks_a[idx_c] != ks_a[:, None])  # [n, 2 reach]
+        count = valid.sum(1)  # [n]
+        has = count > 0  # passes with another k around them
+        count, valid, idx_c = count[has], valid[has], idx_c[has]
+        rows, half, odd = np.arange(len(count)), count // 2, count % 2 == 1
+        ks_has, xs_has = ks_a[has], xs_a[has]
+        order = list(dict.fromkeys(ks_has.tolist()))  # k's in order of their first residual
         for _ in range(2):  # residuals use the neighbours' shapes, shapes the residuals (warm start: it converges over passes)
-            level = [x - shape.get(k, 0.0) for k, x in zip(ks, xs)]  # [n] the machine's log speed per pass
-            residuals: dict[int, list[float]] = {}
-            for i in range(n):
-                around = [level[j] for j in range(max(0, i - self.reach), min(n, i + self.reach + 1)) if ks[j] != ks[i]]
-                if around:
-                    residuals.setdefault(ks[i], []).append(xs[i] - statistics.median(around))
+            level = xs_a - np.array([shape.get(k, 0.0) for k in ks], dtype=np.float64)  # [n] the machine's log speed per pass
+            around = np.where(valid, level[idx_c], np.inf)  # [m, 2 reach], missing ones sort last
+            around.sort(axis=1)
+            lo = around[rows, np.maximum(half - 1, 0)]
+            hi = around[rows, half]
+            med = np.where(odd, hi, (lo + hi) / 2)
+            res = xs_has - med  # [m] one residual per pass, in pass order
+            residuals = {k: res[ks_has == k].tolist() for k in order}
             shape = {k: self._shrunk(r) for k, r in residuals.items()}
             counts = {k: len(r) for k, r in residuals.items()}
             if shape:  # the data fix shapes relative to each other only: the median k's stays at its calibration
-                mid = statistics.median(shape.values())
+                mid = _median(list(shape.values()))
                 shape = {k: v - mid for k, v in shape.items()}
         recent = [x - shape.get(k, 0.0) for k, x in zip(ks[-self.level_window:], xs[-self.level_window:])]
         self._shape = shape
@@ -116,7 +143,7 @@ class VerifyCosts:
 
     def _shrunk(self, logs: list[float]) -> float:
         """Median of ``logs`` shrunk towards 0 by ``prior`` pseudo-values."""
-        return len(logs) * statistics.median(logs) / (len(logs) + self.prior) if logs else 0.0
+        return len(logs) * _median(logs) / (len(logs) + self.prior) if logs else 0.0
 
     def level(self) -> float:
         """The machine's speed now, relative to the calibration (1 before any pass, or untracked)."""

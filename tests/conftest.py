@@ -15,6 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 # prepends neither the working directory nor the script's folder).
 sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != REPO]
 os.environ["PYTHONSAFEPATH"] = "1"
+# The native CPU kernels run OpenMP parallel regions, many per token. Where more processes are
+# runnable than there are cores (CI runners, a shared machine), libgomp's default of spinning at
+# every barrier makes each region wait for a descheduled peer thread while burning the core that
+# peer needs: SmolLM2's greedy-identity tests took 941 s instead of 80 s at a load average of 5 on
+# 2 cores. Threads that sleep at barriers compute the same results (the kernels' work split does not
+# depend on timing). Set before torch loads libgomp, which reads it once; children inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 _shadowing = [m for m in ("kernels", "model", "spec", "parallel", "bench")
               if m in sys.modules and str(getattr(sys.modules[m], "__file__", "") or "").startswith(str(REPO / m))]
 if _shadowing:

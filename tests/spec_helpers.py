@@ -44,3 +44,19 @@ class CountingAcceptor:
         B, g = draft_ids.shape
         return rejection_sample(draft_ids, draft_probs, target_probs, rng.uniforms(B, g),
                                 rng.exponentials(B, target_probs.shape[-1]))
+
+
+# Samples per exactness run (tiers 3 and 4, one batch), sized by the power the checker needs.
+# The weakest deliberately biased pairing the harness must catch is the argmax draft with a soft
+# q at k = 4, temperature 0.5 (V = 5, L = 3; total variation ~0.014 from the target): its
+# chi-square noncentrality is lambda = n * sum_x (p_biased(x) - p(x))^2 / p(x) ~= 0.009 n
+# (measured as chi2 - dof: 928.8 - 31 at n = 100,000; 383.8 - 25 at n = 40,000). Its test asks
+# for p < 1e-30 (the verdict threshold is 1e-6); with ~25 pooled bins the chi-square value at
+# p = 1e-30 is ~208, and at n = 40,000 the statistic's mean, dof + lambda ~384, lies 4.6 standard
+# deviations (sd = sqrt(2 (dof + 2 lambda)) ~38.5) above it, where 30,000 samples leave 2.6 sd
+# and 35,000 leave 3.7 sd: 40,000 is the smallest round count with a wide margin. Every other
+# biased pairing has lambda / n from 0.07 (argmax draft at k = 2) to 1000 (a stale cache slot),
+# caught by orders of magnitude more. The exact pairings run at the same n: the verdict there
+# fails (p < 1e-6, with 25-100 bins) once lambda > ~50-80, i.e. for any deviation with
+# lambda / n above ~2e-3, a sixth of the weakest planted bias.
+EXACTNESS_SAMPLES = 40_000
