@@ -165,8 +165,7 @@ def _build(name: str, source, dtype: torch.dtype, st: Path, sha: str, progress: 
     try:
         with open(tmp, "wb") as f:
             f.write(len(blob).to_bytes(8, "little") + blob)
-            for n in source.names():
-                t = source.load(n, dtype=dtype)
+            for n, t in _loaded_in_order(source, dtype):
                 if list(t.shape) != header[n]["shape"] or t.dtype != dtype:
                     raise CheckpointError(f"{source.path}: {n} loads as {tuple(t.shape)} {t.dtype}, not {header[n]}")
                 if t.numel():
@@ -177,3 +176,27 @@ def _build(name: str, source, dtype: torch.dtype, st: Path, sha: str, progress: 
     finally:
         tmp.unlink(missing_ok=True)
         bar.close()
+
+
+def _loaded_in_order(source, dtype: torch.dtype):
+    """(name, tensor) in the source's order, dequantized by ``VERISPEC_CONVERT_JOBS`` threads
+    (default: one per core; numpy lets go of the GIL) with at most that many tensors ahead."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    jobs = max(1, int(os.environ.get("VERISPEC_CONVERT_JOBS") or min(4, os.cpu_count() or 1)))
+    names = iter(source.names())
+    with ThreadPoolExecutor(jobs) as pool:
+        ahead = deque()
+        try:
+            for n in names:
+                ahead.append((n, pool.submit(source.load, n, dtype=dtype)))
+                if len(ahead) >= jobs:
+                    n, fut = ahead.popleft()
+                    yield n, fut.result()
+            while ahead:
+                n, fut = ahead.popleft()
+                yield n, fut.result()
+        finally:
+            for _, fut in ahead:
+                fut.cancel()

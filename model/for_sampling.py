@@ -126,6 +126,10 @@ class LlamaForSampling:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         kernels = get_backend(kernel_backend, device=str(device))  # chosen once, here
+        if torch.device(device).type == "cpu":
+            from ..kernels.cpu.build import build_in_background
+
+            build_in_background()  # a first build compiles while the weights load
         config, source, path = open_source(path_or_name, progress=progress)
         source = _weights_in(source, path, dtype, progress)
         if n_positions > config.max_position_embeddings:

@@ -128,6 +128,28 @@ def llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: float
     return rs
 
 
+_PARSED: dict = {}  # (path, size, mtime, ctime, inode) -> (metadata, infos) of the last few large files
+_PARSE_KEEP_BYTES = 16 << 20  # smaller files parse in milliseconds: never kept
+
+
+def _parse(path: Path) -> tuple[dict, list[TensorInfo]]:
+    """Metadata and tensor directory of a GGUF file. A run opens a model's file several times
+    (config, tokenizer, weights) and a 151k-token vocabulary takes a second to parse: the result
+    is kept while the file's size, times and inode stay the same. Callers must not modify it."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key in _PARSED:
+        return _PARSED[key]
+    buf = np.memmap(path, dtype=np.uint8, mode="r")  # for the metadata only; unmapped after
+    parsed = read_gguf(path, buf)
+    del buf
+    if st.st_size >= _PARSE_KEEP_BYTES:
+        while len(_PARSED) >= 4:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[key] = parsed
+    return parsed
+
+
 class GGUFSource:
     """A single GGUF file read through a memory map. ``config`` comes from its metadata."""
 
@@ -140,9 +162,7 @@ class GGUFSource:
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
         if self.path.stat().st_size < 4:
             raise CheckpointError(f"{self.path}: not a GGUF file (bad magic bytes)")
-        buf = np.memmap(self.path, dtype=np.uint8, mode="r")  # for the metadata only; unmapped after
-        self.metadata, infos = read_gguf(self.path, buf)
-        del buf
+        self.metadata, infos = _parse(self.path)
         supported = {int(t) for t in gguf.quants._type_traits} | {int(gguf.GGMLQuantizationType.F32),
                                                                    int(gguf.GGMLQuantizationType.F16)}
         self._tensors: dict[str, TensorInfo] = {}

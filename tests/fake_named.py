@@ -44,11 +44,15 @@ class Counter:
     """Wraps ``obj.attr`` and counts calls."""
 
     def __init__(self, monkeypatch, obj, attr):
+        import threading
+
         self.n = 0
+        lock = threading.Lock()
         orig = getattr(obj, attr)
 
-        def counted(*a, **k):
-            self.n += 1
+        def counted(*a, **k):  # (called from several threads by a conversion)
+            with lock:
+                self.n += 1
             return orig(*a, **k)
 
         monkeypatch.setattr(obj, attr, counted)

@@ -219,3 +219,20 @@ def test_blockwise_dequantization_is_the_whole_tensors(named, monkeypatch):
         whole = torch.from_numpy(np.ascontiguousarray(whole, dtype=np.float32)).reshape(info.shape)
         assert torch.equal(src.load(name, dtype=torch.float32), whole)
         assert torch.equal(src.load(name, dtype=torch.bfloat16).view(torch.int16), whole.bfloat16().view(torch.int16))
+
+
+def test_a_large_gguf_is_parsed_once_while_unchanged(named, monkeypatch):
+    monkeypatch.setattr(gguf_source, "_PARSE_KEEP_BYTES", 0)
+    monkeypatch.setattr(gguf_source, "_PARSED", {})
+    parses = Counter(monkeypatch, gguf_source, "read_gguf")
+    a, b = GGUFSource(named), GGUFSource(named)
+    assert parses.n == 1 and a.config == b.config and a.names() == b.names()
+    st = named.stat()
+    os.utime(named, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    GGUFSource(named)
+    assert parses.n == 2
+    monkeypatch.setattr(gguf_source, "_PARSE_KEEP_BYTES", st.st_size + 1)  # small files: always parsed
+    monkeypatch.setattr(gguf_source, "_PARSED", {})
+    GGUFSource(named)
+    GGUFSource(named)
+    assert parses.n == 4

@@ -15,6 +15,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares torch's OpenMP)
@@ -31,6 +33,7 @@ EXTRA_FLAGS = os.environ.get("VERISPEC_CFLAGS", "").split()
 
 _lib = None
 _error: str | None = None
+_lock = threading.Lock()  # one build at a time (build_in_background's thread and the callers)
 
 
 def _cache_dir() -> Path:
@@ -59,7 +62,9 @@ def _build() -> ctypes.CDLL:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
+        t0 = time.perf_counter()
         res = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
+        log.info("timing: native CPU kernels compiled %.2f s", time.perf_counter() - t0)
         if res.returncode != 0:
             os.unlink(tmp)
             raise RuntimeError(f"compiling the native CPU kernels failed: {res.stderr.strip()[:500]}")
@@ -101,6 +106,20 @@ def _build() -> ctypes.CDLL:
 
 
 def get_lib():
+    if _lib is not None or _error is not None:  # the hot path: no lock
+        return _lib
+    with _lock:
+        return _get_lib()
+
+
+def build_in_background() -> None:
+    """Start compiling (or loading) the library on a thread, so that a first build overlaps other
+    work such as a model's first load; :func:`get_lib` waits for it."""
+    if _lib is None and _error is None:
+        threading.Thread(target=get_lib, name="verispec-native-build", daemon=True).start()
+
+
+def _get_lib():
     global _lib, _error
     if _lib is None and _error is None:
         if os.environ.get("VERISPEC_NATIVE", "1") == "0":
