@@ -97,6 +97,21 @@ class ConvertedSource:
         return t
 
 
+def weights_source(source, path: Path, dtype: torch.dtype, progress: bool = False):
+    """Where a load in ``dtype`` reads its weights: for a named model's GGUF, its converted
+    weights in the cache (built on the first load); another GGUF file is dequantized straight
+    into ``dtype``; other sources are returned as they are."""
+    from .gguf_source import GGUFSource
+
+    if not isinstance(source, GGUFSource):
+        return source
+    source.dtype = dtype
+    name = hub.registered_name(path)
+    if name is None or dtype not in DTYPE_NAMES or not enabled():
+        return source
+    return open_converted(name, source, dtype, progress=progress)
+
+
 def _record_matches(st: Path, rec: Path, sha: str, dtype: torch.dtype) -> bool:
     r = hub.read_json(rec)
     try:

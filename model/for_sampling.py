@@ -131,7 +131,9 @@ class LlamaForSampling:
 
             build_in_background()  # a first build compiles while the weights load
         config, source, path = open_source(path_or_name, progress=progress)
-        source = _weights_in(source, path, dtype, progress)
+        from .converted import weights_source
+
+        source = weights_source(source, path, dtype, progress)  # a named model: its converted weights
         if n_positions > config.max_position_embeddings:
             log.warning(
                 "n_positions=%d exceeds the model's max_position_embeddings=%d", n_positions, config.max_position_embeddings
@@ -365,23 +367,6 @@ class LlamaForSampling:
         twin.last_stats = {}
         twin.speculation_lengths = list(self.speculation_lengths)
         return twin
-
-
-def _weights_in(source: TensorSource, path: Path, dtype: torch.dtype, progress: bool) -> TensorSource:
-    """Where to read the weights: a named model's converted weights in the cache (built on its first
-    load, see ``converted``); for another GGUF file, the file, dequantized straight into ``dtype``."""
-    from .gguf_source import GGUFSource
-
-    if not isinstance(source, GGUFSource):
-        return source
-    from . import converted
-    from .hub import registered_name
-
-    source.dtype = dtype
-    name = registered_name(path)
-    if name is None or dtype not in converted.DTYPE_NAMES or not converted.enabled():
-        return source
-    return converted.open_converted(name, source, dtype, progress=progress)
 
 
 def _progress_bar(enabled: bool, label: str):
