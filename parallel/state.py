@@ -7,18 +7,28 @@ The process group is created from torchrun's environment (``RANK``, ``WORLD_SIZE
 collective, so that a rank that dies or stops responding ends the others with an error instead
 of a hang. When ``neuronx_distributed`` is importable (and ``VERISPEC_TP_IMPL`` is not
 ``torch``), its own ``parallel_state`` keeps the group instead.
+
+A process group this module starts is also ended by it at exit (an ``atexit`` hook), so a script
+that never calls ``destroy_model_parallel`` still exits cleanly. Without that, gloo's worker
+thread can drop its last finished work (which holds a tensor whose Python object it must release,
+so it needs the GIL) after the interpreter has begun finalizing; Python then ends that thread
+inside a C++ destructor and the process aborts ("terminate called without an active exception",
+SIGABRT). Ending the group in ``atexit`` joins those threads while the interpreter is still whole.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import importlib
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+EXIT_BARRIER_TIMEOUT_S = 10.0  # at most this long (or the collective timeout) for the other ranks at exit
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -32,6 +42,8 @@ class _State:
     backend: str | None = None
     timeout_s: float | None = None  # None: the process group was made elsewhere, with its own timeout
     owns_process_group = False
+    process_group = None  # the default process group this module started (to end only that one)
+    exit_hook_pid: int | None = None  # the process that registered the exit hook
     nxd = None  # neuronx_distributed.parallel_state when that implementation is in use
 
 
@@ -102,6 +114,8 @@ def initialize_model_parallel(
         backend = backend or default_backend("cpu")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         _state.owns_process_group = True
+        _state.process_group = dist.group.WORLD
+        _register_exit_hook()
     _check_world(size, dist.get_world_size())
     if nxd is not None:
         nxd.initialize_model_parallel(tensor_model_parallel_size=size)
@@ -157,12 +171,62 @@ def collective_timeout_s() -> float | None:
     return _state.timeout_s
 
 
+def _owned_group_is_live() -> bool:
+    """This module started the process group, and it is still the current one (not ended, nor
+    replaced by the user's own)."""
+    return _state.owns_process_group and dist.is_initialized() and dist.group.WORLD is _state.process_group
+
+
 def destroy_model_parallel() -> None:
-    """Forget the tensor-parallel group; also end the process group if this module started it."""
+    """Forget the tensor-parallel group; also end the process group if this module started it.
+
+    Safe to call more than once, and after the user has ended the process group themselves.
+    """
     if _state.nxd is not None:
         _state.nxd.destroy_model_parallel()
-    if _state.owns_process_group and dist.is_initialized():
+    if _owned_group_is_live():
         dist.destroy_process_group()
-    _state.size = _state.group = _state.backend = _state.nxd = None
+    _state.size = _state.group = _state.backend = _state.nxd = _state.process_group = None
     _state.owns_process_group = False
     _state.timeout_s = None
+
+
+def _register_exit_hook() -> None:
+    if _state.exit_hook_pid != os.getpid():
+        atexit.register(_end_process_group_at_exit)
+        _state.exit_hook_pid = os.getpid()
+
+
+def _exiting_on_uncaught_exception() -> bool:
+    # set by the interpreter when it prints the uncaught exception that ends the script
+    return hasattr(sys, "last_exc") or hasattr(sys, "last_value")
+
+
+def _end_process_group_at_exit() -> None:
+    """atexit: end the process group this module started, if the user has not, before the
+    interpreter finalizes. On a normal exit, first wait (briefly) for the other ranks, so that no
+    rank closes its connections while another is still in a collective; after an uncaught
+    exception, skip that wait (the others may be blocked in a collective this rank will never
+    join, and ending the group now tells them at once)."""
+    if _state.exit_hook_pid != os.getpid() or not _state.owns_process_group:
+        return  # a forked child (the group's threads are the parent's), or the user ended the group
+    try:
+        if _owned_group_is_live() and dist.get_world_size() > 1 and not _exiting_on_uncaught_exception():
+            _barrier_before_exit()
+    except Exception:  # noqa: BLE001 - a rank that is gone or late: end this rank's group anyway
+        pass
+    try:
+        destroy_model_parallel()  # ends the process group only if it is still the one started here
+    except Exception as e:  # noqa: BLE001 - exiting: report, never raise from atexit
+        print(f"verispec: could not end the tensor-parallel process group at exit: {type(e).__name__}: {e}",
+              file=sys.stderr)
+
+
+def _barrier_before_exit() -> None:
+    timeout_s = min(EXIT_BARRIER_TIMEOUT_S, _state.timeout_s or EXIT_BARRIER_TIMEOUT_S)
+    if dist.get_backend() == "gloo":
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    elif dist.get_backend() == "nccl":  # bounded by the process group's own timeout
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
