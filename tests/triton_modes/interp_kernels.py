@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from verispec.kernels import reference
-from verispec.kernels.testing import AttnCase, check_backend
+from verispec.kernels.testing import AttnCase, check_backend, default_append_cases, default_attention_cases
 from verispec.kernels.triton import interpreting, kv_append, verify_attention
 
 
@@ -19,12 +19,28 @@ def _check_interpreter_mode():
     assert interpreting(), "run this file with TRITON_INTERPRET=1 set before triton is imported"
 
 
+# bf16 on the interpreter: the quick list (ratio 1, decode with rows apart, ratio 7 at T = 5 in 3
+# slices, T = 16 at D = 128 past slot 1024, a 37-token MQA prefill, a token tree at D = 128) and
+# the full list's cases that reach the other bf16 tiles: BLOCK_M 32 at D = 64 (T = 9), a tree at
+# ratio 7 with BLOCK_M 64 at D = 128, and a 130-token prefill over several 128-row query tiles.
+# Every other full-list case runs in fp32 below (the interpreter spends ~40 ms per key block, and
+# the bf16 pass over the full list doubled the file's time); the fp16 test adds two more.
+BF16_EXTRA = [AttnCase(1, 4, 2, 9, 64, (509,), 526), AttnCase(2, 14, 2, 8, 128, (300, 1000), 1024, True),
+              AttnCase(1, 2, 1, 130, 64, (3,), 140)]
+
+
 def test_conformance_fp32_bf16():
-    # the full default case list: T 1..16 and 37, GQA 1/2/7, D 64/128, unaligned cache lengths,
-    # rows at different positions, token trees, last cache slot, long caches split into slices
-    report = check_backend("triton")
+    # fp32, the full default case list: T 1..16, 37 and 130, GQA 1/2/7, D 64/128, unaligned cache
+    # lengths, rows at different positions, token trees, last cache slot, long caches in slices
+    report = check_backend("triton", dtypes=(torch.float32,))
     assert report.passed, str(report)
-    assert len(report.results) >= 40
+    assert len(report.results) >= 30
+    full = default_attention_cases()
+    bf16_cases = default_attention_cases(quick=True) + BF16_EXTRA
+    assert all(c in full for c in bf16_cases)  # a subset of the list, not cases of its own
+    report = check_backend("triton", dtypes=(torch.bfloat16,), attention_cases=bf16_cases)
+    assert report.passed, str(report)
+    assert len(report.results) == len(bf16_cases) + 2 * len(default_append_cases())
 
 
 def test_conformance_fp16():
