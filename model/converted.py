@@ -15,7 +15,8 @@ build leaves nothing that loads. A build that cannot write (disk full) falls bac
 from the GGUF. ``VERISPEC_CONVERTED_CACHE=0`` turns the cache off.
 
 Tensors are read with plain reads into tensors of their own (no memory map), so the process
-holds the weights once, and a build holds one tensor at a time.
+holds the weights once. A build dequantizes on one thread per core and holds only the few
+tensors in flight.
 """
 
 from __future__ import annotations

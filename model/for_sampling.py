@@ -151,6 +151,7 @@ class LlamaForSampling:
         t0 = time.perf_counter()
         materialize(decoder, source, dtype, device, shard_fn=shard_fn, progress=bar)
         log.info("timing: load weights of %s from %s %.2f s", path.name, type(source).__name__, time.perf_counter() - t0)
+        t0 = time.perf_counter()
         decoder.rope_cos = decoder.rope_cos.to(device)
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
@@ -163,6 +164,7 @@ class LlamaForSampling:
                 from ..kernels.cpu.quant import quantize_weights
 
                 quantize_weights(decoder, quant)
+        log.info("timing: fuse/quantize %s %.2f s", path.name, time.perf_counter() - t0)
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
             source_path=path, quant=quant,

@@ -49,8 +49,11 @@ def test_quantize_rows_in_blocks_is_the_whole_at_once():
 def test_quantize_rows_rejects_bad_weights():
     with pytest.raises(ValueError, match=r"\[N, K\]"):
         quantize_rows(torch.zeros(3))
-    with pytest.raises(ValueError, match="inf or NaN"):
-        quantize_rows(torch.tensor([[1.0, float("nan")]]))
+    for bad in ([1.0, float("nan")], [5.0, float("nan"), 1.0], [float("nan"), 5.0], [1.0, -float("inf")]):
+        w = torch.zeros(3000, len(bad))
+        w[1234] = torch.tensor(bad)  # not the largest value of its row, in a long weight
+        with pytest.raises(ValueError, match="inf or NaN"):
+            quantize_rows(w)
 
 
 @pytest.mark.skipif(not native.available(), reason="no C compiler: native CPU kernels not built")

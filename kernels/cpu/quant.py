@@ -39,9 +39,9 @@ def quantize_rows(w: torch.Tensor, block_rows: int | None = None) -> tuple[torch
     scale = torch.empty(w.shape[0], dtype=torch.float32)
     for r0 in range(0, w.shape[0], block_rows):
         wf = w.detach()[r0 : r0 + block_rows].to(torch.float32, copy=True)  # divided in place below
-        if not torch.isfinite(wf).all():
+        amax = wf.abs().amax(dim=1)  # [rows]; inf or NaN (amax propagates it) where a row holds one
+        if not torch.isfinite(amax).all():
             raise ValueError("cannot quantize a weight that holds inf or NaN")
-        amax = wf.abs().amax(dim=1)  # [rows]
         s = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         q[r0 : r0 + block_rows] = wf.div_(s[:, None]).round_().clamp_(-127, 127)
         scale[r0 : r0 + block_rows] = s
