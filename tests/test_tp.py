@@ -57,6 +57,16 @@ def tiny_paths(tmp_path_factory):
     return {name: _checkpoint(root / name, arch, over) for name, (arch, over) in CASES.items()}
 
 
+@pytest.fixture(scope="module")
+def speculative_paths(tmp_path_factory):
+    """A sharpened qwen2 target and a one-layer draft (random tiny models are nearly uniform,
+    where almost any draft is accepted)."""
+    root = tmp_path_factory.mktemp("tp_spec")
+    target = _checkpoint(root / "target", "qwen2", {}, logit_scale=6.0)
+    other = _checkpoint(root / "draft", "qwen2", dict(num_hidden_layers=1), seed=1, logit_scale=6.0)
+    return target, {"other-model": other, "target-itself": target}
+
+
 def _ok(results):
     for r in results:
         assert r.ok, f"rank {r.rank} failed (exit {r.exitcode}): {r.error}\n{r.traceback or ''}"
@@ -64,9 +74,28 @@ def _ok(results):
 
 
 @pytest.fixture(scope="module")
-def sharded(tiny_paths):
-    """Both ranks' measurements for every case, from one 2-rank run."""
-    return _ok(run_ranks(tp_workers.sharded_vs_unsharded, WORLD, (tiny_paths,), timeout_s=300, threads_per_rank=1))
+def two_ranks(tiny_paths, speculative_paths):
+    """One 2-rank launch for the mapping functions, every sharded-vs-unsharded case and the
+    speculative runs (each launch costs a process start, torch's imports and a process group on
+    both ranks): per job, both ranks' results."""
+    target, drafts = speculative_paths
+    jobs = [("mapping", "mapping_functions", ()), ("sharded", "sharded_vs_unsharded", (tiny_paths,)),
+            ("speculative", "speculative_greedy", (target, drafts, 4))]
+    per_rank = _ok(run_ranks(tp_workers.several, WORLD, (jobs,), timeout_s=600, threads_per_rank=1))
+    return {name: [r[name] for r in per_rank] for name, _, _ in jobs}
+
+
+def _job(two_ranks, name):
+    """Both ranks' values of one job of the shared launch; fails with the rank's traceback if it raised."""
+    for rank, r in enumerate(two_ranks[name]):
+        assert r[0] == "ok", f"{name} failed on rank {rank}: {r[1]}\n{r[2]}"
+    return [r[1] for r in two_ranks[name]]
+
+
+@pytest.fixture(scope="module")
+def sharded(two_ranks):
+    """Both ranks' measurements for every case, from the shared 2-rank run."""
+    return _job(two_ranks, "sharded")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -134,13 +163,11 @@ def test_kv_heads_replicated_over_four_ranks(tmp_path):
         assert r["sampled_tp"] == res[0]["rep4"]["sampled_tp"]
 
 
-def test_greedy_speculative_tp2_equals_tp1(tiny_paths, tmp_path):
+def test_greedy_speculative_tp2_equals_tp1(two_ranks, speculative_paths):
     """Target at tp_degree=2 with a draft at tp_degree 1 (replicated) or 2: greedy speculative
     output is token for token the tp_degree=1 output, and sampled output is rank 0's on every rank."""
-    target = _checkpoint(tmp_path / "target", "qwen2", {}, logit_scale=6.0)
-    other = _checkpoint(tmp_path / "draft", "qwen2", dict(num_hidden_layers=1), seed=1, logit_scale=6.0)
-    drafts = {"other-model": other, "target-itself": target}
-    res = _ok(run_ranks(tp_workers.speculative_greedy, WORLD, (target, drafts, 4), timeout_s=300, threads_per_rank=1))
+    _, drafts = speculative_paths
+    res = _job(two_ranks, "speculative")
     for rank_res in res:
         expected = rank_res["target_only_tp1"]
         for name in drafts:
@@ -158,8 +185,8 @@ def test_greedy_speculative_tp2_equals_tp1(tiny_paths, tmp_path):
         assert res[0][name]["sampled_tp1"] != res[0]["target_only_tp1"]  # really sampled
 
 
-def test_mapping_functions_and_layers():
-    res = _ok(run_ranks(tp_workers.mapping_functions, WORLD, timeout_s=120, threads_per_rank=1))
+def test_mapping_functions_and_layers(two_ranks):
+    res = _job(two_ranks, "mapping")
     for rank, r in enumerate(res):
         assert r["column_gather"] < 1e-5 and r["row_scatter"] < 1e-5
         assert r["column_then_row"] < 1e-5 and r["embedding"] == 0

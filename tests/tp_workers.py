@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+import traceback
 
 import torch
 
@@ -227,3 +228,17 @@ def speculative_greedy(rank: int, world: int, target_path: str, drafts: dict, k:
         # each rank seeds differently: the draft's and the acceptor's choices must be rank 0's
         r["sampled"], r["sampled_acceptance"] = run(draft_1, target_n, temperature=1.0, seed=50 + rank)
     return res
+
+
+def several(rank: int, world: int, jobs: list) -> dict:
+    """Several of the bodies above in one process, one after another: one launch (process start,
+    imports, process group) for the checks of several tests. ``jobs``: (name, function name, args);
+    returns name -> ("ok", value) or ("error", "Type: message", traceback), so a failing body fails
+    only its own tests."""
+    out = {}
+    for name, fn, args in jobs:
+        try:
+            out[name] = ("ok", globals()[fn](rank, world, *args))
+        except Exception as e:  # noqa: BLE001 - reported to the test that reads this job
+            out[name] = ("error", f"{type(e).__name__}: {e}", traceback.format_exc())
+    return out
