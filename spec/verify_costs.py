@@ -122,8 +122,9 @@ class VerifyCosts:
         rows, half, odd = np.arange(len(count)), count // 2, count % 2 == 1
         ks_has, xs_has = ks_a[has], xs_a[has]
         order = list(dict.fromkeys(ks_has.tolist()))  # k's in order of their first residual
+        uniq, which = np.unique(ks_a, return_inverse=True)  # the k's that ran; each pass's index among them
         for _ in range(2):  # residuals use the neighbours' shapes, shapes the residuals (warm start: it converges over passes)
-            level = xs_a - np.array([shape.get(k, 0.0) for k in ks], dtype=np.float64)  # [n] the machine's log speed per pass
+            level = xs_a - np.array([shape.get(k, 0.0) for k in uniq.tolist()], dtype=np.float64)[which]  # [n] the machine's log speed per pass
             around = np.where(valid, level[idx_c], np.inf)  # [m, 2 reach], missing ones sort last
             around.sort(axis=1)
             lo = around[rows, np.maximum(half - 1, 0)]
