@@ -66,6 +66,15 @@ def load_tiny_trio(root, n_positions: int = 128, batch_size: int = 3) -> dict:
     return {"target": load(target_dir), "twin": load(target_dir), "other": load(other_dir)}
 
 
+@pytest.fixture(scope="session")
+def smollm2_f32():
+    """SmolLM2-135M-Instruct (fetched into the model cache on first use) in fp32 with the default
+    kernels, 256 positions, 3 rows: loaded once for every test file that uses it."""
+    from verispec.model import LlamaForSampling
+
+    return LlamaForSampling.from_pretrained("smollm2-135m", n_positions=256, batch_size=3, amp="f32")
+
+
 @pytest.fixture
 def tiny_hf(tmp_path):
     """Factory: tiny_hf(arch="llama", **config_overrides) -> (dir, hf_model)."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from verispec.cli import main as cli_main
-from verispec.model import LlamaForSampling, Tokenizer, hub
+from verispec.model import Tokenizer, hub
 
 pytestmark = pytest.mark.slow
 
@@ -78,8 +78,11 @@ def hf_tokenizer(hf_dir):
 
 
 @pytest.fixture(scope="module")
-def ours(gguf_path):
-    return LlamaForSampling.from_pretrained(str(gguf_path), n_positions=128, batch_size=1)
+def ours(gguf_path, smollm2_f32):
+    """The GGUF loaded with the defaults (fp32, the default kernels): conftest's session model,
+    which is that load (with room for 3 rows of 256 positions; these tests use one row)."""
+    assert smollm2_f32.config.vocab_size == 49152
+    return smollm2_f32
 
 
 def test_greedy_continuation_identical_to_hf(ours, hf_dir):

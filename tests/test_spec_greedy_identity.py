@@ -5,7 +5,6 @@ and batch 3 with prompts of different lengths, EOS included."""
 import pytest
 import torch
 
-from verispec.model import LlamaForSampling
 from verispec.spec import SpeculativeGenerator
 
 NEW_TOKENS = 64
@@ -112,9 +111,9 @@ def test_sampling_with_the_same_seed_is_reproducible(models):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """SmolLM2-135M-Instruct in fp32 (fetched into the model cache on first use)."""
-    model = LlamaForSampling.from_pretrained("smollm2-135m", n_positions=256, batch_size=3, amp="f32")
+def smollm2(smollm2_f32):
+    """SmolLM2-135M-Instruct in fp32 (conftest: one load for the session)."""
+    model = smollm2_f32
     tok = model.tokenizer
     questions = ["Write a Python function that checks whether a string is a palindrome.",
                  "What is the capital of France? Answer in one sentence.",
