@@ -67,6 +67,12 @@ def load_tiny_trio(root, n_positions: int = 128, batch_size: int = 3) -> dict:
 
 
 @pytest.fixture(scope="session")
+def tiny_trio(tmp_path_factory) -> dict:
+    """load_tiny_trio's models (128 positions, 3 rows), built once for every test file that uses them."""
+    return load_tiny_trio(tmp_path_factory.mktemp("trio"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_f32():
     """SmolLM2-135M-Instruct (fetched into the model cache on first use) in fp32 with the default
     kernels, 256 positions, 3 rows: loaded once for every test file that uses it."""

@@ -112,11 +112,8 @@ def test_coupled_text_is_the_same_for_every_k_policy_and_draft_on_toy_chains():
 
 
 @pytest.fixture(scope="module")
-def tiny_llamas(tmp_path_factory):
-    from conftest import load_tiny_trio
-
-    m = load_tiny_trio(tmp_path_factory.mktemp("coupled"))
-    return m["target"], m["twin"], m["other"]
+def tiny_llamas(tiny_trio):
+    return tiny_trio["target"], tiny_trio["twin"], tiny_trio["other"]
 
 
 def test_coupled_text_is_the_same_for_every_k_and_draft_on_tiny_llamas(tiny_llamas):

@@ -11,10 +11,8 @@ NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from conftest import load_tiny_trio
-
-    return load_tiny_trio(tmp_path_factory.mktemp("greedy"))
+def models(tiny_trio):
+    return tiny_trio
 
 
 def prompts(lengths, seed=0):
