@@ -58,5 +58,5 @@ class CountingAcceptor:
 # biased pairing has lambda / n from 0.07 (argmax draft at k = 2) to 1000 (a stale cache slot),
 # caught by orders of magnitude more. The exact pairings run at the same n: the verdict there
 # fails (p < 1e-6, with 25-100 bins) once lambda > ~50-80, i.e. for any deviation with
-# lambda / n above ~2e-3, a sixth of the weakest planted bias.
+# lambda / n above ~2e-3, under a quarter of the weakest planted bias's.
 EXACTNESS_SAMPLES = 40_000
