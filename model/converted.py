@@ -98,6 +98,19 @@ class ConvertedSource:
         return t
 
 
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the system (glibc's malloc_trim). Dequantizing leaves
+    many freed blocks of a few MB in the heap, which otherwise stay in the process's resident
+    memory (over a GB after converting a 1.5B model); elsewhere a no-op."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def weights_source(source, path: Path, dtype: torch.dtype, progress: bool = False):
     """Where a load in ``dtype`` reads its weights: for a named model's GGUF, its converted
     weights in the cache (built on the first load); another GGUF file is dequantized straight
@@ -153,6 +166,8 @@ def open_converted(name: str, source, dtype: torch.dtype, progress: bool = False
         except OSError as e:
             log.warning("cannot keep %s's converted weights in %s (%s); loading from the GGUF file", name, st.parent, e)
             return source
+        finally:
+            release_freed_memory()
         s = st.stat()
         hub.write_json_atomic(rec, {"format": FORMAT, "source": source.path.name, "source_sha256": sha,
                                     "dtype": DTYPE_NAMES[dtype], "size": s.st_size, "mtime_ns": s.st_mtime_ns})

@@ -131,7 +131,7 @@ class LlamaForSampling:
 
             build_in_background()  # a first build compiles while the weights load
         config, source, path = open_source(path_or_name, progress=progress)
-        from .converted import weights_source
+        from .converted import release_freed_memory, weights_source
 
         source = weights_source(source, path, dtype, progress)  # a named model: its converted weights
         if n_positions > config.max_position_embeddings:
@@ -152,6 +152,7 @@ class LlamaForSampling:
         materialize(decoder, source, dtype, device, shard_fn=shard_fn, progress=bar)
         log.info("timing: load weights of %s from %s %.2f s", path.name, type(source).__name__, time.perf_counter() - t0)
         t0 = time.perf_counter()
+        release_freed_memory()  # what dequantizing a GGUF left in the heap, before quantize adds its own
         decoder.rope_cos = decoder.rope_cos.to(device)
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
@@ -164,6 +165,7 @@ class LlamaForSampling:
                 from ..kernels.cpu.quant import quantize_weights
 
                 quantize_weights(decoder, quant)
+        release_freed_memory()
         log.info("timing: fuse/quantize %s %.2f s", path.name, time.perf_counter() - t0)
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
