@@ -188,7 +188,9 @@ class Decoder(nn.Module):
         self.config = config
         self.fused_layers = True  # cpu backend: few-row steps run each layer as one native call (kernels/cpu/fused.py)
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # built on the meta device to be loaded: no random init (normal_ there imports torch._dynamo, 2-3 s)
+        table = torch.empty(config.vocab_size, config.hidden_size) if torch.empty(0).is_meta else None
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=table)
         self.model.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

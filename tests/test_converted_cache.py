@@ -236,3 +236,24 @@ def test_a_large_gguf_is_parsed_once_while_unchanged(named, monkeypatch):
     GGUFSource(named)
     GGUFSource(named)
     assert parses.n == 4
+
+
+def test_a_meta_decoder_does_not_import_dynamo():
+    """Building the model to be loaded skips the random init, whose normal_ on the meta device
+    would import torch._dynamo (2-3 s of every load, and nothing else in a run needs it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom verispec.model.config import LlamaConfig\nfrom verispec.model.decoder import Decoder\n"
+            "with torch.device('meta'):\n    d = Decoder(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, "
+            "num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2), 8)\n"
+            "assert d.model.embed_tokens.weight.is_meta\nprint('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    from verispec.model.config import LlamaConfig
+    from verispec.model.decoder import Decoder
+
+    cpu = Decoder(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2), 8)
+    assert cpu.model.embed_tokens.weight.std() > 0.5  # off the meta device: still randomly initialised
