@@ -37,6 +37,9 @@ def amp_dtype(amp: str) -> torch.dtype:
 
 def open_source(path_or_name: str | os.PathLike, progress: bool = False) -> tuple[LlamaConfig, TensorSource, Path]:
     """Resolve an HF directory, a .gguf file or a registered model name to (config, source, path)."""
+    from ..kernels.cpu.build import build_in_background
+
+    build_in_background()  # a first build of the CPU kernels compiles while models are fetched and loaded
     p = Path(os.path.expanduser(str(path_or_name)))
     if p.is_dir():
         return LlamaConfig.from_json_file(p / "config.json"), SafetensorsSource(p), p
@@ -126,10 +129,6 @@ class LlamaForSampling:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         kernels = get_backend(kernel_backend, device=str(device))  # chosen once, here
-        if torch.device(device).type == "cpu":
-            from ..kernels.cpu.build import build_in_background
-
-            build_in_background()  # a first build compiles while the weights load
         config, source, path = open_source(path_or_name, progress=progress)
         from .converted import release_freed_memory, weights_source
 
