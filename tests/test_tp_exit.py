@@ -5,9 +5,10 @@ and simply ends used to abort now and then at exit ("terminate called without an
 exception", SIGABRT): gloo's worker thread released its last finished broadcast (and a tensor whose
 Python object needs the GIL) after the interpreter had begun finalizing. Ending the group in an
 ``atexit`` hook joins that thread first. The race is rare (a few runs in a hundred), so the script
-is run many times; every other run sets a long ``sys.setswitchinterval``, which keeps the worker
-thread off the GIL until the interpreter finalizes and so makes the abort far likelier (about a
-third of runs without the hook). VERISPEC_TP_EXIT_RUNS sets the number of runs (default 12).
+is run many times, two jobs at a time (a busier CPU delays the worker thread), and three runs in
+four set a long ``sys.setswitchinterval``, which keeps that thread off the GIL until the
+interpreter finalizes: without the hook, about half of those runs abort. VERISPEC_TP_EXIT_RUNS
+sets the number of runs (default 12; 40 or more for a thorough check).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent('''
     if ending == "raise_on_rank1" and dist.get_rank() == 1:
         raise RuntimeError("rank 1 fails on purpose")
     tokens = SpeculativeGenerator(draft, target, 3).sample([[1, 2, 3]], 10, temperature=0)
-    print("tokens", tokens.tolist(), flush=True)
+    sys.stdout.write(f"tokens {tokens.tolist()}\\n")  # one write (torchrun runs python -u): the ranks share a pipe
     if ending == "destroy_model_parallel":
         destroy_model_parallel()
     elif ending == "destroy_process_group":
@@ -66,15 +67,32 @@ def job(tmp_path_factory):
     script = root / "user_script.py"
     script.write_text(SCRIPT)
 
-    def run(ending: str = "none", switch_s: float = 0.0) -> subprocess.CompletedProcess:
+    def start(ending: str = "none", switch_s: float = 0.0) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(script), path, ending, str(switch_s)]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONSAFEPATH="1")
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)
-        return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+        return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    return run
+    def run_all(*jobs: tuple[str, float]) -> list[subprocess.CompletedProcess]:
+        """Run the jobs (ending, switch interval) at the same time; wait for all of them."""
+        procs = [start(*j) for j in jobs]
+        try:
+            outputs = [p.communicate(timeout=240) for p in procs]
+            return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(procs, outputs)]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+
+    return run_all
+
+
+def _workers_stderr(proc: subprocess.CompletedProcess) -> str:
+    """The ranks' own stderr: what comes before torchrun's report of a failed child."""
+    return proc.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0][-2000:]
 
 
 def _both_ranks_sampled(proc: subprocess.CompletedProcess) -> bool:
@@ -85,12 +103,13 @@ def _both_ranks_sampled(proc: subprocess.CompletedProcess) -> bool:
 @pytest.mark.dist
 def test_script_without_teardown_exits_cleanly_every_time(job):
     failures = []
-    for i in range(RUNS):
-        switch_s = 5.0 if i % 2 else 0.0
-        proc = job("none", switch_s)
-        if proc.returncode != 0 or ABORT in proc.stderr or not _both_ranks_sampled(proc):
-            failures.append(f"run {i} (switch interval {switch_s or 'default'}): exit {proc.returncode}\n"
-                            f"{proc.stdout[-500:]}\n{proc.stderr[-1500:]}")
+    switch = [0.0 if i % 4 == 0 else 5.0 for i in range(RUNS)]
+    for first in range(0, RUNS, 2):
+        runs = list(range(first, min(first + 2, RUNS)))
+        for i, proc in zip(runs, job(*[("none", switch[i]) for i in runs])):
+            if proc.returncode != 0 or ABORT in proc.stderr or not _both_ranks_sampled(proc):
+                failures.append(f"run {i} (switch interval {switch[i] or 'default'}): exit {proc.returncode}\n"
+                                f"{proc.stdout[-500:]}\n{_workers_stderr(proc)}")
     assert not failures, f"{len(failures)} of {RUNS} runs did not exit cleanly:\n" + "\n".join(failures)
 
 
@@ -98,7 +117,7 @@ def test_script_without_teardown_exits_cleanly_every_time(job):
 @pytest.mark.parametrize("ending", ["destroy_model_parallel", "destroy_process_group",
                                     "process_group_then_model_parallel", "model_parallel_then_process_group"])
 def test_explicit_teardown_still_exits_cleanly(job, ending):
-    proc = job(ending, 5.0)
+    (proc,) = job((ending, 5.0))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _both_ranks_sampled(proc), proc.stdout
     for bad in (ABORT, "Traceback", "could not end", "Error"):
@@ -107,7 +126,7 @@ def test_explicit_teardown_still_exits_cleanly(job, ending):
 
 @pytest.mark.dist
 def test_a_rank_that_raises_exits_with_its_error_not_an_abort(job):
-    proc = job("raise_on_rank1", 5.0)
+    (proc,) = job(("raise_on_rank1", 5.0))
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stderr, proc.stderr[-3000:]
     assert ABORT not in proc.stderr and "SIGABRT" not in proc.stderr, proc.stderr[-3000:]
