@@ -257,3 +257,25 @@ def test_a_meta_decoder_does_not_import_dynamo():
     cpu = Decoder(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                               num_attention_heads=4, num_key_value_heads=2), 8)
     assert cpu.model.embed_tokens.weight.std() > 0.5  # off the meta device: still randomly initialised
+
+
+def test_concurrent_first_loads_convert_once(home, named, dequantized, tmp_path):
+    import threading
+
+    ref = direct(named, tmp_path)
+    dequantized.n = 0
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(weights(load(NAME)))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == 3 and all(same(r, ref) for r in results)
+    assert dequantized.n == len(GGUFSource(named).names())  # one build; the others waited and read it
