@@ -204,15 +204,16 @@ def _exiting_on_uncaught_exception() -> bool:
 
 def _end_process_group_at_exit() -> None:
     """atexit: end the process group this module started, if the user has not, before the
-    interpreter finalizes. On a normal exit, first wait (briefly) for the other ranks, so that no
-    rank closes its connections while another is still in a collective; after an uncaught
-    exception, skip that wait (the others may be blocked in a collective this rank will never
-    join, and ending the group now tells them at once)."""
+    interpreter finalizes. On a normal exit, first wait (at most EXIT_BARRIER_TIMEOUT_S) until every
+    rank has reached its exit, so that no rank closes its connections while another is still
+    reading its last collective's messages. After an uncaught exception, skip that wait: the others
+    may be blocked in a collective this rank will never join, and ending the group now tells them
+    at once."""
     if _state.exit_hook_pid != os.getpid() or not _state.owns_process_group:
         return  # a forked child (the group's threads are the parent's), or the user ended the group
     try:
         if _owned_group_is_live() and dist.get_world_size() > 1 and not _exiting_on_uncaught_exception():
-            _barrier_before_exit()
+            _wait_for_all_ranks_at_exit(min(EXIT_BARRIER_TIMEOUT_S, _state.timeout_s or EXIT_BARRIER_TIMEOUT_S))
     except Exception:  # noqa: BLE001 - a rank that is gone or late: end this rank's group anyway
         pass
     try:
@@ -222,11 +223,12 @@ def _end_process_group_at_exit() -> None:
               file=sys.stderr)
 
 
-def _barrier_before_exit() -> None:
-    timeout_s = min(EXIT_BARRIER_TIMEOUT_S, _state.timeout_s or EXIT_BARRIER_TIMEOUT_S)
-    if dist.get_backend() == "gloo":
-        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
-    elif dist.get_backend() == "nccl":  # bounded by the process group's own timeout
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
+def _wait_for_all_ranks_at_exit(timeout_s: float) -> None:
+    """A barrier on the process group's key-value store, not a collective: its timeout holds even
+    when another rank is stuck in a collective (gloo's own barriers then wait for the whole
+    collective timeout), and it sends nothing over the connections about to close."""
+    store = dist.distributed_c10d._get_default_store()
+    key = "verispec/exit"
+    if store.add(key, 1) == dist.get_world_size():  # the last rank to arrive lets everyone go
+        store.set(key + "/all", "1")
+    store.wait([key + "/all"], datetime.timedelta(seconds=timeout_s))

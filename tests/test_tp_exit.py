@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -41,7 +42,15 @@ SCRIPT = textwrap.dedent('''
     draft = LlamaForSampling.from_pretrained(path, n_positions=32, batch_size=1)
     target = LlamaForSampling.from_pretrained(path, n_positions=32, batch_size=1, tp_degree=2)
     if ending == "raise_on_rank1" and dist.get_rank() == 1:
+        import time
+
+        sys.stdout.write(f"raising at {time.time()}\\n")
         raise RuntimeError("rank 1 fails on purpose")
+    if ending == "exit_on_rank1" and dist.get_rank() == 1:
+        import time
+
+        sys.stdout.write(f"exiting at {time.time()}\\n")
+        sys.exit(3)  # a normal exit, while rank 0 waits in a collective
     tokens = SpeculativeGenerator(draft, target, 3).sample([[1, 2, 3]], 10, temperature=0)
     sys.stdout.write(f"tokens {tokens.tolist()}\\n")  # one write (torchrun runs python -u): the ranks share a pipe
     if ending == "destroy_model_parallel":
@@ -56,7 +65,7 @@ SCRIPT = textwrap.dedent('''
         if dist.is_initialized():
             dist.destroy_process_group()
     else:
-        assert ending in ("none", "raise_on_rank1"), ending
+        assert ending in ("none", "raise_on_rank1", "exit_on_rank1"), ending
 ''')
 
 
@@ -126,10 +135,29 @@ def test_explicit_teardown_still_exits_cleanly(job, ending):
 
 @pytest.mark.dist
 def test_a_rank_that_raises_exits_with_its_error_not_an_abort(job):
+    """The failing rank ends its group at once (no wait for the others at exit), so rank 0, blocked in
+    a collective, hears of it at once instead of after the exit barrier's 10 s."""
     (proc,) = job(("raise_on_rank1", 5.0))
+    ended = time.time()
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stderr, proc.stderr[-3000:]
     assert ABORT not in proc.stderr and "SIGABRT" not in proc.stderr, proc.stderr[-3000:]
+    assert "failed on rank 0 of 2: another rank exited" in proc.stderr, _workers_stderr(proc)
+    raised = float(proc.stdout.split("raising at ")[1].split()[0])
+    assert ended - raised < 8.0, (ended - raised, proc.stderr[-3000:])
+
+
+@pytest.mark.dist
+def test_a_rank_that_exits_early_waits_for_the_others_only_briefly(job):
+    """A rank that exits normally while rank 0 waits in a collective gives up waiting for rank 0
+    at exit after 10 s (not the 300 s collective timeout), then ends its group, which ends rank 0's."""
+    (proc,) = job(("exit_on_rank1", 5.0))
+    ended = time.time()
+    assert proc.returncode != 0
+    assert ABORT not in proc.stderr, proc.stderr[-3000:]
+    assert "failed on rank 0 of 2: another rank exited" in proc.stderr, _workers_stderr(proc)
+    exited = float(proc.stdout.split("exiting at ")[1].split()[0])
+    assert 9.0 < ended - exited < 40.0, (ended - exited, proc.stderr[-3000:])
 
 
 def _free_port() -> int:
