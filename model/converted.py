@@ -154,25 +154,26 @@ def open_converted(name: str, source, dtype: torch.dtype, progress: bool = False
     found = _open_valid(st, rec, sha, dtype)
     if found is not None:
         return found
-    st.parent.mkdir(parents=True, exist_ok=True)
-    with hub.locked(st.parent / ".lock"):
-        found = _open_valid(st, rec, sha, dtype)  # another process may have built it meanwhile
-        if found is not None:
-            return found
-        rec.unlink(missing_ok=True)
-        t0 = time.perf_counter()
-        try:
-            _build(name, source, dtype, st, sha, progress)
-        except OSError as e:
-            log.warning("cannot keep %s's converted weights in %s (%s); loading from the GGUF file", name, st.parent, e)
-            return source
-        finally:
-            release_freed_memory()
-        s = st.stat()
-        hub.write_json_atomic(rec, {"format": FORMAT, "source": source.path.name, "source_sha256": sha,
-                                    "dtype": DTYPE_NAMES[dtype], "size": s.st_size, "mtime_ns": s.st_mtime_ns})
-        hub.phase(f"dequantize+write {name} ({DTYPE_NAMES[dtype]})", time.perf_counter() - t0)
-    return ConvertedSource(st, sha)
+    try:
+        st.parent.mkdir(parents=True, exist_ok=True)
+        with hub.locked(st.parent / ".lock"):
+            found = _open_valid(st, rec, sha, dtype)  # another process may have built it meanwhile
+            if found is not None:
+                return found
+            rec.unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            try:
+                _build(name, source, dtype, st, sha, progress)
+            finally:
+                release_freed_memory()
+            s = st.stat()
+            hub.write_json_atomic(rec, {"format": FORMAT, "source": source.path.name, "source_sha256": sha,
+                                        "dtype": DTYPE_NAMES[dtype], "size": s.st_size, "mtime_ns": s.st_mtime_ns})
+            hub.phase(f"dequantize+write {name} ({DTYPE_NAMES[dtype]})", time.perf_counter() - t0)
+            return ConvertedSource(st, sha)
+    except OSError as e:  # a full disk, a read-only cache: load from the GGUF file itself
+        log.warning("cannot keep %s's converted weights in %s (%s); loading from the GGUF file", name, st.parent, e)
+        return source
 
 
 def _build(name: str, source, dtype: torch.dtype, st: Path, sha: str, progress: bool) -> None:

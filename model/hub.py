@@ -141,10 +141,6 @@ def resolve(name: str, progress: bool = False, index_url: str | None = None) -> 
     return fetch(name, progress=progress, index_url=index_url)
 
 
-def record_path(name: str) -> Path:
-    return cache_dir() / (get(name).filename + RECORD_SUFFIX)
-
-
 def verified_sha256(path: Path) -> str | None:
     """The sha256 recorded for ``path`` if the record matches the file's current size and mtime."""
     rec = read_json(path.with_name(path.name + RECORD_SUFFIX))
@@ -180,7 +176,7 @@ def verify(name: str, progress: bool = False, force: bool = False) -> Path:
         digest = sha256_file(path, lambda n: bars.advance(task, n))
     phase(f"sha256 {name}", time.perf_counter() - t0)
     if digest != model.sha256 or st.st_size != model.size:
-        record_path(name).unlink(missing_ok=True)
+        path.with_name(path.name + RECORD_SUFFIX).unlink(missing_ok=True)
         raise ModelIntegrityError(
             f"{path} is not {name}: expected sha256 {model.sha256} ({model.size} bytes), got {digest} "
             f"({st.st_size} bytes); the cached file is corrupt, truncated or was modified: fetch it again "
@@ -188,7 +184,10 @@ def verify(name: str, progress: bool = False, force: bool = False) -> Path:
         )
     now = path.stat()
     if (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # unchanged while we read it
-        _write_record(path, digest)
+        try:
+            _write_record(path, digest)
+        except OSError as e:  # a read-only cache: verified all the same, again next time
+            log.warning("cannot record the verified sha256 of %s (%s)", path, e)
     return path
 
 

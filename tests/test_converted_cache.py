@@ -172,13 +172,15 @@ def test_an_interrupted_build_leaves_nothing_that_loads(home, named, dequantized
     assert sorted(p.name for p in d.iterdir()) == [".lock", "bf16.json", "bf16.safetensors"]
 
 
-def test_unwritable_cache_falls_back_to_the_gguf(home, named, monkeypatch, tmp_path, caplog):
+@pytest.mark.parametrize("where", ["_build", "locked", "write_json_atomic"])
+def test_unwritable_cache_falls_back_to_the_gguf(home, named, monkeypatch, tmp_path, caplog, where):
     ref = direct(named, tmp_path)
+    hub.resolve(NAME)  # the GGUF's own record written first
 
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
+    def fails(*a, **k):
+        raise OSError(28, "No space left on device") if where == "_build" else PermissionError(13, "read-only")
 
-    monkeypatch.setattr(converted, "_build", full)
+    monkeypatch.setattr(converted if where == "_build" else hub, where, fails)
     assert same(weights(load(NAME)), ref)
     assert "loading from the GGUF file" in caplog.text
     assert not converted.paths(NAME, torch.bfloat16)[1].exists()

@@ -120,3 +120,13 @@ def test_refetch_with_force_repairs_it(home, named, monkeypatch):
     assert named.read_bytes() == good and record(home)["sha256"] == hub.get(NAME).sha256
     load(NAME)
     assert hashes.n == 0  # fetch recorded what it verified
+
+
+def test_read_only_cache_still_verifies(home, named, monkeypatch, caplog):
+    def read_only(*a, **k):
+        raise PermissionError(13, "read-only file system")
+
+    monkeypatch.setattr(hub, "write_json_atomic", read_only)
+    hashes = Counter(monkeypatch, hub, "sha256_file")
+    assert hub.resolve(NAME) == named and hub.resolve(NAME) == named
+    assert hashes.n == 2 and "cannot record the verified sha256" in caplog.text  # no record: hashed each time
