@@ -15,7 +15,7 @@ build leaves nothing that loads. A build that cannot write (disk full) falls bac
 from the GGUF. ``VERISPEC_CONVERTED_CACHE=0`` turns the cache off.
 
 Tensors are read with plain reads into tensors of their own (no memory map), so the process
-holds the weights once. A build dequantizes on one thread per core and holds only the few
+holds the weights once. A build dequantizes on one thread per core (at most 4) and holds only the few
 tensors in flight.
 """
 
@@ -212,11 +212,11 @@ def _build(name: str, source, dtype: torch.dtype, st: Path, sha: str, progress: 
 
 def _loaded_in_order(source, dtype: torch.dtype):
     """(name, tensor) in the source's order, dequantized by ``VERISPEC_CONVERT_JOBS`` threads
-    (default: one per core; numpy lets go of the GIL) with at most that many tensors ahead."""
+    (default: one per core, at most 4; numpy lets go of the GIL) with at most that many tensors ahead."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = max(1, int(os.environ.get("VERISPEC_CONVERT_JOBS") or min(4, os.cpu_count() or 1)))
+    jobs = hub.env_int("VERISPEC_CONVERT_JOBS", min(4, os.cpu_count() or 1))
     names = iter(source.names())
     with ThreadPoolExecutor(jobs) as pool:
         ahead = deque()

@@ -200,9 +200,30 @@ def read_json(path: Path) -> dict | None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` in one rename (a temporary name unique per call, so threads of one
+    process never share it; removed if the write fails)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def env_int(name: str, default: int, minimum: int = 1) -> int:
+    """An integer setting from the environment, with an error that names the variable."""
+    text = os.environ.get(name)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer") from None
+    if value < minimum:
+        raise ValueError(f"{name}={value} must be at least {minimum}")
+    return value
 
 
 def _write_record(path: Path, digest: str, record_for: Path | None = None) -> None:
@@ -339,7 +360,7 @@ def _download_all(model: NamedModel, work: Path, index_url: str | None, done) ->
         done()
         return found
 
-    jobs = max(1, int(os.environ.get("VERISPEC_FETCH_JOBS") or 4))
+    jobs = env_int("VERISPEC_FETCH_JOBS", 4)
     with ThreadPoolExecutor(min(jobs, len(model.packages))) as pool:
         futures = [pool.submit(one, pv) for pv in model.packages]
         try:

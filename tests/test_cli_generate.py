@@ -101,6 +101,8 @@ def test_chat_needs_a_template(models, capsys):
     (("--draft", "self:9"), "self:9"),
     (("--n-positions", "10"), "--n-positions 10 is too small: prompt 4 + 20 new tokens needs 24"),
     (("--draft", "ngram", "--draft-quant", "int8"), "--draft-quant int8 needs a draft model"),
+    (("-k", "1", "--draft-quant", "w8a8"), "--draft-quant w8a8 needs a draft model; -k 1 runs the target alone"),
+    (("--draft", "none", "--draft-quant", "int8"), "--draft-quant int8 needs a draft model; the draft is 'none'"),
 ])
 def test_bad_input_is_a_clear_error(models, capsys, extra, message):
     rc, _, err = generate(capsys, "--target", models["target"], "--draft", models["other"], *extra)

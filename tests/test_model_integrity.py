@@ -130,3 +130,21 @@ def test_read_only_cache_still_verifies(home, named, monkeypatch, caplog):
     hashes = Counter(monkeypatch, hub, "sha256_file")
     assert hub.resolve(NAME) == named and hub.resolve(NAME) == named
     assert hashes.n == 2 and "cannot record the verified sha256" in caplog.text  # no record: hashed each time
+
+
+def test_fetch_verify_hashes_despite_the_record_and_drops_it_on_a_mismatch(home, named, capsys):
+    """Bytes changed with size and mtime kept (bit rot): the record would be trusted by a load, but
+    `fetch --verify` hashes anyway, reports on one line and removes the record so loads re-check."""
+    hub.resolve(NAME)
+    st = named.stat()
+    assert cli_main(["fetch", NAME, "--verify"]) == 0 and "sha256 verified" in capsys.readouterr().out
+    data = bytearray(named.read_bytes())
+    data[-64:] = bytes(64)
+    named.write_bytes(bytes(data))
+    os.utime(named, ns=(st.st_atime_ns, st.st_mtime_ns))  # the record still matches size and mtime
+    assert cli_main(["fetch", NAME, "--verify"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "ModelIntegrityError" in err and f"verispec fetch {NAME} --force" in err and len(err.splitlines()) == 1
+    assert not (home / (FILENAME + ".verified.json")).exists()
+    with pytest.raises(hub.ModelIntegrityError):
+        hub.resolve(NAME)

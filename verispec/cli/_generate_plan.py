@@ -118,6 +118,13 @@ def default_draft(target: str, config) -> tuple[str, str | None]:
                      "chooses a draft model; self:N or none also work")
 
 
+def w8a8_here() -> bool:
+    """Whether W8A8 runs natively on this CPU (what ``--draft-quant auto`` asks)."""
+    from verispec.kernels.cpu.quant import w8a8_native
+
+    return w8a8_native()
+
+
 def resolve_quant(choice: str, draft: str | None, amp: str) -> tuple[str | None, str, str]:
     """--draft-quant -> (quant for from_pretrained, title label, 'draft weights' row)."""
     if not is_model_draft(draft):
@@ -125,9 +132,7 @@ def resolve_quant(choice: str, draft: str | None, amp: str) -> tuple[str | None,
             raise ValueError(f"--draft-quant {choice} needs a draft model; the draft is {draft or 'none'!r}")
         return None, "", ""
     if choice == "auto":
-        from verispec.kernels.cpu.quant import w8a8_native
-
-        if w8a8_native():
+        if w8a8_here():
             return "w8a8", "w8a8 weights, auto", "w8a8 (auto: w8a8 kernels here)"
         return None, f"{amp} weights, auto", f"{amp} (auto: no w8a8 kernels here)"
     if choice == "none":
@@ -191,6 +196,9 @@ def plan(args, progress: bool = True, with_prompt: bool = True) -> Plan:
         draft, note = default_draft(args.target, config)
         notes += [note] if note else []
     if draft is None or draft.lower() == "none" or k == 1:
+        if args.draft_quant in ("int8", "w8a8"):  # named here, before the draft is dropped
+            why = "-k 1 runs the target alone" if k == 1 else "the draft is 'none'"
+            raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; {why}")
         draft, k = None, 1
     if draft is not None and draft.startswith("self:") and draft[5:].isdigit() and int(draft[5:]) > config.num_hidden_layers:
         raise ValueError(f"layer-skip draft {draft!r} asks for more layers than the target has ({config.num_hidden_layers})")

@@ -34,9 +34,8 @@ def run(args) -> int:
         hub.get(name)  # unknown names fail before anything is downloaded
     for name in names:
         if hub.is_cached(name) and not args.force:
-            path = hub.cached_path(name)
-            if args.verify and hub.sha256_file(path) != hub.get(name).sha256:
-                raise hub.FetchError(f"{path}: sha256 does not match the registry; fetch it again with --force")
+            # --verify hashes the file whatever its record says (and drops the record on a mismatch)
+            path = hub.verify(name, progress=True, force=True) if args.verify else hub.cached_path(name)
             console.print(f"{name}: already cached at {path}" + (" (sha256 verified)" if args.verify else ""))
             continue
         path = hub.fetch(name, progress=True, index_url=args.index_url, force=args.force)
