@@ -101,3 +101,23 @@ def word_tokenizer(directory, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.save(str(directory / "tokenizer.json"))
+
+
+def run_concurrently(fn, n: int = 3) -> tuple[list, list]:
+    """Call ``fn()`` from ``n`` threads at once; return (results, exceptions)."""
+    import threading
+
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(fn())
+        except Exception as e:  # reported to the caller
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import run_concurrently
 from fake_named import FILENAME, NAME, Counter, install, register, write_gguf
 
 from verispec.model import GGUFSource, LlamaForSampling, converted, gguf_source, hub
@@ -262,22 +263,8 @@ def test_a_meta_decoder_does_not_import_dynamo():
 
 
 def test_concurrent_first_loads_convert_once(home, named, dequantized, tmp_path):
-    import threading
-
     ref = direct(named, tmp_path)
     dequantized.n = 0
-    results, errors = [], []
-
-    def worker():
-        try:
-            results.append(weights(load(NAME)))
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_concurrently(lambda: weights(load(NAME)))
     assert errors == [] and len(results) == 3 and all(same(r, ref) for r in results)
     assert dequantized.n == len(GGUFSource(named).names())  # one build; the others waited and read it

