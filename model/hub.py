@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -29,6 +28,8 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import env_int, read_json, write_json_atomic  # noqa: F401 (env_int, read_json: used by converted)
 
 _PART_RE = re.compile(r"^[^/]+/data/part(\d+)\.bin$")
 _CHUNK = 1 << 22
@@ -189,41 +190,6 @@ def verify(name: str, progress: bool = False, force: bool = False) -> Path:
         except OSError as e:  # a read-only cache: verified all the same, again next time
             log.warning("cannot record the verified sha256 of %s (%s)", path, e)
     return path
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` to ``path`` in one rename (a temporary name unique per call, so threads of one
-    process never share it; removed if the write fails)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def env_int(name: str, default: int, minimum: int = 1) -> int:
-    """An integer setting from the environment, with an error that names the variable."""
-    text = os.environ.get(name)
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"{name}={text!r} is not an integer") from None
-    if value < minimum:
-        raise ValueError(f"{name}={value} must be at least {minimum}")
-    return value
 
 
 def _write_record(path: Path, digest: str, record_for: Path | None = None) -> None:
