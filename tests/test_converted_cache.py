@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import run_concurrently
-from fake_named import FILENAME, NAME, Counter, install, register, write_gguf
+from fake_named import NAME, Counter, install, register, write_gguf
 
 from verispec.model import GGUFSource, LlamaForSampling, converted, gguf_source, hub
 
