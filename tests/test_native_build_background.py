@@ -44,3 +44,18 @@ def test_failed_background_build_falls_back_once(monkeypatch, caplog):
             break
         time.sleep(0.05)
     assert build.get_lib() is None and build.build_error() == "no compiler here" and calls == [1]
+
+
+def test_a_killed_build_leaves_no_lasting_debris(tmp_path):
+    """A half-written library from a build killed mid-way is removed by a later build once it is old;
+    a young one (a build still running) and the finished libraries are left alone."""
+    import os
+
+    old, young, done = tmp_path / "tmpold.so", tmp_path / "tmpyoung.so", tmp_path / "native-0123.so"
+    for p in (old, young, done):
+        p.write_bytes(b"\0" * 16)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(done, (hours_ago, hours_ago))
+    build._remove_stale_partial_builds(tmp_path)
+    assert not old.exists() and young.exists() and done.exists()

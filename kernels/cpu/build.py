@@ -50,6 +50,18 @@ def _cpu_signature() -> str:
     return flags
 
 
+def _remove_stale_partial_builds(folder: Path, older_than_s: float = 3600.0) -> None:
+    """Delete half-written libraries (``tmp*.so``) that a build killed mid-way left behind; a build
+    in progress is younger than ``older_than_s``."""
+    now = time.time()
+    for p in folder.glob("tmp*.so"):
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                p.unlink()
+        except OSError:  # removed by a concurrent builder, or not ours to remove
+            pass
+
+
 def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
@@ -60,6 +72,7 @@ def _build() -> ctypes.CDLL:
     out = _cache_dir() / f"native-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partial_builds(out.parent)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         t0 = time.perf_counter()
