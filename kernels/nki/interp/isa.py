@@ -117,9 +117,7 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=None, name=None):  # no
 
 
 def _flat(sel, t: Tensor) -> np.ndarray:
-    if sel.flat is not None:
-        return sel.flat
-    return np.arange(t.alloc.data.size, dtype=np.int64).reshape(t.alloc.data.shape)[sel.key].reshape(sel.shape)
+    return sel.flat_indices(t.alloc.data.shape)
 
 
 def tensor_copy(dst, src, engine=None, name=None):  # noqa: ARG001
