@@ -1,5 +1,5 @@
-"""Exact speculative sampling: the loop, token acceptors, draft providers, statistics, toy
-models and the exactness checker."""
+"""Exact speculative sampling: the loop, token acceptors, draft providers, statistics and the
+exactness checker. Toy models and deliberately biased parts live in ``verispec.testing``."""
 
 from .acceptors import (
     ACCEPTORS,
@@ -16,7 +16,6 @@ from .policy import AdaptiveK, FixedK
 from .randomness import AcceptorRandomness, SpeculativeRandomness
 from .rejection import rejection_sample
 from .stats import SpecStats, predicted_speedup
-from .toy import MarkovChainLM
 
 __all__ = [
     "ACCEPTORS",
@@ -28,7 +27,6 @@ __all__ = [
     "GenerationResult",
     "GreedyTokenAcceptor",
     "LayerSkipDraft",
-    "MarkovChainLM",
     "ModelDraft",
     "NGramDraft",
     "PositionalNoise",

@@ -15,11 +15,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..model.sampling import SamplingParams, logits_to_probs
-from .biased import BIASED_ACCEPTORS, ArgmaxSoftQDraft
+from ..testing import BIASED_ACCEPTORS, ArgmaxSoftQDraft, MarkovChainLM
 from .generator import SpeculativeGenerator
 from .goodness_of_fit import goodness_of_fit
 from .resolve import make_acceptor
-from .toy import MarkovChainLM
 
 STATISTICS = ("chi2", "g")
 

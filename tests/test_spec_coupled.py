@@ -10,9 +10,10 @@ from hypothesis import strategies as st
 from spec_helpers import EXACTNESS_SAMPLES
 
 from verispec.model import SamplingParams, logits_to_probs
-from verispec.spec import CoupledAcceptor, MarkovChainLM, SpeculativeGenerator
+from verispec.spec import CoupledAcceptor, SpeculativeGenerator
 from verispec.spec.checker import check_exactness
 from verispec.spec.coupled import PositionalNoise, race
+from verispec.testing import MarkovChainLM
 from verispec.spec.randomness import AcceptorRandomness, SpeculativeRandomness
 
 SAMPLES = EXACTNESS_SAMPLES  # sized by power (spec_helpers.py); the broken-noise pairings below have lambda / n >= 50

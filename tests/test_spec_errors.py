@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from verispec.model import LlamaForSampling
-from verispec.spec import MarkovChainLM, SpeculativeGenerator, rejection_sample
+from verispec.spec import SpeculativeGenerator, rejection_sample
+from verispec.testing import MarkovChainLM
 
 
 def chain(V=6, seed=0, B=4, n_positions=32, order=1):

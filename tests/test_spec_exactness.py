@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spec_helpers import EXACTNESS_SAMPLES
 
-from verispec.spec import MarkovChainLM
 from verispec.spec.checker import check_exactness
+from verispec.testing import MarkovChainLM
 
 SAMPLES = EXACTNESS_SAMPLES  # sized by power: see spec_helpers.py (the argmax-softq k=4 test below is the bound)
 SETTINGS = settings(derandomize=True, max_examples=2, deadline=None, database=None,

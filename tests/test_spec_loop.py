@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from verispec.spec import (
-    MarkovChainLM,
     SpeculativeGenerator,
     SpeculativeRandomness,
     ngram_lookup,
     predicted_speedup,
 )
+from verispec.testing import MarkovChainLM
 
 
 def chain(seed, V=6, order=2, B=8, n_positions=48):

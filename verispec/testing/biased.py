@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..model.sampling import sample_categorical
-from .drafts import ModelDraft
+from verispec.model.sampling import sample_categorical
+from verispec.spec.drafts import ModelDraft
 
 
 class ArgmaxSoftQDraft(ModelDraft):
