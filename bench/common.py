@@ -1,5 +1,5 @@
 """Shared benchmark helpers: machine description, a memory-bandwidth limit measured in the
-same run, timing, and JSON output to bench/results/."""
+same run, timing, and JSON output to the results directory (:func:`results_dir`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ from pathlib import Path
 import torch
 
 
+RESULTS_DIR = "bench-results"  # the default results directory, relative to the current directory
+
+
 def results_dir(override: str | None = None) -> Path:
-    """bench/results/ of the source checkout (or $VERISPEC_RESULTS / an explicit override)."""
-    d = Path(override or os.environ.get("VERISPEC_RESULTS") or Path(__file__).resolve().parent / "results")
+    """Where a benchmark writes (created if missing): ``override`` (its --out / --out-dir), else
+    $VERISPEC_RESULTS, else ./bench-results of the current directory; never the installed package.
+    The project's committed results are written from the checkout with VERISPEC_RESULTS=bench/results."""
+    d = Path(override or os.environ.get("VERISPEC_RESULTS") or Path.cwd() / RESULTS_DIR)
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -100,7 +105,7 @@ def write_json(name: str, data: dict, out_dir: str | None = None) -> Path:
     return path
 
 
-# ---- shared by the decoding benchmarks (speculative, e2e) ---------------------------------------
+# ---- shared by the decoding benchmarks (e2e, traces) ---------------------------------------
 
 PROMPTS_FILE = Path(__file__).with_name("prompts.json")  # the fixed prompt sets shared by the benchmarks
 

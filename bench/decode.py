@@ -1,5 +1,5 @@
 """``verispec bench decode``: target-only decode speed at batch 1, next to the memory bandwidth
-measured in the same run (JSON and a PNG bar chart in bench/results/).
+measured in the same run (JSON and a PNG bar chart in --out).
 
 Batch-1 decode streams every weight matrix once per token, so its floor is
 ``weight bytes read per token / memory read bandwidth``. Reported per model and dtype:
@@ -38,7 +38,7 @@ def register(sub) -> None:
                    help="cached tokens before the timed decode step and verify passes")
     p.add_argument("--profile", action="store_true",
                    help="after the timed runs, run one more under cProfile and record where its time went")
-    p.add_argument("--out", default=None, help="results directory (default bench/results)")
+    p.add_argument("--out", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
 
 

@@ -5,8 +5,8 @@ assisted, on the same weights, dtype, prompts and number of new tokens.
 Per prompt set x temperature it records per-prompt and aggregate tokens/s, speedups, k="auto"
 against the best and the median fixed k (measured, and priced at the cell's pooled pass costs),
 per-position acceptance, and at temperature 0 whether speculative output equals target-only
-output token for token. Writes bench/results/NAME.json,
-NAME_tokens_per_s.png and NAME_acceptance.png, and prints a table. How each figure is timed is
+output token for token. Writes NAME.json, NAME_tokens_per_s.png and NAME_acceptance.png in
+--out-dir ($VERISPEC_RESULTS or ./bench-results by default), and prints a table. How each figure is timed is
 in the JSON under "method".
 """
 
@@ -71,7 +71,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
     p.add_argument("--name", default="e2e", help="results file stem")
-    p.add_argument("--out-dir", default=None, help="results directory (default bench/results/)")
+    p.add_argument("--out-dir", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
 
 

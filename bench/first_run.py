@@ -2,7 +2,9 @@
 the first run's time goes. Runs the CLI twice in a fresh ``VERISPEC_HOME`` (the first run
 downloads ~1.6 GB of PyPI packages) under ``/usr/bin/time -v``, with ``-v`` so that each step
 logs a ``timing:`` line; each stderr line is stamped with its arrival time, so the remainder
-after the last model is loaded is the generation. Writes bench/results/<out>.json.
+after the last model is loaded is the generation. Writes <out>.json in $VERISPEC_RESULTS or
+./bench-results (the committed bench/results/first_run.json: run from the checkout with
+VERISPEC_RESULTS=bench/results).
 
     python -m verispec.bench.first_run [--out first_run] [--keep-home] -- [generate options]
 """
@@ -74,7 +76,7 @@ def run_once(args: list[str], home: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="first_run", help="results name (bench/results/NAME.json)")
+    ap.add_argument("--out", default="first_run", help="results name: NAME.json in $VERISPEC_RESULTS or ./bench-results")
     ap.add_argument("--keep-home", action="store_true", help="keep the temporary cache afterwards")
     ap.add_argument("generate_args", nargs="*", help="options for `verispec generate` (after --)")
     a = ap.parse_args(argv)

@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--ms", default="1,2,4,5,8", help="comma-separated activation rows (1..16)")
     p.add_argument("--formats", default="bf16,int8,w8a8", help="comma-separated: bf16, f32, int8, w8a8")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds (median reported)")
-    p.add_argument("--out", default=None, help="results directory (default bench/results)")
+    p.add_argument("--out", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
 
 

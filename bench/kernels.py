@@ -11,7 +11,7 @@ the minimum bytes each must move:
 :func:`register_metrics` hooks: for ``nki`` the interpreter's instruction counts per engine and
 the bytes its DMAs really moved; a GPU backend can add achieved bandwidth against a copy
 bandwidth, or its ratio to SDPA. Timings of the interpreted ``nki`` backend measure the NumPy
-interpreter, not Trainium. JSON goes to bench/results/kernels.json, the plot next to it.
+interpreter, not Trainium. JSON goes to kernels.json in --out-dir, the plot next to it.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bandwidth-mib", type=int, default=512, help="buffer size of the bandwidth measurement")
-    p.add_argument("--out-dir", default=None, help="default bench/results/")
+    p.add_argument("--out-dir", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(func=_run_with_argv)
 

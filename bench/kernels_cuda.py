@@ -11,7 +11,7 @@ For each T (query tokens per row) and cache length L it reports
   * the cost of a k=5 verify pass relative to a one-token decode: at kernel level, and for a
     whole decoder step of the Qwen2.5-Coder-1.5B shape (random weights: the step time depends on
     shapes only), with the triton and the torch kernel backends.
-Results: bench/results/kernels_cuda.json and kernels_cuda.png.
+Results: kernels_cuda.json and kernels_cuda.png in --out.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def register(sub) -> None:
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--model-lengths", default="512,4096,16384", help="cache lengths of the whole-step run ('' skips it)")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--out", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
 
 

@@ -74,7 +74,7 @@ def register(sub) -> None:
                    help="a `verispec bench traces` JSON: adds a scenario replaying its greedy traces (one cell per "
                         "prompt set, each call one recorded prompt; only the costs are modelled)")
     p.add_argument("--name", default="policy_sim", help="results file stem")
-    p.add_argument("--out-dir", default=None, help="results directory (default bench/results/)")
+    p.add_argument("--out-dir", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
 
 

@@ -28,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--ts", default="1,5", help="comma-separated tokens per forward (1..16)")
     p.add_argument("--repeats", type=int, default=10, help="timed forwards per T and round")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all T (medians reported)")
-    p.add_argument("--out", default=None, help="results directory (default bench/results)")
+    p.add_argument("--out", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
 
 

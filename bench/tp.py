@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--threads-per-rank", type=int, default=None, help="default: CPU cores / tp_degree")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds allowed per tp_degree")
     p.add_argument("--bandwidth-mib", type=int, default=256, help="buffer size of the memory-bandwidth probe")
-    p.add_argument("--out-dir", default=None, help="default: bench/results/")
+    p.add_argument("--out-dir", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.add_argument("--name", default="tp", help="result file name (NAME.json, NAME.png)")
     p.set_defaults(func=run)
 

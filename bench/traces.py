@@ -5,7 +5,7 @@ choice after the same text is that token, and the draft's probability of its cho
 confidence, which k=auto's drafting gate hears) (spec/simulate.py ``greedy_trace``). ``verispec bench
 policy --traces FILE`` replays them: at temperature 0 a trace fixes what every pass accepts for any
 k, so k-policies are compared on real texts with no timing noise (costs are modelled). Writes
-bench/results/NAME.json.
+NAME.json in --out-dir.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel-backend", default=None)
     p.add_argument("--name", default="traces", help="results file stem")
-    p.add_argument("--out-dir", default=None, help="results directory (default bench/results/)")
+    p.add_argument("--out-dir", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
 
 

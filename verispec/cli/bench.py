@@ -8,7 +8,7 @@ import pkgutil
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="run a benchmark (JSON and plots go to bench/results/)")
+    p = sub.add_parser("bench", help="run a benchmark (JSON and plots go to --out / --out-dir, $VERISPEC_RESULTS or ./bench-results)")
     inner = p.add_subparsers(dest="bench", metavar="NAME")
     import verispec.bench as pkg
 
