@@ -1,4 +1,6 @@
-"""``nki.isa``: the instructions of the subset, NKI 0.3 dialect (``dst`` first, nothing returned).
+"""``nki.isa`` (NKI 0.6): DMA, tensor-engine, and the element-wise / activation instructions
+(``dst`` first, nothing returned). More instructions live in isa_vector.py (selects, scans,
+shuffles, top-8) and isa_dma.py (``dma_transpose``, registers); all are exported here.
 
 Every instruction counts itself on its engine; compute instructions read and write only SBUF
 and PSUM (rule 5) and compute in float32, their results rounded to the destination dtype.
@@ -13,68 +15,51 @@ import numpy as np
 from . import dtypes
 from .context import current
 from .errors import NKIError, NKIRuleError
+from .isa_common import (
+    apply_op,
+    arith,
+    check_partitions,
+    fold_free,
+    math_op,
+    reduce_into_registers,
+    same_layout,
+    scalar_operand,
+)
+from .isa_common import f32 as _f32
+from .isa_common import free as _free
+from .isa_common import reduce_axes as _reduce_axes  # noqa: F401 - used by nki.language
+from .isa_enums import (  # noqa: F401 - part of nki.isa
+    dge_mode,
+    dma_engine,
+    engine,
+    engine_of,
+    get_nc_sub_version,
+    get_nc_version,
+    gpsimd_engine,
+    matmul_perf_mode,
+    nc_version,
+    oob_mode,
+    reduce_cmd,
+    scalar_engine,
+    target_name,
+    tensor_engine,
+    unknown_engine,
+    vector_engine,
+)
+from . import ops as _ops
 from .ops import MathOp
 from .tensor import HBM, PSUM, SBUF, Tensor
+from .views import VirtualRegister  # noqa: F401 - nki.isa.VirtualRegister
 
-
-class oob_mode:  # noqa: N801 - NKI's enum name
-    error = "error"
-    skip = "skip"
-
-
-class engine:  # noqa: N801 - NKI's enum name
-    unknown = None
-    tensor = "tensor"
-    vector = "vector"
-    scalar = "scalar"
-    gpsimd = "gpsimd"
-
-
-def _engine(requested, default: str) -> str:
-    if requested in (None, engine.unknown):
-        return default
-    if requested not in ("tensor", "vector", "scalar", "gpsimd"):
-        raise NKIError(f"unknown engine {requested!r}")
-    return requested
-
-
-def _f32(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) if x.dtype.kind == "f" and x.dtype != np.float32 else x
-
-
-def _free(t: Tensor) -> int:
-    return math.prod(t.shape[1:])
-
-
-def _same_layout(op: str, dst: Tensor, src: Tensor, role: str = "src") -> None:
-    if dst.shape[0] != src.shape[0] or _free(dst) != _free(src):
-        raise NKIError(
-            f"{op}: dst {list(dst.shape)} and {role} {list(src.shape)} need the same partitions and elements per partition"
-        )
-
-
-def _math(op, kind: str, what: str) -> MathOp:
-    if not isinstance(op, MathOp) or getattr(op, kind) is None:
-        raise NKIError(f"{what}: {op!r} is not a {kind} operator")
-    return op
-
-
-def _scalar_operand(ctx, operand, data: Tensor, op: str, role: str):
-    """A compile-time float, or an on-chip [P, 1] tile broadcast along the free axes."""
-    if isinstance(operand, Tensor):
-        if operand.shape != (data.shape[0], 1):
-            raise NKIError(f"{op}: {role} must be a scalar or a [{data.shape[0]}, 1] tile, got {list(operand.shape)}")
-        v = _f32(ctx.read(operand, op, role))
-        return v.reshape((data.shape[0],) + (1,) * (len(data.shape) - 1))
-    if isinstance(operand, (bool, np.bool_)) or not isinstance(operand, (int, float, np.integer, np.floating)):
-        raise NKIError(f"{op}: {role} must be a number or a tile, got {type(operand).__name__}")
-    return np.float32(operand)
+_same_layout, _math, _scalar_operand = same_layout, math_op, scalar_operand
+_CMD = reduce_cmd  # instructions' reduce_cmd arguments shadow the enum's name
 
 
 # ---- data movement --------------------------------------------------------------------------
 
 
-def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=None, name=None):  # noqa: ARG001 - API parity
+def dma_copy(dst, src, priority=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, engine=engine.unknown,
+             name=None):  # noqa: ARG001 - priority, dge_mode, engine change speed only
     """Copy ``src`` to ``dst`` (HBM or on-chip) with the DMA engines; element order is row-major."""
     ctx = current()
     ctx.count("dma", "dma_copy")
@@ -104,9 +89,7 @@ def dma_copy(dst, src, oob_mode=oob_mode.error, dge_mode=None, name=None):  # no
         ok = sv.reshape(-1) & dv.reshape(-1)
         src_flat = _flat(s, src).reshape(-1)[ok]
         dst_flat = _flat(d, dst).reshape(-1)[ok]
-        dst.alloc.data.reshape(-1)[dst_flat] = src.alloc.data.reshape(-1)[src_flat]
-        if dst.alloc.written is not None:
-            dst.alloc.written.reshape(-1)[dst_flat] = True
+        ctx.copy_elements(src, src_flat, dst, dst_flat)  # carries which values are undefined (rule 9)
         moved = int(ok.sum())
     nbytes = moved * src.dtype.itemsize
     ctx.stats.dma_bytes += nbytes
@@ -122,14 +105,15 @@ def _flat(sel, t: Tensor) -> np.ndarray:
 
 def tensor_copy(dst, src, engine=None, name=None):  # noqa: ARG001
     ctx = current()
-    ctx.count(_engine(engine, "vector"), "tensor_copy")
+    ctx.count(engine_of(engine, "vector"), "tensor_copy")
+    check_partitions("tensor_copy", dst, src)
     _same_layout("tensor_copy", dst, src)
     ctx.write(dst, ctx.read(src, "tensor_copy", "src"), "tensor_copy")
 
 
 def memset(dst, value, engine=None, name=None):  # noqa: ARG001
     ctx = current()
-    ctx.count(_engine(engine, "vector"), "memset")
+    ctx.count(engine_of(engine, "vector", ("vector", "gpsimd")), "memset")
     ctx.write(dst, np.full(dst.shape, value, dtype=np.float32 if dtypes.is_float(dst.dtype) else np.int64), "memset")
 
 
@@ -151,10 +135,22 @@ def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):  # noqa: ARG0
 
 
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False, is_transpose=False,
-              accumulate=None, tile_position=(), tile_size=(), perf_mode=None, name=None):  # noqa: ARG001
-    """dst[M, N] (+)= stationary[K, M].T @ moving[K, N] on the tensor engine (rule 4)."""
+              accumulate=None, tile_position=(), tile_size=(), perf_mode=matmul_perf_mode.none, name=None):  # noqa: ARG001
+    """dst[M, N] (+)= stationary[K, M].T @ moving[K, N] on the tensor engine (rule 4).
+
+    Operands: float8_e4m3 / float8_e5m2 / bfloat16 / float16 / float32, plus float8_e4m3fn on trn3
+    (never mixed with the legacy float8_e4m3); dst float32 (or bfloat16 on trn3)."""
     ctx = current()
     ctx.count("tensor", "nc_matmul")
+    if perf_mode not in (None, matmul_perf_mode.none, "none"):
+        raise NKIError(f"nc_matmul: perf_mode {perf_mode!r} (fp8 double-row packing) is not supported by the interpreter")
+    trn3 = target_name() == "trn3"
+    for role, t in (("stationary", stationary), ("moving", moving)):
+        if t.dtype not in _MATMUL_IN or (t.dtype == dtypes.float8_e4m3fn and not trn3):
+            raise NKIRuleError(4, f"{role} dtype {t.dtype} is not a tensor-engine input on {target_name()} "
+                               "(float8_e4m3, float8_e5m2, bfloat16, float16, float32; float8_e4m3fn on trn3)")
+    if {stationary.dtype, moving.dtype} == {dtypes.float8_e4m3, dtypes.float8_e4m3fn}:
+        raise NKIRuleError(4, "legacy float8_e4m3 and OCP float8_e4m3fn operands cannot be mixed in one matmul")
     st = ctx.read(stationary, "nc_matmul", "stationary")
     mv = ctx.read(moving, "nc_matmul", "moving")
     for role, t in (("stationary", stationary), ("moving", moving)):
@@ -169,17 +165,23 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         raise NKIRuleError(4, f"moving free size {N} > 512")
     if (stationary.dtype == dtypes.float32) != (moving.dtype == dtypes.float32):
         raise NKIRuleError(4, f"a float32 operand needs a float32 partner (stationary {stationary.dtype}, moving {moving.dtype})")
-    if dst.buffer != PSUM or dst.dtype != dtypes.float32 or dst.shape[0] != M or _free(dst) != N:
-        raise NKIRuleError(4, f"dst must be a float32 PSUM tile [{M}, {N}], got {dst.describe()} {dst.dtype}")
+    dst_ok = dst.dtype == dtypes.float32 or (trn3 and dst.dtype == dtypes.bfloat16)
+    if dst.buffer != PSUM or not dst_ok or dst.shape[0] != M or _free(dst) != N:
+        raise NKIRuleError(4, f"dst must be a float32 PSUM tile [{M}, {N}] (bfloat16 also on trn3), got "
+                           f"{dst.describe()} {dst.dtype}")
     result = _f32(st).reshape(K, M).T @ _f32(mv).reshape(K, N)  # [M, N], float32 accumulation
     if accumulate is False:
         ctx.write(dst, result, "nc_matmul")
         return
-    # accumulate=True adds to what is there (all of it must have been written); None adds only where written
+    # accumulate=True adds to what is there (NaN where nothing was written, rule 9); None adds only where written
     sel = ctx.operand(dst, "nc_matmul", "dst", mode="a", must_be_written=bool(accumulate))
     old = sel.get(dst.alloc.data).reshape(M, N)
     seen = sel.get(dst.alloc.written).reshape(M, N) if dst.alloc.written is not None else np.ones((M, N), bool)
-    ctx.store(dst, sel, np.where(seen, old + result, result))
+    ctx.store(dst, sel, np.where(seen | bool(accumulate), old + result, result))
+
+
+_MATMUL_IN = frozenset({dtypes.float8_e4m3, dtypes.float8_e4m3fn, dtypes.float8_e5m2, dtypes.bfloat16, dtypes.float16,
+                        dtypes.float32})
 
 
 def nc_transpose(dst, data, engine=None, name=None):  # noqa: ARG001
@@ -204,44 +206,37 @@ def nc_transpose(dst, data, engine=None, name=None):  # noqa: ARG001
 
 def tensor_tensor(dst, data1, data2, op, engine=None, name=None):  # noqa: ARG001
     ctx = current()
-    ctx.count(_engine(engine, "vector"), "tensor_tensor")
-    fn = _math(op, "binary", "tensor_tensor").binary
+    ctx.count(engine_of(engine, "vector", ("vector", "gpsimd")), "tensor_tensor")
+    op = _math(op, "binary", "tensor_tensor")
+    check_partitions("tensor_tensor", dst, data1, data2)
     _same_layout("tensor_tensor", dst, data1, "data1")
     _same_layout("tensor_tensor", dst, data2, "data2")
-    a = _f32(ctx.read(data1, "tensor_tensor", "data1")).reshape(dst.shape)
-    b = _f32(ctx.read(data2, "tensor_tensor", "data2")).reshape(dst.shape)
-    with np.errstate(all="ignore"):
-        ctx.write(dst, fn(a, b), "tensor_tensor")
+    a = arith(ctx.read(data1, "tensor_tensor", "data1"), op).reshape(dst.shape)
+    b = arith(ctx.read(data2, "tensor_tensor", "data2"), op).reshape(dst.shape)
+    ctx.write(dst, apply_op(op, a, b), "tensor_tensor")
 
 
 def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=None, reverse1=False, engine=None,
                   name=None):  # noqa: ARG001
-    """dst = (data op0 operand0) op1 operand1; each operand a number or a [P, 1] tile."""
+    """dst = (data op0 operand0) op1 operand1; each operand a number or a [P, 1] tile. A unary
+    operator (e.g. nl.abs, nl.rsqrt) as op0/op1 ignores its operand."""
     ctx = current()
-    ctx.count(_engine(engine, "vector"), "tensor_scalar")
+    ctx.count(engine_of(engine, "vector", ("vector", "scalar", "gpsimd")), "tensor_scalar")
+    check_partitions("tensor_scalar", dst, data)
     _same_layout("tensor_scalar", dst, data, "data")
-    x = _f32(ctx.read(data, "tensor_scalar", "data"))
+    x = ctx.read(data, "tensor_scalar", "data")
     stages = [(op0, operand0, reverse0, "operand0")]
     if op1 is not None:
         stages.append((op1, operand1, reverse1, "operand1"))
     elif operand1 is not None:
         raise NKIError("tensor_scalar: operand1 given without op1")
-    with np.errstate(all="ignore"):
-        for op, operand, reverse, role in stages:
-            fn = _math(op, "binary", "tensor_scalar").binary
-            v = _scalar_operand(ctx, operand, data, "tensor_scalar", role)
-            x = fn(v, x) if reverse else fn(x, v)
+    for op, operand, reverse, role in stages:
+        if not isinstance(op, MathOp):
+            raise NKIError(f"tensor_scalar: {op!r} is not an operator")
+        x = arith(np.asarray(x), op)
+        v = None if op.binary is None and operand in (None, 0) else _scalar_operand(ctx, operand, data, "tensor_scalar", role)
+        x = apply_op(op, x, arith(np.asarray(v), op) if v is not None else None, reverse)
     ctx.write(dst, x, "tensor_scalar")
-
-
-def _reduce_axes(op: str, t: Tensor, axis) -> tuple:
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    axes = tuple(sorted(int(a) % len(t.shape) for a in axes))
-    if 0 in axes:
-        raise NKIRuleError(6, f"{op} over the partition axis (0) of {t.describe()}; reduce along free axes only")
-    if axes != tuple(range(len(t.shape) - len(axes), len(t.shape))):
-        raise NKIError(f"{op}: reduction axes {list(axes)} must be the last consecutive free axes")
-    return axes
 
 
 def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):  # noqa: ARG001
@@ -258,29 +253,60 @@ def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
     ctx.write(dst, r, "tensor_reduce")
 
 
-def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None, reduce_cmd=None, name=None):  # noqa: ARG001
-    """dst = op(data * scale + bias) on the scalar engine; bias/scale tensors are [P, 1] (rule 8).
-    With ``reduce_res``, also writes the sum of the result along the free axes there."""
+def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None, reduce_cmd=reduce_cmd.idle,
+               name=None):  # noqa: ARG001
+    """dst = op(data * scale + bias) on the scalar engine; bias/scale are numbers or [P, 1] tiles (rule 8).
+
+    Reduction along the free axes (``reduce_op``, folded into the engine's per-partition reduce
+    registers as ``reduce_cmd`` says; ``reduce_res`` [P, 1] receives the registers). With
+    ``reduce_res`` and the default ``reduce_cmd.idle``, the registers are reset first (what
+    ``activation_reduce`` does), so ``reduce_res`` holds this instruction's reduction."""
     ctx = current()
     ctx.count("scalar", "activation")
-    fn = _math(op, "unary", "activation").unary
-    _same_layout("activation", dst, data, "data")
+    y = _activate("activation", ctx, dst, op, data, bias, scale)
+    _activation_reduce_regs("activation", ctx, y, reduce_op, reduce_res, reduce_cmd)
+
+
+def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):  # noqa: ARG001
+    """``activation`` with ``reduce_cmd.reset_reduce``: reduce_res[P, 1] = reduce_op over the free axes of dst."""
+    ctx = current()
+    ctx.count("scalar", "activation_reduce")
+    y = _activate("activation_reduce", ctx, dst, op, data, bias, scale)
+    _activation_reduce_regs("activation_reduce", ctx, y, reduce_op, reduce_res, _CMD.reset_reduce)
+
+
+def _activate(name, ctx, dst, op, data, bias, scale) -> np.ndarray:
+    fn = _math(op, "unary", name).unary
+    check_partitions(name, dst, data)
+    _same_layout(name, dst, data, "data")
     P = data.shape[0]
     for role, v in (("bias", bias), ("scale", scale)):
         if isinstance(v, Tensor) and v.shape != (P, 1):
             raise NKIRuleError(8, f"{role} must be one value per partition [{P}, 1], got {list(v.shape)}")
-    x = _f32(ctx.read(data, "activation", "data"))
-    s = _scalar_operand(ctx, scale, data, "activation", "scale")
-    b = np.float32(0.0) if bias is None else _scalar_operand(ctx, bias, data, "activation", "bias")
+    x = _f32(ctx.read(data, name, "data")).astype(np.float32)
+    s = _scalar_operand(ctx, scale, data, name, "scale")
+    b = np.float32(0.0) if bias is None else _scalar_operand(ctx, bias, data, name, "bias")
     with np.errstate(all="ignore"):
-        y = fn(x * s + b).astype(np.float32)
-    ctx.write(dst, y, "activation")
+        y = np.asarray(fn(x * s + b), dtype=np.float32)
+    ctx.write(dst, y, name)
+    return y
+
+
+def _activation_reduce_regs(name, ctx, y, reduce_op, reduce_res, cmd) -> None:
+    P = y.shape[0]
+    if cmd in (None, _CMD.idle):
+        cmd = _CMD.reset_reduce if reduce_res is not None else _CMD.idle
+    if cmd not in (_CMD.idle, _CMD.reset):
+        if reduce_op is None:
+            raise NKIError(f"{name}: reduce_cmd {cmd.name} needs a reduce_op")
+        partial = fold_free(reduce_op, y)
+    else:
+        partial = np.zeros(P, np.float32)
+    regs = reduce_into_registers(ctx, "scalar", name, reduce_op or _ops.add, partial, cmd)
     if reduce_res is not None:
-        if reduce_op is None or getattr(reduce_op, "reduce", None) is not np.add:
-            raise NKIError("activation: reduce_op must be nl.add when reduce_res is given")
         if reduce_res.shape != (P, 1):
-            raise NKIError(f"activation: reduce_res must be [{P}, 1], got {list(reduce_res.shape)}")
-        ctx.write(reduce_res, y.reshape(P, -1).sum(axis=1, keepdims=True), "activation", "reduce_res")
+            raise NKIError(f"{name}: reduce_res must be [{P}, 1], got {list(reduce_res.shape)}")
+        ctx.write(reduce_res, regs.reshape(P, 1), name, "reduce_res")
 
 
 def reciprocal(dst, data, name=None):  # noqa: ARG001
@@ -289,3 +315,18 @@ def reciprocal(dst, data, name=None):  # noqa: ARG001
     _same_layout("reciprocal", dst, data, "data")
     with np.errstate(all="ignore"):
         ctx.write(dst, 1.0 / _f32(ctx.read(data, "reciprocal", "data")), "reciprocal")
+
+
+# ---- the rest of nki.isa ----------------------------------------------------------------------
+from .isa_dma import dma_transpose, register_alloc, register_load, register_move, register_store  # noqa: E402, F401
+from .isa_vector import (  # noqa: E402, F401
+    affine_select,
+    max8,
+    nc_find_index8,
+    nc_stream_shuffle,
+    range_select,
+    scalar_tensor_tensor,
+    tensor_copy_predicated,
+    tensor_scalar_reduce,
+    tensor_tensor_scan,
+)

@@ -8,31 +8,38 @@ import numpy as np
 
 from . import isa
 from .context import current
-from .dtypes import as_dtype, bfloat16, bool_, float16, float32, int8, int32, uint8, uint32  # noqa: F401 - API
-from .errors import NKIError
-from .ops import (  # noqa: F401 - the operators are part of nki.language
-    MathOp,
-    add,
-    copy,
-    divide,
-    equal,
-    exp,
-    greater,
-    greater_equal,
-    less,
-    less_equal,
-    max,
-    maximum,
-    minimum,
-    multiply,
-    not_equal,
-    reciprocal,
-    rsqrt,
-    silu,
-    subtract,
-    sum,
+from .dtypes import (  # noqa: F401 - API
+    as_dtype,
+    bfloat16,
+    bool_,
+    float8_e4m3,
+    float8_e4m3fn,
+    float8_e5m2,
+    float8_e8m0fnu,
+    float16,
+    float32,
+    int8,
+    int16,
+    int32,
+    uint8,
+    uint16,
+    uint32,
 )
+from .errors import NKIError
+from .ops import *  # noqa: F401, F403 - the operators (ops.ALL) are part of nki.language
+from .ops import MathOp, add, copy, multiply, reciprocal
 from .tensor import HBM, PSUM, SBUF, Tensor
+
+NkiTensor = Tensor  # the type of every tensor a kernel handles
+
+
+class NKIObject:
+    """Base class of kernel-side configuration objects (plain Python objects to the interpreter;
+    dataclass subclasses, frozen or not, build as usual)."""
+
+    def __init__(self, **kwargs) -> None:
+        for k, v in kwargs.items():
+            setattr(self, k, v)
 
 sbuf = SBUF
 psum = PSUM
@@ -41,11 +48,56 @@ shared_hbm = "shared_hbm"
 private_hbm = "private_hbm"
 
 
-class tile_size:  # noqa: N801 - NKI's name
+class _TileSize:
+    """``nl.tile_size``: hardware tile limits. The SBUF ones follow the target of the running
+    kernel (outside a kernel, e.g. at import, the default target): trn2 224 KiB, trn3 256 KiB per
+    partition (AWS's Trainium2/3 architecture guides)."""
+
     pmax = 128
-    psum_fmax = 512
+    psum_fmax = 512  # deprecated alias of psum_bank_fmax
+    psum_bank_fmax = 512
+    psum_bank_fmax_bytes = 2048
+    psum_num_banks = 8
     gemm_stationary_fmax = 128
     gemm_moving_fmax = 512
+    bn_stats_fmax = 512
+
+    @property
+    def sbuf_fmax_bytes(self) -> int:
+        from .context import TARGETS
+
+        return TARGETS[isa.target_name()].sbuf_partition_bytes
+
+    @property
+    def total_available_sbuf_size(self) -> int:  # deprecated: per partition, despite the name
+        return self.sbuf_fmax_bytes
+
+    @property
+    def sbuf_fmax(self) -> int:
+        return self.sbuf_fmax_bytes // 4
+
+    @property
+    def sbuf_size_bytes(self) -> int:
+        return self.pmax * self.sbuf_fmax_bytes
+
+
+tile_size = _TileSize()
+
+
+def is_hbm(buffer) -> bool:
+    return buffer in (HBM, shared_hbm, private_hbm)
+
+
+def is_sbuf(buffer) -> bool:
+    return buffer == SBUF
+
+
+def is_psum(buffer) -> bool:
+    return buffer == PSUM
+
+
+def is_on_chip(buffer) -> bool:
+    return buffer in (SBUF, PSUM)
 
 
 # ---- allocation -----------------------------------------------------------------------------
@@ -73,6 +125,22 @@ def full(shape, fill_value, dtype, buffer=None, name: str = "") -> Tensor:
 
 def zeros(shape, dtype, buffer=None, name: str = "") -> Tensor:
     return full(shape, 0, dtype, buffer, name)
+
+
+def ones(shape, dtype, buffer=None, name: str = "") -> Tensor:
+    return full(shape, 1, dtype, buffer, name)
+
+
+def zeros_like(x: Tensor, dtype=None, buffer=None, name: str = "") -> Tensor:
+    return zeros(x.shape, dtype or x.dtype, buffer or _buffer_of(x), name)
+
+
+def empty_like(x: Tensor, dtype=None, buffer=None, name: str = "") -> Tensor:
+    return ndarray(x.shape, dtype or x.dtype, buffer or _buffer_of(x), name)
+
+
+def _buffer_of(x: Tensor) -> str:
+    return shared_hbm if x.buffer == HBM else x.buffer
 
 
 def ds(start, size) -> slice:
@@ -165,6 +233,10 @@ def call_op(op: MathOp, *args, dtype=None, **kwargs) -> Tensor:
         dst = ndarray(x.shape, dtype or x.dtype, SBUF)
         if op is reciprocal:
             isa.reciprocal(dst, x)
+        elif op is copy:  # NKI 0.6: a Vector-engine copy, bit-exact when the dtypes match
+            isa.tensor_copy(dst, x)
+        elif op.bitvec or op.name == "logical_not":
+            isa.tensor_scalar(dst, x, op, 0)
         else:
             isa.activation(dst, op, x)
         return dst
@@ -187,6 +259,15 @@ def _reduce(op: MathOp, x: Tensor, axis, keepdims: bool = False, dtype=None) -> 
     shape = kept if keepdims or len(x.shape) - len(axes) < 2 else [n for d, n in enumerate(x.shape) if d not in axes]
     dst = ndarray(shape, dtype or x.dtype, SBUF)
     isa.tensor_reduce(dst, op, x, axes, keepdims=True)
+    return dst
+
+
+def mean(x: Tensor, axis, dtype=None, keepdims: bool = False) -> Tensor:
+    """The average along free axes: a sum, then a multiply by 1/n."""
+    total = _reduce(add, x, axis, keepdims=keepdims, dtype=float32)
+    n = int(np.prod([x.shape[a] for a in isa._reduce_axes("nl.mean", x, axis)]))
+    dst = ndarray(total.shape, dtype or x.dtype, SBUF)
+    isa.tensor_scalar(dst, total, multiply, 1.0 / n)
     return dst
 
 
