@@ -177,10 +177,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return h, rms_norm(h, weight, eps)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """The MLP's activation on a fused gate/up output [..., 2F] = [gate | up]: ``silu(gate) * up``,
-    each op rounded to the model dtype as torch rounds it."""
-    gate, up = gate_up.chunk(2, -1)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation ``silu(gate) * up`` ([..., F] each), each op rounded to the model dtype
+    as torch rounds it."""
     return torch.nn.functional.silu(gate) * up
 
 
@@ -191,14 +190,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
-def rope_append(qkv, cos, signed_sin, k_cache, v_cache, positions, n_heads: int, n_kv_heads: int, kv_append=None):
-    """From a fused q/k/v projection ``qkv`` [B, T, (H + 2 H_kv) D] and RoPE tables [B, 1, T, D]:
-    rotate q and k, append k and v to the caches at ``positions`` (with ``kv_append``, default
-    the reference's), return q [B, H, T, D]."""
-    B, T, _ = qkv.shape
+def rope_append(q, k, v, cos, signed_sin, k_cache, v_cache, positions, kv_append=None):
+    """From the projections ``q`` [B, T, H D], ``k`` and ``v`` [B, T, H_kv D] and RoPE tables
+    [B, 1, T, D]: rotate q and k, append k and v to the caches at ``positions`` (with
+    ``kv_append``, default the reference's), return q [B, H, T, D]."""
+    B, T, _ = q.shape
     D = k_cache.shape[-1]
-    q, k, v = qkv.split([n_heads * D, n_kv_heads * D, n_kv_heads * D], -1)
-    q = apply_rope(q.view(B, T, n_heads, D).transpose(1, 2), cos, signed_sin)  # [B, H, T, D]
-    k = apply_rope(k.view(B, T, n_kv_heads, D).transpose(1, 2), cos, signed_sin)  # [B, H_kv, T, D]
-    (kv_append or globals()["kv_append"])(k_cache, v_cache, k, v.view(B, T, n_kv_heads, D).transpose(1, 2), positions)
+    H, H_kv = q.shape[-1] // D, k.shape[-1] // D
+    q = apply_rope(q.view(B, T, H, D).transpose(1, 2), cos, signed_sin)  # [B, H, T, D]
+    k = apply_rope(k.view(B, T, H_kv, D).transpose(1, 2), cos, signed_sin)  # [B, H_kv, T, D]
+    (kv_append or globals()["kv_append"])(k_cache, v_cache, k, v.view(B, T, H_kv, D).transpose(1, 2), positions)
     return q

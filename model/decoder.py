@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import KernelSet, reference
@@ -52,38 +51,6 @@ def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:  # [D/2] fp32
 apply_rope = reference.apply_rope  # x * cos + rotate_half(x) * sin (see kernels/reference.py)
 
 
-def fuse_linears(linears: list[nn.Linear]) -> nn.Linear:
-    """One Linear computing ``torch.cat([l(x) for l in linears], -1)``: the weights are concatenated
-    once and each original Linear's parameters become views of the fused ones (no second copy).
-    Each output row is the same dot product as before, so results do not change; the product
-    just streams all the weights in one call, which is what a few-row decode step wants."""
-    w = torch.cat([m.weight.detach() for m in linears])  # [sum N, K]
-    has_bias = linears[0].bias is not None
-    b = torch.cat([m.bias.detach() for m in linears]) if has_bias else None  # [sum N]
-    fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
-    fused.__class__ = type(linears[0])
-    fused.weight = nn.Parameter(w, requires_grad=False)
-    if has_bias:
-        fused.bias = nn.Parameter(b, requires_grad=False)
-    start = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        m.weight = nn.Parameter(w[start : start + n], requires_grad=False)
-        if has_bias:
-            m.bias = nn.Parameter(b[start : start + n], requires_grad=False)
-        start += n
-    return fused
-
-
-def _fusable(linears: list[nn.Linear], kind: type) -> bool:
-    first = linears[0]
-    return all(
-        type(m) is kind and (m.bias is None) == (first.bias is None) and m.weight.dtype == first.weight.dtype
-        and m.weight.device == first.weight.device and m.weight.shape[1] == first.weight.shape[1]
-        for m in linears
-    )
-
-
 class Attention(nn.Module):
     """GQA attention. ``n_heads``/``n_kv_heads`` are this rank's heads (a TP plan may lower them)."""
 
@@ -99,14 +66,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(E, self.n_kv_heads * D, bias=bias)
         self.v_proj = nn.Linear(E, self.n_kv_heads * D, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * D, E, bias=False)
-        self._qkv = None  # fused q/k/v product (fuse(); kept out of the module tree: views, not new weights)
-
-    def fuse(self, kind: type) -> bool:
-        """Compute q, k and v with one fused product when all three are plain ``kind`` layers."""
-        parts = [self.q_proj, self.k_proj, self.v_proj]
-        if self._qkv is None and _fusable(parts, kind):
-            object.__setattr__(self, "_qkv", fuse_linears(parts))
-        return self._qkv is not None
 
     def forward(
         self,
@@ -120,18 +79,11 @@ class Attention(nn.Module):
         active_mask: torch.Tensor | None,  # [B, T, T] bool or None (causal)
     ) -> torch.Tensor:  # [B, T, E]
         B, T, _ = x.shape
-        D = self.head_dim
-        if self._qkv is not None:  # rotate q and k, append k and v: one call where the backend fuses it
-            rope_append = kernels.get("rope_append") or reference.rope_append
-            q = rope_append(self._qkv(x), cos, sin, k_cache, v_cache, positions, self.n_heads, self.n_kv_heads,
-                            kernels.kv_append)  # [B, H, T, D]
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            q = apply_rope(q.view(B, T, self.n_heads, D).transpose(1, 2), cos, sin)  # [B, H, T, D]
-            k = apply_rope(k.view(B, T, self.n_kv_heads, D).transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
-            kernels.kv_append(k_cache, v_cache, k, v.view(B, T, self.n_kv_heads, D).transpose(1, 2), positions)
+        rope_append = kernels.get("rope_append") or reference.rope_append  # rotate q and k, append k and v
+        q = rope_append(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, k_cache, v_cache, positions,
+                        kernels.kv_append)  # [B, H, T, D]
         o = kernels.verify_attention(q, k_cache, v_cache, positions, self.scale, active_mask)  # [B, H, T, D]
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * D))
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -141,20 +93,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(E, F_, bias=config.mlp_bias)
         self.up_proj = nn.Linear(E, F_, bias=config.mlp_bias)
         self.down_proj = nn.Linear(F_, E, bias=config.mlp_bias)
-        self._gate_up = None  # fused gate/up product (see Attention.fuse)
-
-    def fuse(self, kind: type) -> bool:
-        parts = [self.gate_proj, self.up_proj]
-        if self._gate_up is None and _fusable(parts, kind):
-            object.__setattr__(self, "_gate_up", fuse_linears(parts))
-        return self._gate_up is not None
 
     def forward(self, x: torch.Tensor, silu_mul=None) -> torch.Tensor:
-        """``silu_mul``: a backend's SiLU(gate) * up on the fused [gate | up] output (default the
-        reference's)."""
-        if self._gate_up is not None:
-            return self.down_proj((silu_mul or reference.silu_mul)(self._gate_up(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """``silu_mul``: a backend's SiLU(gate) * up (default the reference's)."""
+        return self.down_proj((silu_mul or reference.silu_mul)(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -178,15 +120,9 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.*`` and ``lm_head``)."""
 
-    def fuse_projections(self, kind: type = nn.Linear) -> int:
-        """Fuse q/k/v and gate/up of every layer whose projections are all plain ``kind`` layers
-        (tensor-parallel layers are left alone); return how many groups were fused."""
-        return sum(int(layer.self_attn.fuse(kind)) + int(layer.mlp.fuse(kind)) for layer in self.model.layers)
-
     def __init__(self, config: LlamaConfig, max_positions: int):
         super().__init__()
         self.config = config
-        self.fused_layers = True  # cpu backend: few-row steps run each layer as one native call (kernels/cpu/fused.py)
         self.model = nn.Module()
         # built on the meta device to be loaded: no random init (normal_ there imports torch._dynamo, 2-3 s)
         table = torch.empty(config.vocab_size, config.hidden_size) if torch.empty(0).is_meta else None
@@ -216,41 +152,19 @@ class Decoder(nn.Module):
         num_layers: int | None = None,  # run only the first N layers (layer-skip self-draft)
     ) -> torch.Tensor:  # [B, T or n, V] fp32
         B, T = input_ids.shape
-        embed, norm = self.model.embed_tokens, self.model.norm
         layers = self.model.layers if num_layers is None else self.model.layers[:num_layers]
-        stack = h = None
-        if kernels.name == "cpu" and self.fused_layers and len(layers):  # a decode/verify step: one native call
-            from ..kernels.cpu import fused
-
-            dtype = norm.weight.dtype
-            if fused.applies_to(kernels, B, T, dtype, input_ids.device, active_mask) and fused.norm_fits(norm, dtype):
-                stack = fused.plans_for(self, layers, dtype)
-            if stack is not None and not fused.embedding_fits(embed, dtype):  # the embedding module's rows
-                h = embed(input_ids)
-                stack = stack if h.dtype == dtype and h.shape[-1] == norm.weight.shape[0] else None
-        if h is None and stack is None:
-            h = embed(input_ids)  # [B, T, E]
-        if stack is not None:  # (the embedding rows,) every layer and the final norm in one call
-            ids = input_ids if h is None else None
-            if position_ids is None:  # rows positions + t of the cast tables, copied by the native step
-                rope = self.rope_tables(dtype)
-            else:
-                rope = (self.rope_cos[position_ids].to(dtype), self.rope_sin[position_ids].to(dtype))  # [B, T, D]
-            h = fused.run_layers(stack, layers, ids, h, embed.weight if ids is not None else None, rope, cache,
-                                 positions, norm)
-        else:
-            if position_ids is None:
-                position_ids = positions[:, None].long() + torch.arange(T, device=input_ids.device)  # [B, T]
-            cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
-            sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
-            for i, layer in enumerate(layers):
-                h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
-        if logits_at is not None:  # the norm is row-wise: the fused step's normalising before it is the same
+        if position_ids is None:
+            position_ids = positions[:, None].long() + torch.arange(T, device=input_ids.device)  # [B, T]
+        h = self.model.embed_tokens(input_ids)  # [B, T, E]
+        cos = self.rope_cos[position_ids].to(h.dtype)[:, None]  # [B, 1, T, D]
+        sin = self.rope_sin[position_ids].to(h.dtype)[:, None]
+        for i, layer in enumerate(layers):
+            h = layer(h, cos, sin, cache.k[i][:B], cache.v[i][:B], positions, kernels, active_mask)
+        if logits_at is not None:  # the norm is row-wise: normalising only these rows is the same
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
-        if stack is None:
-            h = (kernels.get("rms_norm") or reference.rms_norm)(h, norm.weight, norm.eps)
-        return self.logits(h)
+        h = (kernels.get("rms_norm") or reference.rms_norm)(h, self.model.norm.weight, self.model.norm.eps)
+        return self.lm_head(h).float()
 
     def rope_tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The RoPE tables [S_max, D] cast to ``dtype`` (cached; re-cast when the tables are
@@ -261,10 +175,3 @@ class Decoder(nn.Module):
         if got is None or got[0] is not cos or got[1] is not sin or got[2] != dtype:
             got = self.__dict__["_rope_cast"] = (cos, sin, dtype, cos.to(dtype).contiguous(), sin.to(dtype).contiguous())
         return got[3], got[4]
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of the normalised hidden states: the LM head's output in the model dtype,
-        widened (in the product itself where the head has a ``forward_f32``, e.g. SkinnyLinear)."""
-        head = self.lm_head
-        f32 = getattr(head, "forward_f32", None)
-        return f32(h) if f32 is not None else head(h).float()

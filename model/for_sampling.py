@@ -86,6 +86,7 @@ class LlamaForSampling:
         self.dtype = amp_dtype(amp)
         self.device = torch.device(device)
         self.kernels = kernels if kernels is not None else get_backend(None, device=str(self.device))
+        self.recompile()
         self.tp = tp  # verispec.parallel state when tp_degree > 1
         self.source_path = source_path
         self.quant = quant  # weight quantization ("int8", "w8a8") or None
@@ -125,10 +126,15 @@ class LlamaForSampling:
             if tp_degree != 1 or torch.device(device).type != "cpu":
                 raise ValueError(f"quant={quant!r} is implemented for CPU models with tp_degree=1 "
                                  f"(got device={device!r}, tp_degree={tp_degree})")
+            if kernel_backend not in (None, "cpu"):  # its int8 products are the cpu backend's native code
+                raise ValueError(f"quant={quant!r} needs kernel_backend='cpu' (got {kernel_backend!r})")
         for name, v in (("n_positions", n_positions), ("batch_size", batch_size), ("tp_degree", tp_degree)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         kernels = get_backend(kernel_backend, device=str(device))  # chosen once, here
+        if quant is not None and kernels.name != "cpu":
+            raise ValueError(f"quant={quant!r} needs the cpu kernel backend, which is unavailable here "
+                             f"(backend {kernels.name!r}: no C compiler?)")
         config, source, path = open_source(path_or_name, progress=progress)
         from .converted import release_freed_memory, weights_source
 
@@ -155,22 +161,27 @@ class LlamaForSampling:
         decoder.rope_cos = decoder.rope_cos.to(device)
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
-        if torch.device(device).type == "cpu":
-            from ..kernels.cpu import SkinnyLinear, use_skinny_linear
+        if quant is not None:
+            from ..kernels.cpu.quant import quantize_weights
 
-            if use_skinny_linear(decoder):  # decode/verify products stream each weight once
-                decoder.fuse_projections(SkinnyLinear)  # ... and q/k/v, gate/up in one call each
-            if quant is not None:
-                from ..kernels.cpu.quant import quantize_weights
-
-                quantize_weights(decoder, quant)
-        release_freed_memory()
-        log.info("timing: fuse/quantize %s %.2f s", path.name, time.perf_counter() - t0)
+            quantize_weights(decoder, quant)
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
             source_path=path, quant=quant,
-        )
+        )  # (compiles the decoder where the backend has a compiler)
+        release_freed_memory()
+        log.info("timing: quantize/compile %s %.2f s", path.name, time.perf_counter() - t0)
         return model
+
+    def recompile(self) -> None:
+        """Hand the decoder to its kernel backend's ``compile`` (where the backend has one, e.g.
+        the ``cpu`` backend's native step) and call what it returns from now on; without one, the
+        decoder itself runs. Called at load. Call it again after changing the model in a way the
+        backend cannot see: weights edited in place or assigned, modules replaced and hooks added
+        are seen without it (see docs/design.md); a patched ``forward`` or a changed constant
+        (``eps``, ``scale``) is not."""
+        compile_ = self.kernels.get("compile")
+        self.runner = compile_(self.decoder) if compile_ is not None else self.decoder
 
     @property
     def vocab_size(self) -> int:
@@ -226,7 +237,7 @@ class LlamaForSampling:
         if min(first, default=0) < 0 or end > self.n_positions:
             raise ValueError(f"sequence longer than n_positions={self.n_positions}: a row would reach slot {end - 1}")
         dev = self.device
-        return self.decoder(
+        return self.runner(
             input_ids.to(dev), positions.to(dev), self.cache, self.kernels,
             logits_at=None if logits_at is None else logits_at.to(dev),
             active_mask=None if active_mask is None else active_mask.to(dev),

@@ -45,13 +45,13 @@ def check_logits(logits: torch.Tensor, who: str = "model") -> None:
         raise _nan_error(who)
 
 
-def greedy_ids(logits: torch.Tensor, who: str = "model") -> torch.Tensor:
+def greedy_ids(logits: torch.Tensor, who: str = "model", argmax=None) -> torch.Tensor:
     """[..., V] logits -> [...] int64: the argmax, lowest id on ties (what sampling the greedy
-    one-hot distribution returns), after the same NaN check as :func:`check_logits`. On CPU one
-    native pass (kernels/cpu/sampling.c) does both; elsewhere torch does."""
-    from ..kernels.cpu.sampling import argmax
-
-    got = argmax(logits)
+    one-hot distribution returns), after the same NaN check as :func:`check_logits`.
+    ``argmax``: a kernel backend's ``argmax`` extra (``KernelSet.get("argmax")``), which returns
+    (ids, whether a row holds NaN) in one pass, or None where it does not fit the tensor; without
+    one, torch."""
+    got = None if argmax is None else argmax(logits)
     if got is None:
         check_logits(logits, who)
         return logits.float().argmax(-1)
@@ -66,11 +66,11 @@ def one_hot(ids: torch.Tensor, V: int) -> torch.Tensor:
     return torch.zeros(*ids.shape, V, device=ids.device).scatter_(-1, ids[..., None], 1.0)
 
 
-def logits_to_probs(logits: torch.Tensor, params: SamplingParams, who: str = "model") -> torch.Tensor:
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams, who: str = "model", argmax=None) -> torch.Tensor:
     """[..., V] logits -> [..., V] fp32 probabilities after temperature/top-k/top-p; NaN logits
-    raise FloatingPointError naming ``who``."""
+    raise FloatingPointError naming ``who``. ``argmax``: as in :func:`greedy_ids`."""
     if params.greedy:
-        return one_hot(greedy_ids(logits, who), logits.shape[-1])
+        return one_hot(greedy_ids(logits, who, argmax), logits.shape[-1])
     check_logits(logits, who)
     logits = logits.float()
     x = logits / params.temperature

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.cpu import skinny_linear  # F.linear, or the native kernel for few-row CPU products
 from .mappings import (
     copy_to_tensor_model_parallel_region,
     even_sizes,
@@ -48,6 +47,9 @@ def _new_param(shape: tuple, dtype: torch.dtype, device) -> nn.Parameter:
 class _ShardedModule(nn.Module):
     weight_shard: Shard | None
     bias_shard: Shard | None
+    # the local matrix product, (x, weight, bias=None) -> y; a kernel backend's compile may
+    # give an instance its own (the cpu backend's few-row native product)
+    product = staticmethod(F.linear)
 
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -115,7 +117,7 @@ class ColumnParallelLinear(_ShardedModule):
         self.bias_shard = (0, start, stop) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out or out_local]
-        y = skinny_linear(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
+        y = self.product(copy_to_tensor_model_parallel_region(x), self.weight, self.bias)
         if self.gather_output:
             return gather_from_tensor_model_parallel_region(y, self.output_sizes)
         return y
@@ -155,7 +157,7 @@ class RowParallelLinear(_ShardedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in_local or in] -> [..., out]
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
-        y = reduce_from_tensor_model_parallel_region(skinny_linear(x, self.weight))
+        y = reduce_from_tensor_model_parallel_region(self.product(x, self.weight))
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

@@ -35,21 +35,26 @@ from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs, one_ho
 from .coupled import race
 
 
-def _draft_dist(logits: torch.Tensor, params: SamplingParams, who: str):
+def _kernel(model, name: str):
+    """A kernel backend extra of ``model`` (e.g. ``argmax``), or None."""
+    kernels = getattr(model, "kernels", None)
+    return kernels.get(name) if kernels is not None else None
+
+
+def _draft_dist(logits: torch.Tensor, params: SamplingParams, who: str, argmax=None):
     """(q [B, V] fp32, greedy ids [B] or None): the distribution a draft samples from, and at
-    temperature 0 its argmax, the only id the one-hot q can yield (so sampling it is skipped)."""
+    temperature 0 its argmax, the only id the one-hot q can yield (so sampling it is skipped).
+    ``argmax``: the draft model's backend's (see ``greedy_ids``)."""
     if params.greedy:
-        ids = greedy_ids(logits, who)
+        ids = greedy_ids(logits, who, argmax)
         return one_hot(ids, logits.shape[-1]), ids
     return logits_to_probs(logits, params, who), None
 
 
-def _confidence(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _confidence(logits: torch.Tensor, ids: torch.Tensor, softmax_at=None) -> torch.Tensor:
     """[B, V] logits, [B] drafts -> [B] fp32 softmax probability of each draft (temperature 1):
-    one native pass on CPU (kernels/cpu/sampling.c), torch elsewhere."""
-    from ..kernels.cpu.sampling import softmax_at
-
-    got = softmax_at(logits, ids)
+    the backend's ``softmax_at`` extra where it has one and it fits, torch elsewhere."""
+    got = None if softmax_at is None else softmax_at(logits, ids)
     if got is not None:
         return got
     logits = logits.float()
@@ -61,7 +66,7 @@ def _keep(model, keep, logits: torch.Tensor, ids: torch.Tensor, last: bool) -> b
     tensor-parallel rank (rank 0's). After the last allowed draft, False without asking ranks."""
     if keep is None:
         return not last
-    verdict = bool(keep(_confidence(logits, ids)))
+    verdict = bool(keep(_confidence(logits, ids, _kernel(model, "softmax_at"))))
     return False if last else bool(_sync(model, torch.tensor([[int(verdict)]], dtype=torch.long))[0, 0])
 
 
@@ -132,7 +137,7 @@ class ModelDraft:
         logits = self.model.forward(ids, start, logits_at=(last - start)[:, None])[:, 0]  # [B, V]
         draft_ids, draft_probs = [], []
         for i in range(g):
-            q, ids = _draft_dist(logits, params, "draft model")  # [B, V] fp32: what the draft samples from
+            q, ids = _draft_dist(logits, params, "draft model", _kernel(self.model, "argmax"))  # [B, V] fp32: what the draft samples from
             if noise is not None:
                 d = race(q, noise(i))
             elif ids is not None and type(self)._choose is ModelDraft._choose:
@@ -198,7 +203,7 @@ class LayerSkipDraft:
         draft_ids, draft_probs = [], []
         for i in range(g):
             logits = self.target.forward(d, last + i, num_layers=self.num_layers)[:, 0]  # [B, V]
-            q, ids = _draft_dist(logits, params, "layer-skip draft")
+            q, ids = _draft_dist(logits, params, "layer-skip draft", _kernel(self.target, "argmax"))
             if noise is not None:
                 d = race(q, noise(i))
             else:

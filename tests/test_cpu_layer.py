@@ -78,8 +78,8 @@ def test_rope_append_is_bitwise_the_reference(dtype, B, T, H, H_kv, D, special):
             idx = torch.randint(0, flat.numel(), (max(1, flat.numel() // 3),), generator=g)
             flat[idx] = vals[torch.randint(0, len(vals), (len(idx),), generator=g)]
     pos = torch.tensor([S - T - b for b in range(B)])  # rows at different slots, the last ones used
-    q = layer.rope_append(qkv, cos, sin, k1, v1, pos, H, H_kv)
-    q_ref = reference.rope_append(qkv, cos, sin, k2, v2, pos, H, H_kv)
+    q = layer.rope_append(*_split(qkv, H, H_kv, D), cos, sin, k1, v1, pos)  # views into one fused row
+    q_ref = reference.rope_append(*[t.contiguous() for t in _split(qkv, H, H_kv, D)], cos, sin, k2, v2, pos)
     assert q.shape == (B, H, T, D)
     if not special:
         assert torch.equal(q, q_ref) and torch.equal(k1, k2) and torch.equal(v1, v2)
@@ -90,6 +90,10 @@ def test_rope_append_is_bitwise_the_reference(dtype, B, T, H, H_kv, D, special):
             assert torch.equal(a.view(bits)[~a.isnan()], b.view(bits)[~b.isnan()])
 
 
+def _split(qkv, H, H_kv, D):
+    return qkv.split([H * D, H_kv * D, H_kv * D], -1)
+
+
 def test_rope_append_takes_strided_input_and_leaves_other_appends_to_their_backend():
     qkv, cos, sin, (k1, v1, k2, v2) = _rope_case(2, 2, 4, 2, 8, 6, torch.float32)
     pos = torch.tensor([0, 3])
@@ -97,11 +101,12 @@ def test_rope_append_takes_strided_input_and_leaves_other_appends_to_their_backe
     big[..., ::2] = qkv
     wide = big[..., ::2]  # a non-contiguous view of the same values
     assert not wide.is_contiguous()
-    assert torch.equal(layer.rope_append(wide, cos, sin, k1, v1, pos, 4, 2),
-                       reference.rope_append(qkv, cos, sin, k2, v2, pos, 4, 2))
-    assert torch.equal(k1, k2)
+    q, k, v = _split(wide, 4, 2, 8)
+    assert torch.equal(layer.rope_append(q, k.contiguous(), v, cos, sin, k1, v1, pos),  # k and v rows apart
+                       reference.rope_append(*_split(qkv, 4, 2, 8), cos, sin, k2, v2, pos))
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)
     calls = []
-    q = layer.rope_append(qkv, cos, sin, k1, v1, pos, 4, 2, kv_append=lambda *a: calls.append(a))
+    q = layer.rope_append(*_split(qkv, 4, 2, 8), cos, sin, k1, v1, pos, kv_append=lambda *a: calls.append(a))
     assert len(calls) == 1 and q.shape == (2, 4, 2, 8)  # another backend's append is called, not fused away
 
 
@@ -109,7 +114,7 @@ def test_rope_append_rejects_slots_past_the_cache():
     qkv, cos, sin, (k1, v1, _, _) = _rope_case(1, 3, 4, 2, 8, 6, torch.bfloat16)
     before = k1.clone()
     with pytest.raises(IndexError, match="cache holds 6"):
-        layer.rope_append(qkv, cos, sin, k1, v1, torch.tensor([4]), 4, 2)
+        layer.rope_append(*_split(qkv, 4, 2, 8), cos, sin, k1, v1, torch.tensor([4]))
     assert torch.equal(k1, before)  # nothing written
 
 
@@ -127,9 +132,10 @@ def _silu_ref_exact_exp(gate_up: torch.Tensor) -> torch.Tensor:
 def test_silu_mul_matches_the_reference(rows, F, dtype, scale):
     g = torch.Generator().manual_seed(rows * 1000 + F)
     gu = (scale * torch.randn(rows, 2 * F, generator=g)).to(dtype)
-    out = layer.silu_mul(gu)
+    out = layer.silu_mul(*gu.chunk(2, -1))  # views into one [gate | up] row
     assert out.shape == (rows, F) and out.dtype == dtype
-    ref = reference.silu_mul(gu)
+    ref = reference.silu_mul(*gu.chunk(2, -1))
+    assert torch.equal(layer.silu_mul(*[t.contiguous() for t in gu.chunk(2, -1)]), out)  # two separate tensors
     # e^x here is not torch's: the fp32 silu may be an ulp or two off, so after the rounding(s) to
     # the model dtype an element is either equal or one ulp of the dtype away
     n = 1 if dtype == torch.bfloat16 else 4
@@ -144,20 +150,20 @@ def test_silu_mul_edge_values_and_row_independence():
                          float("inf"), float("-inf"), float("nan"), 3.0])
     for dtype in DTYPES:
         gu = torch.cat([vals, torch.full_like(vals, 2.0)]).to(dtype)[None]  # up = 2
-        out, ref = layer.silu_mul(gu), reference.silu_mul(gu)
+        out, ref = layer.silu_mul(*gu.chunk(2, -1)), reference.silu_mul(*gu.chunk(2, -1))
         assert torch.equal(out.isnan(), ref.isnan()), (out, ref)
         fin = ~ref.isnan()
         assert torch.equal(out[fin].isinf(), ref[fin].isinf()) and _within_ulps(out[fin & ~ref.isinf()], ref[fin & ~ref.isinf()], 4)
     g = torch.Generator().manual_seed(3)
     gu = torch.randn(5, 2 * 4864, generator=g).bfloat16()  # parallel (many elements) and a 16-lane tail-free F
-    together = layer.silu_mul(gu)
-    assert torch.equal(together, torch.cat([layer.silu_mul(gu[i : i + 1]) for i in range(5)]))
+    together = layer.silu_mul(*gu.chunk(2, -1))
+    assert torch.equal(together, torch.cat([layer.silu_mul(*gu[i : i + 1].chunk(2, -1)) for i in range(5)]))
     odd = torch.randn(3, 2 * 37, generator=g).bfloat16()  # F % 16 != 0: the tail lanes agree with full blocks
     wide = torch.cat([odd[:, :37], odd[:, :37], odd[:, :37], odd[:, 37:], odd[:, 37:], odd[:, 37:]], -1)
-    assert torch.equal(layer.silu_mul(wide)[:, 37:74], layer.silu_mul(odd))
-    with pytest.MonkeyPatch.context() as mp:  # odd last dimension: not a [gate | up] pair, the reference decides
-        mp.setattr(reference, "silu_mul", lambda t: "reference")
-        assert layer.silu_mul(torch.zeros(2, 5)) == "reference"
+    assert torch.equal(layer.silu_mul(*wide.chunk(2, -1))[:, 37:74], layer.silu_mul(*odd.chunk(2, -1)))
+    with pytest.MonkeyPatch.context() as mp:  # gate and up of different shapes: the reference decides
+        mp.setattr(reference, "silu_mul", lambda g, u: "reference")
+        assert layer.silu_mul(torch.zeros(2, 5), torch.zeros(2, 4)) == "reference"
 
 
 def test_cpu_backend_carries_the_layer_glue():

@@ -127,25 +127,28 @@ def test_model_uses_native_linear_and_keeps_tied_weights(tiny_hf):
 
 
 @pytest.mark.parametrize("dtype", ["f32", "bf16"])
-def test_fused_projections_are_views_and_change_nothing(tiny_hf, dtype):
-    """q/k/v and gate/up are fused into one product each: the original parameters become views of
-    the fused weights (no second copy, same parameter count), and every output is bitwise the
-    separate products'."""
+def test_qkv_and_gate_up_share_one_buffer_of_registered_views(tiny_hf, dtype):
+    """The cpu backend lays q/k/v and gate/up out in one buffer each: the registered parameters
+    are views of it (no second copy, the checkpoint's parameter count), back to back, and every
+    output is bitwise the separate products'."""
     from verispec.model import LlamaForSampling
 
     path, hf = tiny_hf("qwen2")  # q/k/v biases
-    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp=dtype)
+    m = LlamaForSampling.from_pretrained(path, n_positions=32, amp=dtype, kernel_backend="cpu")
     assert sum(p.numel() for p in m.decoder.parameters()) == sum(p.numel() for p in hf.parameters())
     x = torch.randn(1, 3, hf.config.hidden_size).to(m.decoder.lm_head.weight.dtype)
     for layer in m.decoder.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        assert attn._qkv is not None and mlp._gate_up is not None
-        assert attn.q_proj.weight.data_ptr() == attn._qkv.weight.data_ptr()
-        assert attn.v_proj.bias.data_ptr() + attn.v_proj.bias.numel() * attn.v_proj.bias.element_size() == (
-            attn._qkv.bias.data_ptr() + attn._qkv.bias.numel() * attn._qkv.bias.element_size())
+        for name in ("weight", "bias"):
+            q, k, v = (getattr(p, name) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+            assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+            assert k.data_ptr() == q.data_ptr() + q.numel() * q.element_size()
+            assert v.data_ptr() == k.data_ptr() + k.numel() * k.element_size()
+        assert mlp.up_proj.weight.data_ptr() == mlp.gate_proj.weight.data_ptr() + mlp.gate_proj.weight.nbytes
+        fused = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
         separate = torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1)
-        assert torch.equal(attn._qkv(x), separate)
-        assert torch.equal(mlp._gate_up(x), torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+        assert torch.equal(native.skinny_linear(x, fused, bias), separate)
 
 
 def test_stream_read_sums_the_buffer():

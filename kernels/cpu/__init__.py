@@ -2,6 +2,6 @@
 (gemv.c), compiled on first use (see build.py), and a streaming-read bandwidth probe."""
 
 from .build import available, build_info
-from .linear import SkinnyLinear, skinny_linear, stream_read, use_skinny_linear
+from .linear import SkinnyLinear, skinny_linear, stream_read
 
-__all__ = ["SkinnyLinear", "available", "build_info", "skinny_linear", "stream_read", "use_skinny_linear"]
+__all__ = ["SkinnyLinear", "available", "build_info", "skinny_linear", "stream_read"]

@@ -53,7 +53,7 @@ def load() -> dict:
         from .build import build_error
 
         raise ImportError(f"the native CPU kernels are unavailable: {build_error()}")
-    from . import layer
+    from . import compiled, layer, sampling
 
     return {
         "verify_attention": verify_attention,
@@ -62,4 +62,7 @@ def load() -> dict:
         "add_rms_norm": layer.add_rms_norm,
         "rope_append": layer.rope_append,
         "silu_mul": layer.silu_mul,
+        "argmax": sampling.argmax,
+        "softmax_at": sampling.softmax_at,
+        "compile": compiled.compile_decoder,
     }

@@ -24,7 +24,7 @@ import torch  # noqa: F401  (loads libgomp.so.1 first, so the library shares tor
 log = logging.getLogger("verispec.kernels.cpu")
 
 SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "w8a8.c", "attention.c", "layer.c", "fused.c", "sampling.c")]
-HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "vmath.h", "steal.h")]  # included by the sources: part of the build key
+HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "vmath.h", "steal.h", "step.h")]  # included by the sources: part of the build key
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 # extra compiler flags, e.g. VERISPEC_CFLAGS=-DSTAGE_TIMING: fused.c then adds each layer stage's
 # seconds into the exported double verispec_stage_s[16] (norm, qkv, rope, attention, transpose, o,
@@ -94,19 +94,18 @@ def _build() -> ctypes.CDLL:
     lib.verispec_gemv_w8a8.argtypes = [vp, ctypes.c_int, vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
     lib.verispec_gemv_w8a8.restype = ctypes.c_int
     lib.verispec_w8a8_available.restype = ctypes.c_int
-    lib.verispec_layer.argtypes = [vp, ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
-    lib.verispec_layer.restype = ctypes.c_int
-    lib.verispec_step.argtypes = [vp, i64, i64, vp, ctypes.c_int, ctypes.c_int, vp, i64, i64, vp, vp, i64, vp,
-                                  ctypes.c_float, vp, vp, vp]
-    lib.verispec_step.restype = ctypes.c_int
+    from .abi import bind_step
+
+    bind_step(lib)  # verispec_step's typed arguments, checked against the library's own layout table
     lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int, ctypes.c_int]
     lib.verispec_attention.restype = ctypes.c_int
     lib.verispec_rms_norm.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_float, ctypes.c_int]
     lib.verispec_rms_norm.restype = None
-    lib.verispec_rope_append.argtypes = [vp, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_int]
+    lib.verispec_rope_append.argtypes = [vp, i64, vp, vp, i64, vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64,
+                                         ctypes.c_int]
     lib.verispec_rope_append.restype = None
-    lib.verispec_silu_mul.argtypes = [vp, vp, i64, i64, ctypes.c_int, ctypes.c_int]
+    lib.verispec_silu_mul.argtypes = [vp, vp, i64, vp, i64, i64, ctypes.c_int, ctypes.c_int]
     lib.verispec_silu_mul.restype = None
     lib.verispec_argmax.argtypes = [vp, i64, i64, ctypes.c_int, vp, ctypes.c_int]
     lib.verispec_argmax.restype = i64

@@ -14,14 +14,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stddef.h>
 #include "bf16.h"
+#include "step.h"
 #include "vmath.h"
 
 void verispec_rms_norm(const void *x, const void *delta, const void *w, void *h_out, void *y, int64_t R, int64_t E,
                        float eps, int bf16);
-void verispec_rope_append(const void *qkv, const void *cos, const void *sin, const int64_t *pos, void *q_out,
-                          void *k_cache, void *v_cache, int64_t B, int64_t T, int64_t H, int64_t H_kv, int64_t D,
-                          int64_t S_max, int bf16);
+void verispec_rope_append(const void *q_src, int64_t ldq, const void *k_src, const void *v_src, int64_t ldkv,
+                          const void *cos, const void *sin, const int64_t *pos, void *q_out, void *k_cache,
+                          void *v_cache, int64_t B, int64_t T, int64_t H, int64_t H_kv, int64_t D, int64_t S_max,
+                          int bf16);
 int verispec_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *positions, void *out,
                        int64_t B, int64_t H, int64_t H_kv, int64_t T, int64_t D, int64_t S_max, float scale,
                        int is_bf16, int nthreads);
@@ -43,50 +46,49 @@ static double now_s(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t
 #else
 #define STAGE(i)
 #endif
-#define LIN_WORDS 6 /* kind (0: weights in the activation dtype, 1: int8, 2: w8a8), weight, scale, bias, N, K */
 
-/* y [M, N] = x [M, K] . W^T (+ bias) by the layer's kind; 0 or the kernel's error code. */
-static int linear(const int64_t *L, const void *x, void *y, int64_t M, int bf16, int nt) {
-    const void *w = (const void *)L[1], *bias = (const void *)L[3];
-    const float *scale = (const float *)L[2];
-    switch (L[0]) {
+/* y [M, n] = x [M, k] . W^T (+ bias) by the layer's kind; 0 or the kernel's error code. */
+static int linear(const vs_linear *L, const void *x, void *y, int64_t M, int bf16, int nt) {
+    switch (L->kind) {
     case 0:
         if (bf16)
-            verispec_gemv_bf16(x, w, bias, y, M, L[5], L[4], nt);
+            verispec_gemv_bf16(x, L->weight, L->bias, y, M, L->k, L->n, nt);
         else
-            verispec_gemv_f32(x, w, bias, y, M, L[5], L[4], nt);
+            verispec_gemv_f32(x, L->weight, L->bias, y, M, L->k, L->n, nt);
         return 0;
     case 1:
-        return verispec_gemv_i8(x, bf16, w, scale, bias, y, M, L[5], L[4], nt);
+        return verispec_gemv_i8(x, bf16, L->weight, L->scale, L->bias, y, M, L->k, L->n, nt);
     case 2:
-        return verispec_gemv_w8a8(x, bf16, w, scale, bias, y, M, L[5], L[4], nt);
+        return verispec_gemv_w8a8(x, bf16, L->weight, L->scale, L->bias, y, M, L->k, L->n, nt);
     default:
         return -3;
     }
 }
 
 
-/* m [R, F] = dtype(dtype(silu(gate)) * up), gu [R, 2F] = [gate | up] (torch's F.silu(gate) * up),
+/* m [R, F] = dtype(dtype(silu(gate)) * up), gate and up rows of ld values each (ld = 2F for one
+ * fused [gate | up] output, F for two separate ones) (torch's F.silu(gate) * up),
  * silu(g) = g / (1 + e^-g) in fp32. With AVX512F, e^x is vmath.h's polynomial (about 1 ulp) on 16
  * lanes, else the C library's expf; either may differ from torch's exp in the last bit of the fp32
  * silu, so the decoder's module path calls this same function (layer.py's silu_mul) and the two
  * paths agree bitwise. Element-wise, so a row's result does not depend on R or on the threads.
  * The R * F elements are split over nt threads in blocks of 16. */
-NO_CONTRACT void verispec_silu_mul(const void *gu, void *m, int64_t R, int64_t F, int bf16, int nt) {
+NO_CONTRACT void verispec_silu_mul(const void *gate, const void *up, int64_t ld, void *m, int64_t R, int64_t F,
+                                   int bf16, int nt) {
     const int64_t blocks = (F + 15) / 16;
 #pragma omp parallel for schedule(static) num_threads(nt) if (R * F >= 4096)
     for (int64_t i = 0; i < R * blocks; i++) {
         const int64_t r = i / blocks, f0 = (i % blocks) * 16, f1 = f0 + 16 < F ? f0 + 16 : F;
 #if defined(__AVX512F__)
         if (f1 - f0 == 16) {
-            const int64_t g0 = r * 2 * F + f0, u0 = g0 + F, o = r * F + f0;
+            const int64_t g0 = r * ld + f0, o = r * F + f0;
             __m512 g, u;
             if (bf16) {
-                g = bf16x16_to_f32((const uint16_t *)gu + g0);
-                u = bf16x16_to_f32((const uint16_t *)gu + u0);
+                g = bf16x16_to_f32((const uint16_t *)gate + g0);
+                u = bf16x16_to_f32((const uint16_t *)up + g0);
             } else {
-                g = _mm512_loadu_ps((const float *)gu + g0);
-                u = _mm512_loadu_ps((const float *)gu + u0);
+                g = _mm512_loadu_ps((const float *)gate + g0);
+                u = _mm512_loadu_ps((const float *)up + g0);
             }
             const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
             st16_any(m, o, MUL16(rnd16_any(s, bf16), u), bf16);
@@ -94,7 +96,7 @@ NO_CONTRACT void verispec_silu_mul(const void *gu, void *m, int64_t R, int64_t F
         }
 #endif
         for (int64_t f = f0; f < f1; f++) {
-            const float g = ld_any(gu, r * 2 * F + f, bf16), u = ld_any(gu, r * 2 * F + F + f, bf16);
+            const float g = ld_any(gate, r * ld + f, bf16), u = ld_any(up, r * ld + f, bf16);
 #if defined(__AVX512F__)
             float e[16];
             _mm512_storeu_ps(e, exp512(_mm512_set1_ps(-g)));
@@ -106,19 +108,12 @@ NO_CONTRACT void verispec_silu_mul(const void *gu, void *m, int64_t R, int64_t F
     }
 }
 
-/* P: x (residual stream [B, T, E], updated in place), in-norm weight, post-norm weight, cos,
- * sin ([B, T, D]), positions (host int64 [B], validated by the caller: positions[b] + T <=
- * S_max), k_cache, v_cache ([B, H_kv, S_max, D]), B, T, E, H, H_kv, D, S_max, F, then the four
- * linears (q/k/v fused, o, gate/up fused, down) of LIN_WORDS each. Returns 0; -1 if scratch
+/* One layer on the step's residual stream s->x (updated in place). Returns 0; -1 if scratch
  * could not be allocated; another negative code from a product kernel. */
-NO_CONTRACT int verispec_layer(const int64_t *P, float eps_in, float eps_post, float attn_scale, int bf16, int nt) {
-    void *x = (void *)P[0];
-    const void *w_in = (const void *)P[1], *w_post = (const void *)P[2], *cos = (const void *)P[3],
-               *sin = (const void *)P[4];
-    const int64_t *pos = (const int64_t *)P[5];
-    void *k_cache = (void *)P[6], *v_cache = (void *)P[7];
-    const int64_t B = P[8], T = P[9], E = P[10], H = P[11], H_kv = P[12], D = P[13], S_max = P[14], F = P[15];
-    const int64_t *qkv_l = P + 16, *o_l = qkv_l + LIN_WORDS, *gu_l = o_l + LIN_WORDS, *down_l = gu_l + LIN_WORDS;
+NO_CONTRACT static int layer_step(const vs_step *s, const vs_layer *l) {
+    void *x = s->x;
+    const int bf16 = s->bf16, nt = s->threads;
+    const int64_t B = s->B, T = s->T, E = s->E, H = s->H, H_kv = s->H_kv, D = s->D, S_max = s->S_max, F = l->F;
     const int64_t R = B * T, W = (H + 2 * H_kv) * D, size = bf16 ? 2 : 4;
     const int64_t n_elems = R * (2 * E + W + 2 * H * D + 2 * F + F);
     char *buf = (char *)malloc((size_t)(n_elems * size));
@@ -129,13 +124,16 @@ NO_CONTRACT int verispec_layer(const int64_t *P, float eps_in, float eps_post, f
 #ifdef STAGE_TIMING
     double t_prev = now_s();
 #endif
-    verispec_rms_norm(x, NULL, w_in, NULL, h, R, E, eps_in, bf16);
+    verispec_rms_norm(x, NULL, l->norm_in, NULL, h, R, E, l->eps_in, bf16);
     STAGE(0);
-    if ((rc = linear(qkv_l, h, qkv, R, bf16, nt))) goto done;
+    if ((rc = linear(&l->qkv, h, qkv, R, bf16, nt))) goto done;
     STAGE(1);
-    verispec_rope_append(qkv, cos, sin, pos, q, k_cache, v_cache, B, T, H, H_kv, D, S_max, bf16); /* q [B,H,T,D] */
+    verispec_rope_append(qkv, W, qkv + H * D * size, qkv + (H + H_kv) * D * size, W, s->cos, s->sin, s->positions, q,
+                         l->k_cache, l->v_cache, B, T, H, H_kv, D, S_max, bf16); /* q [B,H,T,D] */
     STAGE(2);
-    if ((rc = verispec_attention(q, k_cache, v_cache, pos, o, B, H, H_kv, T, D, S_max, attn_scale, bf16, nt))) goto done;
+    if ((rc = verispec_attention(q, l->k_cache, l->v_cache, s->positions, o, B, H, H_kv, T, D, S_max, l->attn_scale,
+                                 bf16, nt)))
+        goto done;
     STAGE(3);
     for (int64_t b = 0; b < B; b++) /* [B, H, T, D] -> [B, T, H * D] into q's space */
         for (int64_t hh = 0; hh < H; hh++)
@@ -143,15 +141,15 @@ NO_CONTRACT int verispec_layer(const int64_t *P, float eps_in, float eps_post, f
                 memcpy(q + (((b * T + t) * H + hh) * D) * size, o + (((b * H + hh) * T + t) * D) * size,
                        (size_t)(D * size));
     STAGE(4);
-    if ((rc = linear(o_l, q, a, R, bf16, nt))) goto done;
+    if ((rc = linear(&l->o, q, a, R, bf16, nt))) goto done;
     STAGE(5);
-    verispec_rms_norm(x, a, w_post, x, h, R, E, eps_post, bf16); /* x <- dtype(x + a); h <- norm(x) */
+    verispec_rms_norm(x, a, l->norm_post, x, h, R, E, l->eps_post, bf16); /* x <- dtype(x + a); h <- norm(x) */
     STAGE(6);
-    if ((rc = linear(gu_l, h, gu, R, bf16, nt))) goto done;
+    if ((rc = linear(&l->gate_up, h, gu, R, bf16, nt))) goto done;
     STAGE(7);
-    verispec_silu_mul(gu, m, R, F, bf16, nt);
+    verispec_silu_mul(gu, gu + F * size, 2 * F, m, R, F, bf16, nt);
     STAGE(8);
-    if ((rc = linear(down_l, m, a, R, bf16, nt))) goto done;
+    if ((rc = linear(&l->down, m, a, R, bf16, nt))) goto done;
     STAGE(9);
     int64_t i0 = 0;
 #if defined(__AVX512F__)
@@ -164,44 +162,61 @@ done:
     return rc;
 }
 
-/* A step's decoder in one call: the embedding rows of ids (when given) into the residual stream
- * x [R, E] (every layer's P[0]), when cos_tab/sin_tab are given ([S, D] RoPE tables in the model
- * dtype, S > positions[b] + T - 1, checked by the caller) their rows positions[b] + t into the
- * [B, T, D] buffers every layer reads (P[3], P[4]), L layers, layer l reading words P + l * stride (as
- * verispec_layer) and f[3 l .. 3 l + 2] = (eps_in, eps_post, attn_scale), then the final RMSNorm
- * of x into y (when norm_w is given). Returns 0; -5 if ids[*failed] is not in [0, V); else the
- * failing layer's code, its index in *failed. Saves the per-layer calls from Python (argument
- * conversion, the per-call words) and the embedding and norm operators, which after a layer's
- * weight stream run with cold caches: ~2 ms of a 30 ms 0.5B step. */
-int verispec_step(const int64_t *P, int64_t L, int64_t stride, const float *f, int bf16, int nt, int64_t *failed,
-                  int64_t R, int64_t E, const int64_t *ids, const void *embed, int64_t V, const void *norm_w,
-                  float norm_eps, void *y, const void *cos_tab, const void *sin_tab) {
-    void *x = (void *)P[0];
-    const int64_t size = bf16 ? 2 : 4;
-    if (cos_tab) {
-        const int64_t *pos = (const int64_t *)P[5], B = P[8], T = P[9], D = P[13], row = D * size;
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t t = 0; t < T; t++) {
-                memcpy((char *)P[3] + (b * T + t) * row, (const char *)cos_tab + (pos[b] + t) * row, (size_t)row);
-                memcpy((char *)P[4] + (b * T + t) * row, (const char *)sin_tab + (pos[b] + t) * row, (size_t)row);
+/* A step's decoder in one call (see step.h for every field): the RoPE rows from the tables (when
+ * given), the embedding rows of ids (when given) into the residual stream x, s->n_layers layers,
+ * then the final RMSNorm of x into y (when norm is given). Returns 0; -5 if ids[s->failed] is not
+ * in [0, V); else the failing layer's code, its index in s->failed. Saves the per-layer calls
+ * from Python and the embedding and norm operators, which after a layer's weight stream run with
+ * cold caches: ~2 ms of a 30 ms 0.5B step. */
+int verispec_step(vs_step *s, const vs_layer *layers) {
+    const int64_t size = s->bf16 ? 2 : 4, R = s->B * s->T, E = s->E;
+    if (s->cos_table) {
+        const int64_t row = s->D * size;
+        for (int64_t b = 0; b < s->B; b++)
+            for (int64_t t = 0; t < s->T; t++) {
+                const int64_t src = (s->positions[b] + t) * row, dst = (b * s->T + t) * row;
+                memcpy((char *)s->cos + dst, (const char *)s->cos_table + src, (size_t)row);
+                memcpy((char *)s->sin + dst, (const char *)s->sin_table + src, (size_t)row);
             }
     }
-    if (ids) {
+    if (s->ids) {
         for (int64_t r = 0; r < R; r++)
-            if (ids[r] < 0 || ids[r] >= V) {
-                *failed = r;
+            if (s->ids[r] < 0 || s->ids[r] >= s->V) {
+                s->failed = r;
                 return -5;
             }
         for (int64_t r = 0; r < R; r++)
-            memcpy((char *)x + r * E * size, (const char *)embed + ids[r] * E * size, (size_t)(E * size));
+            memcpy((char *)s->x + r * E * size, (const char *)s->embed + s->ids[r] * E * size, (size_t)(E * size));
     }
-    for (int64_t l = 0; l < L; l++) {
-        const int rc = verispec_layer(P + l * stride, f[3 * l], f[3 * l + 1], f[3 * l + 2], bf16, nt);
+    for (int64_t l = 0; l < s->n_layers; l++) {
+        const int rc = layer_step(s, layers + l);
         if (rc) {
-            *failed = l;
+            s->failed = l;
             return rc;
         }
     }
-    if (norm_w) verispec_rms_norm(x, NULL, norm_w, NULL, y, R, E, norm_eps, bf16);
+    if (s->norm) verispec_rms_norm(s->x, NULL, s->norm, NULL, s->y, R, E, s->norm_eps, s->bf16);
     return 0;
+}
+
+#define FIELD(T, f) {#T, #f, (int64_t)offsetof(T, f), (int64_t)sizeof(((T *)0)->f)}
+#define SIZE(T) {#T, "", 0, (int64_t)sizeof(T)}
+static const vs_field abi_table[] = {
+    SIZE(vs_linear), FIELD(vs_linear, kind), FIELD(vs_linear, weight), FIELD(vs_linear, scale),
+    FIELD(vs_linear, bias), FIELD(vs_linear, n), FIELD(vs_linear, k),
+    SIZE(vs_layer), FIELD(vs_layer, norm_in), FIELD(vs_layer, norm_post), FIELD(vs_layer, qkv), FIELD(vs_layer, o),
+    FIELD(vs_layer, gate_up), FIELD(vs_layer, down), FIELD(vs_layer, k_cache), FIELD(vs_layer, v_cache),
+    FIELD(vs_layer, F), FIELD(vs_layer, eps_in), FIELD(vs_layer, eps_post), FIELD(vs_layer, attn_scale),
+    SIZE(vs_step), FIELD(vs_step, x), FIELD(vs_step, cos), FIELD(vs_step, sin), FIELD(vs_step, cos_table),
+    FIELD(vs_step, sin_table), FIELD(vs_step, positions), FIELD(vs_step, ids), FIELD(vs_step, embed),
+    FIELD(vs_step, norm), FIELD(vs_step, y), FIELD(vs_step, B), FIELD(vs_step, T), FIELD(vs_step, E),
+    FIELD(vs_step, H), FIELD(vs_step, H_kv), FIELD(vs_step, D), FIELD(vs_step, S_max), FIELD(vs_step, V),
+    FIELD(vs_step, n_layers), FIELD(vs_step, failed), FIELD(vs_step, norm_eps), FIELD(vs_step, bf16),
+    FIELD(vs_step, threads),
+};
+
+/* The layout of step.h's structs as this library was compiled: *table, and the number of rows. */
+int64_t verispec_abi(const vs_field **table) {
+    *table = abi_table;
+    return (int64_t)(sizeof(abi_table) / sizeof(abi_table[0]));
 }

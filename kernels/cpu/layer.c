@@ -90,21 +90,23 @@ NO_CONTRACT static void rope_head(const void *x, int64_t xo, const void *cos, co
     }
 }
 
-/* qkv [B, T, (H + 2 H_kv) D] (the fused projection's output), cos/sin [B, T, D]:
+/* q_src [B T rows of ldq values], k_src and v_src [B T rows of ldkv values] (the projections'
+ * outputs, separate or inside one fused row), cos/sin [B, T, D]:
  * q_out[b, h, t] = rope(q), k_cache[b, g, pos[b] + t] = rope(k), v_cache[b, g, pos[b] + t] = v.
  * The caller has checked pos[b] + T <= S_max. */
-void verispec_rope_append(const void *qkv, const void *cos, const void *sin, const int64_t *pos, void *q_out,
-                          void *k_cache, void *v_cache, int64_t B, int64_t T, int64_t H, int64_t H_kv, int64_t D,
-                          int64_t S_max, int bf16) {
-    const int64_t width = (H + 2 * H_kv) * D, size = bf16 ? 2 : 4;
+void verispec_rope_append(const void *q_src, int64_t ldq, const void *k_src, const void *v_src, int64_t ldkv,
+                          const void *cos, const void *sin, const int64_t *pos, void *q_out, void *k_cache,
+                          void *v_cache, int64_t B, int64_t T, int64_t H, int64_t H_kv, int64_t D, int64_t S_max,
+                          int bf16) {
+    const int64_t size = bf16 ? 2 : 4;
     for (int64_t b = 0; b < B; b++)
         for (int64_t t = 0; t < T; t++) {
-            const int64_t row = (b * T + t) * width, co = (b * T + t) * D;
-            for (int64_t h = 0; h < H; h++) rope_head(qkv, row + h * D, cos, sin, co, q_out, ((b * H + h) * T + t) * D, D, bf16);
+            const int64_t r = b * T + t, co = r * D;
+            for (int64_t h = 0; h < H; h++) rope_head(q_src, r * ldq + h * D, cos, sin, co, q_out, ((b * H + h) * T + t) * D, D, bf16);
             for (int64_t g = 0; g < H_kv; g++) {
                 const int64_t slot = ((b * H_kv + g) * S_max + pos[b] + t) * D;
-                rope_head(qkv, row + (H + g) * D, cos, sin, co, k_cache, slot, D, bf16);
-                memcpy((char *)v_cache + slot * size, (const char *)qkv + (row + (H + H_kv + g) * D) * size,
+                rope_head(k_src, r * ldkv + g * D, cos, sin, co, k_cache, slot, D, bf16);
+                memcpy((char *)v_cache + slot * size, (const char *)v_src + (r * ldkv + g * D) * size,
                        (size_t)(D * size));
             }
         }

@@ -53,43 +53,63 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     return reference.add_rms_norm(x, delta, weight, eps) if out is None else out
 
 
-def rope_append(qkv, cos, signed_sin, k_cache, v_cache, positions, n_heads: int, n_kv_heads: int, kv_append=None):
+def _rows(*ts: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """``ts`` [B, T, W_i] as tensors whose rows all lie ``ld`` values apart (views into one fused
+    output keep their memory; anything else is made contiguous) and that ``ld``."""
+    def ld(t):
+        B, T, W = t.shape
+        ok = t.stride(2) == 1 and (T == 1 or t.stride(1) >= W) and (B == 1 or t.stride(0) == T * t.stride(1))
+        return t.stride(1) if ok else None
+
+    lds = {ld(t) for t in ts}
+    if len(lds) == 1 and None not in lds:
+        return list(ts), lds.pop()
+    ts = [t.contiguous() for t in ts]
+    if len({t.shape[-1] for t in ts}) != 1:
+        return ts, None
+    return ts, ts[0].shape[-1]
+
+
+def rope_append(q, k, v, cos, signed_sin, k_cache, v_cache, positions, kv_append=None):
     """reference.rope_append in one native call (with the reference's cache append semantics)."""
     lib = get_lib()
-    B, T, W = qkv.shape
+    B, T, HD = q.shape
     D = k_cache.shape[-1]
+    H, H_kv = HD // D, k.shape[-1] // D
     fits = (
         lib is not None
         and kv_append in (None, reference.kv_append)  # another backend's append is not ours to fuse
-        and _native(qkv, cos, signed_sin, k_cache, v_cache)
-        and W == (n_heads + 2 * n_kv_heads) * D
+        and _native(q, k, v, cos, signed_sin, k_cache, v_cache)
+        and HD == H * D and k.shape == v.shape == (B, T, H_kv * D)
         and cos.shape == signed_sin.shape == (B, 1, T, D)
-        and k_cache.shape == v_cache.shape == (B, n_kv_heads, k_cache.shape[2], D)
+        and k_cache.shape == v_cache.shape == (B, H_kv, k_cache.shape[2], D)
         and k_cache.is_contiguous() and v_cache.is_contiguous()
     )
     if not fits:
-        return reference.rope_append(qkv, cos, signed_sin, k_cache, v_cache, positions, n_heads, n_kv_heads, kv_append)
+        return reference.rope_append(q, k, v, cos, signed_sin, k_cache, v_cache, positions, kv_append)
     S_max = k_cache.shape[2]
     pos_t = torch.tensor(reference.check_append_slots(positions, B, T, S_max), dtype=torch.int64)
-    qkv, cos, signed_sin = qkv.contiguous(), cos.contiguous(), signed_sin.contiguous()
-    q = torch.empty(B, n_heads, T, D, dtype=qkv.dtype)
-    lib.verispec_rope_append(qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), pos_t.data_ptr(), q.data_ptr(),
-                             k_cache.data_ptr(), v_cache.data_ptr(), B, T, n_heads, n_kv_heads, D, S_max,
-                             int(qkv.dtype == torch.bfloat16))
-    return q
+    (q,), ldq = _rows(q)
+    (k, v), ldkv = _rows(k, v)
+    cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
+    out = torch.empty(B, H, T, D, dtype=q.dtype)
+    lib.verispec_rope_append(q.data_ptr(), ldq, k.data_ptr(), v.data_ptr(), ldkv, cos.data_ptr(), signed_sin.data_ptr(),
+                             pos_t.data_ptr(), out.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), B, T, H, H_kv, D,
+                             S_max, int(q.dtype == torch.bfloat16))
+    return out
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """reference.silu_mul in one native call (fused.c's verispec_silu_mul, vectorised and split
-    over the threads): ``dtype(dtype(silu(gate)) * up)`` for ``gate_up`` [..., 2F] = [gate | up].
-    Its e^x is not torch's, so the fp32 silu may differ from the reference's in the last bit
-    (below a bf16 ulp after rounding); the fused layer calls the same function."""
+    over the threads): ``dtype(dtype(silu(gate)) * up)`` for ``gate``, ``up`` [..., F]. Its e^x is
+    not torch's, so the fp32 silu may differ from the reference's in the last bit (below a bf16
+    ulp after rounding); the native decoder step calls the same function."""
     lib = get_lib()
-    if lib is None or gate_up.dim() == 0 or gate_up.shape[-1] % 2 or not _native(gate_up):
-        return reference.silu_mul(gate_up)
-    gate_up = gate_up.contiguous()
-    F2 = gate_up.shape[-1]
-    out = torch.empty(*gate_up.shape[:-1], F2 // 2, dtype=gate_up.dtype)
-    lib.verispec_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // F2 if F2 else 0, F2 // 2,
-                          int(gate_up.dtype == torch.bfloat16), torch.get_num_threads())
+    if lib is None or gate.dim() == 0 or gate.shape != up.shape or not _native(gate, up):
+        return reference.silu_mul(gate, up)
+    F_ = gate.shape[-1]
+    (g, u), ld = _rows(gate.reshape(1, -1, F_), up.reshape(1, -1, F_))
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    lib.verispec_silu_mul(g.data_ptr(), u.data_ptr(), ld, out.data_ptr(), gate.numel() // F_ if F_ else 0, F_,
+                          int(gate.dtype == torch.bfloat16), torch.get_num_threads())
     return out

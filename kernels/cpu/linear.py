@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .build import available, build_error, get_lib
+from .build import build_error, get_lib
 
 MAX_M = 16  # rows per native call (gemv.c's MAX_M); more rows are split
 
@@ -68,19 +68,3 @@ class SkinnyLinear(nn.Linear):
     def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x).float()`` in one pass (the decoder's logits)."""
         return skinny_linear(x, self.weight, self.bias, out_f32=True)
-
-
-def use_skinny_linear(module: nn.Module) -> int:
-    """Switch every plain nn.Linear in ``module`` to SkinnyLinear in place; return how many.
-
-    Parameters are kept (tied weights stay tied). Subclasses of nn.Linear (e.g. tensor-parallel
-    layers) are left alone. A no-op when the native kernels are unavailable.
-    """
-    if not available():
-        return 0
-    n = 0
-    for m in module.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = SkinnyLinear
-            n += 1
-    return n

@@ -147,35 +147,28 @@ class W8A8Linear(Int8Linear):
 
 
 def forward_linears(decoder: nn.Module) -> list[tuple[nn.Module, str, bool]]:
-    """(owner, attribute, registered) of each linear layer a forward pass runs: fused q/k/v and
-    gate/up where fused (held outside the module tree, see Attention.fuse), else the separate
-    projections; o_proj, down_proj and lm_head."""
+    """(owner, attribute, registered) of each linear layer a forward pass runs: q/k/v, o,
+    gate/up and down of every layer, and lm_head (all registered submodules)."""
     out = []
     for layer in decoder.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        out += [(attn, "_qkv", False)] if attn._qkv is not None else [(attn, n, True) for n in ("q_proj", "k_proj", "v_proj")]
-        out.append((attn, "o_proj", True))
-        out += [(mlp, "_gate_up", False)] if mlp._gate_up is not None else [(mlp, n, True) for n in ("gate_proj", "up_proj")]
-        out.append((mlp, "down_proj", True))
+        out += [(attn, n, True) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        out += [(mlp, n, True) for n in ("gate_proj", "up_proj", "down_proj")]
     out.append((decoder, "lm_head", True))
     return out
 
 
 def quantize_weights(decoder: nn.Module, mode: str) -> int:
     """Replace the linear layers a forward pass runs (:func:`forward_linears`) with
-    :class:`Int8Linear`; return how many. The embedding table stays in its dtype (a step reads
-    one row of it); a tied LM head gets its own int8 copy. The original separate q/k/v and
-    gate/up parameters stay as views of their fused weights (unused by the forward pass)."""
+    :class:`Int8Linear` (or :class:`W8A8Linear`); return how many. The embedding table stays in its
+    dtype (a step reads one row of it); a tied LM head gets its own int8 copy. Per-row scales, so
+    quantizing q, k and v apart gives the rows quantizing them together would."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown weight quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")
     layers = forward_linears(decoder)
-    for owner, attr, registered in layers:
+    for owner, attr, _ in layers:
         lin = getattr(owner, attr)
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"{type(owner).__name__}.{attr} is {type(lin).__name__}; only nn.Linear layers can be quantized")
-        new = (W8A8Linear if mode == "w8a8" else Int8Linear).from_linear(lin)
-        if registered:
-            setattr(owner, attr, new)
-        else:
-            object.__setattr__(owner, attr, new)
+        setattr(owner, attr, (W8A8Linear if mode == "w8a8" else Int8Linear).from_linear(lin))
     return len(layers)
