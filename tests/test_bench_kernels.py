@@ -31,7 +31,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path, monkeypatch):
     for r in (r for r in rows if r["backend"] == "nki"):
         for name in ("verify_attention_nki", "kv_append_nki"):
             assert r[name]["hbm_bytes_over_min"] >= 1.0  # a kernel cannot move less than it must
-            assert set(r[name]["instructions"]) == {"tensor", "vector", "scalar", "gpsimd", "dma"}
+            assert set(r[name]["instructions"]) == {"tensor", "vector", "scalar", "gpsimd", "sync", "dma"}
         assert r["verify_attention_nki"]["instructions"]["tensor"] > 0
     assert data["memory_bandwidth"]["read_GBps"] > 0
     assert (tmp_path / "kernels.png").stat().st_size > 10_000

@@ -118,43 +118,57 @@ def test_matmul_and_transpose(transpose_x):
     assert last_stats().ops["nc_transpose"] == (1 if transpose_x else 2)  # x is transposed first
 
 
-def _visit_order(range_fn):
-    """A kernel whose output records when each iteration ran: o[i] = iterations run before i
-    (a deliberate loop-carried counter)."""
+def _visit_order(range_fn, seen):
+    """A kernel that records, in Python, the order its loop's iterations ran in."""
 
-    def k(o):
-        counter = nl.zeros((1, 1), dtype=nl.float32)
+    def k():
         for i in range_fn(16):
-            nisa.dma_copy(dst=o.ap(pattern=[[16, 1], [1, 1]], offset=i), src=counter)
-            nisa.tensor_scalar(dst=counter, data=counter, op0=nl.add, operand0=1.0)
+            seen.append(i)
 
     return k
 
 
-def test_affine_range_order_is_shuffled_by_seed_sequential_is_not():
+@pytest.mark.parametrize("range_fn", [nl.affine_range, nl.sequential_range, nl.static_range, range])
+def test_every_static_loop_runs_in_order(range_fn):
+    seen = []
+    run(_visit_order(range_fn, seen), seed=3)
+    assert seen == list(range(16))
+    assert list(range_fn(2, 9, 3)) == [2, 5, 8]  # range's signature, also outside a kernel
+
+
+def test_the_parallel_loop_lint_shuffles_affine_range_by_seed():
     orders = {}
     for seed in (3, 3, 4):
-        o = np.zeros((1, 16), np.float32)
-        run(_visit_order(nl.affine_range), o, seed=seed, check_affine=False)
-        orders.setdefault(seed, []).append(o[0].tolist())
+        seen = []
+        run(_visit_order(nl.affine_range, seen), seed=seed, lint_parallel_loops=True)
+        orders.setdefault(seed, []).append(seen)
     assert sorted(orders[3][0]) == list(range(16)) and orders[3][0] != list(range(16))
     assert orders[3][0] == orders[3][1]  # seeded: reproducible
     assert orders[4][0] != orders[3][0]
-    o = np.zeros((1, 16), np.float32)
-    run(_visit_order(nl.sequential_range), o, seed=3)
-    assert o[0].tolist() == list(range(16))
+    seen = []
+    run(_visit_order(nl.sequential_range, seen), seed=3, lint_parallel_loops=True)
+    assert seen == list(range(16))  # the lint leaves the other loops alone
 
 
-def test_static_range_runs_in_order_and_scopes_allocations():
+def test_static_range_tiles_hold_memory_while_referenced():
     def k():
         o = nl.ndarray((1, 4), dtype=nl.float32, buffer=nl.shared_hbm)
         for i in nl.static_range(4):
-            t = nl.full((1, 1), float(i), dtype=nl.float32)
-            nisa.dma_copy(dst=o[0:1, i:i + 1], src=t)
+            nisa.dma_copy(dst=o[0:1, i:i + 1], src=nl.full((1, 1), float(i), dtype=nl.float32))
         return o
 
     np.testing.assert_array_equal(run(k), [[0, 1, 2, 3]])
-    assert last_stats().sbuf_peak_partition_bytes == 4  # one iteration's tile at a time
+    assert last_stats().sbuf_peak_partition_bytes == 4  # each tile is dropped after its DMA
+
+    def kept():
+        tiles = [nl.full((1, 1), float(i), dtype=nl.float32) for i in nl.static_range(4)]
+        o = nl.ndarray((1, 4), dtype=nl.float32, buffer=nl.shared_hbm)
+        for i, t in enumerate(tiles):
+            nisa.dma_copy(dst=o[0:1, i:i + 1], src=t)
+        return o
+
+    np.testing.assert_array_equal(run(kept), [[0, 1, 2, 3]])
+    assert last_stats().sbuf_peak_partition_bytes == 16  # four tiles live at once
 
 
 def test_spmd_grid_program_ids_share_outputs():
@@ -177,15 +191,16 @@ def test_spmd_grid_program_ids_share_outputs():
 
 def test_targets_and_counters_reported():
     def k():
-        t = nl.ndarray((128, 50 * 1024), dtype=nl.float32, buffer=nl.sbuf)  # 200 KiB per partition
+        t = nl.ndarray((128, 60 * 1024), dtype=nl.float32, buffer=nl.sbuf)  # 240 KiB per partition
         nisa.memset(dst=t, value=0.0)
 
     with pytest.raises(Exception, match="rule 3"):
-        run(k)  # trn1: 192 KiB
-    run(k, target="trn2")  # 224 KiB
+        run(k)  # the default target, trn2: 224 KiB
+    assert last_stats().target == "trn2"
+    run(k, target="trn3")  # 256 KiB
     s = last_stats()
-    assert s.target == "trn2" and s.sbuf_peak_partition_bytes == 200 * 1024
-    assert s.as_dict()["instructions"] == {"tensor": 0, "vector": 1, "scalar": 0, "gpsimd": 0, "dma": 0}
+    assert s.target == "trn3" and s.sbuf_peak_partition_bytes == 240 * 1024
+    assert s.as_dict()["instructions"] == {"tensor": 0, "vector": 1, "scalar": 0, "gpsimd": 0, "sync": 0, "dma": 0}
 
 
 def test_runtime_values_cannot_drive_python_control_flow():
@@ -201,6 +216,8 @@ def test_runtime_values_cannot_drive_python_control_flow():
 def test_unknown_target_and_instructions_outside_a_kernel():
     with pytest.raises(NKIError, match="unknown target"):
         run(lambda: None, target="trn9")
+    with pytest.raises(NKIError, match=r"unknown target 'trn1'; NKI 0.6 supports \['trn2', 'trn3'\]"):
+        run(lambda: None, target="trn1")  # NKI 0.6 supports Trainium2 and Trainium3 only
     with pytest.raises(NKIError, match="inside a kernel"):
         nl.ndarray((2, 2), dtype=nl.float32)
 

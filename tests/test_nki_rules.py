@@ -1,5 +1,6 @@
 """Each of the twelve rules of docs/nki.md: a kernel that breaks it is rejected with an error
-naming the rule (or, for the storage rules 9 and 11, shows the effect the rule describes)."""
+naming the rule (or, for the storage rules 9 and 11, shows the effect the rule describes; rule 10
+is the opt-in parallel-loop lint, stricter than NKI 0.6)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from verispec.kernels.nki.interp import NKIRuleError, nki
+from verispec.kernels.nki.interp import NKIRuleError, UndefinedOutputWarning, last_stats, nki
 
 nl, nisa = nki.language, nki.isa
 F32 = nl.float32
@@ -62,23 +63,32 @@ def test_reduction_over_the_partition_axis_is_rejected():
     rejects(6, lambda: nl.max(filled((8, 4)), axis=0))
 
 
-def test_read_of_an_unwritten_tile_is_rejected():
+def test_an_output_computed_from_an_unwritten_tile_is_reported():
     def k():
-        t = sb((4, 4))  # allocated, never written
-        nisa.tensor_copy(dst=sb((4, 4)), src=t)
+        t = sb((4, 4))  # allocated, never written: reading it is legal, and yields NaN
+        o = nl.ndarray((4, 4), dtype=F32, buffer=nl.shared_hbm)
+        u = sb((4, 4))
+        nisa.tensor_copy(dst=u, src=t)
+        nisa.dma_copy(dst=o, src=u)
+        return o
 
-    rejects(9, k, match="16 of 16 elements were never written")
+    rejects(9, k, match=r"output 0 hbm\d*\[4, 4\]: 16 of 16 elements hold no defined value \(0 never written, "
+                        r"16 computed from never-written memory\), e.g. at \[0, 0\]")
+    assert np.isnan(run(k, check_outputs="off")).all()
 
 
-def test_affine_range_with_a_carried_dependency_is_rejected():
+def test_affine_range_with_a_carried_dependency_fails_the_parallel_loop_lint():
     def k(o):
         counter = nl.zeros((1, 1), dtype=F32)
         for i in nl.affine_range(8):
             nisa.dma_copy(dst=o.ap(pattern=[[8, 1], [1, 1]], offset=i), src=counter)
             nisa.tensor_scalar(dst=counter, data=counter, op0=nl.add, operand0=1.0)
 
-    rejects(10, k, np.zeros((1, 8), np.float32), match="loop-carried dependency; use nl.sequential_range")
-    run(k, np.zeros((1, 8), np.float32), check_affine=False)  # unchecked, it runs (in a shuffled order)
+    e = rejects(10, k, np.zeros((1, 8), np.float32), lint_parallel_loops=True, match="loop-carried dependency")
+    assert str(e).startswith("rule 10 (parallel-loop lint, stricter than NKI)")
+    o = np.zeros((1, 8), np.float32)
+    run(k, o)  # NKI 0.6: affine_range runs in order, like range()
+    np.testing.assert_array_equal(o, [list(range(8))])
 
 
 # ---- the rest, rule by rule -----------------------------------------------------------------
@@ -113,17 +123,35 @@ def big(free):
 
 
 def test_rule3_sbuf_capacity_per_target_and_lifetime():
-    rejects(3, big(48 * 1024 * 2), match="> 196608 B per partition on trn1")
-    run(big(56 * 1024), target="trn2")
-    rejects(3, big(56 * 1024 + 1), target="trn2", match="229380 B > 229376 B")
+    run(big(56 * 1024))  # the default target, trn2: 224 KiB per partition
+    rejects(3, big(56 * 1024 + 1), match="229380 B > 229376 B per partition on trn2")
+    run(big(64 * 1024), target="trn3")  # 256 KiB
+    rejects(3, big(64 * 1024 + 1), target="trn3", match="262148 B > 262144 B per partition on trn3")
 
-    def use_after_iteration():
+    def kept_in_a_list():  # a tile lives while the kernel references it
         kept = []
-        for _ in nl.sequential_range(2):
-            kept.append(filled((2, 2)))
-        nisa.tensor_copy(dst=sb((2, 2)), src=kept[0])
+        for _ in range(4):
+            kept.append(filled((128, 16 * 1024)))  # 64 KiB per partition each
+        return None if kept else None
 
-    rejects(3, use_after_iteration, match="after the loop iteration that allocated it ended")
+    rejects(3, kept_in_a_list, match="brings live SBUF to 262144 B > 229376 B")
+
+    def dropped_each_iteration():
+        for _ in range(6):
+            filled((128, 16 * 1024))  # nothing keeps it
+
+    run(dropped_each_iteration)
+    assert last_stats().sbuf_peak_partition_bytes == 64 * 1024
+
+    def use_after_the_loop():
+        kept = []
+        for i in nl.sequential_range(2):
+            kept.append(filled((2, 2), float(i)))
+        o = nl.ndarray((2, 2), dtype=F32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=o, src=kept[0])
+        return o
+
+    np.testing.assert_array_equal(run(use_after_the_loop), np.zeros((2, 2)))
 
 
 @pytest.mark.parametrize("case,match", [
@@ -191,29 +219,43 @@ def test_rule8_activation_bias_is_one_value_per_partition():
     rejects(8, k2, match="scale")
 
 
-def test_rule9_fresh_memory_is_nan_or_sentinel_and_partial_reads_fail():
+def test_rule9_fresh_memory_is_nan_or_sentinel_and_outputs_are_checked():
     def k():
         o = nl.ndarray((2, 4), dtype=F32, buffer=nl.shared_hbm)
         i = nl.ndarray((2, 4), dtype=nl.int32, buffer=nl.shared_hbm)
         nisa.dma_copy(dst=o[0:1, :], src=filled((1, 4), 3.0))  # half of o written
         return o, i
 
-    o, i = run(k)
+    rejects(9, k, match=r"output 0 .*: 4 of 8 elements .*\(4 never written.*e.g. at \[1, 0\], \[1, 1\].*"
+                        r"output 1 .*: 8 of 8 elements")
+    with pytest.warns(UndefinedOutputWarning, match="output 0"):
+        o, i = run(k, check_outputs="warn")
     np.testing.assert_array_equal(o[0], [3.0] * 4)
     assert np.isnan(o[1]).all()  # what nothing wrote shows up in the result
     assert (i == np.iinfo(np.int32).min).all()
 
-    def partial():
+    def partial():  # reading half-written memory is legal; the unwritten half is never stored
         t = sb((4, 4))
         nisa.memset(dst=t[0:4, 0:2], value=1.0)
-        nisa.tensor_copy(dst=sb((4, 4)), src=t)
+        u = sb((4, 4))
+        nisa.tensor_scalar(dst=u, data=t, op0=nl.multiply, operand0=2.0)
+        o = nl.ndarray((4, 2), dtype=F32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=o, src=u[0:4, 0:2])
+        return o
 
-    rejects(9, partial, match="8 of 16")
+    np.testing.assert_array_equal(run(partial), np.full((4, 2), 2.0))
 
-    def accumulate_into_fresh_psum():
-        nisa.nc_matmul(dst=ps((4, 6)), stationary=filled((8, 4)), moving=filled((8, 6)), accumulate=True)
+    def accumulate_into_fresh_psum():  # adds to NaN: legal, and reported once it reaches an output
+        acc = ps((4, 6))
+        nisa.nc_matmul(dst=acc, stationary=filled((8, 4)), moving=filled((8, 6)), accumulate=True)
+        r = sb((4, 6))
+        nisa.tensor_copy(dst=r, src=acc)
+        o = nl.ndarray((4, 6), dtype=F32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=o, src=r)
+        return o
 
-    rejects(9, accumulate_into_fresh_psum)
+    rejects(9, accumulate_into_fresh_psum, match="24 computed from never-written memory")
+    assert np.isnan(run(accumulate_into_fresh_psum, check_outputs="off")).all()
 
 
 def test_rule10_write_after_read_and_shared_psum_accumulation():
@@ -222,7 +264,9 @@ def test_rule10_write_after_read_and_shared_psum_accumulation():
         for i in nl.affine_range(3):
             nisa.tensor_copy(dst=t[0:1, i:i + 1], src=t[0:1, i + 1:i + 2])
 
-    rejects(10, war, np.ones((1, 4), np.float32))
+    rejects(10, war, np.ones((1, 4), np.float32), lint_parallel_loops=True)
+    x = np.arange(4, dtype=np.float32).reshape(1, 4)
+    run(war, x)  # without the lint it is an ordinary in-order loop
 
     def accumulate(a, b):  # associative: shared PSUM accumulation across iterations is fine
         acc = ps((4, 6))
@@ -237,7 +281,7 @@ def test_rule10_write_after_read_and_shared_psum_accumulation():
     a = np.random.default_rng(0).standard_normal((3, 8, 4)).astype(np.float32)
     b = np.random.default_rng(1).standard_normal((3, 8, 6)).astype(np.float32)
     want = sum(a[i].T @ b[i] for i in range(3))
-    np.testing.assert_allclose(run(accumulate, a, b), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(accumulate, a, b, lint_parallel_loops=True), want, rtol=1e-5, atol=1e-5)
 
 
 def test_rule11_bf16_values_are_stored_rounded():

@@ -46,7 +46,7 @@ def accept_reject_kernel(draft_ids, draft_probs, target_probs, uniforms, exponen
     nisa.tensor_scalar(dst=use_p, data=n_acc, op0=nl.equal, operand0=float(g))
     if g > 0:
         res_sum = nl.zeros((B, 1), dtype=nl.float32, buffer=nl.sbuf)
-        for vt in nl.sequential_range(n_tiles):  # pass 1: mass of the residual
+        for vt in range(n_tiles):  # pass 1: mass of the residual
             _, res = _tile_p_and_residual(draft_probs, target_probs, n_acc, vt, V, g)
             part = nl.ndarray((B, 1), dtype=nl.float32, buffer=nl.sbuf)
             nisa.tensor_reduce(dst=part, op=nl.add, data=res, axis=1)
@@ -58,7 +58,7 @@ def accept_reject_kernel(draft_ids, draft_probs, target_probs, uniforms, exponen
     nisa.tensor_scalar(dst=use_res, data=use_p, op0=nl.subtract, operand0=1.0, reverse0=True)
 
     best = nl.full((B, 1), -1.0, dtype=nl.float32, buffer=nl.sbuf)  # running max score (scores are >= 0)
-    for vt in nl.sequential_range(n_tiles):  # pass 2: scores r / exponentials and their max
+    for vt in range(n_tiles):  # pass 2: scores r / exponentials and their max
         v0 = vt * VOCAB_TILE
         n = min(VOCAB_TILE, V - v0)
         p_a, res = _tile_p_and_residual(draft_probs, target_probs, n_acc, vt, V, g)
@@ -77,7 +77,7 @@ def accept_reject_kernel(draft_ids, draft_probs, target_probs, uniforms, exponen
         nisa.tensor_tensor(dst=best, data1=best, data2=tile_max, op=nl.maximum)
 
     emitted = nl.full((B, 1), NO_TOKEN, dtype=nl.float32, buffer=nl.sbuf)  # lowest id reaching the max
-    for vt in nl.sequential_range(n_tiles):  # pass 3: argmax, lowest id on ties
+    for vt in range(n_tiles):  # pass 3: argmax, lowest id on ties
         v0 = vt * VOCAB_TILE
         n = min(VOCAB_TILE, V - v0)
         score = nl.ndarray((B, n), dtype=nl.float32, buffer=nl.sbuf)
@@ -104,12 +104,12 @@ def _accept_tests(draft_probs, target_probs, uniforms, ids, n_acc, n_tiles):
     B, g, V = draft_probs.shape
     p_x = nl.zeros((B, g), dtype=nl.float32, buffer=nl.sbuf)  # p_i(x_i): one-hot dot over the vocabulary
     q_x = nl.zeros((B, g), dtype=nl.float32, buffer=nl.sbuf)
-    for vt in nl.sequential_range(n_tiles):
+    for vt in range(n_tiles):
         v0 = vt * VOCAB_TILE
         n = min(VOCAB_TILE, V - v0)
         vid = nl.ndarray((B, n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.iota(dst=vid, pattern=[[1, n]], offset=v0, channel_multiplier=0)
-        for i in nl.sequential_range(g):
+        for i in range(g):
             hot = nl.ndarray((B, n), dtype=nl.float32, buffer=nl.sbuf)  # 1 at draft i's token
             nisa.tensor_scalar(dst=hot, data=vid, op0=nl.equal, operand0=ids[:, i:i + 1])
             _dot_into(p_x[:, i:i + 1], target_probs.ap(pattern=[[(g + 1) * V, B], [1, n]], offset=i * V + v0), hot)
@@ -120,7 +120,7 @@ def _accept_tests(draft_probs, target_probs, uniforms, ids, n_acc, n_tiles):
     ok = nl.ndarray((B, g), dtype=nl.float32, buffer=nl.sbuf)  # 1 where draft i passes its test
     nisa.tensor_tensor(dst=ok, data1=u, data2=p_x, op=nl.less)
     alive = nl.full((B, 1), 1.0, dtype=nl.float32, buffer=nl.sbuf)  # no rejection so far
-    for i in nl.sequential_range(g):
+    for i in range(g):
         nisa.tensor_tensor(dst=alive, data1=alive, data2=ok[:, i:i + 1], op=nl.multiply)
         nisa.tensor_tensor(dst=n_acc, data1=n_acc, data2=alive, op=nl.add)
 
@@ -156,7 +156,7 @@ def _select_slot(probs, n_acc, n_slots, V, v0, n):
     (probs is [B, n_slots, V])."""
     B = probs.shape[0]
     out = nl.zeros((B, n), dtype=nl.float32, buffer=nl.sbuf)
-    for i in nl.sequential_range(n_slots):
+    for i in range(n_slots):
         pick = nl.ndarray((B, 1), dtype=nl.float32, buffer=nl.sbuf)  # 1 where this row reads slot i
         if i == n_slots - 1:  # the last slot also serves every row past it
             nisa.tensor_scalar(dst=pick, data=n_acc, op0=nl.greater_equal, operand0=float(i))
@@ -173,7 +173,7 @@ def _write_tokens(tokens, accepted, ids, n_acc, emitted, g):
     """tokens[b, i] = draft i (i < a), the emitted token (i = a), -1 (i > a); accepted[b] = a."""
     B = n_acc.shape[0]
     tok = nl.ndarray((B, g + 1), dtype=nl.float32, buffer=nl.sbuf)
-    for i in nl.sequential_range(g + 1):
+    for i in range(g + 1):
         col = tok[:, i:i + 1]
         at = nl.ndarray((B, 1), dtype=nl.float32, buffer=nl.sbuf)  # 1 where i == a
         nisa.tensor_scalar(dst=at, data=n_acc, op0=nl.equal, operand0=float(i))

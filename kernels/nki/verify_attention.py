@@ -39,11 +39,11 @@ def verify_attention_kernel(q, k_cache, v_cache, positions, active_mask, scale, 
     heads_per_chunk = min(G, 128 // T)
     n_chunks = (G + heads_per_chunk - 1) // heads_per_chunk
     out = nl.ndarray((B, H, T, D), dtype=q.dtype, buffer=nl.shared_hbm)
-    for b in nl.affine_range(B):
+    for b in range(B):
         pos = nl.ndarray((1, 1), dtype=positions.dtype, buffer=nl.sbuf)  # [1, 1] slot of the first new token
         nisa.dma_copy(dst=pos, src=positions.ap(pattern=[[1, 1], [1, 1]], offset=b))
-        for g in nl.affine_range(H_kv):
-            for c in nl.affine_range(n_chunks):
+        for g in range(H_kv):
+            for c in range(n_chunks):
                 h0 = c * heads_per_chunk
                 _attend_chunk(q, k_cache, v_cache, positions, active_mask, out, pos, b, g, h0,
                               min(heads_per_chunk, G - h0), scale, prior_len)
@@ -93,7 +93,7 @@ def _attend_chunk(q, k_cache, v_cache, positions, active_mask, out, pos, b, g, h
         nisa.dma_copy(dst=pos_col, src=positions.ap(pattern=[[0, rows], [1, 1]], offset=b))
         last_prior = nl.ndarray((rows, 1), dtype=nl.float32, buffer=nl.sbuf)  # pos - 1
         nisa.tensor_scalar(dst=last_prior, data=pos_col, op0=nl.subtract, operand0=1.0)
-    for ti in nl.sequential_range((prior_len + TILE_S - 1) // TILE_S):  # carries m, l_sum, acc
+    for ti in range((prior_len + TILE_S - 1) // TILE_S):  # carries m, l_sum, acc
         s0 = ti * TILE_S
         n = min(TILE_S, prior_len - s0)
         k_t = nl.ndarray((D, n), dtype=k_cache.dtype, buffer=nl.sbuf)  # [D, n] keys, transposed by the DMA
@@ -150,7 +150,7 @@ def _p_times_v(pv, p, v_active, v_cache, v_offset):
     rows, n = p.shape
     D = pv.shape[1]
     v_dtype = v_cache.dtype
-    for kb in nl.affine_range((n + SUB_S - 1) // SUB_S):  # accumulation into pv is associative
+    for kb in range((n + SUB_S - 1) // SUB_S):  # accumulation into pv is associative
         k0 = kb * SUB_S
         kn = min(SUB_S, n - k0)
         p_t_psum = nl.ndarray((kn, rows), dtype=nl.float32, buffer=nl.psum)  # [kn, rows]

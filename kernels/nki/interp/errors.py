@@ -17,8 +17,8 @@ RULES = {
     6: "reduction axis",
     7: "nc_transpose",
     8: "activation bias/scale",
-    9: "uninitialized read",
-    10: "affine_range",
+    9: "uninitialized value",
+    10: "parallel-loop lint, stricter than NKI",
     11: "bfloat16 storage",
     12: "DMA bounds",
 }

@@ -1,11 +1,14 @@
-"""Rule 10: an ``affine_range`` loop must have no loop-carried dependency.
+"""Rule 10, the parallel-loop lint: opt-in (``lint_parallel_loops=True``) and STRICTER than NKI.
 
-Besides running the iterations in a shuffled order (so a dependency shows up as a wrong
-result), the interpreter records, for each tensor allocated outside the loop body, which
-iteration last wrote and which iterations read each element. Two different iterations touching
-the same element, at least one of them writing, is a dependency and raises rule 10. Matmul
-accumulation into PSUM is associative and may be shared between iterations (NKI's own rule),
-as long as no iteration also reads or overwrites those elements inside the loop.
+In NKI 0.6 ``affine_range`` is an alias of ``range`` and runs in order. Older NKI defined it as a
+loop whose iterations may run in any order, and kernels written against that meaning must have
+no loop-carried dependency. Under the lint, the interpreter runs each ``affine_range`` in a
+seeded shuffled order (so a dependency shows up as a wrong result) and records, for each tensor
+allocated outside the loop body, which iteration last wrote and which iterations read each
+element. Two different iterations touching the same element, at least one of them writing, is a
+dependency and raises rule 10. Matmul accumulation into PSUM is associative and may be shared
+between iterations (older NKI's own rule), as long as no iteration also reads or overwrites
+those elements inside the loop.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from .tensor import Allocation, Selector
 NONE, MANY = -1, -2
 
 
-class AffineLoop:
-    """Per-element access records of one running ``affine_range`` loop."""
+class ParallelLoop:
+    """Per-element access records of one running ``affine_range`` loop under the lint."""
 
     def __init__(self, body_depth: int):
         self.body_depth = body_depth  # tensors allocated at a smaller depth are shared by iterations
@@ -55,7 +58,8 @@ class AffineLoop:
                 raise NKIRuleError(
                     10,
                     f"{what} in iteration {k} touches {alloc.name} elements that {who} {verb}: a loop-carried "
-                    "dependency; use nl.sequential_range for this loop",
+                    "dependency in nl.affine_range, which older NKI ran as a parallel loop (NKI 0.6 runs it in "
+                    "order, like range(); write range() or nl.sequential_range to say the order matters)",
                 )
         arr = self._arr(alloc, {"r": "r", "w": "w", "a": "a"}[mode])
         if mode == "w":

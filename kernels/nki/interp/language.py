@@ -104,8 +104,8 @@ def is_on_chip(buffer) -> bool:
 
 
 def ndarray(shape, dtype, buffer=None, name: str = "", **_ignored) -> Tensor:
-    """A fresh tensor. On-chip ones are NaN/sentinel-filled (rule 9) and live until the end of
-    the enclosing loop iteration (or the kernel)."""
+    """A fresh tensor. On-chip ones are NaN/sentinel-filled (rule 9) and hold their SBUF/PSUM
+    space while the kernel references them."""
     buffer = SBUF if buffer is None else buffer
     if buffer in (HBM, shared_hbm, private_hbm):
         return current().allocate(shape, dtype, HBM, name, shared=buffer == shared_hbm)
@@ -149,30 +149,9 @@ def ds(start, size) -> slice:
 
 
 # ---- loops ----------------------------------------------------------------------------------
-
-
-def _indices(start, stop, step) -> list[int]:
-    if stop is None:
-        start, stop = 0, start
-    for v in (start, stop, step):
-        if isinstance(v, Tensor):
-            raise NKIError("loop bounds must be compile-time integers, not runtime tensors")
-    return list(range(int(start), int(stop), int(step)))
-
-
-def affine_range(start, stop=None, step=1):
-    """Iterations with no loop-carried dependency: run in a shuffled, seeded order (rule 10)."""
-    return current().loop(_indices(start, stop, step), affine=True)
-
-
-def sequential_range(start, stop=None, step=1):
-    """Iterations that depend on each other: run in order."""
-    return current().loop(_indices(start, stop, step), affine=False)
-
-
-def static_range(start, stop=None, step=1):
-    """Fully unrolled at trace time: run in order."""
-    return current().loop(_indices(start, stop, step), affine=False)
+# (loops.py: static_range, and its deprecated aliases affine_range and sequential_range, run in
+# order as Python's range; fori_loop / while_loop / dynamic_range take runtime bounds)
+from .loops import affine_range, dynamic_range, fori_loop, sequential_range, static_range, while_loop  # noqa: E402, F401
 
 
 # ---- SPMD -----------------------------------------------------------------------------------

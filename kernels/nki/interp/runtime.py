@@ -10,24 +10,38 @@ back as NumPy arrays.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import context
-from .context import Context, RunStats
-from .errors import NKIError
+from .context import DEFAULT_TARGET, Context, RunStats
+from .errors import NKIError, NKIRuleError
 from .tensor import HBM, Tensor
 
 
 @dataclass(frozen=True)
 class Options:
-    """How the interpreter runs: the target's SBUF size, the seed of affine_range orders, and
-    whether affine loops are checked for loop-carried dependencies (rule 10)."""
+    """How the interpreter runs.
 
-    target: str = "trn1"
+    ``target``: ``trn2`` (default) or ``trn3``, the on-chip memory sizes checked.
+    ``lint_parallel_loops``: check ``affine_range`` loops as older NKI's parallel loops (seeded
+    shuffled order, loop-carried dependencies raise rule 10), stricter than NKI 0.6; ``seed``
+    orders them.
+    ``check_outputs``: what to do when a kernel output (or an input written in place) holds
+    elements never written or computed from never-written memory: ``"error"`` (rule 9),
+    ``"warn"`` (:class:`UndefinedOutputWarning`, the values come back as NaN/sentinel), ``"off"``.
+    """
+
+    target: str = DEFAULT_TARGET
     seed: int = 0
-    check_affine: bool = True
+    lint_parallel_loops: bool = False
+    check_outputs: str = "error"
+
+
+class UndefinedOutputWarning(RuntimeWarning):
+    """A kernel output holds values nothing defined (``check_outputs="warn"``)."""
 
 
 _defaults = Options()
@@ -92,15 +106,17 @@ class Simulation:
         return out
 
 
-def simulate(kernel, *, target: str | None = None, seed: int | None = None, check_affine: bool | None = None) -> Simulation:
+def simulate(kernel, *, target: str | None = None, seed: int | None = None, lint_parallel_loops: bool | None = None,
+             check_outputs: str | None = None) -> Simulation:
     """Run ``kernel`` on the CPU through the interpreter. Keyword options override the defaults."""
     kernel = kernel if isinstance(kernel, Kernel) else Kernel(kernel)
-    given = {k: v for k, v in (("target", target), ("seed", seed), ("check_affine", check_affine)) if v is not None}
+    given = {k: v for k, v in (("target", target), ("seed", seed), ("lint_parallel_loops", lint_parallel_loops),
+                               ("check_outputs", check_outputs)) if v is not None}
     return Simulation(kernel, Options(**{**_defaults.__dict__, **given}))
 
 
 def run(kernel: Kernel, args, kwargs, options: Options):
-    ctx = Context(options.target, options.seed, options.check_affine)
+    ctx = Context(options.target, options.seed, options.lint_parallel_loops, options.check_outputs)
     context.push(ctx)
     try:
         wrapped_args = [_wrap(ctx, a, f"arg{i}") for i, a in enumerate(args)]
@@ -112,12 +128,34 @@ def run(kernel: Kernel, args, kwargs, options: Options):
             ctx.program_id = pid
             ctx._shared_cursor = 0
             result = kernel.fn(*wrapped_args, **wrapped_kwargs)
-            ctx.close_scope()  # kernel-level on-chip allocations end with the program
-            ctx.open_scope()
+        _check_outputs(ctx, result, wrapped_args, wrapped_kwargs)
         return _unwrap(result)
     finally:
         context.pop()
         _last_stats[0] = ctx.stats
+
+
+def _check_outputs(ctx: Context, result, args, kwargs) -> None:
+    """Rule 9's check: outputs, and inputs the kernel wrote in place, hold only defined values."""
+    if ctx.check_outputs == "off":
+        return
+    labelled = [(f"output {i}", t) for i, t in enumerate(_tensors(result))]
+    labelled += [(f"input {t.name} (written in place)", t) for t in _tensors(list(args) + list(kwargs.values()))]
+    lines = ctx.undefined_outputs(labelled)
+    if not lines:
+        return
+    text = "; ".join(lines) + " (fresh memory holds NaN/sentinel values; check_outputs='warn' or 'off' returns them)"
+    if ctx.check_outputs == "error":
+        raise NKIRuleError(9, text)
+    warnings.warn(text, UndefinedOutputWarning, stacklevel=4)
+
+
+def _tensors(value) -> list[Tensor]:
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _wrap(ctx: Context, value, name: str):

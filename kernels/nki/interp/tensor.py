@@ -20,15 +20,17 @@ PMAX = 128  # partitions of SBUF and PSUM
 class Allocation:
     """One buffer: its data (C-contiguous), which elements were written, and its lifetime."""
 
-    __slots__ = ("id", "data", "written", "buffer", "name", "depth", "live", "partition_bytes", "psum_banks")
+    __slots__ = ("id", "data", "written", "tainted", "buffer", "name", "depth", "live", "partition_bytes", "psum_banks",
+                 "__weakref__")  # a weak reference tells the context when the kernel dropped its last view
 
     def __init__(self, data: np.ndarray, buffer: str, name: str, depth: int, written: np.ndarray | None, aid: int):
         self.id = aid
         self.data = data
         self.written = written  # None: every element counts as written (kernel inputs)
+        self.tainted = None  # bool mask: computed from never-written memory (None: no such element)
         self.buffer = buffer
         self.name = name
-        self.depth = depth  # scope depth at allocation; the scope's end frees it
+        self.depth = depth  # linted parallel loops running at allocation (rule 10's private tiles)
         self.live = True
         self.partition_bytes = 0
         self.psum_banks = 0
