@@ -105,7 +105,7 @@ def _flat(sel, t: Tensor) -> np.ndarray:
 
 def tensor_copy(dst, src, engine=None, name=None):  # noqa: ARG001
     ctx = current()
-    ctx.count(engine_of(engine, "vector"), "tensor_copy")
+    ctx.count(engine_of(engine, "vector", ("vector", "scalar", "gpsimd")), "tensor_copy")
     check_partitions("tensor_copy", dst, src)
     _same_layout("tensor_copy", dst, src)
     ctx.write(dst, ctx.read(src, "tensor_copy", "src"), "tensor_copy")
