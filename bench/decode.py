@@ -171,10 +171,10 @@ def _interleaved_run(it, wbytes: int, buf, reads: int, native) -> dict:
 
 
 def profile_sample(model, ids, sequence_length: int, top: int = 12) -> dict:
-    """One greedy ``sample`` under cProfile: its total seconds, the seconds inside the skinny
-    products (kernels/cpu/linear.py's ``skinny_linear``: the native call and its Python wrapper),
-    and the ``top`` functions by own time. cProfile slows Python code, not native code, so the
-    products' share is, if anything, understated."""
+    """One greedy ``sample`` under cProfile: its total seconds, the seconds spent in the kernel
+    backend's code (own time of functions in the ``verispec.kernels`` package, which includes the
+    native calls they make), and the ``top`` functions by own time. cProfile slows Python code,
+    not native code, so the kernels' share is, if anything, understated."""
     import cProfile
     import pstats
 
@@ -184,9 +184,12 @@ def profile_sample(model, ids, sequence_length: int, top: int = 12) -> dict:
     prof.disable()
     stats = pstats.Stats(prof).stats  # {(file, line, function): (calls, primitive, own s, cumulative s, callers)}
     total = sum(own for _, _, own, _, _ in stats.values())
-    products = sum(cum for (f, _, fn), (_, _, _, cum, _) in stats.items() if fn == "skinny_linear" and f.endswith("linear.py"))
+    import verispec.kernels
+
+    root = str(Path(verispec.kernels.__file__).resolve().parent)
+    kernels_s = sum(own for (f, _, _), (_, _, own, _, _) in stats.items() if str(Path(f).resolve()).startswith(root))
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-    return {"total_s": total, "skinny_products_s": products, "skinny_products_share": products / total if total else None,
+    return {"total_s": total, "kernel_backend_s": kernels_s, "kernel_backend_share": kernels_s / total if total else None,
             "top_own_time": [{"function": f"{Path(f).name}:{line}({fn})", "calls": calls, "own_s": own, "cumulative_s": cum}
                              for (f, line, fn), (calls, _, own, cum, _) in rows]}
 
@@ -257,9 +260,9 @@ def run(args) -> int:
     for r in rows:
         if r["profile"]:
             pr = r["profile"]
-            console.print(f"{r['model']} {r['amp']} under cProfile: {pr['total_s']:.2f} s, of which the skinny products "
-                          f"(native call + Python wrapper) {pr['skinny_products_s']:.2f} s "
-                          f"({100 * pr['skinny_products_share']:.0f}%)")
+            console.print(f"{r['model']} {r['amp']} under cProfile: {pr['total_s']:.2f} s, of which the kernel "
+                          f"backend's code {pr['kernel_backend_s']:.2f} s "
+                          f"({100 * pr['kernel_backend_share']:.0f}%)")
     console.print(f"wrote {path} and {plot}")
     return 0
 
