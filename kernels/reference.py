@@ -11,8 +11,10 @@ import torch
 
 __all__ = [
     "kv_append",
+    "kv_gather",
     "verify_attention",
     "check_kv_append_args",
+    "check_kv_gather_args",
     "check_verify_attention_args",
     "rms_norm",
     "add_rms_norm",
@@ -201,3 +203,65 @@ def rope_append(q, k, v, cos, signed_sin, k_cache, v_cache, positions, kv_append
     k = apply_rope(k.view(B, T, H_kv, D).transpose(1, 2), cos, signed_sin)  # [B, H_kv, T, D]
     (kv_append or globals()["kv_append"])(k_cache, v_cache, k, v.view(B, T, H_kv, D).transpose(1, 2), positions)
     return q
+
+
+# ---- token trees: move the accepted path's K/V rows to contiguous slots ----
+
+
+def _int_tensor(t, name: str, shape: tuple) -> list:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    return t.tolist()
+
+
+def check_kv_gather_args(k_cache, v_cache, src_slots, dst_start, counts) -> tuple[list, list, list]:
+    """Validate kv_gather arguments; return (src_slots, dst_start, counts) as host lists."""
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"k_cache/v_cache must both be [B, H_kv, S_max, D]; got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if k_cache.dtype != v_cache.dtype:
+        raise TypeError(f"k_cache dtype {k_cache.dtype} differs from v_cache dtype {v_cache.dtype}")
+    B, _, S_max, _ = k_cache.shape
+    if not isinstance(src_slots, torch.Tensor) or src_slots.dim() != 2 or src_slots.shape[0] != B:
+        got = list(src_slots.shape) if isinstance(src_slots, torch.Tensor) else type(src_slots).__name__
+        raise ValueError(f"src_slots must be [B={B}, N], got {got}")
+    N = src_slots.shape[1]
+    src = _int_tensor(src_slots, "src_slots", (B, N))
+    start = _int_tensor(dst_start, "dst_start", (B,))
+    cnt = _int_tensor(counts, "counts", (B,))
+    for b in range(B):
+        if not 0 <= cnt[b] <= N:
+            raise ValueError(f"kv_gather: counts[{b}] = {cnt[b]} must be in 0..{N} (the entries of src_slots[{b}])")
+        if cnt[b] and not (0 <= start[b] and start[b] + cnt[b] <= S_max):
+            raise IndexError(f"kv_gather out of range: row {b} writes slots {start[b]}..{start[b] + cnt[b] - 1} "
+                             f"but the cache holds {S_max} slots")
+        for i, s in enumerate(src[b][: cnt[b]]):
+            if not 0 <= s < S_max:
+                raise IndexError(f"kv_gather out of range: row {b} entry {i} reads slot {s} but the cache holds {S_max} slots")
+    return src, start, cnt
+
+
+def kv_gather(
+    k_cache: torch.Tensor,  # [B, H_kv, S_max, D]
+    v_cache: torch.Tensor,  # [B, H_kv, S_max, D]
+    src_slots: torch.Tensor,  # [B, N] int: slot of the i-th accepted node of row b
+    dst_start: torch.Tensor,  # [B] int: first slot of row b's contiguous run
+    counts: torch.Tensor,  # [B] int in 0..N: entries of src_slots[b] used
+) -> None:
+    """In place, per row b: slots dst_start[b] + i (i < counts[b]) receive the K/V rows that slots
+    src_slots[b, i] held before the call (every source is read before anything is written, so
+    sources may overlap destinations)."""
+    src, start, cnt = check_kv_gather_args(k_cache, v_cache, src_slots, dst_start, counts)
+    for b in range(len(cnt)):
+        if cnt[b] == 0:
+            continue
+        idx = torch.tensor(src[b][: cnt[b]], device=k_cache.device)  # [c]
+        d0 = start[b]
+        for cache in (k_cache, v_cache):
+            rows = cache[b].index_select(1, idx)  # [H_kv, c, D]: a copy, taken before the write
+            cache[b, :, d0 : d0 + cnt[b]] = rows

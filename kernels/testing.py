@@ -12,6 +12,10 @@ Tolerance (as in flash-attention's tests): the truth is the reference in float64
 error may be at most ``2 x`` the error of plain PyTorch attention at the same low precision
 (matmuls in that dtype, softmax in fp32) plus a few ulps. ``kv_append`` must be bit-exact,
 must leave every other slot untouched, and must raise on an out-of-range write.
+
+``kv_gather`` (token trees) is checked only on backends that provide it (``KernelSet.get``); the
+report lists it as skipped elsewhere. It must be bit-exact (sources overlapping destinations,
+rows with nothing to move, several rows) and must raise, without writing, on an out-of-range slot.
 """
 
 from __future__ import annotations
@@ -52,6 +56,31 @@ class AppendCase:
 
     def describe(self) -> str:
         return f"B={self.B} H_kv={self.H_kv} T={self.T} D={self.D} pos={list(self.positions)} S_max={self.S_max}"
+
+
+@dataclass(frozen=True)
+class GatherCase:
+    H_kv: int
+    D: int
+    S_max: int
+    src_slots: tuple  # one tuple of N slots per row
+    dst_start: tuple
+    counts: tuple
+
+    def describe(self) -> str:
+        return (f"B={len(self.counts)} H_kv={self.H_kv} D={self.D} S_max={self.S_max} src={[list(r) for r in self.src_slots]} "
+                f"dst={list(self.dst_start)} counts={list(self.counts)}")
+
+
+def default_gather_cases(quick: bool = False) -> list[GatherCase]:
+    cases = [
+        GatherCase(2, 64, 12, ((9, 8, 7, 6),), (6,), (4,)),  # sources overwritten by earlier destinations
+        GatherCase(3, 64, 20, ((3, 5, 9, 0), (1, 2, 3, 4), (19, 0, 7, 7)), (3, 0, 17), (3, 0, 3)),  # a row with none
+        GatherCase(8, 128, 40, tuple(tuple(range(39, 23, -1)) for _ in range(2)), (24, 10), (16, 1)),  # to the last slot
+    ]
+    if not quick:
+        cases += [GatherCase(1, 64, 8, ((2, 4, 6),), (2,), (3,)), GatherCase(4, 32, 16, ((5, 1),) * 3, (0, 14, 1), (2, 2, 0))]
+    return cases
 
 
 def default_attention_cases(quick: bool = False) -> list[AttnCase]:
@@ -104,6 +133,7 @@ class CaseResult:
 class ConformanceReport:
     backend: str
     results: list[CaseResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # kernels the backend does not provide
 
     @property
     def passed(self) -> bool:
@@ -121,6 +151,7 @@ class ConformanceReport:
                 f"  {r.kernel:<17}{r.dtype:<10}{r.max_err:>11.3g}{r.tol:>11.3g}  {'ok' if r.ok else 'FAIL':<6}  {r.case}"
                 + (f"  [{r.note}]" if r.note else "")
             )
+        lines += [f"  {k:<17}skipped: not provided by backend {self.backend!r}" for k in self.skipped]
         return "\n".join(lines)
 
 
@@ -206,6 +237,44 @@ def _check_append(ks: KernelSet, c: AppendCase, dtype, device, gen) -> list[Case
     return results
 
 
+def _check_gather(ks: KernelSet, c: GatherCase, dtype, device, gen) -> list[CaseResult]:
+    name = str(dtype).replace("torch.", "")
+    B, N = len(c.counts), len(c.src_slots[0])
+    kc = torch.randn(B, c.H_kv, c.S_max, c.D, generator=gen).to(dtype)  # [B, H_kv, S_max, D]
+    vc = torch.randn(B, c.H_kv, c.S_max, c.D, generator=gen).to(dtype)
+    args = [torch.tensor(c.src_slots, dtype=torch.int32).reshape(B, N), torch.tensor(c.dst_start, dtype=torch.int32),
+            torch.tensor(c.counts, dtype=torch.int32)]
+    ek, ev = kc.clone(), vc.clone()
+    reference.kv_gather(ek, ev, *args)
+    gk, gv = kc.clone().to(device), vc.clone().to(device)
+    results = []
+    try:
+        ks.get("kv_gather")(gk, gv, *(a.to(device) for a in args))
+        err = max((gk.cpu().float() - ek.float()).abs().max().item(), (gv.cpu().float() - ev.float()).abs().max().item())
+        results.append(CaseResult("kv_gather", c.describe(), name, err, 0.0, err == 0.0))
+    except Exception as e:
+        results.append(CaseResult("kv_gather", c.describe(), name, float("nan"), 0.0, False, f"{type(e).__name__}: {e}"))
+    # an out-of-range source slot must raise and leave the caches alone
+    b = max(range(B), key=lambda r: c.counts[r])
+    bad = args[0].clone()
+    bad[b, c.counts[b] - 1] = c.S_max
+    gk, gv = kc.clone().to(device), vc.clone().to(device)
+    try:
+        ks.get("kv_gather")(gk, gv, bad.to(device), args[1].to(device), args[2].to(device))
+        note = "out-of-range slot did not raise"
+    except Exception:
+        note = "" if torch.equal(gk.cpu(), kc) and torch.equal(gv.cpu(), vc) else "raised after writing"
+    results.append(CaseResult("kv_gather(oob)", c.describe(), name, 0.0, 0.0, not note, note))
+    return results
+
+
+def check_gather_case(backend: str | KernelSet, case: GatherCase, dtype=torch.float32, device: str = "cpu",
+                      seed: int = 0) -> list[CaseResult]:
+    """One kv_gather case (bit-exact move, then an out-of-range source that must raise)."""
+    ks = backend if isinstance(backend, KernelSet) else get_backend(backend, device=device)
+    return _check_gather(ks, case, dtype, device, torch.Generator().manual_seed(seed))
+
+
 def check_attention_case(backend: str | KernelSet, case: AttnCase, dtype=torch.float32, device: str = "cpu",
                          seed: int = 0) -> CaseResult:
     """One verify_attention case against the reference (random inputs from ``seed``)."""
@@ -227,18 +296,26 @@ def check_backend(
     dtypes=(torch.float32, torch.bfloat16),
     attention_cases: list[AttnCase] | None = None,
     append_cases: list[AppendCase] | None = None,
+    gather_cases: list[GatherCase] | None = None,
     quick: bool = False,
     seed: int = 0,
 ) -> ConformanceReport:
-    """Run ``backend`` against the torch reference on awkward shapes; return a readable report."""
+    """Run ``backend`` against the torch reference on awkward shapes; return a readable report.
+    ``kv_gather`` is checked where the backend provides it, else listed as skipped."""
     ks = backend if isinstance(backend, KernelSet) else get_backend(backend, device=device)
     attention_cases = default_attention_cases(quick) if attention_cases is None else attention_cases
     append_cases = default_append_cases(quick) if append_cases is None else append_cases
+    gather_cases = default_gather_cases(quick) if gather_cases is None else gather_cases
     report = ConformanceReport(ks.name)
+    if ks.get("kv_gather") is None:
+        report.skipped.append("kv_gather")
+        gather_cases = []
     gen = torch.Generator().manual_seed(seed)
     for dtype in dtypes:
         for c in attention_cases:
             report.results.append(_check_attention(ks, c, dtype, device, gen))
         for c in append_cases:
             report.results.extend(_check_append(ks, c, dtype, device, gen))
+        for c in gather_cases:
+            report.results.extend(_check_gather(ks, c, dtype, device, gen))
     return report

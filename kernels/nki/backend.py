@@ -2,11 +2,12 @@
 
 Tensors go to NumPy (no copy for contiguous CPU tensors; bf16 through ml_dtypes) and through
 ``nki.simulate`` (AWS's simulator where the real ``nki`` is installed, verispec's interpreter
-otherwise). ``kv_append`` writes the torch caches in place.
+otherwise). ``kv_append`` and ``kv_gather`` write the torch caches in place.
 
 Calls the kernels cannot serve fall back to the torch reference for that call, with a logged
 notice naming the reason: dtypes other than float32/bfloat16/float16, head_dim > 128, q and
-cache dtypes that differ, and token trees (``active_mask``) with more than 128 queries.
+cache dtypes that differ, token trees (``active_mask``) with more than 128 queries, and
+``kv_gather`` calls whose staged rows would not fit SBUF.
 Causal blocks of more than 128 queries (long prefills) are split into chunks of 128.
 """
 
@@ -22,6 +23,7 @@ from .. import reference
 from ._nki import REAL_NKI, nki
 from .accept_reject import accept_reject_kernel
 from .kv_append import kv_append_kernel
+from .kv_gather import kv_gather_kernel
 from .verify_attention import verify_attention_kernel
 
 log = logging.getLogger("verispec.kernels.nki")
@@ -31,7 +33,7 @@ MAX_HEAD_DIM = 128  # q^T and K^T put head_dim on the partitions
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.bfloat16: ml_dtypes.bfloat16, torch.float16: np.float16}
 
 # Interpreter counters of the latest call of each kernel (None under the real nki package).
-last_stats: dict = {"verify_attention": None, "kv_append": None, "accept_reject": None}
+last_stats: dict = {"verify_attention": None, "kv_append": None, "kv_gather": None, "accept_reject": None}
 _noticed: set[str] = set()
 
 
@@ -87,9 +89,40 @@ def kv_append(k_cache, v_cache, k_new, v_new, positions) -> None:
     k_np, v_np = to_numpy(k_cache), to_numpy(v_cache)
     pos = positions.detach().cpu().to(torch.int32).numpy()
     _simulate(kv_append_kernel, "kv_append", k_np, v_np, to_numpy(k_new), to_numpy(v_new), pos)
-    for dst, arr in ((k_cache, k_np), (v_cache, v_np)):
+    _write_back((k_cache, v_cache), (k_np, v_np))
+    return None
+
+
+def _write_back(caches, arrays) -> None:
+    for dst, arr in zip(caches, arrays):
         if REAL_NKI or dst.device.type != "cpu" or not dst.is_contiguous():  # the kernel wrote a copy
             dst.copy_(from_numpy(arr, dst.device))
+
+
+GATHER_SBUF_BYTES = 128 * 1024  # per partition for the staged K and V rows (of 224 KiB on trn2)
+
+
+def kv_gather(k_cache, v_cache, src_slots, dst_start, counts) -> None:
+    """Contract of :func:`verispec.kernels.reference.kv_gather`, through the NKI kernel."""
+    src, _, cnt = reference.check_kv_gather_args(k_cache, v_cache, src_slots, dst_start, counts)  # IndexError/ValueError
+    B, H_kv, _, D = k_cache.shape
+    N = src_slots.shape[1]
+    if N == 0 or not any(cnt):
+        return None
+    reason = _unsupported(k_cache, v_cache)
+    if reason is None and H_kv > 128:
+        reason = f"{H_kv} KV heads > 128 partitions"
+    if reason is None and 2 * N * D * k_cache.element_size() > GATHER_SBUF_BYTES:
+        reason = f"{N} rows of head_dim {D} staged for K and V exceed {GATHER_SBUF_BYTES // 1024} KiB of SBUF per partition"
+    if reason is not None:
+        _fallback_notice("kv_gather", reason)
+        return reference.kv_gather(k_cache, v_cache, src_slots, dst_start, counts)
+    k_np, v_np = to_numpy(k_cache), to_numpy(v_cache)
+    # [B, N]: unused entries (never read by the kernel) zeroed, so any int converts to int32
+    used = np.asarray([[s if i < c else 0 for i, s in enumerate(row)] for row, c in zip(src, cnt)], np.int32)
+    _simulate(kv_gather_kernel, "kv_gather", k_np, v_np, used, dst_start.detach().cpu().to(torch.int32).numpy(),
+              np.asarray(cnt, np.int32))
+    _write_back((k_cache, v_cache), (k_np, v_np))
     return None
 
 
@@ -144,6 +177,7 @@ def accept_reject(draft_ids, draft_probs, target_probs, uniforms, exponentials):
 
 
 def kernels() -> dict:
-    """The kernels of backend ``nki`` (for ``register_backend_loader``); ``accept_reject`` is
-    an extra kernel (``KernelSet.get("accept_reject")``)."""
-    return {"verify_attention": verify_attention, "kv_append": kv_append, "accept_reject": accept_reject}
+    """The kernels of backend ``nki`` (for ``register_backend_loader``); ``kv_gather`` and
+    ``accept_reject`` are extra kernels (``KernelSet.get("kv_gather")``)."""
+    return {"verify_attention": verify_attention, "kv_append": kv_append, "kv_gather": kv_gather,
+            "accept_reject": accept_reject}
