@@ -1,13 +1,17 @@
 """``verispec bench e2e``: end-to-end tokens/s of verispec target-only decoding, speculative
 decoding for each k and k="auto", and Hugging Face transformers' ``generate()`` target-only and
-assisted, on the same weights, dtype, prompts and number of new tokens.
+assisted, on the same weights, dtype, prompts and number of new tokens. The one end-to-end
+benchmark: ``--no-hf --no-auto`` gives the plain acceptance and speedup table of a draft/target
+pair per k and temperature.
 
-Per prompt set x temperature it records per-prompt and aggregate tokens/s, speedups, k="auto"
-against the best and the median fixed k (measured, and priced at the cell's pooled pass costs),
-per-position acceptance, and at temperature 0 whether speculative output equals target-only
-output token for token. Writes NAME.json, NAME_tokens_per_s.png and NAME_acceptance.png in
---out-dir ($VERISPEC_RESULTS or ./bench-results by default), and prints a table. How each figure is timed is
-in the JSON under "method".
+Per prompt set x temperature it records per-prompt and aggregate tokens/s, acceptance, tokens
+per pass, speedups over target-only, measured and predicted (Leviathan's formula with the
+acceptance and costs of the run), k="auto" against the best and the median fixed k (measured,
+and priced at the cell's pooled pass costs), per-position acceptance, target-only's weight
+bandwidth against a bandwidth measured in the run, and at temperature 0 whether speculative
+output equals target-only output token for token. Writes NAME.json, NAME_tokens_per_s.png,
+NAME_speedup.png and NAME_acceptance.png in --out-dir ($VERISPEC_RESULTS or ./bench-results by
+default) and prints a table. How each figure is timed is in the JSON under "method".
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from .common import (
     write_json,
 )
 from .e2e_steps import fork, run_steps, speculative_stepper, target_only_stepper
-from .e2e_report import (add_priced, add_repeats, add_speedups, method, plot_acceptance, plot_tokens_per_s, print_report,
+from .e2e_plots import plot_acceptance, plot_speedup, plot_tokens_per_s
+from .e2e_report import (add_bandwidth, add_predicted, add_priced, add_repeats, add_speedups, method, print_report,
                          summarize)
 
 WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
@@ -333,6 +338,7 @@ def run(args) -> int:
     specs, temps, sets = _check_args(args)
     prompts, target, draft, hf_target, hf_draft, hf = _load_all(args, specs, sets)
     bandwidth = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
+    target_weight_bytes = weight_bytes(target)
     from verispec.spec.policy import as_policy
 
     policies = {"auto": as_policy("auto")} if "auto" in specs else {}
@@ -361,6 +367,8 @@ def run(args) -> int:
                     # one seed, one text: every speculative path should emit target-only's coupled tokens
                     path["coupled_divergence"] = greedy_divergence(outs, ref_outs, ps)
             add_speedups(paths)
+            add_predicted(paths)
+            add_bandwidth(paths, target_weight_bytes, bandwidth["read_GBps"])
             add_repeats(paths, args.repeats)
             add_priced(paths)
             runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps) // args.repeats,
@@ -372,11 +380,11 @@ def run(args) -> int:
         "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
         "target": str(args.target), "draft": str(args.draft), "draft_quant": args.draft_quant, "amp": args.amp, "device": args.device,
         "acceptor": args.acceptor, "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
-        "torch_threads": torch.get_num_threads(), "target_weight_bytes": weight_bytes(target),
+        "torch_threads": torch.get_num_threads(), "target_weight_bytes": target_weight_bytes,
         "memory_bandwidth": bandwidth, "method": method(args.interleave), "interleave": args.interleave, "hf": hf, "runs": runs,
         "auto_calibration_s_in_warmup": warmup_calibration_s,
     }
     path = write_json(args.name, data, args.out_dir)
-    pngs = [plot_tokens_per_s(runs, args, data), plot_acceptance(runs, args)]
+    pngs = [plot_tokens_per_s(runs, args, data), plot_speedup(runs, args, data), plot_acceptance(runs, args)]
     print_report(data, [path, *pngs])
     return 0

@@ -1,4 +1,5 @@
-"""Speedups, the k="auto" verdicts, the printed table and the plots of ``verispec bench e2e``."""
+"""Speedups (measured and predicted), target-only's weight bandwidth, the k="auto" verdicts and the
+printed table of ``verispec bench e2e`` (its plots: e2e_plots.py)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ METHOD = {
     "speculative_probe": "SpeculativeGenerator(measure_decode_step=False): no extra target forwards inside the timing",
     "hf_assisted": "transformers' assisted generation with its default settings (see hf.assisted); with sampling "
                    "it runs its own speculative sampling",
+    "predicted_speedup": "Leviathan et al.'s expected speedup over target-only, from the path's own acceptance "
+                         "rate a and costs measured in the run, in units of target-only's decode seconds per token "
+                         "(same cell): c = draft seconds per drafted position, r_k = verify seconds per pass at "
+                         "k; sum over passes of (1 - a^k)/(1 - a) over sum of c(k-1) + r_k (for a fixed k: "
+                         "Leviathan's formula). The loop's seconds outside draft and verify are not in it, so it "
+                         "sits above the measured speedup by about their share",
+    "achieved_GBps": "target-only: target weight bytes x decode tokens/s (each token reads every weight once), "
+                     "and that over the read bandwidth measured at the start of the run",
     "auto_vs_fixed": "k=auto against the best and the median fixed k, by tokens_per_s; within_3pct: auto >= 0.97 x best",
     "bootstrap": "how much of a verdict the cell's prompts support: 2000 resamples of its prompts (rows) with "
                  "replacement, the same rows for every path (paired: in a row every path decoded the same prompt at "
@@ -88,6 +97,32 @@ def add_speedups(paths: list[dict]) -> None:
         for name, ref in (("hf_target_only", hf_target), ("hf_assisted", hf_assisted)):
             if ref is not None and ref is not p:
                 p[f"e2e_speedup_vs_{name}"] = _ratio(p["e2e_tokens_per_s"], ref["e2e_tokens_per_s"])
+
+
+def add_predicted(paths: list[dict]) -> None:
+    """``c``, ``r_by_k`` and ``predicted_speedup`` on each speculative path of one cell (see METHOD)."""
+    base = _find(paths, "verispec", "target-only")
+    if not base or not base["decode_s"] or not base["new_tokens"]:
+        return
+    step_s = base["decode_s"] / base["new_tokens"]  # target-only seconds per token: the cost unit
+    for p in paths:
+        costs, a = p.get("pass_costs"), p.get("acceptance_rate")
+        if p["mode"] != "speculative" or not costs or not costs["steps"] or a is None:
+            continue
+        c = costs["draft_s"] / costs["drafted_positions"] / step_s if costs["drafted_positions"] else 0.0
+        r = {k: costs["target_s_by_k"].get(k, 0.0) / n / step_s for k, n in p["k_counts"].items()}
+        # expected tokens over cost, pooled over the passes as run (verispec.spec.stats.predicted_speedup at one k)
+        tokens = sum(n * (float(k) if a >= 1.0 else (1.0 - a**k) / (1.0 - a)) for k, n in p["k_counts"].items())
+        cost = sum(n * (c * (k - 1) + r[k]) for k, n in p["k_counts"].items())
+        p.update(c=c, r_by_k=r, predicted_speedup=tokens / cost if cost else None)
+
+
+def add_bandwidth(paths: list[dict], weight_bytes: int, read_GBps: float) -> None:
+    """Target-only's achieved weight bandwidth and its share of the measured read bandwidth."""
+    base = _find(paths, "verispec", "target-only")
+    if base and base["tokens_per_s"]:
+        base["achieved_GBps"] = weight_bytes * base["tokens_per_s"] / 1e9
+        base["fraction_of_read_bandwidth"] = base["achieved_GBps"] / read_GBps if read_GBps else None
 
 
 def add_repeats(paths: list[dict], repeats: int) -> None:
@@ -210,25 +245,26 @@ def print_report(data: dict, written) -> None:
     from rich.table import Table
 
     console = Console()
-    if not console.is_terminal:  # a log file or a pipe: wide enough that no column is cut
-        console = Console(width=max(console.width, 130))
+    if not console.is_terminal:  # a log file or a pipe: wide enough that no column is cut, notes on one line each
+        console = Console(width=max(console.width, 160), soft_wrap=True)
     table = Table(title=f"{data['draft']} -> {data['target']}, {data['amp']}, {data['device']}, "
                         f"acceptor {data.get('acceptor', 'default')}, "
                         f"{data['max_new_tokens']} new tokens, batch 1")
     for col in ("set", "T", "path", "accept", "tok/pass", "tok/s", "priced tok/s", "e2e tok/s", "x target",
-                "x HF assisted", "diverged"):
+                "predicted", "x HF assisted", "diverged"):
         table.add_column(col, justify="right", no_wrap=True)
     for run in data["runs"]:
         for i, p in enumerate(run["paths"]):
             table.add_row(run["prompt_set"] if i == 0 else "", _fmt(run["temperature"], "{:g}") if i == 0 else "",
                           _label(p), _fmt(p.get("acceptance_rate"), "{:.3f}"), _fmt(p.get("mean_tokens_per_pass")),
                           _fmt(p["tokens_per_s"]), _fmt(p.get("priced_tokens_per_s")), _fmt(p["e2e_tokens_per_s"]),
-                          _fmt(p.get("speedup_vs_target_only")),
+                          _fmt(p.get("speedup_vs_target_only")), _fmt(p.get("predicted_speedup")),
                           _fmt(p.get("e2e_speedup_vs_hf_assisted")), _diverged(p), end_section=i == len(run["paths"]) - 1)
     console.print(table)
     console.print("tok/s: decode only (after prefill; timing in the JSON's method.order); e2e tok/s: wall time with prefill, every engine; "
                   "priced tok/s: the same passes at the cell's pooled pass costs; "
-                  "x target: tok/s over verispec target-only; x HF assisted: e2e tok/s over transformers assisted; "
+                  "x target: tok/s over verispec target-only; predicted: Leviathan's formula with the path's acceptance and "
+                  "costs (in target-only decode steps); x HF assisted: e2e tok/s over transformers assisted; "
                   "diverged: greedy prompts whose tokens differ from verispec target-only"
                   + ("; sampled, coupled acceptor: prompts whose tokens differ from target-only's coupled sample"
                      if data.get("acceptor") == "coupled" else ""))
@@ -265,77 +301,10 @@ def print_report(data: dict, written) -> None:
         console.print(f"transformers: {data['hf']['note']}")
     bw = data["memory_bandwidth"]
     console.print(f"measured read bandwidth {bw['read_GBps']:.1f} GB/s; target weights {data['target_weight_bytes'] / 1e9:.3f} GB")
+    for run in data["runs"]:
+        base = _find(run["paths"], "verispec", "target-only")
+        if base and base.get("achieved_GBps") is not None:
+            console.print(f"{run['prompt_set']} T={run['temperature']:g}: target-only reads its weights at "
+                          f"{base['achieved_GBps']:.2f} GB/s, {_fmt(base['fraction_of_read_bandwidth'], '{:.0%}')} "
+                          f"of the measured read bandwidth")
     console.print("wrote " + ", ".join(str(w) for w in written))
-
-
-# ---- plots ----------------------------------------------------------------------------------------
-
-
-def _grid(runs):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sets = list(dict.fromkeys(r["prompt_set"] for r in runs))
-    temps = list(dict.fromkeys(r["temperature"] for r in runs))
-    fig, axes = plt.subplots(len(sets), len(temps), figsize=(5 * len(temps), 3.8 * len(sets)), squeeze=False)
-    cells = [(r, axes[sets.index(r["prompt_set"])][temps.index(r["temperature"])]) for r in runs]
-    return plt, fig, cells
-
-
-def _save(plt, fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def plot_tokens_per_s(runs, args, data):
-    """End-to-end tokens/s against fixed k, with horizontal lines for the other paths."""
-    from matplotlib.ticker import MaxNLocator
-
-    from .common import results_dir
-
-    plt, fig, cells = _grid(runs)
-    lines = {("verispec", "target-only"): ("verispec target-only", "grey", "-"),
-             ("transformers", "target-only"): ("HF target-only", "tab:red", ":"),
-             ("transformers", "assisted"): ("HF assisted", "tab:red", "--")}
-    for run, ax in cells:
-        fixed = [p for p in run["paths"] if p["mode"] == "speculative" and p["k"] != "auto"]
-        if fixed:
-            ax.plot([p["k"] for p in fixed], [p["e2e_tokens_per_s"] for p in fixed], "o-", label="verispec speculative")
-        for p in run["paths"]:
-            if p["k"] == "auto":
-                ax.axhline(p["e2e_tokens_per_s"], color="tab:green", ls="-.", label="verispec k=auto")
-            elif (p["engine"], p["mode"]) in lines:
-                label, color, ls = lines[(p["engine"], p["mode"])]
-                ax.axhline(p["e2e_tokens_per_s"], color=color, ls=ls, label=label)
-        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="k (tokens per verify pass)",
-               ylabel="tokens/s (prefill included)")
-        ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{data['draft']} -> {data['target']} ({data['amp']}, {data['max_new_tokens']} new tokens)")
-    return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_tokens_per_s.png")
-
-
-def plot_acceptance(runs, args):
-    """P(draft i accepted | drafts before it accepted) against i, one line per k."""
-    from matplotlib.ticker import MaxNLocator
-
-    from .common import results_dir
-
-    plt, fig, cells = _grid(runs)
-    for run, ax in cells:
-        for p in run["paths"]:
-            if p["mode"] == "speculative" and p["position_acceptance"]:
-                pos = [(i + 1, a) for i, a in enumerate(p["position_acceptance"]) if a is not None]
-                ax.plot([i for i, _ in pos], [a for _, a in pos], "o-" if p["k"] != "auto" else "s--", label=f"k={p['k']}")
-        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="draft position",
-               ylabel="acceptance given earlier accepted", ylim=(0, 1.02))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_acceptance.png")

@@ -31,7 +31,7 @@ def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
                "--prompt-sets", "code,prose", "--hf", "--hf-dir", str(root / "hf"), "--out-dir", str(out), *TINY_ARGS])
     assert rc == 0
     data = json.loads((out / "e2e.json").read_text())
-    for png in ("e2e_tokens_per_s.png", "e2e_acceptance.png"):
+    for png in ("e2e_tokens_per_s.png", "e2e_speedup.png", "e2e_acceptance.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench e2e" in data["command"] and "--ks 2,3" in data["command"]
     assert data["memory_bandwidth"]["read_GBps"] > 0 and data["machine"]["torch_threads"] == data["torch_threads"]
@@ -132,6 +132,36 @@ def test_bench_e2e_bad_options(tiny_pair, tmp_path, capsys, option, value, messa
     assert not (tmp_path / "e2e.json").exists()
 
 
+def test_bench_e2e_acceptance_and_speedup_table_without_out_dir(tiny_pair, tmp_path, monkeypatch, capsys):
+    """The plain draft/target table (what ``bench speculative`` was): per k and temperature,
+    acceptance, tokens per pass, measured and predicted speedup, target-only's weight bandwidth;
+    with no --out-dir everything lands in ./bench-results of the current directory."""
+    target, _, _ = tiny_pair
+    monkeypatch.delenv("VERISPEC_RESULTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "e2e", "--target", target, "--draft", "self:1", "--ks", "2,3", "--no-auto", "--no-hf",
+                 "--temperatures", "0,0.7", "--prompt-sets", "code", *TINY_ARGS]) == 0
+    out = tmp_path / "bench-results"
+    assert sorted(f.name for f in out.iterdir()) == ["e2e.json", "e2e_acceptance.png", "e2e_speedup.png",
+                                                      "e2e_tokens_per_s.png"]
+    data = json.loads((out / "e2e.json").read_text())
+    assert data["memory_bandwidth"]["read_GBps"] > 0 and data["target_weight_bytes"] > 0
+    assert [(r["temperature"], [p["k"] for p in r["paths"]]) for r in data["runs"]] == [(0.0, [None, 2, 3]),
+                                                                                      (0.7, [None, 2, 3])]
+    for run in data["runs"]:
+        base, *spec = run["paths"]
+        assert base["achieved_GBps"] == pytest.approx(data["target_weight_bytes"] * base["tokens_per_s"] / 1e9)
+        assert base["fraction_of_read_bandwidth"] == pytest.approx(
+            base["achieved_GBps"] / data["memory_bandwidth"]["read_GBps"])
+        for p in spec:
+            assert 0 <= p["acceptance_rate"] <= 1 and 1 <= p["mean_tokens_per_pass"] <= p["k"]
+            assert p["tokens_per_s"] > 0 and p["predicted_speedup"] > 0 and p["c"] >= 0
+            assert set(p["r_by_k"]) == set(p["k_counts"])
+            if run["temperature"] == 0:  # fp32 greedy: the target's own greedy tokens
+                assert p["greedy_divergence"]["diverged_prompts"] == 0
+    assert "predicted" in capsys.readouterr().out
+
+
 def test_bench_e2e_int8_draft_is_recorded_and_needs_a_model(tiny_pair, tmp_path, capsys):
     target, draft, _ = tiny_pair
     args = ["bench", "e2e", "--target", target, "--ks", "2", "--no-auto", "--no-hf", "--temperatures", "0",
@@ -200,6 +230,28 @@ def test_priced_tokens_per_s_pools_the_cells_pass_costs():
     assert a["priced_tokens_per_s"] == pytest.approx(20 / (10 * 0.2 + 10 * 0.2 + 10 * 0.05))
     assert b["priced_tokens_per_s"] == pytest.approx(20 / (5 * 0.4 + 1 * 0.3 + 10 * 0.2 + 6 * 0.05))
     assert "priced_tokens_per_s" not in base
+
+
+def test_predicted_speedup_is_leviathans_in_target_only_decode_steps():
+    """Hand-worked: target-only 0.1 s a token; k=3 at a = 0.5: c = 0.02 s / 0.1 = 0.2, r = 0.12 s /
+    0.1 = 1.2, so (1 + .5 + .25) / (0.2 * 2 + 1.2) = 1.09375 (SpecStats' formula); a mix of k pools
+    expected tokens and costs over the passes as run."""
+    from verispec.bench.e2e_report import add_predicted
+    from verispec.spec.stats import predicted_speedup
+
+    base = {"engine": "verispec", "mode": "target-only", "k": None, "new_tokens": 20, "decode_s": 2.0}
+    fixed = {"engine": "verispec", "mode": "speculative", "k": 3, "acceptance_rate": 0.5, "k_counts": {3: 10},
+             "pass_costs": {"steps": 10, "drafted_positions": 20, "draft_s": 0.4, "target_s": 1.2,
+                            "target_s_by_k": {3: 1.2}}}
+    mixed = {"engine": "verispec", "mode": "speculative", "k": "auto", "acceptance_rate": 0.5, "k_counts": {3: 2, 1: 1},
+             "pass_costs": {"steps": 3, "drafted_positions": 4, "draft_s": 0.08, "target_s": 0.34,
+                            "target_s_by_k": {3: 0.24, 1: 0.1}}}
+    add_predicted([base, fixed, mixed])
+    assert fixed["c"] == pytest.approx(0.2) and fixed["r_by_k"] == {3: pytest.approx(1.2)}
+    assert fixed["predicted_speedup"] == pytest.approx(1.09375)
+    assert fixed["predicted_speedup"] == pytest.approx(predicted_speedup(0.5, 3, 0.2, 1.2))
+    assert mixed["predicted_speedup"] == pytest.approx((2 * 1.75 + 1) / (2 * (0.2 * 2 + 1.2) + 1 * 1.0))
+    assert "predicted_speedup" not in base
 
 
 def _path(k, seconds):

@@ -1,0 +1,100 @@
+"""The plots of ``verispec bench e2e``: tokens/s, measured and predicted speedup, and per-position
+acceptance, one panel per (prompt set, temperature)."""
+
+from __future__ import annotations
+
+from .common import results_dir
+
+
+
+def _grid(runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(dict.fromkeys(r["prompt_set"] for r in runs))
+    temps = list(dict.fromkeys(r["temperature"] for r in runs))
+    fig, axes = plt.subplots(len(sets), len(temps), figsize=(5 * len(temps), 3.8 * len(sets)), squeeze=False)
+    cells = [(r, axes[sets.index(r["prompt_set"])][temps.index(r["temperature"])]) for r in runs]
+    return plt, fig, cells
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_tokens_per_s(runs, args, data):
+    """End-to-end tokens/s against fixed k, with horizontal lines for the other paths."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt, fig, cells = _grid(runs)
+    lines = {("verispec", "target-only"): ("verispec target-only", "grey", "-"),
+             ("transformers", "target-only"): ("HF target-only", "tab:red", ":"),
+             ("transformers", "assisted"): ("HF assisted", "tab:red", "--")}
+    for run, ax in cells:
+        fixed = [p for p in run["paths"] if p["mode"] == "speculative" and p["k"] != "auto"]
+        if fixed:
+            ax.plot([p["k"] for p in fixed], [p["e2e_tokens_per_s"] for p in fixed], "o-", label="verispec speculative")
+        for p in run["paths"]:
+            if p["k"] == "auto":
+                ax.axhline(p["e2e_tokens_per_s"], color="tab:green", ls="-.", label="verispec k=auto")
+            elif (p["engine"], p["mode"]) in lines:
+                label, color, ls = lines[(p["engine"], p["mode"])]
+                ax.axhline(p["e2e_tokens_per_s"], color=color, ls=ls, label=label)
+        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="k (tokens per verify pass)",
+               ylabel="tokens/s (prefill included)")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['draft']} -> {data['target']} ({data['amp']}, {data['max_new_tokens']} new tokens)")
+    return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_tokens_per_s.png")
+
+
+def plot_acceptance(runs, args):
+    """P(draft i accepted | drafts before it accepted) against i, one line per k."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt, fig, cells = _grid(runs)
+    for run, ax in cells:
+        for p in run["paths"]:
+            if p["mode"] == "speculative" and p["position_acceptance"]:
+                pos = [(i + 1, a) for i, a in enumerate(p["position_acceptance"]) if a is not None]
+                ax.plot([i for i, _ in pos], [a for _, a in pos], "o-" if p["k"] != "auto" else "s--", label=f"k={p['k']}")
+        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="draft position",
+               ylabel="acceptance given earlier accepted", ylim=(0, 1.02))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_acceptance.png")
+
+
+def plot_speedup(runs, args, data):
+    """Decode speedup over target-only against fixed k, measured and predicted (Leviathan's
+    formula with the run's acceptance and costs), k=auto as a horizontal line."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt, fig, cells = _grid(runs)
+    for run, ax in cells:
+        fixed = [p for p in run["paths"] if p["mode"] == "speculative" and p["k"] != "auto"]
+        if fixed:
+            ks = [p["k"] for p in fixed]
+            ax.plot(ks, [p["speedup_vs_target_only"] for p in fixed], "o-", label="measured")
+            if all(p.get("predicted_speedup") is not None for p in fixed):
+                ax.plot(ks, [p["predicted_speedup"] for p in fixed], "x--", label="predicted (Leviathan)")
+        for p in run["paths"]:
+            if p["k"] == "auto" and p.get("speedup_vs_target_only") is not None:
+                ax.axhline(p["speedup_vs_target_only"], color="tab:green", ls="-.", label="measured, k=auto")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="k (tokens per verify pass)",
+               ylabel="decode speedup over target-only")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['draft']} -> {data['target']} ({data['amp']}, {data['max_new_tokens']} new tokens)")
+    return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_speedup.png")
