@@ -1,11 +1,15 @@
 """``verispec bench kernels``: the verify-path kernels per backend, over T x cache length.
 
 For every backend, query count T and prior cache length S (the cache holds S tokens, then the
-T new ones at slots S .. S+T-1), it times ``verify_attention`` and ``kv_append`` and records
-the minimum bytes each must move:
+T new ones at slots S .. S+T-1), it times ``verify_attention`` and ``kv_append`` and, for token
+trees, ``verify_attention`` under a tree's ancestor mask (T nodes of a binary tree, node t's
+parent (t-1)//2) and ``kv_gather`` moving the accepted root-to-leaf path of the deepest node to
+slots S, S+1, ... (the backend's kernel, else the torch reference, named in ``kv_gather_impl``).
+It records the minimum bytes each must move:
 
-* verify_attention: q + the visible K and V (S + T slots per KV head) + out;
+* verify_attention (causal or tree): q + the visible K and V (S + T slots per KV head) + out;
 * kv_append: the new K and V read + the same bytes written into the cache;
+* kv_gather: the path's K and V rows read + the same bytes written;
 
 (positions and masks, a few bytes, are not counted). Backends add their own columns through
 :func:`register_metrics` hooks: for ``nki`` the interpreter's instruction counts per engine and
@@ -21,6 +25,8 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
+
+from verispec.kernels import reference
 
 from .common import measure_memory_bandwidth, results_dir, time_fn, write_json
 
@@ -57,12 +63,36 @@ class Case:
             "scale": self.D**-0.5,
         }
 
+    def tree_path(self) -> list[int]:
+        """The accepted path (node indices, root first): root to the deepest node, T - 1."""
+        path, t = [], self.T - 1
+        while t > 0:
+            path.append(t)
+            t = (t - 1) // 2
+        return [0] + path[::-1]
+
+    def tree_inputs(self) -> dict:
+        """A binary token tree over the T new tokens and the kv_gather of its accepted path."""
+        T, B = self.T, self.B
+        mask = torch.eye(T, dtype=torch.bool)  # [T, T] node t sees its ancestors and itself
+        for t in range(1, T):
+            mask[t] |= mask[(t - 1) // 2]
+        path = self.tree_path()
+        return {
+            "active_mask": mask.expand(B, T, T).contiguous().to(self.device),  # [B, T, T]
+            "src_slots": torch.tensor([[self.S + n for n in path]] * B, dtype=torch.int32, device=self.device),  # [B, N]
+            "dst_start": torch.full((B,), self.S, dtype=torch.int32, device=self.device),  # [B]
+            "counts": torch.full((B,), len(path), dtype=torch.int32, device=self.device),  # [B]
+        }
+
     def min_bytes(self) -> dict:
         item = DTYPES[self.dtype].itemsize
         q = self.B * self.H * self.T * self.D * item
         kv_visible = 2 * self.B * self.H_kv * (self.S + self.T) * self.D * item
         new = 2 * self.B * self.H_kv * self.T * self.D * item
-        return {"verify_attention": 2 * q + kv_visible, "kv_append": 2 * new}
+        path = 2 * self.B * self.H_kv * len(self.tree_path()) * self.D * item  # K and V rows of the path
+        return {"verify_attention": 2 * q + kv_visible, "kv_append": 2 * new, "verify_attention_tree": 2 * q + kv_visible,
+                "kv_gather": 2 * path}
 
 
 # backend name -> hook(kernels, case, inputs) -> extra columns for that row
@@ -78,15 +108,21 @@ def _nki_metrics(ks, case: Case, x: dict) -> dict:
     """The interpreter's counters for one call of each kernel (nothing under AWS's real nki)."""
     from verispec.kernels.nki import backend
 
+    tree = case.tree_inputs()
+    stats = {}
     ks.verify_attention(x["q"], x["k_cache"], x["v_cache"], x["positions"], x["scale"])
-    attn = backend.last_stats["verify_attention"]
+    stats["verify_attention"] = backend.last_stats["verify_attention"]
     ks.kv_append(x["k_cache"], x["v_cache"], x["k_new"], x["v_new"], x["positions"])
-    app = backend.last_stats["kv_append"]
-    if attn is None or app is None:
+    stats["kv_append"] = backend.last_stats["kv_append"]
+    ks.verify_attention(x["q"], x["k_cache"], x["v_cache"], x["positions"], x["scale"], tree["active_mask"])
+    stats["verify_attention_tree"] = backend.last_stats["verify_attention"]
+    ks.get("kv_gather")(x["k_cache"], x["v_cache"], tree["src_slots"], tree["dst_start"], tree["counts"])
+    stats["kv_gather"] = backend.last_stats["kv_gather"]
+    if any(s is None for s in stats.values()):
         return {}
     mins = case.min_bytes()
     out = {}
-    for name, s in (("verify_attention", attn), ("kv_append", app)):
+    for name, s in stats.items():
         d = s.as_dict()
         out[f"{name}_nki"] = {
             "instructions": d["instructions"], "instructions_total": d["instructions_total"],
@@ -115,7 +151,20 @@ def bench_case(case: Case, warmup: int, repeats: int) -> dict:
         lambda: ks.kv_append(x["k_cache"], x["v_cache"], x["k_new"], x["v_new"], x["positions"]),
         warmup=warmup, repeats=repeats, device=case.device,
     )
-    for name in ("verify_attention", "kv_append"):
+    tree = case.tree_inputs()
+    row["tree_path"] = case.tree_path()
+    row["verify_attention_tree"] = time_fn(
+        lambda: ks.verify_attention(x["q"], x["k_cache"], x["v_cache"], x["positions"], x["scale"], tree["active_mask"]),
+        warmup=warmup, repeats=repeats, device=case.device,
+    )
+    gather = ks.get("kv_gather")
+    row["kv_gather_impl"] = "backend" if gather is not None else "reference"
+    gather = gather or reference.kv_gather
+    row["kv_gather"] = time_fn(  # the path already sits at S.. after the first call: same work every call
+        lambda: gather(x["k_cache"], x["v_cache"], tree["src_slots"], tree["dst_start"], tree["counts"]),
+        warmup=warmup, repeats=repeats, device=case.device,
+    )
+    for name in ("verify_attention", "kv_append", "verify_attention_tree", "kv_gather"):
         row[name]["achieved_GBps"] = row["min_bytes"][name] / row[name]["median_s"] / 1e9
     hook = _HOOKS.get(case.backend)
     if hook is not None:
@@ -137,13 +186,17 @@ def run(args) -> int:
                 case = Case(backend, args.device, args.dtype, args.batch, args.heads, args.kv_heads, args.head_dim, T, S)
                 rows.append(bench_case(case, args.warmup, args.repeats))
                 va = rows[-1]["verify_attention"]["median_s"]
+                r = rows[-1]
                 print(f"{backend:>8} T={T:<3} S={S:<5} verify_attention {va * 1e3:9.3f} ms  "
-                      f"kv_append {rows[-1]['kv_append']['median_s'] * 1e3:8.3f} ms")
+                      f"kv_append {r['kv_append']['median_s'] * 1e3:8.3f} ms  "
+                      f"tree {r['verify_attention_tree']['median_s'] * 1e3:9.3f} ms  "
+                      f"kv_gather {r['kv_gather']['median_s'] * 1e3:8.3f} ms")
     bandwidth = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_mib << 20)
     path = write_json("kernels", {
         "command": "verispec bench kernels " + " ".join(args.argv),
-        "counted_bytes": "verify_attention: q + visible K and V (S+T slots per KV head) + out; "
-                         "kv_append: new K and V read + written. Positions and masks not counted.",
+        "counted_bytes": "verify_attention (causal or tree): q + visible K and V (S+T slots per KV head) + out; "
+                         "kv_append: new K and V read + written; kv_gather: the accepted path's K and V rows read + "
+                         "written. Positions, slots and masks not counted.",
         "note": "nki timings are the NumPy interpreter's, not Trainium's; its *_nki columns are the "
                 "interpreter's instruction and DMA counters",
         "memory_bandwidth": bandwidth,
@@ -204,7 +257,7 @@ def _csv(text: str, kind, flag: str) -> list:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("kernels", help="verify_attention / kv_append per backend over T x cache length",
+    p = sub.add_parser("kernels", help="verify_attention / kv_append / token-tree verify_attention and kv_gather per backend over T x cache length",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--backend", default="torch,nki", help="comma-separated kernel backends")
     p.add_argument("--T", default="1,2,4,8,16", help="query tokens per verify pass")
