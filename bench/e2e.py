@@ -43,7 +43,8 @@ WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
 
 
 def register(sub) -> None:
-    p = sub.add_parser("e2e", help="end-to-end tokens/s: target-only, speculative per k and auto, HF transformers")
+    p = sub.add_parser("e2e", help="end-to-end tokens/s: target-only, speculative per k and auto, HF transformers; "
+                       "acceptance, measured and predicted speedup")
     p.add_argument("--target", default="qwen2.5-coder-1.5b", help="model name, HF directory or .gguf file")
     p.add_argument("--draft", default="qwen2.5-coder-0.5b", help="model name/path, 'self:N' or 'ngram'")
     p.add_argument("--draft-quant", default=None, choices=["int8", "w8a8"],
