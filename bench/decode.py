@@ -137,7 +137,6 @@ def interleaved_runs(model, ids, sequence_length: int, wbytes: int, repeats: int
     import torch
 
     from verispec.kernels import cpu as native
-    from verispec.kernels.cpu.fused import hold_plans
 
     n = min(probe_bytes, wbytes) // 4 // 4096 * 4096
     buf = torch.ones(max(n, 4096), dtype=torch.float32)
@@ -145,8 +144,7 @@ def interleaved_runs(model, ids, sequence_length: int, wbytes: int, repeats: int
     native.stream_read(buf)  # fault the pages in
     out = []
     for _ in range(repeats):
-        with hold_plans():  # as in sample(): the probe between the steps changes no model
-            out.append(_interleaved_run(model.stream(ids, sequence_length, temperature=0.0), wbytes, buf, reads, native))
+        out.append(_interleaved_run(model.stream(ids, sequence_length, temperature=0.0), wbytes, buf, reads, native))
     return out
 
 

@@ -25,13 +25,6 @@ Stepper = tuple[Callable[[int, torch.Tensor], Iterator[dict]], Callable]
 def run_steps(i: int, prompt, steppers: dict[int, Stepper], sync: Callable[[], None]) -> dict[int, tuple]:
     """Decode ``prompt`` on every stepper at once, one step of each in turn (the turn order rotated
     by one each round); return ``end(...)`` of each, by key."""
-    from verispec.kernels.cpu.fused import hold_plans
-
-    with hold_plans():  # this loop changes no model between the steps, as sample() does not
-        return _run_steps(i, prompt, steppers, sync)
-
-
-def _run_steps(i: int, prompt, steppers: dict[int, Stepper], sync: Callable[[], None]) -> dict[int, tuple]:
     live = {j: begin(i, prompt) for j, (begin, _) in steppers.items()}
     seconds = {j: [] for j in steppers}
     tokens = {j: [] for j in steppers}

@@ -20,8 +20,7 @@ from .cache import KVCache
 from .config import LlamaConfig
 from .decoder import Decoder
 from .loader import SafetensorsSource, TensorSource, check_source, expected_tensors, materialize
-from .prompts import normalize_prompts, validate_eos
-from .sampling import SamplingParams, greedy_ids, logits_to_probs, make_generator, sample_categorical
+from .prompts import pad_prompts
 
 log = logging.getLogger("verispec.model")
 
@@ -204,7 +203,10 @@ class LlamaForSampling:
         self.last_stats = {}
 
     def enable_speculative_decoder(self, k) -> None:
-        """Declare the speculation lengths (tokens scored per verify pass) this model will serve."""
+        """Set the speculation length (tokens scored per verify pass) that
+        ``SpeculativeGenerator(draft, self)`` uses when it is given no k. An int is that k. A list
+        of ints (transformers-neuronx compiles one graph per listed length; verispec runs any k)
+        means k="auto" up to the list's largest: AdaptiveK chooses k before each step."""
         ks = [k] if isinstance(k, int) and not isinstance(k, bool) else list(k) if isinstance(k, (list, tuple)) else None
         if not ks or any(isinstance(x, bool) or not isinstance(x, int) for x in ks):
             raise TypeError(f"k must be an int or a non-empty list of ints, got {k!r}")
@@ -259,17 +261,15 @@ class LlamaForSampling:
         """Continue only cache rows ``rows`` (moved to the front, in order)."""
         self.cache.keep_rows(rows)
 
-    def prefill(self, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """Fill the cache with right-padded prompts from slot 0; return last-token logits [B, V].
+    def prefill(self, prompts) -> torch.Tensor:
+        """Fill the cache with right-padded prompts (a list of 1-D LongTensors, or a [B, L] tensor
+        of full-length prompts) from slot 0; return last-token logits [B, V].
 
         Padding after a row's prompt writes K/V past its valid length, which the causal mask
         hides from that row's real tokens and later writes overwrite.
         """
-        lengths = torch.tensor([len(p) for p in prompts])
-        ids = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-        for b, p in enumerate(prompts):
-            ids[b, : len(p)] = p
-        pos = torch.zeros(len(prompts), dtype=torch.long)
+        ids, lengths = pad_prompts(prompts)  # [B, L_max], [B]
+        pos = torch.zeros(len(ids), dtype=torch.long)
         return self.forward(ids, pos, logits_at=(lengths - 1)[:, None])[:, 0]
 
     # ---- target-only sampling -----------------------------------------------------------------
@@ -286,90 +286,32 @@ class LlamaForSampling:
         coupled: bool = False,
     ) -> torch.Tensor:  # [B, sequence_length]
         """Target-only sampling. Rows finished by EOS are filled with that EOS id after it.
+        The same tokens as ``SpeculativeGenerator(None, model, k=1).sample(...)`` with the same seed.
 
         ``coupled=True``: each token is the exponential race of the seed's position-keyed noise
         (verispec.spec.coupled), the same tokens a speculative run with ``acceptor="coupled"`` and
         this seed emits at any k and with any draft."""
-        from ..kernels.cpu.fused import hold_plans
-
-        steps = self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id, coupled)
-        with hold_plans():  # no caller code runs between the steps: the fused plans are checked once
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    return done.value
+        gen = self._target_only(coupled)
+        out = gen.sample(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
+        self.last_stats = _sampling_stats(gen.last_stats)
+        return out
 
     def stream(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, eos_token_id=None, coupled: bool = False):
         """Target-only sampling one token per step: yields ``{input row: [token]}`` for the rows
         that made a token this step (the first step includes the prefill); ``last_stats`` is set
         once the stream is exhausted. Same tokens as :meth:`sample` with the same arguments."""
-        yield from self._sample_steps(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id, coupled)
+        gen = self._target_only(coupled)
+        for step in gen.stream(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id):
+            yield step.per_row()
+        self.last_stats = _sampling_stats(gen.last_stats)
 
-    @torch.inference_mode()
-    def _sample_steps(self, input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id, coupled=False):
-        params = SamplingParams(temperature, top_k, top_p)
-        noise = None
-        if coupled:  # the speculative loop's noise for this seed (its fourth draw from the seed)
-            from ..spec.coupled import race
-            from ..spec.randomness import SpeculativeRandomness
+    def _target_only(self, coupled: bool):
+        """The speculative loop at k = 1 on this model: target-only decoding has one loop. (The one
+        place the model layer calls the spec layer, imported here so that models load without it.)"""
+        from ..spec.generator import SpeculativeGenerator
 
-            noise = SpeculativeRandomness(seed, vocab_size=self.vocab_size).acceptor.noise
-        prompts = normalize_prompts(input_ids, self.vocab_size, self.batch_size, sequence_length, self.n_positions)
-        eos = validate_eos(eos_token_id, self.vocab_size)
-        gen = make_generator(seed)
-        B = len(prompts)
-        out = torch.empty(B, sequence_length, dtype=torch.long)
-        lengths = [len(p) for p in prompts]
-        for b, p in enumerate(prompts):
-            out[b, : len(p)] = p
-        t0 = time.perf_counter()
-        logits = self.prefill(prompts)  # [B, V]
-        t_prefill = time.perf_counter() - t0
-        active = [b for b in range(B) if lengths[b] < sequence_length]
-        if len(active) < B:
-            self.keep_rows(active)
-            logits = logits[active]
-        n_new = 0
-
-        def stats() -> dict:
-            return {"new_tokens": n_new, "prefill_s": t_prefill, "decode_s": time.perf_counter() - t0 - t_prefill}
-
-        self.last_stats = stats()
-        while active:
-            if params.greedy and noise is None:  # what sampling the one-hot distribution returns
-                tok = greedy_ids(logits)
-            else:
-                probs = logits_to_probs(logits, params)  # [b, V]
-                if noise is None:
-                    tok = sample_categorical(probs, torch.rand(len(active), generator=gen, dtype=torch.float64))
-                else:  # positions of the new tokens: lengths[b]
-                    tok = race(probs, noise.compute(torch.tensor(active), torch.tensor([lengths[b] for b in active])))
-            tok = self.sync_tokens(tok)
-            toks = tok.tolist()
-            keep = []
-            for i, b in enumerate(active):
-                out[b, lengths[b]] = toks[i]
-                lengths[b] += 1
-                n_new += 1
-                if toks[i] in eos:
-                    out[b, lengths[b] :] = toks[i]
-                elif lengths[b] < sequence_length:
-                    keep.append(i)
-            step = {b: [toks[i]] for i, b in enumerate(active)}
-            if keep and len(keep) < len(active):
-                self.keep_rows(keep)
-                tok = tok[keep]
-            active = [active[i] for i in keep]
-            if active:
-                pos = torch.tensor([lengths[b] - 1 for b in active])
-                logits = self.forward(tok[:, None], pos)[:, 0]
-            else:  # the stats are final before the last step is handed out
-                self.last_stats = stats()
-            yield step
-        self.last_stats["tokens_per_s"] = n_new / max(self.last_stats["decode_s"], 1e-9)
-        return out
+        return SpeculativeGenerator(None, self, 1, acceptor="coupled" if coupled else None, measure_decode_step=False)
 
     def fork(self) -> "LlamaForSampling":
         """A second model over the SAME weights with its own KV cache (and no stats), so two
@@ -381,6 +323,12 @@ class LlamaForSampling:
         twin.last_stats = {}
         twin.speculation_lengths = list(self.speculation_lengths)
         return twin
+
+
+def _sampling_stats(stats) -> dict:
+    """``last_stats`` of target-only sampling, from the loop's SpecStats."""
+    return {"new_tokens": stats.new_tokens, "prefill_s": stats.prefill_s, "decode_s": stats.decode_s,
+            "tokens_per_s": stats.new_tokens / max(stats.decode_s, 1e-9)}
 
 
 def _progress_bar(enabled: bool, label: str):

@@ -1,7 +1,9 @@
-"""Validation of prompts and EOS ids, shared by target-only and speculative sampling.
+"""Prompt preparation and EOS validation: the one path every sampler and every prefill takes.
 
 A prompt batch is a LongTensor [B, L] (every row a full prompt: no padding is guessed) or a
 list of 1-D sequences of different lengths. A genuine token id 0 is a token, never padding.
+:func:`prepare_prompts` validates a batch for a run; :func:`pad_prompts` right-pads one for a
+prefill pass.
 """
 
 from __future__ import annotations
@@ -54,3 +56,41 @@ def validate_eos(eos_token_id, vocab_size: int) -> frozenset:
         if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab_size:
             raise ValueError(f"eos_token_id {e!r} is not a token id in [0, {vocab_size})")
     return frozenset(ids)
+
+
+def prompt_lengths(prompts) -> torch.Tensor:  # [B] int64
+    """Lengths of a list of 1-D prompts, or of the rows of a [B, L] tensor of full-length prompts."""
+    if isinstance(prompts, torch.Tensor):
+        return torch.full((len(prompts),), prompts.shape[1], dtype=torch.long)
+    return torch.tensor([len(p) for p in prompts], dtype=torch.long)
+
+
+def pad_prompts(prompts) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (right-padded [B, L_max] int64 with zeros past each prompt, lengths [B] int64). A [B, L]
+    tensor is returned as is (on the CPU, int64), so 10^5 identical prompts cost no per-row Python."""
+    lengths = prompt_lengths(prompts)
+    if isinstance(prompts, torch.Tensor):
+        return prompts.detach().to("cpu", torch.long), lengths
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = p
+    return padded, lengths
+
+
+def prepare_prompts(input_ids, vocab_size: int, batch_size: int, sequence_length: int, n_positions: int):
+    """Validate prompts for a run -> (prompts for prefill, padded [B, L_max] int64, lengths [B] int64).
+
+    A [B, L] tensor (every row a full prompt) is checked with tensor ops and handed to prefill as
+    is; a list may be ragged (its prompts are 1-D int64 tensors).
+    """
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and len(input_ids) > 1:
+        normalize_prompts(input_ids[:1], vocab_size, batch_size, sequence_length, n_positions)  # shape/dtype/length
+        if len(input_ids) > batch_size:
+            raise ValueError(f"batch of {len(input_ids)} prompts exceeds batch_size={batch_size} of the models")
+        ids = input_ids.detach().to("cpu", torch.long)
+        bad = ((ids < 0) | (ids >= vocab_size)).any(1).nonzero()
+        if bad.numel():
+            raise ValueError(f"prompt {int(bad[0, 0])} holds a token id outside the vocabulary [0, {vocab_size})")
+        return (ids, *pad_prompts(ids))
+    prompts = normalize_prompts(input_ids, vocab_size, batch_size, sequence_length, n_positions)
+    return (prompts, *pad_prompts(prompts))

@@ -1,6 +1,7 @@
 """Token acceptors: decide, per row, how many drafts to keep and which token to emit after them.
 
-Protocol (any callable with this signature and an optional ``lossless`` attribute)::
+The protocol (``verispec.spec.protocols.Acceptor``; any callable with this signature works, and
+may carry the optional members there)::
 
     acceptor(draft_ids,     # [B, g] int64: the drafts x_1..x_g (g = k - 1 >= 0)
              draft_probs,   # [B, g, V] fp32: q, the distribution each draft was SAMPLED from
@@ -12,6 +13,8 @@ Protocol (any callable with this signature and an optional ``lossless`` attribut
 ``tokens[b, :a]`` must equal ``draft_ids[b, :a]`` (a = accepted[b]): those drafts are already
 in the target's cache. ``lossless = True`` claims the output distribution equals target-only
 sampling (docs/exactness.md); the test suite checks every acceptor that claims it.
+``accepts_greedy_ids``: at temperature 0 the loop may call ``accept_greedy(draft_ids, choice)``
+with the target's argmax ids instead (the stock rejection sampler and GreedyTokenAcceptor).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Callable
 import torch
 
 from .coupled import race as _race
+from .protocols import AcceptorBase
 from .rejection import rejection_sample
 
 log = logging.getLogger("verispec.spec")
@@ -46,12 +50,18 @@ def _prefix_length(ok: torch.Tensor) -> torch.Tensor:  # ok [B, g] bool -> [B] l
     return torch.cumprod(ok.long(), dim=1).sum(dim=1)
 
 
-class DefaultTokenAcceptor:
+class DefaultTokenAcceptor(AcceptorBase):
     """Exact rejection sampling (Leviathan et al. 2023; Chen et al. 2023), the default.
 
     Computes through :func:`verispec.spec.rejection.rejection_sample`, or through a backend's
     ``accept_reject`` kernel with the same signature and decisions (chosen once, at
     construction: see :meth:`for_target`).
+
+    At temperature 0, rejection sampling of a one-hot q against a one-hot p accepts draft i iff it
+    is the target's argmax and then emits the argmax: ``accept_greedy`` decides from the ids alone,
+    skipping the [B, k, V] distributions and the random numbers (a [B, V] race draw). Only with the
+    stock kernel: a backend's or a user's kernel, or a subclass (it may change the rule; it opts
+    in by overriding ``accepts_greedy_ids``), is still called.
     """
 
     lossless = True
@@ -59,6 +69,10 @@ class DefaultTokenAcceptor:
 
     def __init__(self, kernel: Callable | None = None):
         self.kernel = kernel if kernel is not None else rejection_sample
+
+    @property
+    def accepts_greedy_ids(self) -> bool:
+        return type(self) is DefaultTokenAcceptor and self.kernel is rejection_sample
 
     @classmethod
     def for_target(cls, target) -> "DefaultTokenAcceptor":
@@ -76,16 +90,21 @@ class DefaultTokenAcceptor:
         return self.kernel(draft_ids, draft_probs, target_probs, uniforms, exponentials)
 
 
-class GreedyTokenAcceptor:
+class GreedyTokenAcceptor(AcceptorBase):
     """Deterministic: keep drafts while they equal the target's argmax, then emit the argmax.
 
     The output is the target's GREEDY decode whatever the temperature, so it is target-only
-    sampling only at temperature 0: not lossless in general.
+    sampling only at temperature 0: not lossless in general. At temperature 0 the loop hands it
+    the argmax ids (``accept_greedy``) instead of one-hot distributions; a subclass opts in.
     """
 
     lossless = False
     exact_when_greedy = True  # at temperature 0 it is target-only greedy decoding
     name = "greedy"
+
+    @property
+    def accepts_greedy_ids(self) -> bool:
+        return type(self) is GreedyTokenAcceptor
 
     def __call__(self, draft_ids, draft_probs, target_probs, rng):
         return accept_by_ids(draft_ids, target_probs.argmax(-1))  # lowest id on ties, as logits_to_probs
@@ -101,7 +120,7 @@ def accept_by_ids(draft_ids: torch.Tensor, choice: torch.Tensor) -> tuple[torch.
     return accepted, _emit_after_prefix(draft_ids, accepted, choice.gather(1, accepted[:, None])[:, 0])
 
 
-class SampleMatchAcceptor:
+class SampleMatchAcceptor(AcceptorBase):
     """Sample the target at every verify position; keep drafts while they equal those samples.
 
     The emitted tokens are always the target's own samples (each from p given the accepted
@@ -118,7 +137,7 @@ class SampleMatchAcceptor:
         return accept_by_ids(draft_ids, _race(target_probs, rng.exponentials(B, g + 1, target_probs.shape[-1])))
 
 
-class CoupledAcceptor:
+class CoupledAcceptor(AcceptorBase):
     """Sample-and-match on position-keyed noise (coupled.py): the token at position t is
     argmax_v p_t(v) / E[row, t, v], with E a fixed function of (seed, row, t, v), and drafts are
     kept while they equal those tokens. A draft that samples with the same noise (model and
@@ -139,7 +158,7 @@ class CoupledAcceptor:
         return accept_by_ids(draft_ids, _race(target_probs, rng.positional_exponentials(g + 1)))  # [B, g + 1] samples
 
 
-class TypicalAcceptor:
+class TypicalAcceptor(AcceptorBase):
     """LOSSY typical acceptance (Medusa, Cai et al. 2024): accept draft x while
     p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p))); then sample one token from p
     at the first unaccepted position. Faster acceptance, but the output is NOT distributed as
@@ -176,12 +195,3 @@ ACCEPTORS = {
     "coupled": CoupledAcceptor,
     "typical": TypicalAcceptor,
 }
-
-
-def is_lossless(acceptor) -> bool | None:
-    """The acceptor's own claim (None: it makes none)."""
-    return getattr(acceptor, "lossless", None)
-
-
-def acceptor_name(acceptor) -> str:
-    return getattr(acceptor, "name", None) or getattr(acceptor, "__name__", None) or type(acceptor).__name__

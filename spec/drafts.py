@@ -1,12 +1,12 @@
 """Draft providers: propose g = k - 1 tokens per row and the distribution q each was sampled from.
 
-Protocol (only ``propose`` is required; the others are called when present)::
+The protocol is ``verispec.spec.protocols.Draft`` (shapes there); only ``propose`` is required::
 
     bind(target)                   once, by SpeculativeGenerator: check vocabulary/batch, keep refs
-    prefill(prompts)               once per run: list of 1-D LongTensors (rows in batch order)
+    prefill(prompts)               once per run: list of 1-D LongTensors (rows in batch order) or [B, L]
     propose(tokens, lengths, g, params, uniforms) -> (draft_ids [B, g] int64, draft_probs [B, g, V] fp32)
         tokens [B, W] int64: each row's committed tokens (prompt included) in tokens[b, :lengths[b]];
-        uniforms [B, g] fp64: the draft's own random stream, for sampling its proposals
+        uniforms [B, g] fp64: the draft's own random stream, for sampling its proposals; g >= 1
     propose(..., noise=fn)         only if ``can_couple``, with a coupled acceptor: ``fn(j)`` -> [B, V]
         Exp(1) noise of draft j's position; sample draft j as argmax_v q_v / noise_v (see
         coupled.py), the race the acceptor runs on the target's p with the same noise
@@ -31,8 +31,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..model.prompts import prompt_lengths
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs, one_hot, sample_categorical
 from .coupled import race
+from .protocols import DraftBase
 
 
 def _kernel(model, name: str):
@@ -82,7 +84,7 @@ def _model_vocab_check(model, target, what: str) -> None:
         )
 
 
-class ModelDraft:
+class ModelDraft(DraftBase):
     """A separate draft model (LlamaForSampling, or anything with its model interface).
 
     The draft's static cache is position-indexed like the target's. ``valid[b]`` counts the
@@ -120,7 +122,7 @@ class ModelDraft:
         if hasattr(self.model, "reset"):
             self.model.reset()
         self.model.prefill(prompts)
-        self.valid = _prompt_lengths(prompts)  # [B]
+        self.valid = prompt_lengths(prompts)  # [B]
 
     def _choose(self, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:  # [B, V], [B] -> [B]
         return sample_categorical(q, uniforms)
@@ -163,7 +165,7 @@ class ModelDraft:
         self.valid = self.valid[rows]
 
 
-class LayerSkipDraft:
+class LayerSkipDraft(DraftBase):
     """Self-draft: the target's first N layers, then its final norm and LM head (``self:N``).
 
     It SHARES the target's cache: the K/V of layers < N at a slot are the same computation
@@ -216,7 +218,17 @@ class LayerSkipDraft:
         return torch.stack(draft_ids, 1), torch.stack(draft_probs, 1)
 
 
-class NGramDraft:
+class NoDraft(DraftBase):
+    """Target-only decoding (``SpeculativeGenerator(None, target, k=1)``): k = 1 never asks for drafts."""
+
+    deterministic = True
+    name = "none"
+
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms):
+        raise RuntimeError(f"no draft to propose {g} tokens: k > 1 needs a draft")
+
+
+class NGramDraft(DraftBase):
     """Prompt-lookup drafting: find the latest earlier occurrence of the last n committed tokens
     (n from ``max_ngram`` down to ``min_ngram``) and propose what followed it. Deterministic, so
     q is one-hot. Rows without a match, or whose match runs out of history, repeat their last
@@ -264,12 +276,6 @@ def ngram_lookup(tokens: torch.Tensor, lengths: torch.Tensor, g: int, max_ngram:
         proposal = torch.where(hit[:, None], tokens.gather(1, cont_idx), proposal)
         found |= hit
     return proposal
-
-
-def _prompt_lengths(prompts) -> torch.Tensor:  # [B] int64
-    if isinstance(prompts, torch.Tensor):  # [B, L] of full-length prompts
-        return torch.full((len(prompts),), prompts.shape[1], dtype=torch.long)
-    return torch.tensor([len(p) for p in prompts], dtype=torch.long)
 
 
 def _sync(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -23,13 +23,13 @@ from typing import Iterator
 
 import torch
 
-from ..model.prompts import normalize_prompts, validate_eos
+from ..model.prompts import prepare_prompts, validate_eos
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
-from .acceptors import DefaultTokenAcceptor, GreedyTokenAcceptor, accept_by_ids, acceptor_name, is_lossless
-from .rejection import rejection_sample
-from .policy import as_policy, check_k_fits, validate_k
+from .drafts import NoDraft
+from .policy import check_k_fits, default_k, validate_k
+from .protocols import part_name
 from .randomness import SpeculativeRandomness
-from .resolve import make_acceptor, make_draft
+from .resolve import as_target, make_acceptor, make_draft, make_policy
 from .stats import SpecStats
 
 log = logging.getLogger("verispec.spec")
@@ -54,79 +54,68 @@ class GenerationResult:
     stats: SpecStats
 
 
-def prepare_prompts(input_ids, vocab_size: int, batch_size: int, sequence_length: int, n_positions: int):
-    """Validate prompts -> (prompts for prefill, padded [B, L_max] int64, lengths [B] int64).
+class _Clock:
+    """Stage timer of one run: ``lap(field)`` -> seconds since the previous lap (or ``start``),
+    measured after the device's queued work, and added to ``stats.<field>`` when one is named."""
 
-    A [B, L] tensor (every row a full prompt) is checked with tensor ops and handed to prefill
-    as is, so 10^5 identical toy prompts cost no per-row Python; a list may be ragged.
-    """
-    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and len(input_ids) > 1:
-        normalize_prompts(input_ids[:1], vocab_size, batch_size, sequence_length, n_positions)  # shape/dtype/length
-        if len(input_ids) > batch_size:
-            raise ValueError(f"batch of {len(input_ids)} prompts exceeds batch_size={batch_size} of the models")
-        ids = input_ids.detach().to("cpu", torch.long)
-        bad = ((ids < 0) | (ids >= vocab_size)).any(1).nonzero()
-        if bad.numel():
-            b = int(bad[0, 0])
-            raise ValueError(f"prompt {b} holds a token id outside the vocabulary [0, {vocab_size})")
-        return ids, ids, torch.full((len(ids),), ids.shape[1], dtype=torch.long)
-    prompts = normalize_prompts(input_ids, vocab_size, batch_size, sequence_length, n_positions)
-    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long)
-    for b, p in enumerate(prompts):
-        padded[b, : len(p)] = p
-    return prompts, padded, lengths
+    def __init__(self, stats: SpecStats, device: torch.device):
+        self.stats = stats
+        self._cuda = device if device.type == "cuda" else None
+        self._t = time.perf_counter()
+
+    def start(self) -> None:
+        self.lap()
+
+    def lap(self, field: str | None = None) -> float:
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
+        now = time.perf_counter()
+        seconds, self._t = now - self._t, now
+        if field is not None:
+            setattr(self.stats, field, getattr(self.stats, field) + seconds)
+        return seconds
 
 
 class SpeculativeGenerator:
     """Exact speculative sampling: ``draft`` proposes k-1 tokens, ``target`` scores k in one pass.
 
     draft: a model with the model interface (LlamaForSampling, toy models), ``"ngram"``,
-    ``"self:N"``, or a draft provider object (see ``verispec.spec.drafts``).
-    k: int >= 1, or a k-policy object (``next_k()``, ``observe()``, ``max_k``).
+    ``"self:N"``, a draft provider object (``verispec.spec.protocols.Draft``), or None (k = 1:
+    target-only decoding).
+    k: int >= 1, ``"auto"`` / ``"auto:MAX"``, or a k-policy object (``protocols.KPolicy``); None:
+    the target's ``enable_speculative_decoder(k)`` (``policy.default_k``).
     acceptor: None (DefaultTokenAcceptor, exact), a name, or any callable with the acceptor
-    protocol (see ``verispec.spec.acceptors``).
+    protocol (``protocols.Acceptor``).
     measure_decode_step: time a one-token target forward at the start of each run (two
     repeats, the faster kept; the slot it writes is rewritten by the first verify pass) as the
     baseline of the measured speedup.
     """
 
-    def __init__(self, draft, target, k, acceptor=None, measure_decode_step: bool = True):
-        for attr in ("forward", "prefill", "keep_rows", "vocab_size", "batch_size", "n_positions"):
-            if not hasattr(target, attr):
-                raise TypeError(f"target {type(target).__name__} lacks {attr!r} of the model interface")
-        self.target = target
-        self.policy = as_policy(k)
-        if draft is None:
-            if self.policy.max_k != 1:
-                raise ValueError("a draft is needed for k > 1 (a model, 'ngram', 'self:N' or a provider)")
-        self.draft = make_draft("ngram" if draft is None else draft, target)  # k = 1 never asks for proposals
-        if draft is None:
-            self.draft.name = "none"
-        if hasattr(self.draft, "bind"):
-            self.draft.bind(target)
-        self.acceptor = make_acceptor(acceptor, target)
-        self.n_positions = min(target.n_positions, getattr(self.draft, "n_positions", target.n_positions))
-        self.batch_size = min(target.batch_size, getattr(self.draft, "batch_size", target.batch_size))
+    def __init__(self, draft, target, k=None, acceptor=None, measure_decode_step: bool = True):
+        self.target = as_target(target)
+        self.policy = make_policy(default_k(self.target.speculation_lengths) if k is None else k)
+        if draft is None and self.policy.max_k != 1:
+            raise ValueError("a draft is needed for k > 1 (a model, 'ngram', 'self:N' or a provider)")
+        self.draft = NoDraft() if draft is None else make_draft(draft, target)
+        self.draft.bind(target)  # the model itself: a layer-skip draft runs its layers, a model draft must not be it
+        self.acceptor = make_acceptor(acceptor, self.target)
+        self.n_positions = _limit(self.target.n_positions, self.draft.n_positions)
+        self.batch_size = _limit(self.target.batch_size, self.draft.batch_size)
         check_k_fits(self.policy.max_k, self.n_positions)
         # a k-policy with a drafting gate (k = "auto") may stop a pass's drafting early, where the draft can
-        self._gate = getattr(self.policy, "keep_drafting", None) if getattr(self.draft, "can_stop_early", False) else None
-        if hasattr(self.policy, "set_gated"):
-            self.policy.set_gated(self._gate is not None)
+        self._gate = self.policy.keep_drafting if self.draft.can_stop_early else None
+        self.policy.set_gated(self._gate is not None)
         # a coupled acceptor (coupled.py) hands its positional noise to drafts that can sample with it
-        self._couple_draft = bool(getattr(self.acceptor, "coupled", False) and getattr(self.draft, "can_couple", False))
-        if getattr(self.acceptor, "coupled", False) and not self._couple_draft and not getattr(self.draft, "deterministic", False):
+        self._couple_draft = bool(self.acceptor.coupled and self.draft.can_couple)
+        if self.acceptor.coupled and not self._couple_draft and not self.draft.deterministic:
             log.info("draft %s cannot sample with the coupled noise: still exact, but it will match less often",
-                     getattr(self.draft, "name", type(self.draft).__name__))
-        # At temperature 0 the stock acceptors' decision is a comparison of ids: rejection sampling
-        # of a one-hot q against a one-hot p accepts draft i iff it is the target's argmax and then
-        # emits the argmax (so does GreedyTokenAcceptor). Those passes skip the [B, k, V]
-        # distributions and the acceptor's random numbers (a [B, V] race draw); a user's acceptor,
-        # or a DefaultTokenAcceptor with a backend's or user's kernel, is still called.
-        self._greedy_ids_accept = type(self.acceptor) is GreedyTokenAcceptor or (
-            type(self.acceptor) is DefaultTokenAcceptor and self.acceptor.kernel is rejection_sample)
+                     part_name(self.draft))
+        # at temperature 0 the acceptors that say so decide from the target's argmax ids alone
+        self._greedy_ids_accept = bool(self.acceptor.accepts_greedy_ids)
+        kernels = self.target.kernels
+        self._argmax = None if kernels is None else kernels.get("argmax")  # the backend's, if it has one
         self.measure_decode_step = measure_decode_step
-        self.device = torch.device(getattr(target, "device", "cpu"))
+        self.device = torch.device(self.target.device)
         self.last_stats: SpecStats | None = None
 
     # ---- public API -----------------------------------------------------------------------------
@@ -138,12 +127,8 @@ class SpeculativeGenerator:
 
     def generate(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None, eos_token_id=None) -> GenerationResult:
-        from ..kernels.cpu.fused import hold_plans
-
-        run = self._run(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
-        with hold_plans():  # only the loop's own components run between the forwards
-            for _ in run:
-                pass
+        for _ in self._run(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id):
+            pass
         return GenerationResult(self._out, self.last_stats)
 
     def stream(self, input_ids, sequence_length: int, temperature: float = 1.0, top_k: int | None = None,
@@ -151,123 +136,156 @@ class SpeculativeGenerator:
         """Yield the tokens committed at each step (the first: one token per row from the prefill)."""
         yield from self._run(input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id)
 
-    # ---- the loop -------------------------------------------------------------------------------
-
-    def _sync_device(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    # ---- the loop: prefill, then step() until every row is done ---------------------------------
 
     @torch.inference_mode()
     def _run(self, input_ids, sequence_length, temperature, top_k, top_p, seed, eos_token_id):
-        params = SamplingParams(temperature, top_k, top_p)
-        exact_here = is_lossless(self.acceptor) or (params.greedy and getattr(self.acceptor, "exact_when_greedy", False))
-        if is_lossless(self.acceptor) is False and not exact_here:
+        prompts = self._begin(input_ids, sequence_length, SamplingParams(temperature, top_k, top_p), seed, eos_token_id)
+        logits = self._prefill(prompts)  # [B, V] at the last prompt token of each row still active
+        t_loop, self._aside_s = time.perf_counter(), 0.0
+        if self._lengths.numel():
+            yield self._first_token(logits)
+        while self._lengths.numel():
+            self._measure_costs()
+            yield self.step()
+        self._stats.decode_s = time.perf_counter() - t_loop - self._aside_s
+
+    def step(self) -> StepTokens:
+        """One speculative step of every active row: k -> propose -> verify -> accept -> commit."""
+        clock, stats, n = self._clock, self._stats, self._lengths  # n [B]: committed tokens, prompt included
+        k = self._next_k()
+        # no row can use drafts past sequence_length, and the verify block must fit the cache
+        g = min(k - 1, self._seq_len - 1 - int(n.min()), self.n_positions - int(n.max()))
+        clock.start()
+
+        # propose: g drafts per row, and q, the law each was sampled from (a drafting gate may stop early)
+        self._rng.acceptor.at(self._rows, n)
+        draft_ids, draft_probs = self._propose(g)  # [B, g], [B, g, V]
+        g = draft_ids.shape[1]
+        draft_s = clock.lap("draft_s")
+
+        # verify: the target scores [last committed token, d_1 .. d_g] at slots n-1 .. n-1+g in one forward
+        last = self._tokens.gather(1, (n - 1)[:, None])  # [B, 1]
+        logits = self.target.forward(torch.cat([last, draft_ids.cpu()], 1), n - 1)  # [B, g + 1, V]
+        target_out = self._target_side(logits)  # p [B, g + 1, V], or its argmax ids [B, g + 1]
+        target_s = clock.lap("target_s")
+        stats.target_s_by_k[g + 1] = stats.target_s_by_k.get(g + 1, 0.0) + target_s
+
+        # accept: a accepted drafts, then one recovered or bonus token, per row
+        accepted, new = self._accept(draft_ids, draft_probs, target_out)  # [B], [B, g + 1]
+        clock.lap("accept_s")
+
+        # commit a + 1 tokens per row (cut at EOS and sequence_length); report the step
+        stats.record(g + 1, accepted)
+        self.policy.observe(g + 1, accepted, draft_s, target_s)
+        return self._commit(accepted, new)
+
+    def _begin(self, input_ids, sequence_length, params: SamplingParams, seed, eos_token_id):
+        """Check a run's inputs and set up its state (every row active); -> the prompts to prefill."""
+        if self.acceptor.lossless is False and not (params.greedy and self.acceptor.exact_when_greedy):
             log.warning("acceptor %s is LOSSY: its output is not distributed as target-only sampling",
-                        acceptor_name(self.acceptor))
+                        part_name(self.acceptor))
         V = self.target.vocab_size
         prompts, padded, lengths = prepare_prompts(input_ids, V, self.batch_size, sequence_length, self.n_positions)
-        eos = validate_eos(eos_token_id, V)
-        self._eos = torch.tensor(sorted(eos), dtype=torch.long)
-        self._seq_len = sequence_length
-        rng = SpeculativeRandomness(seed, self.device, vocab_size=V, noise_slots=self.policy.max_k + 1)
+        self._eos = torch.tensor(sorted(validate_eos(eos_token_id, V)), dtype=torch.long)
+        self._params, self._seq_len = params, sequence_length
+        self._by_ids = params.greedy and self._greedy_ids_accept  # the acceptor decides from argmax ids
+        self._rng = SpeculativeRandomness(seed, self.device, vocab_size=V, noise_slots=self.policy.max_k + 1)
         B = len(lengths)
         self._tokens = torch.zeros(B, sequence_length + self.policy.max_k + 1, dtype=torch.long)  # [B, W]
         self._tokens[:, : padded.shape[1]] = padded
         self._lengths = lengths  # [B]
         self._rows = torch.arange(B)  # [B] input row of each active row
         self._out = torch.empty(B, sequence_length, dtype=torch.long)
-        stats = self.last_stats = SpecStats(acceptor=acceptor_name(self.acceptor), lossless=is_lossless(self.acceptor),
-                                            policy=repr(self.policy),
-                                            draft=getattr(self.draft, "name", type(self.draft).__name__), rows=B)
-        self._stats = stats
-        if hasattr(self.policy, "begin_sequence"):  # optional hook of the k-policy protocol
-            self.policy.begin_sequence()
+        self._stats = self.last_stats = SpecStats(acceptor=part_name(self.acceptor), lossless=self.acceptor.lossless,
+                                                  policy=repr(self.policy), draft=part_name(self.draft), rows=B)
+        self._clock = _Clock(self._stats, self.device)
+        self.policy.begin_sequence()
+        return prompts
 
-        t0 = time.perf_counter()
-        if hasattr(self.target, "reset"):
-            self.target.reset()
+    def _prefill(self, prompts) -> torch.Tensor:
+        """Fill both caches from slot 0; rows whose prompt fills the sequence already finish here.
+        -> logits [B, V] at the last prompt token of each row still active."""
+        self._clock.start()
+        self.target.reset()
         logits = self.target.prefill(prompts)  # [B, V]
-        if hasattr(self.draft, "prefill"):
-            self.draft.prefill(prompts)
-        self._sync_device()
-        stats.prefill_s = time.perf_counter() - t0
+        self.draft.prefill(prompts)
+        self._stats.prefill_s = self._clock.lap()
+        return self._finish_rows(self._lengths >= self._seq_len, logits)
 
-        t_loop = time.perf_counter()
-        probe_s = 0.0
-        done = self._lengths >= sequence_length  # prompts that already fill the sequence
-        logits = self._finish_rows(done, logits)
-        by_ids = params.greedy and self._greedy_ids_accept  # decisions from the target's argmax ids alone
-        if self._lengths.numel():
-            empty_ids = torch.zeros(len(logits), 0, dtype=torch.long, device=self.device)
-            rng.acceptor.at(self._rows, self._lengths)
-            if by_ids:
-                accepted, new = self._accept_ids(empty_ids, greedy_ids(logits, "target model")[:, None])
-            else:
-                target_probs = logits_to_probs(logits, params, "target model")[:, None]  # [B, 1, V]
-                empty_q = torch.zeros(len(logits), 0, V, device=self.device)
-                accepted, new = self._accept(empty_ids, empty_q, target_probs, rng)
-            yield self._commit(accepted, new)
-        while self._lengths.numel():
-            if self.measure_decode_step and stats.decode_step_s is None:
-                probe_s += self._probe_decode_step()
-            if hasattr(self.policy, "needs_calibration") and self.policy.needs_calibration(B):
-                probe_s += self._calibrate_policy(B)
-            k = self.policy.next_k()
-            if hasattr(self.target, "sync_tokens"):  # tensor-parallel ranks take rank 0's k (timings differ)
-                k = int(self.target.sync_tokens(torch.tensor([[k]], dtype=torch.long))[0, 0])
-            validate_k(k)
-            if k > self.policy.max_k:
-                raise ValueError(f"k-policy returned k={k} above its max_k={self.policy.max_k}")
-            n_min, n_max = int(self._lengths.min()), int(self._lengths.max())
-            # no row can use drafts past sequence_length, and the verify block must fit the cache
-            g = min(k - 1, sequence_length - 1 - n_min, self.n_positions - n_max)
-            rows = self._lengths.shape[0]
+    def _first_token(self, logits: torch.Tensor) -> StepTokens:
+        """The first token after each prompt: the acceptor on the prefill's p with no drafts (g = 0),
+        so it is sampled exactly like every other token (docs/exactness.md pitfall 6)."""
+        self._rng.acceptor.at(self._rows, self._lengths)
+        accepted, new = self._accept(*self._no_drafts(), self._target_side(logits[:, None]))
+        return self._commit(accepted, new)
 
-            t_a = time.perf_counter()
-            rng.acceptor.at(self._rows, self._lengths)
-            extra = {"keep": self._gate} if self._gate is not None and g else {}
-            if self._couple_draft and g:  # the draft samples with the coupled acceptor's noise
-                extra["noise"] = lambda i: rng.acceptor.positional_exponentials(1, offset=i)[:, 0]  # [B, V]
-            draft_ids, draft_probs = self.draft.propose(self._tokens, self._lengths, g, params,
-                                                        rng.draft_uniforms(rows, g), **extra)
-            if "keep" in extra and 1 <= draft_ids.shape[-1] < g:  # the gate stopped drafting early
-                g = draft_ids.shape[-1]
-            self._check_proposal(draft_ids, draft_probs, rows, g, V)
-            self._sync_device()
-            t_b = time.perf_counter()
-            last = self._tokens.gather(1, (self._lengths - 1)[:, None])  # [B, 1]
-            verify_ids = torch.cat([last, draft_ids.cpu()], 1)  # [B, g + 1]
-            logits = self.target.forward(verify_ids, self._lengths - 1)  # [B, g + 1, V]
-            if by_ids:
-                choice = greedy_ids(logits, "target model")  # [B, g + 1]
-            else:
-                target_probs = logits_to_probs(logits, params, "target model")
-            self._sync_device()
-            t_c = time.perf_counter()
-            if by_ids:
-                accepted, new = self._accept_ids(draft_ids.to(self.device), choice)
-            else:
-                accepted, new = self._accept(draft_ids.to(self.device), draft_probs.to(self.device), target_probs, rng)
-            t_d = time.perf_counter()
-            stats.draft_s += t_b - t_a
-            stats.target_s += t_c - t_b
-            stats.target_s_by_k[g + 1] = stats.target_s_by_k.get(g + 1, 0.0) + (t_c - t_b)
-            stats.accept_s += t_d - t_c
-            stats.record(g + 1, accepted)
-            self.policy.observe(g + 1, accepted, t_b - t_a, t_c - t_b)
-            yield self._commit(accepted, new)
-        stats.decode_s = time.perf_counter() - t_loop - probe_s
+    def _measure_costs(self) -> None:
+        """Before a step: the one-token decode probe (once per run) and the k-policy's calibration
+        (when it asks); their time is kept out of decode_s."""
+        if self.measure_decode_step and self._stats.decode_step_s is None:
+            self._aside_s += self._probe_decode_step()
+        if self.policy.needs_calibration(self._stats.rows):
+            self._aside_s += self._calibrate_policy(self._stats.rows)
+
+    def _next_k(self) -> int:
+        """The k-policy's k for this step, checked; rank 0's under tensor parallelism (timings differ)."""
+        k = self.policy.next_k()
+        validate_k(k)
+        if k > self.policy.max_k:
+            raise ValueError(f"k-policy returned k={k} above its max_k={self.policy.max_k}")
+        return int(self.target.sync_tokens(torch.tensor([[k]], dtype=torch.long))[0, 0])
+
+    def _no_drafts(self) -> tuple[torch.Tensor, torch.Tensor]:  # [B, 0] int64, [B, 0, V] fp32
+        B = len(self._lengths)
+        return (torch.zeros(B, 0, dtype=torch.long, device=self.device),
+                torch.zeros(B, 0, self.target.vocab_size, device=self.device))
+
+    def _propose(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """g drafts per row [B, g] and the law each was sampled from [B, g, V], checked; fewer than g
+        if a drafting gate stopped the pass. The draft is not asked for none (k = 1)."""
+        if g == 0:
+            return self._no_drafts()
+        B, V = len(self._lengths), self.target.vocab_size
+        extra = {} if self._gate is None else {"keep": self._gate}
+        if self._couple_draft:  # the draft samples with the coupled acceptor's noise
+            noise = self._rng.acceptor
+            extra["noise"] = lambda i: noise.positional_exponentials(1, offset=i)[:, 0]  # [B, V]
+        draft_ids, draft_probs = self.draft.propose(self._tokens, self._lengths, g, self._params,
+                                                    self._rng.draft_uniforms(B, g), **extra)
+        if self._gate is not None and 1 <= draft_ids.shape[-1] < g:  # the gate stopped drafting early
+            g = draft_ids.shape[-1]
+        self._check_proposal(draft_ids, draft_probs, B, g, V)
+        return draft_ids, draft_probs
+
+    def _target_side(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, m, V] logits -> p [B, m, V] fp32 after the sampling parameters, or, when the acceptor
+        decides from ids (temperature 0), the argmax ids [B, m]."""
+        if self._by_ids:
+            return greedy_ids(logits, "target model", self._argmax)
+        return logits_to_probs(logits, self._params, "target model", self._argmax)
+
+    def _accept(self, draft_ids, draft_probs, target_out) -> tuple[torch.Tensor, torch.Tensor]:
+        """The acceptor's decisions (accepted [B], tokens [B, g + 1]) on the CPU, checked, and the
+        same on every tensor-parallel rank (rank 0's)."""
+        draft_ids = draft_ids.to(self.device)
+        B, g = draft_ids.shape
+        if self._by_ids:
+            accepted, new = self.acceptor.accept_greedy(draft_ids, target_out)
+        else:
+            accepted, new = self.acceptor(draft_ids, draft_probs.to(self.device), target_out, self._rng.acceptor)
+        self._check_acceptor_output(accepted, new, draft_ids, B, g, self.target.vocab_size)
+        both = self.target.sync_tokens(torch.cat([accepted.long().cpu()[:, None], new.long().cpu()], 1))
+        return both[:, 0], both[:, 1:]
 
     def _probe_decode_step(self) -> float:
         """Time a one-token target forward (plain decode) at the current batch; return seconds spent."""
         last = self._tokens.gather(1, (self._lengths - 1)[:, None])  # [B, 1]
         times = []
         for _ in range(2):  # the first call may include one-off warm-up work
-            self._sync_device()
-            t = time.perf_counter()
+            self._clock.start()
             self.target.forward(last, self._lengths - 1)  # writes slot n-1, which the verify rewrites
-            self._sync_device()
-            times.append(time.perf_counter() - t)
+            times.append(self._clock.lap())
         self._stats.decode_step_s = min(times)
         return sum(times)
 
@@ -279,33 +297,14 @@ class SpeculativeGenerator:
         room = self.n_positions - int(self._lengths.max()) + 1  # largest k whose slots fit the cache
 
         def time_verify(k: int) -> float:
-            self._sync_device()
-            t = time.perf_counter()
+            self._clock.start()
             self.target.forward(last.expand(-1, k), self._lengths - 1)
-            self._sync_device()
-            return time.perf_counter() - t
+            return self._clock.lap()
 
         self.policy.calibrate(time_verify, batch, largest_k=room)
         spent = time.perf_counter() - t0
         self._stats.calibration_s += spent
         return spent
-
-    def _accept(self, draft_ids, draft_probs, target_probs, rng):
-        B, g = draft_ids.shape
-        accepted, new = self.acceptor(draft_ids, draft_probs, target_probs, rng.acceptor)
-        self._check_acceptor_output(accepted, new, draft_ids, B, g, target_probs.shape[-1])
-        return self._adopt(accepted, new)
-
-    def _accept_ids(self, draft_ids, choice):
-        """Greedy decisions from the target's argmax ``choice`` [B, g + 1] (see ``_greedy_ids_accept``)."""
-        return self._adopt(*accept_by_ids(draft_ids, choice))
-
-    def _adopt(self, accepted, new):
-        accepted, new = accepted.long().cpu(), new.long().cpu()
-        if hasattr(self.target, "sync_tokens"):  # tensor-parallel ranks adopt rank 0's decisions
-            both = self.target.sync_tokens(torch.cat([accepted[:, None], new], 1))
-            accepted, new = both[:, 0], both[:, 1:]
-        return accepted, new
 
     def _commit(self, accepted: torch.Tensor, new: torch.Tensor) -> StepTokens:
         """Append accepted drafts + the emitted token per row, cut at EOS and sequence_length."""
@@ -325,8 +324,7 @@ class SpeculativeGenerator:
         step = StepTokens(self._rows.clone(), committed, count)
         self._lengths = self._lengths + count
         self._stats.new_tokens += int(count.sum())
-        if hasattr(self.draft, "commit"):
-            self.draft.commit(accepted, self._lengths)
+        self.draft.commit(accepted, self._lengths)
         self._finish_rows(hit | (self._lengths >= self._seq_len))
         return step
 
@@ -344,8 +342,7 @@ class SpeculativeGenerator:
         if keep.numel():
             rows = keep.tolist()
             self.target.keep_rows(rows)
-            if hasattr(self.draft, "keep_rows"):
-                self.draft.keep_rows(rows)
+            self.draft.keep_rows(rows)
         self._tokens, self._lengths, self._rows = self._tokens[keep], self._lengths[keep], self._rows[keep]
         return None if logits is None else logits[keep.to(logits.device)]
 
@@ -381,3 +378,7 @@ class SpeculativeGenerator:
         kept = torch.arange(g, device=new.device)[None] < a[:, None]  # [B, g]
         if g and bool((kept & (new[:, :g] != draft_ids.to(new.device))).any()):
             raise ValueError("acceptor changed an accepted draft: tokens[b, :accepted[b]] must equal the drafts")
+
+
+def _limit(target_limit: int, draft_limit: int | None) -> int:
+    return target_limit if draft_limit is None else min(target_limit, draft_limit)

@@ -6,7 +6,8 @@ measured costs and online acceptance). Any k keeps the output exact, provided it
 before the step's random numbers are drawn, which the loop guarantees: k only decides how many
 drafts are proposed, never how a draft is judged.
 
-``k="auto"`` (or ``"auto:MAX"``) is :class:`AdaptiveK`.
+``k="auto"`` (or ``"auto:MAX"``) is :class:`AdaptiveK`. The protocol, with the optional hooks
+(calibration, the drafting gate), is ``verispec.spec.protocols.KPolicy``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import time
 
 import torch
 
+from .protocols import KPolicyBase
 from .verify_costs import VerifyCosts
 
 
-class FixedK:
+class FixedK(KPolicyBase):
     """The same k for every step (the seed API's ``k``)."""
 
     def __init__(self, k: int):
@@ -36,7 +38,7 @@ class FixedK:
         return f"FixedK({self.k})"
 
 
-class AdaptiveK:
+class AdaptiveK(KPolicyBase):
     """Choose k each step to maximise expected committed tokens per second.
 
     For each candidate k (1 .. max_k), with g = k - 1 drafts:
@@ -370,11 +372,26 @@ def parse_auto(k: str) -> AdaptiveK:
 
 
 def as_policy(k):
-    """An int becomes :class:`FixedK`, ``"auto[:MAX]"`` :class:`AdaptiveK`; an object with
-    ``next_k``/``observe``/``max_k`` is used as is."""
+    """An int becomes :class:`FixedK`, ``"auto[:MAX]"`` :class:`AdaptiveK`; a k-policy object
+    (``max_k`` and ``next_k()``; see ``protocols.KPolicy``) is returned as is, after a check."""
     if isinstance(k, str):
         return parse_auto(k)
-    if hasattr(k, "next_k") and hasattr(k, "max_k"):
+    if isinstance(k, KPolicyBase) or any(hasattr(k, m) for m in ("next_k", "max_k", "observe")):
+        missing = [m for m in ("max_k", "next_k") if not hasattr(k, m)]
+        if missing:
+            raise TypeError(f"k-policy {type(k).__name__} lacks {', '.join(map(repr, missing))} (see verispec.spec.protocols.KPolicy)")
         validate_k(k.max_k)
         return k
     return FixedK(k)
+
+
+def default_k(speculation_lengths):
+    """k for a generator given none: what ``target.enable_speculative_decoder(k)`` set. One length
+    is a fixed k; several (transformers-neuronx compiles one graph per listed length, verispec runs
+    any k) let :class:`AdaptiveK` choose k each step, up to the largest."""
+    if not speculation_lengths:
+        raise ValueError("no k: pass k to SpeculativeGenerator(draft, target, k) or call "
+                         "target.enable_speculative_decoder(k) first")
+    if len(speculation_lengths) == 1:
+        return speculation_lengths[0]
+    return AdaptiveK(max_k=max(speculation_lengths))

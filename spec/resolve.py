@@ -1,10 +1,16 @@
-"""Turn user-facing names into draft providers and acceptors.
+"""Turn user-facing names and objects into the loop's parts (``protocols.py``).
 
 Drafts: a model with the model interface (-> ModelDraft), ``"ngram"`` / ``"ngram:N"`` (prompt
 lookup, n-grams up to N), ``"self:N"`` (layer-skip self-draft), any object with ``propose``,
 or a ``"module:attr"`` import string naming one of these (a class is instantiated).
 Acceptors: ``"default"``, ``"greedy"``, ``"sample-match"``, ``"coupled"``, ``"typical"``, any callable with
 the acceptor protocol, or a ``"module:attr"`` import string.
+k: an int, ``"auto"`` / ``"auto:MAX"``, or a k-policy object (``policy.as_policy``).
+
+A user's object that is not an instance of its protocol (the bases subclass it; so does an object
+with every member) is wrapped once, here, in an adapter: the object's own members where it has
+them, the base's no-op defaults elsewhere, and every other attribute read through to the object
+(``adapter.inner``). So the loop calls every hook unconditionally.
 """
 
 from __future__ import annotations
@@ -13,6 +19,10 @@ import importlib
 
 from .acceptors import ACCEPTORS, DefaultTokenAcceptor
 from .drafts import LayerSkipDraft, ModelDraft, NGramDraft
+from .policy import as_policy
+from .protocols import Acceptor, AcceptorBase, Draft, DraftBase, KPolicy, KPolicyBase, Target, TargetBase
+
+TARGET_REQUIRED = ("forward", "prefill", "keep_rows", "vocab_size", "batch_size", "n_positions")
 
 
 def import_string(spec: str):
@@ -53,8 +63,11 @@ def make_draft(draft, target):
         raise ValueError(
             f"unknown draft {draft!r}: use a model, 'ngram', 'ngram:N', 'self:N', a provider object or 'module:attr'"
         )
-    if hasattr(draft, "propose"):
+    if isinstance(draft, DraftBase):
+        _check_overridden(draft, DraftBase, "propose", "propose(tokens, lengths, g, params, uniforms)")
         return draft
+    if hasattr(draft, "propose"):
+        return draft if isinstance(draft, Draft) else DraftAdapter(draft)
     if hasattr(draft, "forward") and hasattr(draft, "vocab_size"):
         return ModelDraft(draft)
     raise TypeError(
@@ -79,6 +92,112 @@ def make_acceptor(acceptor, target, extra: dict | None = None):
         raise ValueError(f"unknown acceptor {acceptor!r}: use one of {names}, a callable or 'module:attr'")
     if isinstance(acceptor, type):
         return make_acceptor(acceptor(), target)
+    if isinstance(acceptor, AcceptorBase):
+        _check_overridden(acceptor, AcceptorBase, "__call__", "__call__(draft_ids, draft_probs, target_probs, rng)")
+        return acceptor
     if not callable(acceptor):
         raise TypeError(f"acceptor must be callable (draft_ids, draft_probs, target_probs, rng), got {type(acceptor).__name__}")
-    return acceptor
+    return acceptor if isinstance(acceptor, Acceptor) else AcceptorAdapter(acceptor)
+
+
+def make_policy(k):
+    """Resolve ``k`` (an int, ``"auto[:MAX]"`` or a k-policy object) to a k-policy."""
+    policy = as_policy(k)
+    if isinstance(policy, KPolicyBase):
+        _check_overridden(policy, KPolicyBase, "next_k", "next_k()")
+        return policy
+    return policy if isinstance(policy, KPolicy) else KPolicyAdapter(policy)
+
+
+def as_target(target):
+    """The target with every member of ``protocols.Target``: as is, or in an adapter."""
+    missing = [m for m in TARGET_REQUIRED if not hasattr(target, m)]
+    if missing:
+        raise TypeError(f"target {type(target).__name__} lacks {', '.join(map(repr, missing))} of the model interface")
+    return target if isinstance(target, Target) else TargetAdapter(target)
+
+
+def _check_overridden(obj, base, method: str, signature: str) -> None:
+    if getattr(type(obj), method) is getattr(base, method):
+        raise TypeError(f"{type(obj).__name__} subclasses {base.__name__} but does not define {signature}")
+
+
+# ---- adapters ---------------------------------------------------------------------------------------
+
+
+def _read_through(member: str, default):
+    """A property that reads the wrapped object's ``member`` when it has one, else ``default``."""
+    return property(lambda self: getattr(self.inner, member, default))
+
+
+class _Adapter:
+    """Holds the user's object as ``inner``; members the adapter does not define are read from it."""
+
+    def __init__(self, inner, hooks: tuple[str, ...]):
+        self.inner = inner
+        for hook in hooks:  # the object's own bound methods, looked up once, shadow the base's no-ops
+            if callable(getattr(inner, hook, None)):
+                setattr(self, hook, getattr(inner, hook))
+
+    def __getattr__(self, attr):
+        if attr == "inner":  # not yet set (copying, unpickling)
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    @property
+    def name(self) -> str:
+        inner = self.inner
+        return getattr(inner, "name", None) or getattr(inner, "__name__", None) or type(inner).__name__
+
+    def __repr__(self) -> str:
+        return repr(self.inner)
+
+
+class DraftAdapter(_Adapter, DraftBase):
+    """A draft provider with ``propose`` and any of the optional members."""
+
+    deterministic = _read_through("deterministic", False)
+    can_stop_early = _read_through("can_stop_early", False)
+    can_couple = _read_through("can_couple", False)
+    n_positions = _read_through("n_positions", None)
+    batch_size = _read_through("batch_size", None)
+
+    def __init__(self, draft):
+        super().__init__(draft, ("propose", "bind", "prefill", "commit", "keep_rows"))
+
+
+class AcceptorAdapter(_Adapter, AcceptorBase):
+    """A callable acceptor; a greedy-id shortcut only if it says ``accepts_greedy_ids = True``."""
+
+    lossless = _read_through("lossless", None)
+    exact_when_greedy = _read_through("exact_when_greedy", False)
+    coupled = _read_through("coupled", False)
+    accepts_greedy_ids = _read_through("accepts_greedy_ids", False)
+
+    def __init__(self, acceptor):
+        super().__init__(acceptor, ("accept_greedy",))
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        return self.inner(draft_ids, draft_probs, target_probs, rng)
+
+
+class KPolicyAdapter(_Adapter, KPolicyBase):
+    """A k-policy with ``max_k`` and ``next_k``; its other hooks where it has them."""
+
+    max_k = _read_through("max_k", None)
+    keep_drafting = _read_through("keep_drafting", None)
+
+    def __init__(self, policy):
+        super().__init__(policy, ("next_k", "observe", "begin_sequence", "needs_calibration", "calibrate", "set_gated"))
+
+
+class TargetAdapter(_Adapter, TargetBase):
+    """A model with the required members of the model interface; reset, sync_tokens, device,
+    kernels and speculation_lengths where it has them."""
+
+    device = _read_through("device", TargetBase.device)
+    kernels = _read_through("kernels", None)
+    speculation_lengths = _read_through("speculation_lengths", ())
+
+    def __init__(self, target):
+        super().__init__(target, ("forward", "prefill", "keep_rows", "reset", "sync_tokens"))

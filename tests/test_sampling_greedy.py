@@ -80,17 +80,17 @@ def test_greedy_probs_and_ids_are_what_sampling_the_one_hot_gives():
 
 
 def test_target_only_greedy_shortcut_gives_the_sampled_text(tiny_hf, monkeypatch):
-    """sample() at temperature 0 takes the argmax instead of sampling the one-hot distribution:
-    the text is the one the sampling path gives (forced here by disabling the shortcut)."""
+    """sample() at temperature 0 takes the argmax instead of sampling the one-hot distribution
+    (the default acceptor's greedy-id shortcut): the text is the one the sampling path gives
+    (forced here by disabling the shortcut: the acceptor then samples the one-hot p)."""
     from verispec.model import LlamaForSampling
-    from verispec.model import for_sampling
+    from verispec.spec.acceptors import DefaultTokenAcceptor
 
     path, _ = tiny_hf("llama")
     m = LlamaForSampling.from_pretrained(path, n_positions=64, batch_size=2, amp="bf16")
     ids = torch.randint(0, m.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
     fast = m.sample(ids, 30, temperature=0.0, seed=3)
-    monkeypatch.setattr(for_sampling, "greedy_ids", lambda logits, who="model": sample_categorical(
-        logits_to_probs(logits, SamplingParams(0.0)), torch.rand(len(logits), dtype=torch.float64)))
+    monkeypatch.setattr(DefaultTokenAcceptor, "accepts_greedy_ids", False)
     assert torch.equal(m.sample(ids, 30, temperature=0.0, seed=3), fast)
 
 

@@ -86,7 +86,6 @@ def _generate(args, p, is_rank0: bool) -> int:
     import torch
     from rich.console import Console
 
-    from verispec.kernels.cpu.fused import hold_plans
     from verispec.model import LlamaForSampling
     from verispec.spec import SpeculativeGenerator
 
@@ -106,15 +105,14 @@ def _generate(args, p, is_rank0: bool) -> int:
     eos = set(target.config.eos_token_id)
     stream = TextStream(p.tokenizer)
     ended = False  # an end-of-sequence token came (else the reply stopped at --max-new-tokens)
-    with hold_plans():  # printing between the steps changes no model
-        for step in gen.stream(torch.tensor([p.ids]), len(p.ids) + args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=sorted(eos) or None):
-            new = step.per_row().get(0, [])
-            ended = ended or any(t in eos for t in new)
-            piece = stream.push([t for t in new if t not in eos])
-            if piece:
-                console.print(piece, end="", markup=False, soft_wrap=True)
-                console.file.flush()
+    for step in gen.stream(torch.tensor([p.ids]), len(p.ids) + args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_token_id=sorted(eos) or None):
+        new = step.per_row().get(0, [])
+        ended = ended or any(t in eos for t in new)
+        piece = stream.push([t for t in new if t not in eos])
+        if piece:
+            console.print(piece, end="", markup=False, soft_wrap=True)
+            console.file.flush()
     console.print(stream.flush(), markup=False, soft_wrap=True)
     if not ended:
         err.print(f"note: stopped at --max-new-tokens {args.max_new_tokens} before the end of the answer; raise "
