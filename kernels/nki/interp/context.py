@@ -26,7 +26,7 @@ from . import dtypes
 from .errors import NKIError, NKIRuleError
 from .hazards import ParallelLoop
 from .tensor import HBM, PMAX, PSUM, SBUF, Allocation, Selector, Tensor
-from .views import VirtualRegister
+from .selector import VirtualRegister
 
 
 @dataclass(frozen=True)

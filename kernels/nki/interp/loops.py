@@ -21,7 +21,7 @@ import numpy as np
 from .context import current, current_or_none
 from .errors import NKIError
 from .tensor import Tensor
-from .views import VirtualRegister
+from .selector import VirtualRegister
 
 MAX_WHILE_ITERATIONS = 1 << 20  # a condition register that never reaches 0 is a kernel bug
 
