@@ -238,6 +238,23 @@ def test_undefined_values_follow_matmul_rows_and_columns():
         run(k, a, b, 4)
 
 
+def test_undefined_values_follow_a_transpose():
+    x = f32(3, 8)
+
+    def k(x, cols):
+        t = nl.ndarray((4, 8), dtype=F32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=t[0:3, :], src=x)  # partition 3 never written
+        tp = nl.ndarray((8, 4), dtype=F32, buffer=nl.psum)
+        nisa.nc_transpose(dst=tp, data=t)
+        r = nl.ndarray((8, 4), dtype=F32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=r, src=tp)
+        return out_like(r[:, 0:cols])
+
+    np.testing.assert_array_equal(run(k, x, 3), x.T)
+    with pytest.raises(NKIRuleError, match=r"8 of 32 elements .* e.g. at \[0, 3\], \[1, 3\]"):
+        run(k, x, 4)
+
+
 def test_an_input_written_in_place_from_never_written_memory_is_reported():
     def k(cache):
         t = nl.ndarray((1, 4), dtype=F32, buffer=nl.sbuf)

@@ -8,9 +8,10 @@ tiles only, as the NKI compiler allocates them.
 
 Undefined values: fresh memory holds NaN or a sentinel and may be read (rule 9). Each
 instruction's destination elements are marked undefined where they were computed from
-undefined inputs (elementwise for same-sized operands, per partition for [P, 1] operands and
-free-axis reductions, by row and column for matmul, transposed for transposes); a check after
-the kernel reports outputs holding undefined elements.
+undefined inputs (elementwise for same-sized operands, per partition for [P, 1] operands,
+free-axis reductions and scans, by row and column for matmul, transposed for nc_transpose, and
+wholesale where partitions move by data); a check after the kernel reports outputs holding
+undefined elements.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def _undefined(alloc: Allocation, sel: Selector, unwritten: bool) -> np.ndarray 
     return bad if bad.any() else None
 
 
+SCANS = frozenset({"tensor_tensor_scan", "tensor_scalar_cumulative"})
+PARTITION_MOVES = frozenset({"nc_stream_shuffle", "local_gather", "nc_n_gather", "dma_transpose"})
+
+
 def _spread(op: str, role: str, bad: np.ndarray, shape: tuple) -> np.ndarray:
     """Which destination elements an operand's undefined elements reach."""
     size, parts = math.prod(shape), shape[0]
@@ -108,13 +113,22 @@ def _spread(op: str, role: str, bad: np.ndarray, shape: tuple) -> np.ndarray:
         else:
             out[:, cols] = True
         return out.reshape(shape)
-    if op in ("nc_transpose", "dma_transpose") and role in ("data", "src") and bad.size == size:
+    if op == "nc_transpose" and role == "data" and bad.size == size:
         return bad.reshape(bad.shape[0], -1).T.reshape(shape)
+    if op in SCANS and bad.shape[0] == parts:  # an element depends on the partition's earlier ones
+        return _per_partition(bad, shape)
+    if op in PARTITION_MOVES:  # which partition lands where is data: assume any
+        return np.full(shape, bool(bad.any()))
     if bad.size == size:
         return bad.reshape(shape)  # elementwise, in row-major order of the two views
     if bad.shape[0] == parts:  # a [P, 1] operand, or a reduction along the free axes
-        return np.broadcast_to(bad.reshape(parts, -1).any(axis=1).reshape((parts,) + (1,) * (len(shape) - 1)), shape)
+        return _per_partition(bad, shape)
     return np.full(shape, bool(bad.any()))
+
+
+def _per_partition(bad: np.ndarray, shape: tuple) -> np.ndarray:
+    rows = bad.reshape(shape[0], -1).any(axis=1)
+    return np.broadcast_to(rows.reshape((shape[0],) + (1,) * (len(shape) - 1)), shape)
 
 
 class Context:
