@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .block import BlockAcceptor
 from .coupled import race as _race
 from .protocols import AcceptorBase
 from .rejection import rejection_sample
@@ -116,6 +117,8 @@ def accept_by_ids(draft_ids: torch.Tensor, choice: torch.Tensor) -> tuple[torch.
     there -> (accepted [B], tokens [B, g + 1]). With the argmax this is also what rejection
     sampling decides at temperature 0 (one-hot q and p)."""
     g = draft_ids.shape[1]
+    if g == 0:  # no drafts (k = 1, and every first token after a prompt): emit the choice
+        return torch.zeros(len(choice), dtype=torch.long, device=choice.device), choice.long()
     accepted = _prefix_length(draft_ids == choice[:, :g])
     return accepted, _emit_after_prefix(draft_ids, accepted, choice.gather(1, accepted[:, None])[:, 0])
 
@@ -194,4 +197,5 @@ ACCEPTORS = {
     "sample-match": SampleMatchAcceptor,
     "coupled": CoupledAcceptor,
     "typical": TypicalAcceptor,
+    "block": BlockAcceptor,
 }
