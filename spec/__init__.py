@@ -13,19 +13,26 @@ from .coupled import PositionalNoise
 from .drafts import LayerSkipDraft, ModelDraft, NGramDraft, ngram_lookup
 from .generator import GenerationResult, SpeculativeGenerator, StepTokens
 from .policy import AdaptiveK, FixedK
+from .protocols import Acceptor, AcceptorBase, Draft, DraftBase, KPolicy, KPolicyBase, Target, TargetBase
 from .randomness import AcceptorRandomness, SpeculativeRandomness
 from .rejection import rejection_sample
 from .stats import SpecStats, predicted_speedup
 
 __all__ = [
     "ACCEPTORS",
+    "Acceptor",
+    "AcceptorBase",
     "AcceptorRandomness",
     "CoupledAcceptor",
     "DefaultTokenAcceptor",
+    "Draft",
+    "DraftBase",
     "AdaptiveK",
     "FixedK",
     "GenerationResult",
     "GreedyTokenAcceptor",
+    "KPolicy",
+    "KPolicyBase",
     "LayerSkipDraft",
     "ModelDraft",
     "NGramDraft",
@@ -35,6 +42,8 @@ __all__ = [
     "SpeculativeGenerator",
     "SpeculativeRandomness",
     "StepTokens",
+    "Target",
+    "TargetBase",
     "TypicalAcceptor",
     "ngram_lookup",
     "predicted_speedup",
