@@ -27,7 +27,6 @@ from ..model.prompts import prepare_prompts, validate_eos
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
 from .drafts import NoDraft
 from .policy import check_k_fits, default_k, validate_k
-from .protocols import part_name
 from .randomness import SpeculativeRandomness
 from .resolve import as_target, make_acceptor, make_draft, make_policy
 from .stats import SpecStats
@@ -109,7 +108,7 @@ class SpeculativeGenerator:
         self._couple_draft = bool(self.acceptor.coupled and self.draft.can_couple)
         if self.acceptor.coupled and not self._couple_draft and not self.draft.deterministic:
             log.info("draft %s cannot sample with the coupled noise: still exact, but it will match less often",
-                     part_name(self.draft))
+                     self.draft.name)
         # at temperature 0 the acceptors that say so decide from the target's argmax ids alone
         self._greedy_ids_accept = bool(self.acceptor.accepts_greedy_ids)
         kernels = self.target.kernels
@@ -184,7 +183,7 @@ class SpeculativeGenerator:
         """Check a run's inputs and set up its state (every row active); -> the prompts to prefill."""
         if self.acceptor.lossless is False and not (params.greedy and self.acceptor.exact_when_greedy):
             log.warning("acceptor %s is LOSSY: its output is not distributed as target-only sampling",
-                        part_name(self.acceptor))
+                        self.acceptor.name)
         V = self.target.vocab_size
         prompts, padded, lengths = prepare_prompts(input_ids, V, self.batch_size, sequence_length, self.n_positions)
         self._eos = torch.tensor(sorted(validate_eos(eos_token_id, V)), dtype=torch.long)
@@ -197,8 +196,8 @@ class SpeculativeGenerator:
         self._lengths = lengths  # [B]
         self._rows = torch.arange(B)  # [B] input row of each active row
         self._out = torch.empty(B, sequence_length, dtype=torch.long)
-        self._stats = self.last_stats = SpecStats(acceptor=part_name(self.acceptor), lossless=self.acceptor.lossless,
-                                                  policy=repr(self.policy), draft=part_name(self.draft), rows=B)
+        self._stats = self.last_stats = SpecStats(acceptor=self.acceptor.name, lossless=self.acceptor.lossless,
+                                                  policy=repr(self.policy), draft=self.draft.name, rows=B)
         self._clock = _Clock(self._stats, self.device)
         self.policy.begin_sequence()
         return prompts

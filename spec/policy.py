@@ -379,7 +379,8 @@ def as_policy(k):
     if isinstance(k, KPolicyBase) or any(hasattr(k, m) for m in ("next_k", "max_k", "observe")):
         missing = [m for m in ("max_k", "next_k") if not hasattr(k, m)]
         if missing:
-            raise TypeError(f"k-policy {type(k).__name__} lacks {', '.join(map(repr, missing))} (see verispec.spec.protocols.KPolicy)")
+            raise TypeError(f"k-policy {type(k).__name__} lacks {', '.join(map(repr, missing))} "
+                            "(see verispec.spec.protocols.KPolicy)")
         validate_k(k.max_k)
         return k
     return FixedK(k)

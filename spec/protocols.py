@@ -63,7 +63,7 @@ class Draft(Protocol):
     deterministic draft reports a one-hot q and sets ``deterministic``.
     """
 
-    name: str  # for statistics ("" -> the class name)
+    name: str  # for statistics (default: the class name)
     deterministic: bool  # proposals are a function of the committed tokens (q one-hot)
     can_stop_early: bool  # propose() takes keep= (a drafting gate)
     can_couple: bool  # propose() takes noise= (the coupled acceptor's noise)
@@ -102,7 +102,7 @@ class Acceptor(Protocol):
     (docs/exactness.md); the test suite and ``verispec check`` test that claim.
     """
 
-    name: str  # for statistics ("" -> the class name)
+    name: str  # for statistics (default: the class name)
     lossless: bool | None  # the claim above; None: no claim
     exact_when_greedy: bool  # lossless at temperature 0 (GreedyTokenAcceptor)
     coupled: bool  # the loop hands drafts the positional noise the acceptor samples with
@@ -152,6 +152,13 @@ class KPolicy(Protocol):
 # ---- base classes: subclass one, define the required members, override hooks as needed --------------
 
 
+class _ClassName:
+    """Default ``name``: the class's own name (a class attribute or an instance may set another)."""
+
+    def __get__(self, obj, cls) -> str:
+        return cls.__name__
+
+
 class TargetBase:
     """Defaults of a target's optional members (a model on one device, one process)."""
 
@@ -170,7 +177,7 @@ class DraftBase:
     """Defaults of a draft's optional members: a sampling draft (not deterministic) that can
     neither stop early nor couple, keeps no state between steps and has no limits of its own."""
 
-    name = ""
+    name = _ClassName()
     deterministic = False
     can_stop_early = False
     can_couple = False
@@ -196,14 +203,15 @@ class DraftBase:
 class AcceptorBase:
     """Defaults of an acceptor's optional members: no exactness claim, no greedy shortcut."""
 
-    name = ""
+    name = _ClassName()
     lossless: bool | None = None
     exact_when_greedy = False
     coupled = False
     accepts_greedy_ids = False  # opt in only if accept_greedy decides as __call__ does at temperature 0
 
     def __call__(self, draft_ids, draft_probs, target_probs, rng):
-        raise NotImplementedError(f"{type(self).__name__} must define __call__(draft_ids, draft_probs, target_probs, rng)")
+        raise NotImplementedError(
+            f"{type(self).__name__} must define __call__(draft_ids, draft_probs, target_probs, rng)")
 
     def accept_greedy(self, draft_ids, choice):
         """Keep the drafts while they equal ``choice``, then emit ``choice`` there: what rejection
@@ -237,8 +245,3 @@ class KPolicyBase:
 
     def set_gated(self, gated: bool) -> None:
         pass
-
-
-def part_name(part) -> str:
-    """A draft's or an acceptor's name for statistics: its ``name``, else its class name."""
-    return part.name or type(part).__name__

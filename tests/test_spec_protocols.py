@@ -82,7 +82,8 @@ def test_user_parts_without_the_bases_are_wrapped_and_their_missing_hooks_are_no
 
 def test_a_user_object_with_every_member_is_used_as_is():
     class Full(RepeatLast):
-        name, deterministic, can_stop_early, can_couple, n_positions, batch_size = "full", True, False, False, None, None
+        name, deterministic, can_stop_early, can_couple = "full", True, False, False
+        n_positions = batch_size = None
 
         def bind(self, target): ...
         def prefill(self, prompts): ...
