@@ -9,6 +9,7 @@ from .acceptors import (
     SampleMatchAcceptor,
     TypicalAcceptor,
 )
+from .block import BlockAcceptor
 from .coupled import PositionalNoise
 from .drafts import LayerSkipDraft, ModelDraft, NGramDraft, ngram_lookup
 from .generator import GenerationResult, SpeculativeGenerator, StepTokens
@@ -23,6 +24,7 @@ __all__ = [
     "Acceptor",
     "AcceptorBase",
     "AcceptorRandomness",
+    "BlockAcceptor",
     "CoupledAcceptor",
     "DefaultTokenAcceptor",
     "Draft",
