@@ -18,7 +18,7 @@ from ..model.sampling import SamplingParams, logits_to_probs
 from ..testing import BIASED_ACCEPTORS, ArgmaxSoftQDraft, MarkovChainLM
 from .generator import SpeculativeGenerator
 from .goodness_of_fit import goodness_of_fit
-from .resolve import make_acceptor
+from .resolve import make_acceptor, make_policy
 
 STATISTICS = ("chi2", "g")
 
@@ -145,7 +145,11 @@ def check_exactness(
     if not prompts or samples < len(prompts) or samples < 1:
         raise ValueError(f"need at least one prompt and samples >= number of prompts, got {samples} for {len(prompts)}")
     chain_seed = seed if chain_seed is None else chain_seed
-    n_positions = max(len(p) for p in prompts) + length + (k if isinstance(k, int) else 8) + 1
+    max_k = make_policy(k).max_k
+    # the loop runs max_k - 1 tokens past the tested window, so that no pass inside the window is
+    # cut short by the sequence's end: every pass there may carry all k - 1 drafts
+    run_on = max_k - 1
+    n_positions = max(len(p) for p in prompts) + length + run_on + max_k + 1
     if target is None:
         target = MarkovChainLM.random(vocab, chain_seed, order=order, n_positions=n_positions, batch_size=samples)
     target = _toy_for(target, samples)
@@ -167,8 +171,8 @@ def check_exactness(
     same_length = len({len(p) for p in prompts}) == 1
     input_ids = torch.stack(rows) if same_length else rows
     gen = SpeculativeGenerator(draft, target, k, acceptor=acceptor, measure_decode_step=False)
-    # shorter prompts run on past their L tokens; the first L keep their distribution
-    seq_len = max(len(p) for p in prompts) + length
+    # rows run on past their first L tokens (shorter prompts further); the first L keep their law
+    seq_len = max(len(p) for p in prompts) + length + run_on
     result = gen.generate(input_ids, seq_len, temperature, top_k, top_p, seed=seed, eos_token_id=eos_token_id)
 
     groups = []
