@@ -27,6 +27,7 @@ from ..model.prompts import prepare_prompts, validate_eos
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
 from .drafts import NoDraft
 from .policy import check_k_fits, default_k, validate_k
+from .protocols import AcceptorBase
 from .randomness import SpeculativeRandomness
 from .resolve import as_target, make_acceptor, make_draft, make_policy
 from .stats import SpecStats
@@ -109,8 +110,10 @@ class SpeculativeGenerator:
         if self.acceptor.coupled and not self._couple_draft and not self.draft.deterministic:
             log.info("draft %s cannot sample with the coupled noise: still exact, but it will match less often",
                      self.draft.name)
-        # at temperature 0 the acceptors that say so decide from the target's argmax ids alone
+        # at temperature 0 the acceptors that say so decide from the target's argmax ids alone; the
+        # library's own id rule (the base's accept_greedy) needs no output check, an acceptor's own does
         self._greedy_ids_accept = bool(self.acceptor.accepts_greedy_ids)
+        self._check_ids = type(self.acceptor).accept_greedy is not AcceptorBase.accept_greedy
         kernels = self.target.kernels
         self._argmax = None if kernels is None else kernels.get("argmax")  # the backend's, if it has one
         self.measure_decode_step = measure_decode_step
@@ -273,7 +276,8 @@ class SpeculativeGenerator:
             accepted, new = self.acceptor.accept_greedy(draft_ids, target_out)
         else:
             accepted, new = self.acceptor(draft_ids, draft_probs.to(self.device), target_out, self._rng.acceptor)
-        self._check_acceptor_output(accepted, new, draft_ids, B, g, self.target.vocab_size)
+        if self._check_ids or not self._by_ids:
+            self._check_acceptor_output(accepted, new, draft_ids, B, g, self.target.vocab_size)
         both = self.target.sync_tokens(torch.cat([accepted.long().cpu()[:, None], new.long().cpu()], 1))
         return both[:, 0], both[:, 1:]
 
@@ -307,24 +311,24 @@ class SpeculativeGenerator:
 
     def _commit(self, accepted: torch.Tensor, new: torch.Tensor) -> StepTokens:
         """Append accepted drafts + the emitted token per row, cut at EOS and sequence_length."""
-        m = new.shape[1]
-        ar = torch.arange(m)
+        ar = torch.arange(new.shape[1])  # [m]
         count = torch.minimum(accepted + 1, self._seq_len - self._lengths)  # [B]
-        within = ar[None] < count[:, None]  # [B, m]
-        hit = torch.zeros_like(count, dtype=torch.bool)
+        within = ar < count[:, None]  # [B, m]
+        hit = None
         if self._eos.numel():
             is_eos = within & torch.isin(new, self._eos)
             hit = is_eos.any(1)
             count = torch.where(hit, is_eos.long().argmax(1) + 1, count)  # keep up to the first EOS
-            within = ar[None] < count[:, None]
+            within = ar < count[:, None]
+        committed = torch.where(within, new, -1)  # [B, m]
         idx = self._lengths[:, None] + ar  # [B, m] slots of the new tokens
-        committed = torch.where(within, new, -1)
         self._tokens.scatter_(1, idx, torch.where(within, new, self._tokens.gather(1, idx)))
-        step = StepTokens(self._rows.clone(), committed, count)
+        step = StepTokens(self._rows, committed, count)  # (rows is replaced, never changed in place)
         self._lengths = self._lengths + count
         self._stats.new_tokens += int(count.sum())
         self.draft.commit(accepted, self._lengths)
-        self._finish_rows(hit | (self._lengths >= self._seq_len))
+        done = self._lengths >= self._seq_len
+        self._finish_rows(done if hit is None else done | hit)
         return step
 
     def _finish_rows(self, done: torch.Tensor, logits: torch.Tensor | None = None):

@@ -175,10 +175,16 @@ class AcceptorAdapter(_Adapter, AcceptorBase):
     accepts_greedy_ids = _read_through("accepts_greedy_ids", False)
 
     def __init__(self, acceptor):
-        super().__init__(acceptor, ("accept_greedy",))
+        super().__init__(acceptor, ())
+        self._own_greedy = getattr(acceptor, "accept_greedy", None)
 
     def __call__(self, draft_ids, draft_probs, target_probs, rng):
         return self.inner(draft_ids, draft_probs, target_probs, rng)
+
+    def accept_greedy(self, draft_ids, choice):  # the object's own (its output is checked), else the base's rule
+        if self._own_greedy is None:
+            return super().accept_greedy(draft_ids, choice)
+        return self._own_greedy(draft_ids, choice)
 
 
 class KPolicyAdapter(_Adapter, KPolicyBase):

@@ -209,6 +209,17 @@ def test_the_greedy_shortcut_is_taken_exactly_when_the_acceptor_says_so(opt_in, 
         assert torch.equal(out, target_greedy(target))
 
 
+@pytest.mark.parametrize("subclass", [True, False])
+def test_an_acceptors_own_greedy_rule_is_checked(subclass):
+    def accept_greedy(self, draft_ids, choice):
+        return torch.full((len(choice),), draft_ids.shape[1] + 1), choice  # one more draft than there are
+
+    members = {"accepts_greedy_ids": True, "accept_greedy": accept_greedy, "__call__": lambda self, *a: rejection(*a)}
+    acceptor = type("Overcount", (AcceptorBase,) if subclass else (), members)()
+    with pytest.raises(ValueError, match="accepted count outside"):
+        SpeculativeGenerator(chain(seed=1), chain(), 3, acceptor=acceptor).sample(PROMPTS, 12, temperature=0)
+
+
 def test_which_stock_acceptors_take_the_shortcut(monkeypatch):
     assert DefaultTokenAcceptor().accepts_greedy_ids and GreedyTokenAcceptor().accepts_greedy_ids
     assert not DefaultTokenAcceptor(kernel=lambda *a: rejection_sample(*a)).accepts_greedy_ids  # a backend's or user's
@@ -317,4 +328,4 @@ def test_step_fits_one_screen_and_the_loop_probes_no_optional_hooks():
     source = inspect.getsource(generator)
     assert "hasattr(" not in source
     assert not re.search(r"getattr\(self\.(draft|acceptor|policy|target)", source)
-    assert "kernels.cpu" not in source and "type(self.acceptor)" not in source
+    assert "kernels.cpu" not in source and not re.search(r"type\(self\.acceptor\) is\b", source)
