@@ -49,7 +49,7 @@ def _positive_suffix(spec: str, prefix: str) -> int:
 
 
 def make_draft(draft, target):
-    """Resolve ``draft`` to a provider object (not yet bound)."""
+    """Resolve ``draft`` to a provider with every member of ``protocols.Draft`` (not yet bound)."""
     if isinstance(draft, str):
         if draft == "ngram":
             return NGramDraft()
@@ -76,7 +76,7 @@ def make_draft(draft, target):
 
 
 def make_acceptor(acceptor, target, extra: dict | None = None):
-    """Resolve ``acceptor`` to a callable with the acceptor protocol."""
+    """Resolve ``acceptor`` to an acceptor with every member of ``protocols.Acceptor``."""
     extra = extra or {}
     if acceptor is None or acceptor == "default":
         return DefaultTokenAcceptor.for_target(target)
