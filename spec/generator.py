@@ -54,6 +54,9 @@ class GenerationResult:
     stats: SpecStats
 
 
+SMALL_COMMIT = 64  # a step's [B, m] tokens up to which _commit decides on host lists
+
+
 class _Clock:
     """Stage timer of one run: ``lap(field)`` -> seconds since the previous lap (or ``start``),
     measured after the device's queued work, and added to ``stats.<field>`` when one is named."""
@@ -168,7 +171,7 @@ class SpeculativeGenerator:
 
         # verify: the target scores [last committed token, d_1 .. d_g] at slots n-1 .. n-1+g in one forward
         last = self._tokens.gather(1, (n - 1)[:, None])  # [B, 1]
-        logits = self.target.forward(torch.cat([last, draft_ids.cpu()], 1), n - 1)  # [B, g + 1, V]
+        logits = self.target.forward(torch.cat([last, draft_ids.cpu()], 1) if g else last, n - 1)  # [B, g + 1, V]
         target_out = self._target_side(logits)  # p [B, g + 1, V], or its argmax ids [B, g + 1]
         target_s = clock.lap("target_s")
         stats.target_s_by_k[g + 1] = stats.target_s_by_k.get(g + 1, 0.0) + target_s
@@ -189,7 +192,8 @@ class SpeculativeGenerator:
                         self.acceptor.name)
         V = self.target.vocab_size
         prompts, padded, lengths = prepare_prompts(input_ids, V, self.batch_size, sequence_length, self.n_positions)
-        self._eos = torch.tensor(sorted(validate_eos(eos_token_id, V)), dtype=torch.long)
+        self._eos_set = set(validate_eos(eos_token_id, V))
+        self._eos = torch.tensor(sorted(self._eos_set), dtype=torch.long)
         self._params, self._seq_len = params, sequence_length
         self._by_ids = params.greedy and self._greedy_ids_accept  # the acceptor decides from argmax ids
         self._rng = SpeculativeRandomness(seed, self.device, vocab_size=V, noise_slots=self.policy.max_k + 1)
@@ -202,6 +206,9 @@ class SpeculativeGenerator:
         self._stats = self.last_stats = SpecStats(acceptor=self.acceptor.name, lossless=self.acceptor.lossless,
                                                   policy=repr(self.policy), draft=self.draft.name, rows=B)
         self._clock = _Clock(self._stats, self.device)
+        # ranks agree on k and on the decisions only inside a torch.distributed job (tensor parallelism)
+        self._parallel = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self._empty = None  # [B, 0] drafts and [B, 0, V] q of a pass without drafts, per batch size
         self.policy.begin_sequence()
         return prompts
 
@@ -236,12 +243,16 @@ class SpeculativeGenerator:
         validate_k(k)
         if k > self.policy.max_k:
             raise ValueError(f"k-policy returned k={k} above its max_k={self.policy.max_k}")
+        if not self._parallel:
+            return k
         return int(self.target.sync_tokens(torch.tensor([[k]], dtype=torch.long))[0, 0])
 
     def _no_drafts(self) -> tuple[torch.Tensor, torch.Tensor]:  # [B, 0] int64, [B, 0, V] fp32
         B = len(self._lengths)
-        return (torch.zeros(B, 0, dtype=torch.long, device=self.device),
-                torch.zeros(B, 0, self.target.vocab_size, device=self.device))
+        if self._empty is None or len(self._empty[0]) != B:  # (made once per batch size: this runs every k = 1 step)
+            self._empty = (torch.zeros(B, 0, dtype=torch.long, device=self.device),
+                           torch.zeros(B, 0, self.target.vocab_size, device=self.device))
+        return self._empty
 
     def _propose(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """g drafts per row [B, g] and the law each was sampled from [B, g, V], checked; fewer than g
@@ -278,7 +289,10 @@ class SpeculativeGenerator:
             accepted, new = self.acceptor(draft_ids, draft_probs.to(self.device), target_out, self._rng.acceptor)
         if self._check_ids or not self._by_ids:
             self._check_acceptor_output(accepted, new, draft_ids, B, g, self.target.vocab_size)
-        both = self.target.sync_tokens(torch.cat([accepted.long().cpu()[:, None], new.long().cpu()], 1))
+        accepted, new = accepted.long().cpu(), new.long().cpu()
+        if not self._parallel:
+            return accepted, new
+        both = self.target.sync_tokens(torch.cat([accepted[:, None], new], 1))
         return both[:, 0], both[:, 1:]
 
     def _probe_decode_step(self) -> float:
@@ -311,6 +325,8 @@ class SpeculativeGenerator:
 
     def _commit(self, accepted: torch.Tensor, new: torch.Tensor) -> StepTokens:
         """Append accepted drafts + the emitted token per row, cut at EOS and sequence_length."""
+        if new.numel() <= SMALL_COMMIT:
+            return self._commit_small(accepted, new)
         ar = torch.arange(new.shape[1])  # [m]
         count = torch.minimum(accepted + 1, self._seq_len - self._lengths)  # [B]
         within = ar < count[:, None]  # [B, m]
@@ -329,6 +345,36 @@ class SpeculativeGenerator:
         self.draft.commit(accepted, self._lengths)
         done = self._lengths >= self._seq_len
         self._finish_rows(done if hit is None else done | hit)
+        return step
+
+    def _commit_small(self, accepted: torch.Tensor, new: torch.Tensor) -> StepTokens:
+        """:meth:`_commit` for a few rows and tokens, decided on host lists: the same result with a
+        handful of tensor operations instead of twenty (each costs microseconds right after a
+        forward has streamed the weights through the caches; a decode step of a small model
+        has few to spare)."""
+        m, eos = new.shape[1], self._eos_set
+        toks, lengths = new.tolist(), self._lengths.tolist()
+        counts, hit, rows, cols, vals = [], [], [], [], []
+        for b, (a, row, n) in enumerate(zip(accepted.tolist(), toks, lengths)):
+            c = min(a + 1, self._seq_len - n)
+            stop = next((i for i in range(c) if row[i] in eos), None) if eos else None
+            if stop is not None:
+                c = stop + 1
+            counts.append(c)
+            hit.append(stop is not None)
+            rows += [b] * c
+            cols += range(n, n + c)
+            vals += row[:c]
+            row[c:] = [-1] * (m - c)
+        self._tokens[rows, cols] = torch.tensor(vals, dtype=torch.long)
+        count = torch.tensor(counts, dtype=torch.long)
+        step = StepTokens(self._rows, torch.tensor(toks, dtype=torch.long), count)
+        self._lengths = self._lengths + count
+        self._stats.new_tokens += sum(counts)
+        self.draft.commit(accepted, self._lengths)
+        done = [h or n + c >= self._seq_len for h, n, c in zip(hit, lengths, counts)]
+        if any(done):
+            self._finish_rows(torch.tensor(done))
         return step
 
     def _finish_rows(self, done: torch.Tensor, logits: torch.Tensor | None = None):

@@ -61,6 +61,11 @@ class SpecStats:
         self.proposed_drafts += B * g
         self.accepted_drafts += int(accepted.sum())
         self.drafted_positions += g
+        if g == 0:  # no drafts (k = 1): every row-pass accepted none
+            if not self.histogram:
+                self.histogram.append(0)
+            self.histogram[0] += B
+            return
         for lst in (self.reached, self.kept):
             lst.extend([0] * (g - len(lst)))
         self.histogram.extend([0] * (g + 1 - len(self.histogram)))
