@@ -53,11 +53,12 @@ def load() -> dict:
         from .build import build_error
 
         raise ImportError(f"the native CPU kernels are unavailable: {build_error()}")
-    from . import compiled, layer, sampling
+    from . import compiled, gather, layer, sampling
 
     return {
         "verify_attention": verify_attention,
         "kv_append": reference.kv_append,
+        "kv_gather": gather.kv_gather,
         "rms_norm": layer.rms_norm,
         "add_rms_norm": layer.add_rms_norm,
         "rope_append": layer.rope_append,
@@ -65,4 +66,5 @@ def load() -> dict:
         "argmax": sampling.argmax,
         "softmax_at": sampling.softmax_at,
         "compile": compiled.compile_decoder,
+        "quantize": quant.quantize_weights,  # int8 / W8A8 weights for drafts (quant.QUANT_MODES)
     }

@@ -2,6 +2,7 @@
 
     verify_attention  flash-decoding attention for verify passes (T = 1..16; any T is correct)
     kv_append         scatter of T new K/V rows per batch row
+    kv_gather         move a token tree's accepted K/V rows to contiguous slots
     accept_reject     the exact accept/reject step, twin of ``verispec.spec.rejection.rejection_sample``
 
 The backend is chosen automatically for models on CUDA when triton imports (override with
@@ -23,8 +24,11 @@ except ImportError as e:  # the registry reports this when the backend is asked 
 from .rejection import accept_reject
 from .attention import verify_attention
 from .append import kv_append
+from .gather import kv_gather
 from .launch import TritonBackendUnavailable, interpreting
 
-KERNELS = {"verify_attention": verify_attention, "kv_append": kv_append, "accept_reject": accept_reject}
+KERNELS = {"verify_attention": verify_attention, "kv_append": kv_append, "kv_gather": kv_gather,
+           "accept_reject": accept_reject}
 
-__all__ = ["KERNELS", "TritonBackendUnavailable", "accept_reject", "interpreting", "kv_append", "verify_attention"]
+__all__ = ["KERNELS", "TritonBackendUnavailable", "accept_reject", "interpreting", "kv_append", "kv_gather",
+           "verify_attention"]

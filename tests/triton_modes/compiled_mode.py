@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from verispec.kernels.triton import TritonBackendUnavailable, accept_reject, interpreting, kv_append, verify_attention
+from verispec.kernels.triton import (TritonBackendUnavailable, accept_reject, interpreting, kv_append, kv_gather,
+                                     verify_attention)
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,8 @@ def test_cpu_tensors_are_refused_with_a_hint():
         verify_attention(q, k, v, pos, 0.25)
     with pytest.raises(TritonBackendUnavailable, match="runs on CUDA tensors, got tensors on cpu"):
         kv_append(k, v, k[:, :, :1], v[:, :, :1], pos)
+    with pytest.raises(TritonBackendUnavailable, match="kv_gather"):
+        kv_gather(k, v, torch.tensor([[3]]), pos, torch.tensor([1]))
     probs = torch.full((1, 1, 4), 0.25)
     with pytest.raises(TritonBackendUnavailable, match="accept_reject"):
         accept_reject(torch.zeros(1, 0, dtype=torch.long), probs[:, :0], probs, torch.zeros(1, 0), torch.ones(1, 4))
@@ -79,6 +82,7 @@ def test_attention_compiles_within_shared_memory(G, T, D, dtype):
 
 def test_combine_append_and_accept_reject_compile():
     from verispec.kernels.triton import append, attention, rejection
+    from verispec.kernels.triton import gather as gather_kernels
 
     combine = compile_for_gpu(attention._combine_slices, dict(part_ptr="*fp32", lse_ptr="*fp32", out_ptr="*bf16"),
                               attention.combine_config(attention.MAX_SPLITS, 256))
@@ -89,7 +93,11 @@ def test_combine_append_and_accept_reject_compile():
         dict(ids_ptr="*i64", q_ptr="*fp32", p_ptr="*fp32", u_ptr="*fp32", e_ptr="*fp32", accepted_ptr="*i64", tokens_ptr="*i64"),
         rejection.launch_config(15, 151936), capability=90,
     )
-    assert all(k.metadata.shared <= SHARED_LIMIT for k in (combine, kv, acceptor))
+    gather = compile_for_gpu(gather_kernels._kv_move_rows,
+                             {n: "*bf16" for n in ("k_src_ptr", "v_src_ptr", "k_dst_ptr", "v_dst_ptr")}
+                             | {"src_slot_ptr": "*i32", "dst_slot_ptr": "*i64", "counts_ptr": "*i32"},
+                             gather_kernels.launch_config(16, 128))
+    assert all(k.metadata.shared <= SHARED_LIMIT for k in (combine, kv, acceptor, gather))
     # the race divides with round-to-nearest division (div.rn), not the approximate div.full
     ptx = acceptor.asm["ptx"]
     assert "div.rn.f32" in ptx and "div.full.f32" not in ptx and "div.approx" not in ptx

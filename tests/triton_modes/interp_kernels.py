@@ -1,4 +1,4 @@
-"""The triton backend's verify_attention and kv_append on Triton's CPU interpreter.
+"""The triton backend's verify_attention, kv_append and kv_gather on Triton's CPU interpreter.
 
 Run by tests/test_triton_modes.py in a child process started with TRITON_INTERPRET=1 (Triton
 fixes its mode when it is first imported, so the variable cannot be set for some tests only).
@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from verispec.kernels import reference
-from verispec.kernels.testing import AttnCase, check_backend, default_append_cases, default_attention_cases
-from verispec.kernels.triton import interpreting, kv_append, verify_attention
+from test_kv_gather_backends import assert_same_errors, run_random_cases  # tests/, on sys.path for its conftest
+from verispec.kernels.testing import (AttnCase, check_backend, default_append_cases, default_attention_cases,
+                                      default_gather_cases)
+from verispec.kernels.triton import interpreting, kv_append, kv_gather, verify_attention
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +42,8 @@ def test_conformance_fp32_bf16():
     assert all(c in full for c in bf16_cases)  # a subset of the list, not cases of its own
     report = check_backend("triton", dtypes=(torch.bfloat16,), attention_cases=bf16_cases)
     assert report.passed, str(report)
-    assert len(report.results) == len(bf16_cases) + 2 * len(default_append_cases())
+    assert len(report.results) == len(bf16_cases) + 2 * len(default_append_cases()) + 2 * len(default_gather_cases())
+    assert "kv_gather" not in report.skipped
 
 
 def test_conformance_fp16():
@@ -113,6 +116,16 @@ def test_bad_inputs_raise_clear_errors():
         verify_attention(q[:, :3], k, v, pos, 0.25)
     with pytest.raises(IndexError, match="out of range"):
         kv_append(k, v, k[:, :, :2], v[:, :, :2], torch.tensor([-1, 0]))
+
+
+def test_kv_gather_matches_the_reference():
+    # overlapping sources and destinations, rows that move nothing, B up to 3, fp32 and bf16,
+    # int32 and int64 slots, a strided V cache: exactly the reference's caches
+    assert run_random_cases(kv_gather) == 48
+
+
+def test_kv_gather_errors_are_the_references():
+    assert_same_errors(kv_gather)
 
 
 def test_tiny_model_logits_match_torch_backend(tiny_hf):
