@@ -23,6 +23,7 @@ from .registry import (
     register_backend_loader,
     use_backend,
     verify_attention,
+    warm_up_backends,
 )
 
 
@@ -49,6 +50,7 @@ __all__ = [
     "register_backend_loader",
     "use_backend",
     "verify_attention",
+    "warm_up_backends",
 ]
 
 
@@ -67,4 +69,10 @@ def _load_cpu_backend() -> dict:
     return load()
 
 
-register_backend_loader("cpu", _load_cpu_backend)
+def _warm_up_cpu_backend() -> None:
+    from .cpu.build import build_in_background
+
+    build_in_background()
+
+
+register_backend_loader("cpu", _load_cpu_backend, warm_up=_warm_up_cpu_backend)

@@ -22,6 +22,7 @@ CONTRACT = ("verify_attention", "kv_append")
 _REFERENCE = {"verify_attention": reference.verify_attention, "kv_append": reference.kv_append}
 _backends: dict[str, dict[str, Callable]] = {"torch": dict(_REFERENCE)}
 _loaders: dict[str, Callable[[], dict[str, Callable]]] = {}
+_warm_ups: dict[str, Callable[[], None]] = {}
 _active: list[str] = []  # stack driven by use_backend()
 _noticed: set = set()  # (backend, missing kernels) already logged
 
@@ -69,9 +70,21 @@ def register_backend(name: str, **kernels: Callable) -> None:
     _noticed.difference_update({k for k in _noticed if k[0] == name})
 
 
-def register_backend_loader(name: str, loader: Callable[[], dict[str, Callable]]) -> None:
-    """Register a backend whose kernels are imported on first use (keeps heavy imports lazy)."""
+def register_backend_loader(name: str, loader: Callable[[], dict[str, Callable]],
+                            warm_up: Callable[[], None] | None = None) -> None:
+    """Register a backend whose kernels are imported on first use (keeps heavy imports lazy).
+    ``warm_up``: starts slow one-off preparation (e.g. compiling) without waiting for it; called by
+    :func:`warm_up_backends`."""
     _loaders[name] = loader
+    if warm_up is not None:
+        _warm_ups[name] = warm_up
+
+
+def warm_up_backends() -> None:
+    """Let every backend that has one-off preparation start it now, in the background (model
+    loading calls this first, so a first compile overlaps fetching and loading weights)."""
+    for fn in list(_warm_ups.values()):
+        fn()
 
 
 def _load(name: str) -> dict[str, Callable]:

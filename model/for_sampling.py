@@ -24,6 +24,7 @@ from .prompts import pad_prompts
 
 log = logging.getLogger("verispec.model")
 
+QUANT_MODES = ("int8", "w8a8")  # weight quantizations a kernel backend may offer (the cpu backend: both)
 AMP_DTYPES = {"f32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16, "fp16": torch.float16}
 
 
@@ -36,9 +37,9 @@ def amp_dtype(amp: str) -> torch.dtype:
 
 def open_source(path_or_name: str | os.PathLike, progress: bool = False) -> tuple[LlamaConfig, TensorSource, Path]:
     """Resolve an HF directory, a .gguf file or a registered model name to (config, source, path)."""
-    from ..kernels.cpu.build import build_in_background
+    from ..kernels import warm_up_backends
 
-    build_in_background()  # a first build of the CPU kernels compiles while models are fetched and loaded
+    warm_up_backends()  # e.g. a first build of native kernels compiles while models are fetched and loaded
     p = Path(os.path.expanduser(str(path_or_name)))
     if p.is_dir():
         return LlamaConfig.from_json_file(p / "config.json"), SafetensorsSource(p), p
@@ -118,8 +119,6 @@ class LlamaForSampling:
         also rounds the activations to int8 (blocks of 64) for integer dot products: faster still."""
         dtype = amp_dtype(amp)
         if quant is not None:
-            from ..kernels.cpu.quant import QUANT_MODES
-
             if quant not in QUANT_MODES:
                 raise ValueError(f"unknown quant={quant!r}; choose one of {', '.join(QUANT_MODES)} (or None)")
             if tp_degree != 1 or torch.device(device).type != "cpu":
@@ -131,7 +130,8 @@ class LlamaForSampling:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         kernels = get_backend(kernel_backend, device=str(device))  # chosen once, here
-        if quant is not None and kernels.name != "cpu":
+        quantize = kernels.get("quantize")  # the backend's weight quantizer (the cpu backend's int8 products)
+        if quant is not None and (quantize is None or quant not in getattr(quantize, "modes", ())):
             raise ValueError(f"quant={quant!r} needs the cpu kernel backend, which is unavailable here "
                              f"(backend {kernels.name!r}: no C compiler?)")
         config, source, path = open_source(path_or_name, progress=progress)
@@ -161,9 +161,7 @@ class LlamaForSampling:
         decoder.rope_sin = decoder.rope_sin.to(device)
         decoder.eval()
         if quant is not None:
-            from ..kernels.cpu.quant import quantize_weights
-
-            quantize_weights(decoder, quant)
+            quantize(decoder, quant)
         model = cls(
             decoder, n_positions=n_positions, batch_size=batch_size, amp=amp, kernels=kernels, device=device, tp=tp,
             source_path=path, quant=quant,

@@ -53,7 +53,7 @@ def load() -> dict:
         from .build import build_error
 
         raise ImportError(f"the native CPU kernels are unavailable: {build_error()}")
-    from . import compiled, gather, layer, sampling
+    from . import compiled, gather, layer, quant, sampling
 
     return {
         "verify_attention": verify_attention,

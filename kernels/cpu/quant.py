@@ -172,3 +172,6 @@ def quantize_weights(decoder: nn.Module, mode: str) -> int:
             raise TypeError(f"{type(owner).__name__}.{attr} is {type(lin).__name__}; only nn.Linear layers can be quantized")
         setattr(owner, attr, (W8A8Linear if mode == "w8a8" else Int8Linear).from_linear(lin))
     return len(layers)
+
+
+quantize_weights.modes = QUANT_MODES  # what a kernel backend's ``quantize`` extra accepts
