@@ -114,3 +114,17 @@ def test_load_state_dict_assign_of_the_whole_model(tiny_dir, backend):
     with torch.no_grad():
         fresh.decoder.load_state_dict(sd)  # the same values by copy: the same logits
     assert torch.equal(_logits(fresh, 2), scaled)
+
+
+def test_weight_edits_on_the_nki_backend(tiny_dir):
+    """The NKI backend (through the interpreter here) replaces attention and the cache append
+    only; the projections it reads are the same registered parameters."""
+    m = _load(tiny_dir, "nki")
+    clean = _logits(m, 2)
+    attn = m.decoder.model.layers[0].self_attn
+    attn.q_proj.weight = torch.nn.Parameter(torch.zeros_like(attn.q_proj.weight), requires_grad=False)
+    replaced = _logits(m, 2)
+    assert not torch.equal(replaced, clean)
+    with torch.no_grad():
+        m.decoder.model.layers[1].mlp.down_proj.weight.mul_(-1)
+    assert not torch.equal(_logits(m, 2), replaced)
