@@ -118,6 +118,8 @@ def as_target(target):
 
 
 def _check_overridden(obj, base, method: str, signature: str) -> None:
+    if isinstance(obj, _Adapter):  # resolved before (the user's object inside has the method)
+        return
     if getattr(type(obj), method) is getattr(base, method):
         raise TypeError(f"{type(obj).__name__} subclasses {base.__name__} but does not define {signature}")
 

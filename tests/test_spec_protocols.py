@@ -329,3 +329,27 @@ def test_step_fits_one_screen_and_the_loop_probes_no_optional_hooks():
     assert "hasattr(" not in source
     assert not re.search(r"getattr\(self\.(draft|acceptor|policy|target)", source)
     assert "kernels.cpu" not in source and not re.search(r"type\(self\.acceptor\) is\b", source)
+
+
+def test_resolving_a_resolved_part_again_keeps_it():
+    """make_policy / make_draft / make_acceptor of what they returned is that object (a checker or
+    a wrapper may resolve a user's part first and hand the result on)."""
+    from verispec.spec.resolve import make_acceptor, make_draft, make_policy
+
+    class Policy:
+        max_k = 3
+
+        def next_k(self):
+            return 3
+
+    class Draft:
+        def propose(self, tokens, lengths, g, params, uniforms, **kw):
+            raise AssertionError("not called")
+
+    def acceptor(draft_ids, draft_probs, target_probs, rng):
+        raise AssertionError("not called")
+
+    for make, part in ((make_policy, Policy()), (lambda x: make_draft(x, None), Draft()),
+                       (lambda x: make_acceptor(x, None), acceptor)):
+        once = make(part)
+        assert make(once) is once
