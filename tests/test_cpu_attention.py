@@ -1,5 +1,6 @@
 """The ``cpu`` kernel backend (kernels/cpu/attention.c): conformance with the torch reference
-through check_backend, bitwise independence of T, the fallbacks, and its errors."""
+through check_backend, bitwise independence of T, the fallbacks, and its errors (token-tree masks:
+test_cpu_tree_attention.py)."""
 
 import pytest
 import torch
@@ -66,8 +67,8 @@ def test_what_the_native_kernel_does_not_take_goes_to_the_reference():
     q, k, v = _case(1, 2, 1, MAX_T + 1, 16, 64, torch.float32)  # a prefill-sized block
     pos = torch.tensor([3])
     assert torch.equal(verify_attention(q, k, v, pos, 0.3), reference.verify_attention(q, k, v, pos, 0.3))
-    q, k, v = _case(1, 2, 1, 3, 16, 64, torch.float32)
-    mask = torch.ones(1, 3, 3, dtype=torch.bool)  # token tree: the reference handles active masks
+    q, k, v = _case(1, 2, 1, MAX_T + 1, 16, 64, torch.float32)  # a token tree too long for the native kernel
+    mask = torch.ones(1, MAX_T + 1, MAX_T + 1, dtype=torch.bool).tril()
     assert torch.equal(verify_attention(q, k, v, pos, 0.3, mask), reference.verify_attention(q, k, v, pos, 0.3, mask))
     q, k, v = _case(1, 2, 1, 2, 16, 64, torch.float64)  # fp64: not a native dtype
     assert torch.equal(verify_attention(q, k, v, pos, 0.3), reference.verify_attention(q, k, v, pos, 0.3))

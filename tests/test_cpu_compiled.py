@@ -15,8 +15,9 @@ from verispec.kernels.cpu.build import get_lib
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: native CPU kernels not built")
 
 
-def _both(model, ids, pos, prefix):
-    """Logits of one forward over ids after ``prefix`` cached tokens: (module path, compiled, native calls)."""
+def _both(model, ids, pos, prefix, **kw):
+    """Logits of one forward over ids after ``prefix`` cached tokens (``kw``: more forward
+    arguments): (module path, compiled, native calls)."""
     calls = []
     real = compiled.CompiledDecoder._step
 
@@ -33,7 +34,7 @@ def _both(model, ids, pos, prefix):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(compiled.CompiledDecoder, "_step", counting)
             calls.clear()
-            out.append(model.forward(ids, pos))
+            out.append(model.forward(ids, pos, **kw))
     model.runner = runner
     return out[0], out[1], len(calls)
 
@@ -75,6 +76,51 @@ def _bf16_case(tiny_hf, seed: int, n_prefix: int, T: int, **kw):
     return m, prefix, ids, pos
 
 
+def _tree(rng, T: int):
+    """A random token tree of T nodes (parents before children): its ancestor mask [T, T] and depths [T]."""
+    parents = [-1] + [rng.randrange(0, t) for t in range(1, T)]
+    mask, depth = torch.zeros(T, T, dtype=torch.bool), [0] * T
+    for t in range(T):
+        j = t
+        while j >= 0:
+            mask[t, j], j = True, parents[j]
+        depth[t] = 0 if parents[t] < 0 else depth[parents[t]] + 1
+    return mask, torch.tensor(depth)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "f32"])
+def test_compiled_step_takes_token_trees(tiny_hf, amp):
+    """A forward with a tree's active_mask and position_ids (RoPE at each node's depth) takes the
+    native step and gives the module path's logits."""
+    import random
+
+    from verispec.model import LlamaForSampling
+
+    path, _ = tiny_hf("llama")
+    m = LlamaForSampling.from_pretrained(path, n_positions=64, batch_size=3, amp=amp)
+    assert isinstance(m.runner, compiled.CompiledDecoder) and m.runner.native
+    g, rng = torch.Generator().manual_seed(2), random.Random(2)
+    prefix = [torch.randint(0, m.vocab_size, (n,), generator=g) for n in (9, 4, 13)]
+    for B, T in ((1, 1), (1, 7), (1, 16), (3, 5)):
+        trees = [_tree(rng, T) for _ in range(B)]
+        mask = torch.stack([t[0] for t in trees])
+        ids = torch.randint(0, m.vocab_size, (B, T), generator=g)
+        pos = torch.tensor([len(p) for p in prefix[:B]])
+        position_ids = pos[:, None] + torch.stack([t[1] for t in trees])
+        a, b, calls = _both(m, ids, pos, prefix[:B], active_mask=mask, position_ids=position_ids)
+        assert calls == 1, (B, T)
+        if amp == "bf16":
+            assert torch.equal(a, b), (B, T)
+        else:  # SiLU's exp (C library vs torch) may differ in an fp32 ulp
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (B, T, (a - b).abs().max().item())
+    # the tree's logits are not the causal chain's: the mask reached the attention
+    mask = torch.eye(4, dtype=torch.bool)[None]
+    ids = torch.randint(0, m.vocab_size, (1, 4), generator=g)
+    tree, _, _ = _both(m, ids, torch.tensor([9]), prefix[:1], active_mask=mask, position_ids=torch.full((1, 4), 9))
+    chain, _, _ = _both(m, ids, torch.tensor([9]), prefix[:1])
+    assert torch.equal(tree[0, 0], chain[0, 0]) and not torch.equal(tree[0, 1:], chain[0, 1:])
+
+
 def test_module_path_where_the_step_does_not_apply(tiny_hf):
     m, prefix, _, pos = _bf16_case(tiny_hf, seed=1, n_prefix=6, T=1)
     g = torch.Generator().manual_seed(1)
@@ -82,10 +128,11 @@ def test_module_path_where_the_step_does_not_apply(tiny_hf):
     assert calls == 0
     m.reset()
     m.prefill(prefix)
-    mask = torch.ones(1, 2, 2, dtype=torch.bool).tril()  # a token tree's mask: the module path
+    mask = torch.ones(1, 2, 2, dtype=torch.uint8)  # not a bool mask: the module path, whose kernels reject it
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(compiled.CompiledDecoder, "_step", lambda *a, **k: pytest.fail("native step with a mask"))
-        m.forward(torch.randint(0, m.vocab_size, (1, 2), generator=g), pos, active_mask=mask)
+        mp.setattr(compiled.CompiledDecoder, "_step", lambda *a, **k: pytest.fail("native step with a bad mask"))
+        with pytest.raises(ValueError, match="active_mask must be a bool tensor"):
+            m.forward(torch.randint(0, m.vocab_size, (1, 2), generator=g), pos, active_mask=mask)
     t, *_ = _bf16_case(tiny_hf, seed=1, n_prefix=6, T=1, kernel_backend="torch")
     assert t.runner is t.decoder  # no compiler: the decoder itself
 

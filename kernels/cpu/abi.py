@@ -30,7 +30,7 @@ class VsLayer(ctypes.Structure):
 class VsStep(ctypes.Structure):
     _fields_ = [
         ("x", vp), ("cos", vp), ("sin", vp), ("cos_table", vp), ("sin_table", vp),
-        ("positions", vp), ("ids", vp), ("embed", vp), ("norm", vp), ("y", vp),
+        ("positions", vp), ("mask", vp), ("ids", vp), ("embed", vp), ("norm", vp), ("y", vp),
         ("B", i64), ("T", i64), ("E", i64), ("H", i64), ("H_kv", i64), ("D", i64), ("S_max", i64), ("V", i64),
         ("n_layers", i64), ("failed", i64),
         ("norm_eps", f32), ("bf16", i32), ("threads", i32),

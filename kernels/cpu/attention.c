@@ -5,6 +5,13 @@
  * 0 .. positions[b] + t (causal, bottom-right aligned); scores and softmax in fp32; out
  * [B, H, T, D] in q's dtype (bf16 or fp32, shared by q, caches and out).
  *
+ * Token trees: with a mask [B, T, T] (uint8, the contract's active_mask), query t of row b sees
+ * every prior slot 0 .. positions[b] - 1 and new slot positions[b] + j iff mask[b, t, j]. Every
+ * query then covers all positions[b] + T slots, the hidden ones with weight exactly 0 (score
+ * -inf): adding them changes no sum, so a causal mask gives bitwise the mask-free result. A query
+ * that sees no slot at all (positions[b] = 0, an all-false row) gets NaN, as the reference's
+ * softmax over nothing does.
+ *
  * At decode sizes the reference's dozen ATen calls per layer (two cache casts to fp32, two
  * matmuls, softmax, mask, casts back) cost more than the arithmetic; this does it in one call,
  * reading each cache row once per query in its stored dtype. Every query is computed on its own,
@@ -57,15 +64,18 @@ static inline void axpy_row(float *restrict a, float w, const void *row, int64_t
 
 #define NPART 8 /* partial sums per reduction over slots (generic path) */
 
-/* One (row, head): T queries, query t sees slots 0 .. S0 - 1 + t. Generic path: any D, any ISA. */
+/* One (row, head): T queries, query t sees slots 0 .. S0 - 1 + t, or with mask ([T, T], this
+ * row's) slots 0 .. S0 - 2 and S0 - 1 + j where mask[t, j]. Generic path: any D, any ISA. */
 static void head_generic(const float *qf, const char *kb, const char *vb, int64_t S0, int64_t T, int64_t D,
-                         int64_t esize, int is_bf16, float scale, float *p, float *acc, float *outf) {
+                         int64_t esize, int is_bf16, float scale, const uint8_t *mask, float *p, float *acc,
+                         float *outf) {
     for (int64_t t = 0; t < T; t++) {
-        const int64_t S = S0 + t;
+        const int64_t S = mask ? S0 - 1 + T : S0 + t;
         const float *q = qf + t * D;
         float m = -INFINITY;
         for (int64_t j = 0; j < S; j++) {
-            p[j] = dot_row(q, kb + j * D * esize, D, is_bf16) * scale;
+            p[j] = mask && j >= S0 - 1 && !mask[t * T + j - (S0 - 1)] ? -INFINITY
+                                                                     : dot_row(q, kb + j * D * esize, D, is_bf16) * scale;
             if (p[j] > m) m = p[j];
         }
         /* exp(s - max), then sum_j e_j * v_j / sum_j e_j; both sums over j are kept in NPART
@@ -174,8 +184,9 @@ static inline __attribute__((always_inline)) void pv_span(const int NQ, const fl
         for (int v = 0; v < 4; v++) blk[u][v] = b[u][v], tot[u][v] = tt[u][v];
 }
 
-/* Fast path, D = 16 * NV (NV = 4 or 8). Each query's arithmetic is the same sequence whatever T
- * is:
+/* Fast path, D = 16 * NV (NV = 4 or 8). With mask ([T, T], this row's), every query covers slots
+ * 0 .. S0 - 2 + T, its hidden new slots scored -inf (weight 0). Each query's arithmetic is the
+ * same sequence whatever T is:
  * - scores: score_lanes, then hsum1's lane tree (16 keys at a time by hsum16, bitwise the same);
  * - softmax: exp of s - max, summed in 16 lanes (slot j in lane j % 16), then reduced;
  * - p . V: slots in blocks of VBLOCK (by absolute slot index), summed in order within a block,
@@ -183,12 +194,12 @@ static inline __attribute__((always_inline)) void pv_span(const int NQ, const fl
  *   each pass over V, TC at a time. */
 static inline __attribute__((always_inline)) void head_fast(const float *qf, const uint16_t *qbf, const char *kb, const char *vb,
                                                             int64_t S0, int64_t T, const int NV, int64_t esize,
-                                                            int is_bf16, float scale, float *p, int64_t Sp,
-                                                            float *outf) {
+                                                            int is_bf16, float scale, const uint8_t *mask, float *p,
+                                                            int64_t Sp, float *outf) {
     const int64_t D = 16 * NV;
     const __m512 scale16 = _mm512_set1_ps(scale);
-    for (int64_t t = 0; t < T; t++) { /* scores of query t: slots 0 .. S0 - 1 + t */
-        const int64_t S = S0 + t;
+    for (int64_t t = 0; t < T; t++) { /* scores of query t: slots 0 .. S0 - 1 + t (mask: S0 - 2 + T) */
+        const int64_t S = mask ? S0 - 1 + T : S0 + t;
         float *pt = p + t * Sp;
         const float *q = qf + t * D;
         __m512i qv[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
@@ -201,11 +212,14 @@ static inline __attribute__((always_inline)) void head_fast(const float *qf, con
             _mm512_storeu_ps(pt + j, _mm512_mul_ps(hsum16(a), scale16));
         }
         for (; j < S; j++) pt[j] = hsum1(score_lanes(q, qv, kb + j * D * esize, NV, is_bf16)) * scale;
+        if (mask) /* hidden new slots: -inf, weight exactly 0 after the exp (or NaN if nothing is seen) */
+            for (int64_t i = 0; i < T; i++)
+                if (!mask[t * T + i]) pt[S0 - 1 + i] = -INFINITY;
     }
     float sum[16];
     for (int64_t t = 0; t < T; t++) { /* softmax numerators in place, and their sum */
         float *pt = p + t * Sp;
-        const int64_t S = S0 + t;
+        const int64_t S = mask ? S0 - 1 + T : S0 + t;
         __m512 mv = _mm512_set1_ps(-INFINITY);
         for (int64_t j = 0; j < S; j += 16) {
             const __mmask16 k = (__mmask16)(S - j >= 16 ? 0xffff : (1u << (S - j)) - 1);
@@ -231,7 +245,7 @@ static inline __attribute__((always_inline)) void head_fast(const float *qf, con
             for (int u = 0; u < TC; u++)
                 for (int v = 0; v < 4; v++) blk[u][v] = tot[u][v] = _mm512_setzero_ps();
             const float *pq = p + t0 * Sp;
-            const int64_t shared = S0 + t0; /* slots every one of the tc queries sees */
+            const int64_t shared = mask ? S0 - 1 + T : S0 + t0; /* slots every one of the tc queries covers */
             switch (tc) { /* a compile-time query count, so the sums stay in registers */
             case 1: pv_span(1, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
             case 2: pv_span(2, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
@@ -239,7 +253,8 @@ static inline __attribute__((always_inline)) void head_fast(const float *qf, con
             case 4: pv_span(4, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
             default: pv_span(TC, pq, Sp, vb, 0, shared, D, d0, esize, is_bf16, blk, tot); break;
             }
-            for (int64_t j = shared; j < S0 + t0 + tc - 1; j++) { /* the last tc - 1 slots: later queries only */
+            const int64_t last = mask ? shared : S0 + t0 + tc - 1;
+            for (int64_t j = shared; j < last; j++) { /* the last tc - 1 slots: later queries only (causal) */
                 __m512 vr[4];
                 load_v64(vb + j * D * esize, d0, is_bf16, vr);
                 for (int64_t u = j - shared + 1; u < tc; u++) { /* query u sees slots < S0 + t0 + u */
@@ -270,8 +285,10 @@ static inline __attribute__((always_inline)) void head_fast(const float *qf, con
 #endif
 
 /* Returns 0, or -1 when a scratch buffer could not be allocated. positions must already be
- * validated (0 <= positions[b] and positions[b] + T <= S_max), H a multiple of H_kv, T <= 16. */
-int verispec_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *positions, void *out,
+ * validated (0 <= positions[b] and positions[b] + T <= S_max), H a multiple of H_kv, T <= 16.
+ * mask: [B, T, T] (nonzero: query t sees new slot j), or NULL for causal. */
+int verispec_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *positions,
+                       const uint8_t *mask, void *out,
                        int64_t B, int64_t H, int64_t H_kv, int64_t T, int64_t D, int64_t S_max, float scale,
                        int is_bf16, int nthreads) {
     const int64_t G = H / H_kv, esize = is_bf16 ? 2 : 4;
@@ -300,15 +317,16 @@ int verispec_attention(const void *q, const void *k_cache, const void *v_cache, 
                 const char *vb = (const char *)v_cache + cache_row0 * D * esize;
                 const int64_t q0 = (b * H + h) * T * D;
                 for (int64_t i = 0; i < T * D; i++) qf[i] = ld_any(q, q0 + i, is_bf16);
-                const int64_t S0 = positions[b] + 1; /* slots query 0 sees */
+                const int64_t S0 = positions[b] + 1; /* slots query 0 sees (causal) */
+                const uint8_t *mb = mask ? mask + b * T * T : NULL;
 #if defined(__AVX512F__)
                 if (fast && D == 64)
-                    head_fast(qf, is_bf16 ? (const uint16_t *)q + q0 : NULL, kb, vb, S0, T, 4, esize, is_bf16, scale, p, S_vis, outf);
+                    head_fast(qf, is_bf16 ? (const uint16_t *)q + q0 : NULL, kb, vb, S0, T, 4, esize, is_bf16, scale, mb, p, S_vis, outf);
                 else if (fast)
-                    head_fast(qf, is_bf16 ? (const uint16_t *)q + q0 : NULL, kb, vb, S0, T, 8, esize, is_bf16, scale, p, S_vis, outf);
+                    head_fast(qf, is_bf16 ? (const uint16_t *)q + q0 : NULL, kb, vb, S0, T, 8, esize, is_bf16, scale, mb, p, S_vis, outf);
                 else
 #endif
-                    head_generic(qf, kb, vb, S0, T, D, esize, is_bf16, scale, p, acc, outf);
+                    head_generic(qf, kb, vb, S0, T, D, esize, is_bf16, scale, mb, p, acc, outf);
                 if (is_bf16)
                     for (int64_t i = 0; i < T * D; i++) ((uint16_t *)out)[q0 + i] = f32_to_bf16(outf[i]);
                 else

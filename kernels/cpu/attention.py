@@ -2,8 +2,9 @@
 (attention.c), the torch reference for everything else.
 
 Native where it pays and applies: CPU tensors, q and caches of one dtype (bf16 or fp32),
-contiguous, no ``active_mask`` (token trees), T <= MAX_T new tokens per row. Prefill (large T),
-token trees and other dtypes go to the reference. ``kv_append`` is the reference's (a slice copy).
+contiguous, T <= MAX_T new tokens per row, with or without a token tree's ``active_mask``
+(bool [B, T, T], passed to the kernel as uint8). Prefill (large T), a mask on another device and
+other dtypes go to the reference. ``kv_append`` is the reference's (a slice copy).
 Checked against the reference by :func:`verispec.kernels.testing.check_backend`.
 """
 
@@ -19,7 +20,7 @@ MAX_T = 16  # queries per row handled natively; longer blocks (prefill) use the 
 
 def _native_applies(q, k_cache, v_cache, active_mask) -> bool:
     return (
-        active_mask is None
+        (active_mask is None or active_mask.device.type == "cpu")
         and q.device.type == "cpu"
         and q.dtype in (torch.bfloat16, torch.float32)
         and k_cache.dtype == q.dtype == v_cache.dtype
@@ -38,8 +39,10 @@ def verify_attention(q, k_cache, v_cache, positions, scale, active_mask=None):
     B, H, T, D = q.shape
     H_kv, S_max = k_cache.shape[1], k_cache.shape[2]
     pos = positions.to(device="cpu", dtype=torch.int64).contiguous()
+    mask = None if active_mask is None else active_mask.to(torch.uint8).contiguous()  # [B, T, T], 1: visible
     out = torch.empty_like(q)
-    rc = lib.verispec_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(), out.data_ptr(),
+    rc = lib.verispec_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pos.data_ptr(),
+                                None if mask is None else mask.data_ptr(), out.data_ptr(),
                                 B, H, H_kv, T, D, S_max, float(scale), int(q.dtype == torch.bfloat16),
                                 torch.get_num_threads())
     if rc != 0:

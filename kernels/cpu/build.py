@@ -97,7 +97,7 @@ def _build() -> ctypes.CDLL:
     from .abi import bind_step
 
     bind_step(lib)  # verispec_step's typed arguments, checked against the library's own layout table
-    lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
+    lib.verispec_attention.argtypes = [vp, vp, vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float,
                                        ctypes.c_int, ctypes.c_int]
     lib.verispec_attention.restype = ctypes.c_int
     lib.verispec_rms_norm.argtypes = [vp, vp, vp, vp, vp, i64, i64, ctypes.c_float, ctypes.c_int]

@@ -23,8 +23,10 @@ storage it had (``.data =``, ``.to()``), and no forward hook or pre-hook is inst
 its modules. When something changed it rebuilds the plan (re-laying out a q/k/v or gate/up group
 whose parameters no longer view one buffer: the new values are copied in and the registered
 parameters, same objects, view it from then on). Where the native step cannot represent the
-model (another module type, a subclass, a hook, fp16, a token tree's mask, more rows, another
-kernel backend's kernels) the decoder's own module path runs. A change the checks cannot see (a
+model (another module type, a subclass, a hook, fp16, more rows, another kernel backend's
+kernels, a token tree's mask that is not a CPU bool [B, T, T] tensor) the decoder's own module
+path runs. Token trees take the native step: ``active_mask`` goes to the attention kernel as
+uint8 and ``position_ids`` give the RoPE rows. A change the checks cannot see (a
 patched ``forward`` method, a changed ``eps``) needs ``LlamaForSampling.recompile()``.
 
 Same kernels, same order, same roundings as the module path of the ``cpu`` backend, so the
@@ -241,6 +243,13 @@ def _prepare(decoder: nn.Module) -> None:
             m.product = skinny_linear
 
 
+def _native_mask(active_mask, B: int, T: int) -> bool:
+    """Whether the native step takes ``active_mask``: None (causal) or a CPU bool [B, T, T] tensor
+    (anything else goes to the module path, whose kernels raise the contract's error)."""
+    return active_mask is None or (isinstance(active_mask, torch.Tensor) and active_mask.device.type == "cpu"
+                                   and active_mask.dtype == torch.bool and tuple(active_mask.shape) == (B, T, T))
+
+
 class CompiledDecoder:
     """The decoder with the ``cpu`` backend's native step (see the module docstring): call it as
     the decoder's forward; :meth:`rebuild` re-reads the model."""
@@ -263,7 +272,7 @@ class CompiledDecoder:
 
     @property
     def native(self) -> bool:
-        """Whether the model can take the native step now (for few-row, mask-free forwards)."""
+        """Whether the model can take the native step now (for few-row forwards)."""
         plan = self._current()
         return plan is not None and not plan.hooked()
 
@@ -294,15 +303,15 @@ class CompiledDecoder:
 
         B, T = input_ids.shape
         plan = None
-        if (active_mask is None and B * T <= MAX_M and T <= MAX_T and input_ids.device.type == "cpu"
+        if (_native_mask(active_mask, B, T) and B * T <= MAX_M and T <= MAX_T and input_ids.device.type == "cpu"
                 and not torch.is_grad_enabled() and (num_layers is None or num_layers >= 1)
                 and self._own_kernels(kernels)):
             plan = self._current()
         if plan is None or plan.hooked():
             return self.decoder(input_ids, positions, cache, kernels, logits_at=logits_at, active_mask=active_mask,
                                 position_ids=position_ids, num_layers=num_layers)
-        h = self._step(plan, input_ids, positions, cache, position_ids, plan.n if num_layers is None else
-                       min(num_layers, plan.n))
+        h = self._step(plan, input_ids, positions, cache, position_ids, active_mask,
+                       plan.n if num_layers is None else min(num_layers, plan.n))
         if logits_at is not None:
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
@@ -319,7 +328,7 @@ class CompiledDecoder:
                                 d.rope_sin.to(dtype).contiguous())
         return got[3], got[4]
 
-    def _step(self, plan: _Plan, ids, positions, cache, position_ids, L: int) -> torch.Tensor:
+    def _step(self, plan: _Plan, ids, positions, cache, position_ids, active_mask, L: int) -> torch.Tensor:
         """The first L layers and the final norm in one native call; returns the normed [B, T, E]."""
         lib = get_lib()
         dtype, (H, H_kv, D) = plan.dtype, plan.shape
@@ -361,6 +370,9 @@ class CompiledDecoder:
                 plan.layers[i].k_cache, plan.layers[i].v_cache = k.data_ptr(), v.data_ptr()
             plan.cache_key = key
         y = torch.empty_like(x)
+        if active_mask is not None:  # [B, T, T] bool -> uint8, 1: query t sees new slot j; alive until the call returns
+            mask = active_mask.to(torch.uint8).contiguous()
+            s.mask = mask.data_ptr()
         s.x, s.cos, s.sin, s.positions, s.norm, s.y = (x.data_ptr(), rope[0].data_ptr(), rope[1].data_ptr(),
                                                       pos.data_ptr(), norm.weight.data_ptr(), y.data_ptr())
         s.B, s.T, s.E, s.H, s.H_kv, s.D, s.S_max, s.n_layers = B, T, E, H, H_kv, D, S_max, L

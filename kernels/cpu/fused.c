@@ -25,7 +25,8 @@ void verispec_rope_append(const void *q_src, int64_t ldq, const void *k_src, con
                           const void *cos, const void *sin, const int64_t *pos, void *q_out, void *k_cache,
                           void *v_cache, int64_t B, int64_t T, int64_t H, int64_t H_kv, int64_t D, int64_t S_max,
                           int bf16);
-int verispec_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *positions, void *out,
+int verispec_attention(const void *q, const void *k_cache, const void *v_cache, const int64_t *positions,
+                       const uint8_t *mask, void *out,
                        int64_t B, int64_t H, int64_t H_kv, int64_t T, int64_t D, int64_t S_max, float scale,
                        int is_bf16, int nthreads);
 void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
@@ -131,8 +132,8 @@ NO_CONTRACT static int layer_step(const vs_step *s, const vs_layer *l) {
     verispec_rope_append(qkv, W, qkv + H * D * size, qkv + (H + H_kv) * D * size, W, s->cos, s->sin, s->positions, q,
                          l->k_cache, l->v_cache, B, T, H, H_kv, D, S_max, bf16); /* q [B,H,T,D] */
     STAGE(2);
-    if ((rc = verispec_attention(q, l->k_cache, l->v_cache, s->positions, o, B, H, H_kv, T, D, S_max, l->attn_scale,
-                                 bf16, nt)))
+    if ((rc = verispec_attention(q, l->k_cache, l->v_cache, s->positions, s->mask, o, B, H, H_kv, T, D, S_max,
+                                 l->attn_scale, bf16, nt)))
         goto done;
     STAGE(3);
     for (int64_t b = 0; b < B; b++) /* [B, H, T, D] -> [B, T, H * D] into q's space */
@@ -208,7 +209,7 @@ static const vs_field abi_table[] = {
     FIELD(vs_layer, gate_up), FIELD(vs_layer, down), FIELD(vs_layer, k_cache), FIELD(vs_layer, v_cache),
     FIELD(vs_layer, F), FIELD(vs_layer, eps_in), FIELD(vs_layer, eps_post), FIELD(vs_layer, attn_scale),
     SIZE(vs_step), FIELD(vs_step, x), FIELD(vs_step, cos), FIELD(vs_step, sin), FIELD(vs_step, cos_table),
-    FIELD(vs_step, sin_table), FIELD(vs_step, positions), FIELD(vs_step, ids), FIELD(vs_step, embed),
+    FIELD(vs_step, sin_table), FIELD(vs_step, positions), FIELD(vs_step, mask), FIELD(vs_step, ids), FIELD(vs_step, embed),
     FIELD(vs_step, norm), FIELD(vs_step, y), FIELD(vs_step, B), FIELD(vs_step, T), FIELD(vs_step, E),
     FIELD(vs_step, H), FIELD(vs_step, H_kv), FIELD(vs_step, D), FIELD(vs_step, S_max), FIELD(vs_step, V),
     FIELD(vs_step, n_layers), FIELD(vs_step, failed), FIELD(vs_step, norm_eps), FIELD(vs_step, bf16),

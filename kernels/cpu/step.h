@@ -37,6 +37,8 @@ typedef struct {
     const void *cos_table, *sin_table;  /* [S, D] tables whose rows positions[b] + t are copied into
                                            cos/sin first, or NULL (rows given) */
     const int64_t *positions;           /* [B] first cache slot per row, positions[b] + T <= S_max */
+    const uint8_t *mask;                /* [B, T, T] token-tree mask (query t sees new slot j iff
+                                           mask[b, t, j]), or NULL: causal */
     const int64_t *ids;                 /* [R] token ids whose embedding rows start x, or NULL */
     const void *embed;                  /* [V, E] embedding table (with ids) */
     const void *norm;                   /* [E] final RMSNorm weight, or NULL */
