@@ -82,11 +82,18 @@ class ExactnessReport:
 
     def format(self) -> str:
         c = self.config
-        lines = [
-            f"acceptor {c['acceptor']} (lossless claim: {c['lossless']}), draft {c['draft']}, k={c['k']}, "
-            f"temperature={c['temperature']}, top_k={c['top_k']}, top_p={c['top_p']}",
-            f"V={c['vocab']}, L={c['length']}, {c['samples']} samples in one batch, seed={c['seed']}",
-        ]
+        if "tree" in c:  # check_tree_exactness
+            lines = [
+                f"tree acceptor {c['acceptor']} (lossless claim: {c['lossless']}, for children {c['children_modes']}), "
+                f"tree parents {c['tree']}, children={c['children']}, draft {c['draft']}, temperature={c['temperature']}",
+                f"V={c['vocab']}, L={c['length']}, {c['samples']} trees in one batch, seed={c['seed']}",
+            ]
+        else:
+            lines = [
+                f"acceptor {c['acceptor']} (lossless claim: {c['lossless']}), draft {c['draft']}, k={c['k']}, "
+                f"temperature={c['temperature']}, top_k={c['top_k']}, top_p={c['top_p']}",
+                f"V={c['vocab']}, L={c['length']}, {c['samples']} samples in one batch, seed={c['seed']}",
+            ]
         for grp in self.groups:
             lines.append(
                 f"  prompt {grp['prompt']}: chi2={grp['chi2']:.2f} (p={grp['p_chi2']:.3g}), G={grp['g']:.2f} "
@@ -94,7 +101,11 @@ class ExactnessReport:
                 f"{grp['cells']} cells in {grp['bins']} bins" + (f", {grp['impossible']} IMPOSSIBLE" if grp["impossible"] else "")
             )
         a = self.speculation.get("acceptance_rate")
-        lines.append(f"acceptance rate {a:.3f}" if a is not None else "acceptance rate n/a (k=1)")
+        if "mean_path_length" in self.speculation:
+            lines.append(f"mean accepted path length {self.speculation['mean_path_length']:.3f} of "
+                         f"{len(self.speculation['paths_by_length']) - 1}")
+        else:
+            lines.append(f"acceptance rate {a:.3f}" if a is not None else "acceptance rate n/a (k=1)")
         lines.append(f"{self.statistic}={self.value:.2f}, dof={self.dof}, p={self.p_value:.3g}, TV={self.tv_distance:.4f} "
                      f"-> {self.verdict} (fail if p < {self.threshold:g})")
         return "\n".join(lines)
@@ -202,3 +213,174 @@ def check_exactness(
         speculation=result.stats.to_dict(),
     )
 
+
+
+# ---- token trees: a tree acceptor checked on toy chains, without the generator --------------------------
+
+
+def sample_tree(tree, P: torch.Tensor, Q: torch.Tensor, rows: int, gen: torch.Generator, children: str = "sample",
+                root=0):
+    """Draft one token tree per row from the order-1 draft table ``Q`` [V, V] (row = context token)
+    and score it with the target table ``P`` [V, V]; ``root``: the last committed token (an int, or
+    [rows] int64). Siblings, level by level:
+
+    - "sample": i.i.d. from q = Q[parent's token]; every sibling's node_q is q.
+    - "distinct": without replacement (Gumbel-top-b from q); sibling j's node_q is the law it was
+      drawn from: q with the earlier siblings' tokens removed, renormalised. Needs b <= the number
+      of tokens q can draw.
+    - "top": the b likeliest tokens under q (ties: lowest id first), deterministic; node_q is
+      one-hot at the node's token (its law given the context).
+
+    -> node_ids [rows, N] int64, node_q [rows, N, V] fp32, target_probs [rows, N + 1, V] fp32."""
+    from .tree import CHILDREN_MODES
+
+    if children not in CHILDREN_MODES:
+        raise ValueError(f"children must be one of {CHILDREN_MODES}, got {children!r}")
+    V = Q.shape[-1]
+    N = tree.n_nodes
+    root = torch.as_tensor(root, dtype=torch.long).expand(rows)  # [rows]
+    ids = torch.zeros(rows, N, dtype=torch.long)
+    node_q = torch.zeros(rows, N, V, dtype=torch.float32)
+    for u in range(-1, N):
+        ch = tree.children(u)
+        if not ch:
+            continue
+        b = len(ch)
+        if b > V and children != "sample":
+            raise ValueError(f"children={children!r} needs at most V={V} siblings, node {u} has {b}")
+        q_rows = Q[root if u < 0 else ids[:, u]]  # [rows, V]
+        if children == "sample":
+            drawn = torch.multinomial(q_rows, b, replacement=True, generator=gen)  # [rows, b]
+            laws = q_rows[:, None].expand(rows, b, V)
+        elif children == "top":
+            drawn = torch.sort(q_rows, dim=-1, descending=True, stable=True).indices[:, :b]
+            laws = torch.nn.functional.one_hot(drawn, V).to(q_rows.dtype)
+        else:  # Gumbel-top-b: the order of sequential draws without replacement
+            gumbel = -torch.empty(rows, V, dtype=torch.float64).exponential_(generator=gen).log()
+            keys, drawn = torch.topk(q_rows.double().log() + gumbel, b, dim=-1)
+            if bool(torch.isinf(keys).any()):
+                raise ValueError(f"children='distinct': q at node {u}'s context has fewer than {b} possible tokens")
+            used = torch.zeros(rows, b, V, dtype=torch.bool)  # [rows, b, V]: the tokens of earlier siblings
+            for j in range(1, b):
+                used[:, j] = used[:, j - 1].scatter(1, drawn[:, j - 1:j], True)
+            laws = q_rows[:, None].masked_fill(used, 0.0)
+            laws = laws / laws.sum(-1, keepdim=True)
+        for j, c in enumerate(ch):
+            ids[:, c] = drawn[:, j]
+            node_q[:, c] = laws[:, j].float()
+    target_probs = torch.cat([P[root][:, None], P[ids]], 1).float()  # [rows, N + 1, V]
+    return ids, node_q, target_probs
+
+
+def chain_law(P: torch.Tensor, root: int, length: int) -> torch.Tensor:
+    """[V^length] float64: P(the next ``length`` tokens) of the order-1 chain ``P`` after ``root``
+    (row-major: the first token slowest, as :func:`outcome_counts`)."""
+    law = P[root].double()  # [V]
+    for _ in range(length - 1):
+        law = law.unsqueeze(-1) * P.double()  # [..., prev, 1] * [prev, next]
+    return law.reshape(-1)
+
+
+def _tree_acceptor(acceptor):
+    from .resolve import import_string
+    from .tree import TREE_ACCEPTORS
+
+    if isinstance(acceptor, str):
+        if acceptor in TREE_ACCEPTORS:
+            return TREE_ACCEPTORS[acceptor]()
+        if ":" not in acceptor:
+            raise ValueError(f"unknown tree acceptor {acceptor!r}: use one of {sorted(TREE_ACCEPTORS)}, a callable "
+                             "or 'module:attr'")
+        acceptor = import_string(acceptor)
+    if isinstance(acceptor, type):
+        acceptor = acceptor()
+    if not callable(acceptor):
+        raise ValueError(f"a tree acceptor must be callable as acceptor(tree, node_ids, node_q, target_probs, rng), "
+                         f"got {type(acceptor).__name__}")
+    return acceptor
+
+
+def check_tree_exactness(
+    acceptor,
+    tree,
+    children: str = "sample",
+    *,
+    temperature: float = 1.0,
+    samples: int = 40_000,
+    vocab: int = 4,
+    seed: int = 0,
+    chain_seed: int | None = None,
+    chains=None,
+    threshold: float = 1e-6,
+    statistic: str = "chi2",
+    min_expected: float = 5.0,
+) -> ExactnessReport:
+    """Check a tree acceptor for exactness on toy order-1 Markov chains, without the generator.
+
+    acceptor: a name in ``TREE_ACCEPTORS``, a callable with the tree acceptor protocol
+    (spec/tree.py; a class is instantiated) or ``"module:attr"``; tree: a ``TreeSpec`` or a
+    branching list such as [2, 2]; children: "sample", "distinct" or "top" (:func:`sample_tree`).
+    The chains: target = ``MarkovChainLM.random(vocab, chain_seed)``, draft = the one at
+    ``chain_seed + 7919`` (as :func:`check_exactness`), both at ``temperature``; or ``chains`` =
+    (P, Q), [V, V] next-token probability tables used as they are. ``samples`` rows each draft a
+    tree after the token 0, run the acceptor once, and continue path + emitted token by target
+    sampling to L = max_depth + 1 tokens; the joint histogram of those L tokens is tested against
+    the target chain's exact law (FAIL when the p-value is below ``threshold``).
+    Random numbers: the trees and the continuation from ``Generator(seed)``, the acceptor's
+    ``AcceptorRandomness`` from seeds seed + 7 (accept) and seed + 8 (race)."""
+    from .randomness import AcceptorRandomness
+    from .tree import TreeSpec
+
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if not isinstance(tree, TreeSpec):
+        tree = TreeSpec.from_branching(tree)
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    acceptor = _tree_acceptor(acceptor)
+    chain_seed = seed if chain_seed is None else chain_seed
+    if chains is None:
+        params = SamplingParams(temperature)
+        tables = [MarkovChainLM.random(vocab, s).table() for s in (chain_seed, chain_seed + 7919)]
+        P, Q = (logits_to_probs(t, params).double() for t in tables)
+        P, Q = P / P.sum(-1, keepdim=True), Q / Q.sum(-1, keepdim=True)
+    else:
+        P, Q = (torch.as_tensor(t, dtype=torch.float64) for t in chains)
+    V = P.shape[-1]
+    D = tree.max_depth
+    L = D + 1
+    if V**L > 10_000_000:
+        raise ValueError(f"V^L = {V}^{L} outcomes is too many to enumerate; use a shallower tree or a smaller vocab")
+    root = 0
+    gen = torch.Generator().manual_seed(seed)
+    ids, node_q, target_probs = sample_tree(tree, P, Q, samples, gen, children, root)
+    rng = AcceptorRandomness(torch.Generator().manual_seed(seed + 7), torch.Generator().manual_seed(seed + 8))
+    path, count, emitted = acceptor(tree, ids, node_q, target_probs, rng)
+    path, count, emitted = path.long().cpu(), count.long().cpu(), emitted.long().cpu()
+    if path.shape != (samples, D) or count.shape != (samples,) or emitted.shape != (samples,):
+        raise ValueError(f"the acceptor returned path {tuple(path.shape)}, count {tuple(count.shape)}, emitted "
+                         f"{tuple(emitted.shape)}; expected [{samples}, {D}], [{samples}], [{samples}]")
+    rows = torch.arange(samples)
+    stream = torch.full((samples, L), -1, dtype=torch.long)  # path tokens, the emitted token, then target samples
+    stream[:, :D] = torch.where(path >= 0, ids.gather(1, path.clamp(min=0)), -1)
+    stream[rows, count] = emitted
+    for t in range(1, L):  # target-only sampling after the pass (what the next passes are exact for)
+        need = count < t  # [samples]: position t lies after the pass's emitted token
+        draw = torch.multinomial(P[stream[:, t - 1].clamp(min=0)], 1, generator=gen)[:, 0]
+        stream[:, t] = torch.where(need, draw, stream[:, t])
+    fit = goodness_of_fit(outcome_counts(stream, V), chain_law(P, root, L), min_expected)
+    key = "p_chi2" if statistic == "chi2" else "p_g"
+    config = {
+        "acceptor": getattr(acceptor, "name", type(acceptor).__name__), "lossless": getattr(acceptor, "lossless", None),
+        "children_modes": list(getattr(acceptor, "children_modes", ())), "tree": list(tree.parents),
+        "children": children, "draft": "chain" if chains is None else "given", "k": tree.n_nodes + 1,
+        "temperature": temperature, "top_k": None, "top_p": None, "samples": samples, "length": L, "vocab": V,
+        "order": 1, "seed": seed, "chain_seed": chain_seed if chains is None else None,
+    }
+    lengths = torch.bincount(count, minlength=D + 1)
+    speculation = {"acceptance_rate": float(count.double().mean()) / D, "mean_path_length": float(count.double().mean()),
+                   "paths_by_length": lengths.tolist()}
+    return ExactnessReport(
+        verdict="FAIL" if fit[key] < threshold else "PASS", statistic=statistic, value=fit[statistic], dof=fit["dof"],
+        p_value=fit[key], tv_distance=fit["tv_distance"], threshold=threshold, groups=[{"prompt": [root], **fit}],
+        config=config, speculation=speculation)

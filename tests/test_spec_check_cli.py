@@ -31,3 +31,33 @@ def test_check_runs_a_custom_acceptor_by_import_string(capsys):
 def test_check_reports_bad_input(capsys):
     assert main(["check", "--acceptor", "nope"]) == 1
     assert "unknown acceptor" in capsys.readouterr().err
+
+
+def test_check_tree_passes_for_multistep_with_iid_children(capsys):
+    assert main(["check", "--tree", "2,2", "--acceptor", "multistep", "--samples", "40000", "--vocab", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "tree acceptor multistep" in out and "children=sample" in out
+
+
+def test_check_tree_fails_for_the_iid_rule_on_distinct_children(capsys):
+    """Pitfall 7 by import string: siblings without replacement tested against q(. | parent)."""
+    code = main(["check", "--tree", "3,1", "--children", "distinct", "--acceptor", "test_spec_tree:ParentLawAcceptor",
+                 "--samples", "40000", "--vocab", "4", "--seed", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["verdict"] == "FAIL" and report["config"]["children"] == "distinct"
+    assert report["config"]["tree"] == [-1, -1, -1, 0, 1, 2]
+
+
+def test_check_tree_greedy_passes_at_temperature_0_and_fails_above(capsys):
+    assert main(["check", "--tree", "2,2", "--children", "top", "--acceptor", "greedy", "--temperature", "0",
+                 "--samples", "2000"]) == 0
+    assert main(["check", "--tree", "2,2", "--acceptor", "greedy", "--samples", "20000"]) == 1
+    assert capsys.readouterr().out.count("FAIL") == 1
+
+
+def test_check_tree_reports_a_bad_tree_in_one_line(capsys):
+    assert main(["check", "--tree", "2,x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--tree" in err and "2,x" in err and len(err.splitlines()) == 1
+    assert main(["check", "--tree", "2,0"]) == 1
+    assert "positive" in capsys.readouterr().err

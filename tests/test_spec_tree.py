@@ -11,8 +11,7 @@ from spec_helpers import EXACTNESS_SAMPLES, FixedRandomness
 
 from verispec.spec import rejection_sample
 from verispec.spec import tree as tree_mod
-from verispec.spec.goodness_of_fit import goodness_of_fit
-from verispec.spec.randomness import AcceptorRandomness
+from verispec.spec.checker import chain_law, check_tree_exactness, sample_tree
 from verispec.spec.tree import (GreedyTreeAcceptor, MultistepTreeAcceptor, TreeSpec, accept_tree_by_ids,
                                 multistep_accept)
 
@@ -94,66 +93,19 @@ def rolled_pair():
     return torch.stack([p.roll(s) for s in range(V)]), torch.stack([q.roll(s) for s in range(V)])
 
 
-def sample_tree(tree, P, Q, B, gen, children="sample"):
-    """Draw every node's token level by level: i.i.d. from Q(. | parent's token) ("sample"), or
-    without replacement among siblings ("distinct"). -> node_ids [B, N], node_q [B, N, V] (the
-    parent context's q: the law of an i.i.d. child), target_probs [B, N + 1, V] from P."""
-    N = tree.n_nodes
-    ids = torch.zeros(B, N, dtype=torch.long)
-    node_q = torch.zeros(B, N, V, dtype=torch.float32)
-    for u in range(-1, N):
-        ch = tree.children(u)
-        if not ch:
-            continue
-        ctx = torch.full((B,), START) if u < 0 else ids[:, u]
-        q_rows = Q[ctx]  # [B, V]
-        drawn = torch.multinomial(q_rows, len(ch), replacement=children == "sample", generator=gen)  # [B, len(ch)]
-        for j, c in enumerate(ch):
-            ids[:, c] = drawn[:, j]
-            node_q[:, c] = q_rows.float()
-    target_probs = torch.cat([P[torch.full((B, 1), START)], P[ids]], 1).float()  # [B, N + 1, V]
-    return ids, node_q, target_probs
-
-
-def randomness(seed):
-    return AcceptorRandomness(torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1))
-
-
-def run_pass(tree, P, Q, seed, acceptor=None, children="sample", L=None, B=EXACTNESS_SAMPLES):
-    """One pass for B rows, continued by target sampling to L tokens -> (tokens [B, L], count [B])."""
-    L = L or tree.max_depth + 1
-    gen = torch.Generator().manual_seed(seed)
-    ids, node_q, target_probs = sample_tree(tree, P, Q, B, gen, children)
-    path, count, emitted = (acceptor or MultistepTreeAcceptor())(tree, ids, node_q, target_probs, randomness(seed + 7))
-    path_tokens = ids.gather(1, path.clamp(min=0))  # [B, D]; padding read as node 0, masked below
-    stream = torch.full((B, tree.max_depth + 1 + L), -1, dtype=torch.long)
-    stream[:, :tree.max_depth] = torch.where(path >= 0, path_tokens, -1)
-    stream[torch.arange(B), count] = emitted
-    for t in range(L):  # target-only sampling after the pass (what the next passes are exact for)
-        need = stream[:, t] < 0
-        prev = stream[:, t - 1] if t else torch.full((B,), START)
-        stream[:, t] = torch.where(need, torch.multinomial(P[prev.clamp(min=0)], 1, generator=gen)[:, 0], stream[:, t])
-    return stream[:, :L], count
-
-
-def chain_law(P, L):
-    """P(first L tokens = s) for every s, flattened [V ** L] (row-major: the first token slowest)."""
-    law = P[START]  # [V]
-    for _ in range(L - 1):
-        law = law.unsqueeze(-1) * P  # [..., prev, 1] * [prev, next]
-    return law.reshape(-1)
-
-
-def fit(tokens, P):
-    L = tokens.shape[1]
-    cells = (tokens * (V ** torch.arange(L - 1, -1, -1))).sum(1)
-    counts = torch.bincount(cells, minlength=V ** L)
-    return goodness_of_fit(counts, chain_law(P, L))
+def run_pass(tree, P, Q, seed, acceptor="multistep", children="sample"):
+    """The library's tree checker (spec/checker.py) on the chain pair (P, Q): 40,000 rows, one pass
+    each, continued by target sampling to max_depth + 1 tokens -> (the fit of those tokens against
+    the target chain's exact law, the rows per accepted path length [D + 1])."""
+    report = check_tree_exactness(acceptor, tree, children, chains=(P, Q), seed=seed, samples=EXACTNESS_SAMPLES,
+                                  threshold=THRESHOLD)
+    assert report.config["tree"] == list(tree.parents) and report.config["children"] == children
+    return report.groups[0], torch.tensor(report.speculation["paths_by_length"])
 
 
 def test_chain_law_is_the_product_of_the_transitions():
     P, _ = chain_pair(1)
-    law = chain_law(P, 3).reshape(V, V, V)
+    law = chain_law(P, START, 3).reshape(V, V, V)
     assert float(law.sum()) == pytest.approx(1.0)
     assert float(law[1, 2, 3]) == pytest.approx(float(P[START, 1] * P[1, 2] * P[2, 3]))
 
@@ -170,12 +122,11 @@ PAIRS = {"default": lambda: chain_pair(11, 1.5, 1.5), "sharp-draft": lambda: cha
 def test_multistep_is_exact(shape, pair):
     tree = TreeSpec.from_branching(TREES[shape])
     P, Q = PAIRS[pair]()
-    tokens, count = run_pass(tree, P, Q, seed=list(TREES).index(shape) * 10 + list(PAIRS).index(pair))
-    report = fit(tokens, P)
+    report, by_length = run_pass(tree, P, Q, seed=list(TREES).index(shape) * 10 + list(PAIRS).index(pair))
     assert report["impossible"] == 0 and report["p_chi2"] >= THRESHOLD and report["p_g"] >= THRESHOLD, report
     if tree.max_depth >= 2:
-        assert int((count >= 2).sum()) > 1000, "paths of depth 2 must occur for the test to mean anything"
-    assert int((count >= 1).sum()) > 1000
+        assert int(by_length[2:].sum()) > 1000, "paths of depth 2 must occur for the test to mean anything"
+    assert int(by_length[1:].sum()) > 1000
 
 
 def test_a_one_node_chain_tree_is_rejection_sampling():
@@ -221,6 +172,18 @@ class SharedUniformAcceptor(MultistepTreeAcceptor):
         return super().__call__(tree, node_ids, node_q, target_probs, SharedSiblingUniform(tree, rng))
 
 
+class ParentLawAcceptor(MultistepTreeAcceptor):
+    """The i.i.d. rule on siblings drawn without replacement (pitfall 7): every sibling is tested
+    against q(. | parent context), the first sibling's law, not the law it was drawn from."""
+
+    def __call__(self, tree, node_ids, node_q, target_probs, rng):
+        node_q = node_q.clone()
+        for u in range(-1, tree.n_nodes):
+            ch = tree.children(u)
+            node_q[:, ch[1:]] = node_q[:, ch[:1]]
+        return super().__call__(tree, node_ids, node_q, target_probs, rng)
+
+
 # (tree, chain pair) per variant. A sharp draft (duplicate siblings common, often rejected) makes the
 # residual update and the without-replacement law matter: pair 12 of a scan of pairs 11..16 at trees
 # [2], [2, 2], [3, 1] (at seed 21 every pair fails the no-update variant with chi2 > 6000; "distinct"
@@ -244,10 +207,53 @@ def test_the_harness_catches_broken_variants(variant, monkeypatch):
     elif variant == "shared-uniform":
         acceptor = SharedUniformAcceptor()
     else:  # siblings drawn without replacement, accepted with the i.i.d. rule (pitfall 7)
-        children = "distinct"
-    tokens, _ = run_pass(tree, P, Q, seed=21, acceptor=acceptor, children=children)
-    report = fit(tokens, P)
+        acceptor, children = ParentLawAcceptor(), "distinct"
+    report, _ = run_pass(tree, P, Q, seed=21, acceptor=acceptor, children=children)
     assert report["p_chi2"] < 1e-30, report
+
+
+# ---- check_tree_exactness on its own random chains ---------------------------------------------------------
+
+
+def test_distinct_siblings_tested_against_the_parent_law_fail():
+    """The documented non-exact combination: siblings without replacement under the i.i.d. rule
+    (each tested against q(. | parent), pitfall 7) FAILS; given the law each sibling was drawn from
+    (node_q of "distinct"), the same rule is Jeon et al.'s recursive rejection sampling, and passes."""
+    bad = check_tree_exactness(ParentLawAcceptor(), [3, 1], "distinct", seed=2)
+    assert not bad.passed and bad.p_value < 1e-30, bad.format()
+    good = check_tree_exactness("multistep", [3, 1], "distinct", seed=2)
+    assert good.passed, good.format()
+
+
+def test_distinct_and_top_siblings_carry_the_law_they_were_drawn_from():
+    P, Q = chain_pair(12, 1.0, 4.0)
+    tree = TreeSpec.from_branching([3])
+    ids, node_q, _ = sample_tree(tree, P, Q, 500, torch.Generator().manual_seed(0), "distinct")
+    assert bool((ids[:, 0] != ids[:, 1]).all() & (ids[:, 1] != ids[:, 2]).all() & (ids[:, 0] != ids[:, 2]).all())
+    q = Q[START].float()
+    want = (q * (torch.arange(V) != ids[:, :1])) / (1 - q[ids[:, 0]])[:, None]  # without the first sibling
+    assert torch.allclose(node_q[:, 0], q.expand(500, V)) and torch.allclose(node_q[:, 1], want)
+    assert torch.allclose(node_q[:, 2].gather(1, ids[:, :2]), torch.zeros(500, 2))
+    ids, node_q, _ = sample_tree(tree, P, Q, 2, torch.Generator().manual_seed(0), "top")
+    assert ids[0].tolist() == Q[START].argsort(descending=True)[:3].tolist()
+    assert torch.equal(node_q, torch.nn.functional.one_hot(ids, V).float())
+
+
+def test_greedy_tree_acceptor_passes_at_temperature_0_with_top_children_and_fails_above():
+    report = check_tree_exactness("greedy", [2, 2], "top", temperature=0.0)
+    assert report.passed and report.config["children"] == "top", report.format()
+    assert not check_tree_exactness(GreedyTreeAcceptor, [2, 2], "top", temperature=1.0).passed
+
+
+def test_check_tree_exactness_rejects_bad_input():
+    with pytest.raises(ValueError, match="unknown tree acceptor"):
+        check_tree_exactness("nope", [2])
+    with pytest.raises(ValueError, match="children must be one of"):
+        check_tree_exactness("multistep", [2], "iid")
+    with pytest.raises(ValueError, match="positive"):
+        check_tree_exactness("multistep", [2, 0])
+    with pytest.raises(ValueError, match="fewer than 2 possible tokens"):
+        check_tree_exactness("multistep", [2], "distinct", temperature=0.0)
 
 
 # ---- temperature 0 -----------------------------------------------------------------------------------
@@ -288,7 +294,7 @@ def test_greedy_tree_acceptor_is_target_greedy_on_the_toy_chain():
     kept = 0
     while min(len(r) for r in rows) <= L:
         last = torch.tensor([r[-1] for r in rows])
-        ids, node_q, target_probs = rooted_tree(tree, P, Q, gen, last)
+        ids, node_q, target_probs = sample_tree(tree, P, Q, B, gen, root=last)
         path, count, emitted = GreedyTreeAcceptor()(tree, ids, node_q, target_probs, None)
         kept += int(count.sum())
         for b in range(B):
@@ -298,19 +304,6 @@ def test_greedy_tree_acceptor_is_target_greedy_on_the_toy_chain():
         greedy.append(int(P[greedy[-1]].argmax()))
     assert all(r[:L + 1] == greedy for r in rows)
     assert kept > 0
-
-
-def rooted_tree(tree, P, Q, gen, last):
-    """sample_tree with every row's root context its own last token ``last`` [B]."""
-    B, N = len(last), tree.n_nodes
-    ids = torch.zeros(B, N, dtype=torch.long)
-    node_q = torch.zeros(B, N, V)
-    for u in range(-1, N):
-        ctx = last if u < 0 else ids[:, u]
-        for c in tree.children(u):
-            ids[:, c] = torch.multinomial(Q[ctx], 1, generator=gen)[:, 0]
-            node_q[:, c] = Q[ctx].float()
-    return ids, node_q, torch.cat([P[last][:, None], P[ids]], 1).float()
 
 
 # ---- the output contract ---------------------------------------------------------------------------------

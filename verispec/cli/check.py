@@ -19,6 +19,16 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
+def _branching(text: str) -> list[int]:  # in run(): a bad value is a one-line error, not argparse's usage
+    try:
+        branching = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--tree takes comma-separated children per level, e.g. 2,2; got {text!r}") from None
+    if not branching or any(b < 1 for b in branching):
+        raise ValueError(f"--tree needs positive children counts per level, e.g. 2,2; got {text!r}")
+    return branching
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "check",
@@ -26,7 +36,9 @@ def register(sub) -> None:
         description="Run the speculative loop on toy Markov chains and test its output distribution against "
         "the exact target-only one. Acceptors: default, greedy, sample-match, coupled, typical (lossy), "
         "shared-uniform (deliberately biased) or module:attr. Drafts: model (a second random chain), ngram, "
-        "ngram:N, self:N, argmax-softq (deliberately biased) or module:attr.",
+        "ngram:N, self:N, argmax-softq (deliberately biased) or module:attr. With --tree, a tree acceptor "
+        "(multistep, greedy or module:attr) runs one token-tree pass per row on the toy chains, without the "
+        "generator, and the path plus emitted token (continued by target sampling) is tested.",
     )
     p.add_argument("--acceptor", default="default", help="acceptor name or module:attr")
     p.add_argument("--k", type=int, default=4, help="tokens scored per verify pass (draft proposes k-1)")
@@ -47,13 +59,26 @@ def register(sub) -> None:
     p.add_argument("--statistic", choices=["chi2", "g"], default="chi2",
                    help="goodness-of-fit statistic: Pearson's chi-square or the G-test")
     p.add_argument("--threshold", type=float, default=1e-6, help="FAIL when the p-value is below this")
+    p.add_argument("--tree", default=None,
+                   help="check a tree acceptor on a tree of these children per level, e.g. 2,2 (L = depth + 1; "
+                   "--k, --draft, --top-k, --top-p, --length, --order, --prompt, --eos do not apply)")
+    p.add_argument("--children", choices=["sample", "distinct", "top"], default="sample",
+                   help="with --tree: siblings i.i.d. from q, without replacement, or the likeliest under q")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from verispec.spec.checker import check_exactness
+    from verispec.spec.checker import check_exactness, check_tree_exactness
 
+    if args.tree is not None:
+        report = check_tree_exactness(
+            "multistep" if args.acceptor == "default" else args.acceptor, _branching(args.tree), args.children,
+            temperature=args.temperature, samples=args.samples, vocab=args.vocab, seed=args.seed,
+            chain_seed=args.chain_seed, threshold=args.threshold, statistic=args.statistic,
+        )
+        print(report.to_json() if args.json else report.format())
+        return 0 if report.passed else 1
     report = check_exactness(
         args.acceptor, args.draft, args.k, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         samples=args.samples, length=args.length, vocab=args.vocab, order=args.order,
