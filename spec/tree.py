@@ -253,9 +253,12 @@ class TreeAcceptorBase:
 
 
 class MultistepTreeAcceptor(TreeAcceptorBase):
-    """SpecInfer's multi-step speculative sampling (:func:`multistep_accept`): exact when siblings
-    are drawn i.i.d. from q(. | parent context) ("sample"). Not for siblings drawn without
-    replacement: it would use q for a child drawn from another law (docs/exactness.md pitfall 7).
+    """SpecInfer's multi-step speculative sampling (:func:`multistep_accept`): exact when each
+    sibling's ``node_q`` is the law it was drawn from: i.i.d. from q(. | parent context)
+    ("sample"); without replacement, q with the earlier siblings' tokens removed ("distinct", where
+    the rule is Jeon et al.'s recursive rejection sampling); the b likeliest tokens with one-hot
+    q ("top"). All three pass ``check_tree_exactness``; testing every sibling against q(. | parent)
+    when they were drawn otherwise is what breaks it (docs/exactness.md pitfall 7).
 
     Random numbers: N uniforms per row (``rng.uniforms``; a fresh one for every sibling test) and
     V exponentials per row (``rng.exponentials``; the emitted token). At temperature 0 (one-hot p
@@ -263,7 +266,7 @@ class MultistepTreeAcceptor(TreeAcceptorBase):
 
     name = "multistep"
     lossless = True
-    children_modes = ("sample",)
+    children_modes = ("sample", "distinct", "top")
     exact_when_greedy = True
 
     @property

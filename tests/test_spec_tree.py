@@ -407,3 +407,12 @@ def test_golden_sibling_steps():
     assert out[1].tolist() == [1] and out[2].tolist() == [1]
     out = multistep_accept(tree, torch.tensor([[0, 1]]), same, pq, torch.tensor([[1.0, 1.0]]), torch.ones(1, 3))
     assert out[1].tolist() == [0] and out[2].tolist() == [0]
+
+
+@pytest.mark.parametrize("children", ["sample", "distinct", "top"])
+@pytest.mark.parametrize("tree", [[2, 2], [3, 1]])
+def test_multistep_is_exact_for_every_children_mode_it_claims(children, tree):
+    """MultistepTreeAcceptor.children_modes is a claim: each mode passes the checker."""
+    assert children in MultistepTreeAcceptor.children_modes
+    report = check_tree_exactness("multistep", tree, children, seed=4, samples=EXACTNESS_SAMPLES)
+    assert report.passed, report.format()
