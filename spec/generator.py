@@ -27,7 +27,7 @@ from ..model.prompts import prepare_prompts, validate_eos
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
 from .drafts import NoDraft
 from .policy import check_k_fits, default_k, validate_k
-from .protocols import AcceptorBase
+from .protocols import AcceptorBase, check_acceptor_output, check_proposal
 from .randomness import SpeculativeRandomness
 from .resolve import as_target, make_acceptor, make_draft, make_policy
 from .stats import SpecStats
@@ -268,7 +268,7 @@ class SpeculativeGenerator:
                                                     self._rng.draft_uniforms(B, g), **extra)
         if self._gate is not None and 1 <= draft_ids.shape[-1] < g:  # the gate stopped drafting early
             g = draft_ids.shape[-1]
-        self._check_proposal(draft_ids, draft_probs, B, g, V)
+        check_proposal(draft_ids, draft_probs, B, g, V)
         return draft_ids, draft_probs
 
     def _target_side(self, logits: torch.Tensor) -> torch.Tensor:
@@ -288,7 +288,7 @@ class SpeculativeGenerator:
         else:
             accepted, new = self.acceptor(draft_ids, draft_probs.to(self.device), target_out, self._rng.acceptor)
         if self._check_ids or not self._by_ids:
-            self._check_acceptor_output(accepted, new, draft_ids, B, g, self.target.vocab_size)
+            check_acceptor_output(accepted, new, draft_ids, B, g, self.target.vocab_size)
         accepted, new = accepted.long().cpu(), new.long().cpu()
         if not self._parallel:
             return accepted, new
@@ -394,39 +394,6 @@ class SpeculativeGenerator:
             self.draft.keep_rows(rows)
         self._tokens, self._lengths, self._rows = self._tokens[keep], self._lengths[keep], self._rows[keep]
         return None if logits is None else logits[keep.to(logits.device)]
-
-    # ---- checks on pluggable parts ----------------------------------------------------------------
-
-    @staticmethod
-    def _check_proposal(draft_ids, draft_probs, B: int, g: int, V: int) -> None:
-        if tuple(draft_ids.shape) != (B, g) or tuple(draft_probs.shape) != (B, g, V):
-            raise ValueError(
-                f"draft provider returned draft_ids {tuple(draft_ids.shape)} and draft_probs {tuple(draft_probs.shape)}; "
-                f"expected [{B}, {g}] and [{B}, {g}, {V}]"
-            )
-        if g and (int(draft_ids.min()) < 0 or int(draft_ids.max()) >= V):
-            raise ValueError(f"draft provider proposed a token id outside [0, {V})")
-        if g and torch.isnan(draft_probs).any():
-            raise FloatingPointError("draft provider returned NaN draft probabilities")
-
-    @staticmethod
-    def _check_acceptor_output(accepted, new, draft_ids, B: int, g: int, V: int) -> None:
-        if tuple(accepted.shape) != (B,) or tuple(new.shape) != (B, g + 1):
-            raise ValueError(
-                f"acceptor returned accepted {tuple(accepted.shape)} and tokens {tuple(new.shape)}; "
-                f"expected [{B}] and [{B}, {g + 1}]"
-            )
-        if accepted.dtype.is_floating_point or new.dtype.is_floating_point:
-            raise TypeError("acceptor must return integer tensors")
-        if int(accepted.min()) < 0 or int(accepted.max()) > g:
-            raise ValueError(f"acceptor returned an accepted count outside 0..{g}")
-        a = accepted.long()
-        emitted = new.gather(1, a[:, None])[:, 0]
-        if int(emitted.min()) < 0 or int(emitted.max()) >= V:
-            raise ValueError(f"acceptor emitted a token id outside [0, {V})")
-        kept = torch.arange(g, device=new.device)[None] < a[:, None]  # [B, g]
-        if g and bool((kept & (new[:, :g] != draft_ids.to(new.device))).any()):
-            raise ValueError("acceptor changed an accepted draft: tokens[b, :accepted[b]] must equal the drafts")
 
 
 def _limit(target_limit: int, draft_limit: int | None) -> int:

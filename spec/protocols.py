@@ -245,3 +245,40 @@ class KPolicyBase:
 
     def set_gated(self, gated: bool) -> None:
         pass
+
+
+# ---- what the loop checks of a draft's and an acceptor's output ----------------------------------
+
+
+def check_proposal(draft_ids, draft_probs, B: int, g: int, V: int) -> None:
+    """A draft's (draft_ids [B, g], draft_probs [B, g, V]): shapes, ids in the vocabulary, no NaN."""
+    if tuple(draft_ids.shape) != (B, g) or tuple(draft_probs.shape) != (B, g, V):
+        raise ValueError(
+            f"draft provider returned draft_ids {tuple(draft_ids.shape)} and draft_probs {tuple(draft_probs.shape)}; "
+            f"expected [{B}, {g}] and [{B}, {g}, {V}]"
+        )
+    if g and (int(draft_ids.min()) < 0 or int(draft_ids.max()) >= V):
+        raise ValueError(f"draft provider proposed a token id outside [0, {V})")
+    if g and torch.isnan(draft_probs).any():
+        raise FloatingPointError("draft provider returned NaN draft probabilities")
+
+
+def check_acceptor_output(accepted, new, draft_ids, B: int, g: int, V: int) -> None:
+    """An acceptor's (accepted [B], tokens [B, g + 1]): shapes, integer dtypes, counts in 0..g, the
+    emitted id in the vocabulary, accepted drafts unchanged."""
+    if tuple(accepted.shape) != (B,) or tuple(new.shape) != (B, g + 1):
+        raise ValueError(
+            f"acceptor returned accepted {tuple(accepted.shape)} and tokens {tuple(new.shape)}; "
+            f"expected [{B}] and [{B}, {g + 1}]"
+        )
+    if accepted.dtype.is_floating_point or new.dtype.is_floating_point:
+        raise TypeError("acceptor must return integer tensors")
+    if int(accepted.min()) < 0 or int(accepted.max()) > g:
+        raise ValueError(f"acceptor returned an accepted count outside 0..{g}")
+    a = accepted.long()
+    emitted = new.gather(1, a[:, None])[:, 0]
+    if int(emitted.min()) < 0 or int(emitted.max()) >= V:
+        raise ValueError(f"acceptor emitted a token id outside [0, {V})")
+    kept = torch.arange(g, device=new.device)[None] < a[:, None]  # [B, g]
+    if g and bool((kept & (new[:, :g] != draft_ids.to(new.device))).any()):
+        raise ValueError("acceptor changed an accepted draft: tokens[b, :accepted[b]] must equal the drafts")

@@ -16,7 +16,7 @@ from verispec.spec import ACCEPTORS, BlockAcceptor, SpeculativeGenerator
 from verispec.spec.acceptors import accept_by_ids
 from verispec.spec.block import block_residual, block_terms, block_verify
 from verispec.spec.checker import check_exactness
-from verispec.spec.protocols import AcceptorBase
+from verispec.spec.protocols import AcceptorBase, check_acceptor_output
 from verispec.testing import MarkovChainLM
 
 # ---- exact enumeration of one verify pass (float64) ---------------------------------------------
@@ -247,7 +247,7 @@ def test_fp32_inputs_stay_finite_and_in_range():
     assert terms.stop.dtype == torch.float32 and all(bool(torch.isfinite(t).all()) for t in terms)
     assert bool(((terms.stop >= 0) & (terms.stop <= 1)).all()) and bool(((terms.weights >= 0) & (terms.weights <= 1)).all())
     accepted, tokens = block_verify(draft, q, p, u, e)
-    SpeculativeGenerator._check_acceptor_output(accepted, tokens, draft, 500, 5, 6)
+    check_acceptor_output(accepted, tokens, draft, 500, 5, 6)
 
 
 def test_the_stop_rule_keeps_the_longest_prefix_that_passes():
@@ -274,7 +274,7 @@ def test_acceptor_draws_like_the_default_and_rows_are_independent():
     accepted, tokens = BlockAcceptor()(draft, q, p, rng)
     assert rng.calls == [("uniforms", (6, 4)), ("exponentials", (6, 5))]  # one stream each, as the default
     assert accepted.dtype == torch.long and tokens.dtype == torch.long and tokens.shape == (6, 5)
-    SpeculativeGenerator._check_acceptor_output(accepted, tokens, draft, 6, 4, 5)
+    check_acceptor_output(accepted, tokens, draft, 6, 4, 5)
     for b in range(6):  # a row alone, with its own random numbers, decides as it did in the batch
         a1, t1 = BlockAcceptor()(draft[b:b + 1], q[b:b + 1], p[b:b + 1], FixedRandomness(u[b:b + 1], e[b:b + 1]))
         assert int(a1[0]) == int(accepted[b]) and torch.equal(t1[0], tokens[b])

@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import reference
 from .abi import VsLayer, VsLinear, VsStep
+from .attention import MAX_T
 from .build import get_lib
 from .linear import MAX_M, SkinnyLinear, skinny_linear
 from .quant import Int8Linear, W8A8Linear
@@ -299,8 +300,6 @@ class CompiledDecoder:
 
     def __call__(self, input_ids, positions, cache, kernels, logits_at=None, active_mask=None, position_ids=None,
                  num_layers=None):
-        from .attention import MAX_T
-
         B, T = input_ids.shape
         plan = None
         if (_native_mask(active_mask, B, T) and B * T <= MAX_M and T <= MAX_T and input_ids.device.type == "cpu"
