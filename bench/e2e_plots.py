@@ -6,7 +6,6 @@ from __future__ import annotations
 from .common import results_dir
 
 
-
 def _grid(runs):
     import matplotlib
 
@@ -20,6 +19,17 @@ def _grid(runs):
     return plt, fig, cells
 
 
+def _panel(ax, run, xlabel: str, ylabel: str, **limits) -> None:
+    """Title, labels, integer x ticks, grid and legend of one (prompt set, temperature) panel."""
+    from matplotlib.ticker import MaxNLocator
+
+
+    ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel=xlabel, ylabel=ylabel, **limits)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def _save(plt, fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -29,7 +39,6 @@ def _save(plt, fig, path):
 
 def plot_tokens_per_s(runs, args, data):
     """End-to-end tokens/s against fixed k, with horizontal lines for the other paths."""
-    from matplotlib.ticker import MaxNLocator
 
     plt, fig, cells = _grid(runs)
     lines = {("verispec", "target-only"): ("verispec target-only", "grey", "-"),
@@ -45,19 +54,14 @@ def plot_tokens_per_s(runs, args, data):
             elif (p["engine"], p["mode"]) in lines:
                 label, color, ls = lines[(p["engine"], p["mode"])]
                 ax.axhline(p["e2e_tokens_per_s"], color=color, ls=ls, label=label)
-        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="k (tokens per verify pass)",
-               ylabel="tokens/s (prefill included)")
         ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _panel(ax, run, "k (tokens per verify pass)", "tokens/s (prefill included)")
     fig.suptitle(f"{data['draft']} -> {data['target']} ({data['amp']}, {data['max_new_tokens']} new tokens)")
     return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_tokens_per_s.png")
 
 
 def plot_acceptance(runs, args):
     """P(draft i accepted | drafts before it accepted) against i, one line per k."""
-    from matplotlib.ticker import MaxNLocator
 
     plt, fig, cells = _grid(runs)
     for run, ax in cells:
@@ -65,18 +69,13 @@ def plot_acceptance(runs, args):
             if p["mode"] == "speculative" and p["position_acceptance"]:
                 pos = [(i + 1, a) for i, a in enumerate(p["position_acceptance"]) if a is not None]
                 ax.plot([i for i, _ in pos], [a for _, a in pos], "o-" if p["k"] != "auto" else "s--", label=f"k={p['k']}")
-        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="draft position",
-               ylabel="acceptance given earlier accepted", ylim=(0, 1.02))
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _panel(ax, run, "draft position", "acceptance given earlier accepted", ylim=(0, 1.02))
     return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_acceptance.png")
 
 
 def plot_speedup(runs, args, data):
     """Decode speedup over target-only against fixed k, measured and predicted (Leviathan's
     formula with the run's acceptance and costs), k=auto as a horizontal line."""
-    from matplotlib.ticker import MaxNLocator
 
     plt, fig, cells = _grid(runs)
     for run, ax in cells:
@@ -90,11 +89,7 @@ def plot_speedup(runs, args, data):
             if p["k"] == "auto" and p.get("speedup_vs_target_only") is not None:
                 ax.axhline(p["speedup_vs_target_only"], color="tab:green", ls="-.", label="measured, k=auto")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel="k (tokens per verify pass)",
-               ylabel="decode speedup over target-only")
         ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _panel(ax, run, "k (tokens per verify pass)", "decode speedup over target-only")
     fig.suptitle(f"{data['draft']} -> {data['target']} ({data['amp']}, {data['max_new_tokens']} new tokens)")
     return _save(plt, fig, results_dir(args.out_dir) / f"{args.name}_speedup.png")
