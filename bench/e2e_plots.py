@@ -23,7 +23,6 @@ def _panel(ax, run, xlabel: str, ylabel: str, **limits) -> None:
     """Title, labels, integer x ticks, grid and legend of one (prompt set, temperature) panel."""
     from matplotlib.ticker import MaxNLocator
 
-
     ax.set(title=f"{run['prompt_set']}, T={run['temperature']:g}", xlabel=xlabel, ylabel=ylabel, **limits)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
