@@ -18,6 +18,7 @@ from .protocols import Acceptor, AcceptorBase, Draft, DraftBase, KPolicy, KPolic
 from .randomness import AcceptorRandomness, SpeculativeRandomness
 from .rejection import rejection_sample
 from .stats import SpecStats, predicted_speedup
+from .tree_acceptors import RecursiveTreeAcceptor, TraversalTreeAcceptor  # registers "recursive", "traversal"
 
 __all__ = [
     "ACCEPTORS",
@@ -39,6 +40,7 @@ __all__ = [
     "ModelDraft",
     "NGramDraft",
     "PositionalNoise",
+    "RecursiveTreeAcceptor",
     "SampleMatchAcceptor",
     "SpecStats",
     "SpeculativeGenerator",
@@ -46,6 +48,7 @@ __all__ = [
     "StepTokens",
     "Target",
     "TargetBase",
+    "TraversalTreeAcceptor",
     "TypicalAcceptor",
     "ngram_lookup",
     "predicted_speedup",
