@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..kernels import KernelSet, get_backend
+from ..kernels import KernelSet, get_backend, reference
 from .cache import KVCache
 from .config import LlamaConfig
 from .decoder import Decoder
@@ -258,6 +258,18 @@ class LlamaForSampling:
     def keep_rows(self, rows: list[int]) -> None:
         """Continue only cache rows ``rows`` (moved to the front, in order)."""
         self.cache.keep_rows(rows)
+
+    def kv_gather(self, src_slots: torch.Tensor, dst_start: torch.Tensor, counts: torch.Tensor) -> None:
+        """Every layer's K/V, rows 0 .. B - 1: slots dst_start[b] + i (i < counts[b]) take what slots
+        src_slots[b, i] held (after a token tree: the accepted path moves next to the prefix). The
+        backend's ``kv_gather`` kernel where it has one, else the torch reference."""
+        gather = self.kernels.get("kv_gather") or reference.kv_gather
+        B = src_slots.shape[0]
+        if B > self.batch_size:
+            raise ValueError(f"kv_gather over {B} rows exceeds batch_size={self.batch_size}")
+        src, start, cnt = (t.to(self.device) for t in (src_slots, dst_start, counts))
+        for k, v in zip(self.cache.k, self.cache.v):
+            gather(k[:B], v[:B], src, start, cnt)
 
     def prefill(self, prompts) -> torch.Tensor:
         """Fill the cache with right-padded prompts (a list of 1-D LongTensors, or a [B, L] tensor

@@ -82,15 +82,16 @@ class ExactnessReport:
 
     def format(self) -> str:
         c = self.config
-        if "tree" in c:  # check_tree_exactness
+        if "children_modes" in c:  # check_tree_exactness
             lines = [
                 f"tree acceptor {c['acceptor']} (lossless claim: {c['lossless']}, for children {c['children_modes']}), "
                 f"tree parents {c['tree']}, children={c['children']}, draft {c['draft']}, temperature={c['temperature']}",
                 f"V={c['vocab']}, L={c['length']}, {c['samples']} trees in one batch, seed={c['seed']}",
             ]
         else:
+            shape = f"tree={c['tree']}, children={c['children']}" if c.get("tree") else f"k={c['k']}"
             lines = [
-                f"acceptor {c['acceptor']} (lossless claim: {c['lossless']}), draft {c['draft']}, k={c['k']}, "
+                f"acceptor {c['acceptor']} (lossless claim: {c['lossless']}), draft {c['draft']}, {shape}, "
                 f"temperature={c['temperature']}, top_k={c['top_k']}, top_p={c['top_p']}",
                 f"V={c['vocab']}, L={c['length']}, {c['samples']} samples in one batch, seed={c['seed']}",
             ]
@@ -122,8 +123,10 @@ def _toy_for(model, rows: int):
 def check_exactness(
     acceptor=None,
     draft="model",
-    k: int = 4,
+    k: int | None = None,
     *,
+    tree=None,
+    children: str = "sample",
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -147,6 +150,8 @@ def check_exactness(
     ``"ngram"``, ``"self:N"``, ``"argmax-softq"`` (deliberately biased), a provider, or
     ``"module:attr"``; acceptor: None/name/callable/``"module:attr"`` (``"shared-uniform"`` is
     deliberately biased). Rows are split evenly over ``prompts``; each prompt is tested.
+    k: None = 4 for chains; with ``tree`` (and ``children``) the loop runs token trees
+    (``SpeculativeGenerator(tree=...)``) and ``acceptor`` names a tree acceptor.
     """
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
@@ -156,7 +161,14 @@ def check_exactness(
     if not prompts or samples < len(prompts) or samples < 1:
         raise ValueError(f"need at least one prompt and samples >= number of prompts, got {samples} for {len(prompts)}")
     chain_seed = seed if chain_seed is None else chain_seed
-    max_k = make_policy(k).max_k
+    if tree is None:
+        k = 4 if k is None else k
+        max_k = make_policy(k).max_k
+    else:
+        from .tree import DynamicTree, parse_tree
+
+        shape = parse_tree(tree, None if k is None else k - 1)
+        max_k = (k or shape.max_depth + 1) if isinstance(shape, DynamicTree) else shape.max_depth + 1
     # the loop runs max_k - 1 tokens past the tested window, so that no pass inside the window is
     # cut short by the sequence's end: every pass there may carry all k - 1 drafts
     run_on = max_k - 1
@@ -174,14 +186,17 @@ def check_exactness(
         draft = chain if draft == "model" else ArgmaxSoftQDraft(chain)
     elif hasattr(draft, "forward") and not hasattr(draft, "propose"):
         draft = _toy_for(draft, samples)
-    acceptor = make_acceptor(acceptor, target, extra=BIASED_ACCEPTORS)
+    if tree is None:
+        acceptor = make_acceptor(acceptor, target, extra=BIASED_ACCEPTORS)
     params = SamplingParams(temperature, top_k, top_p)
 
     per_group = samples // len(prompts)
     rows = [p for p in prompts for _ in range(per_group)]
     same_length = len({len(p) for p in prompts}) == 1
     input_ids = torch.stack(rows) if same_length else rows
-    gen = SpeculativeGenerator(draft, target, k, acceptor=acceptor, measure_decode_step=False)
+    gen = SpeculativeGenerator(draft, target, k, acceptor=acceptor, measure_decode_step=False,
+                               **({} if tree is None else {"tree": tree, "children": children}))
+    acceptor = gen.acceptor if tree is None else gen._tree_acceptor
     # rows run on past their first L tokens (shorter prompts further); the first L keep their law
     seq_len = max(len(p) for p in prompts) + length + run_on
     result = gen.generate(input_ids, seq_len, temperature, top_k, top_p, seed=seed, eos_token_id=eos_token_id)
@@ -196,7 +211,8 @@ def check_exactness(
     worst = min(groups, key=lambda grp: grp[key])
     config = {
         "acceptor": getattr(acceptor, "name", type(acceptor).__name__), "lossless": getattr(acceptor, "lossless", None),
-        "draft": draft_name, "k": k, "temperature": temperature, "top_k": top_k, "top_p": top_p, "samples": samples,
+        "draft": draft_name, "k": k, "tree": None if tree is None else str(gen._tree), "children": children,
+        "temperature": temperature, "top_k": top_k, "top_p": top_p, "samples": samples,
         "length": length, "vocab": V, "order": getattr(target, "order", None), "seed": seed, "chain_seed": chain_seed,
         "eos_token_id": eos_token_id,
     }
@@ -282,22 +298,11 @@ def chain_law(P: torch.Tensor, root: int, length: int) -> torch.Tensor:
 
 
 def _tree_acceptor(acceptor):
-    from .resolve import import_string
-    from .tree import TREE_ACCEPTORS
+    from .resolve import make_tree_acceptor
 
-    if isinstance(acceptor, str):
-        if acceptor in TREE_ACCEPTORS:
-            return TREE_ACCEPTORS[acceptor]()
-        if ":" not in acceptor:
-            raise ValueError(f"unknown tree acceptor {acceptor!r}: use one of {sorted(TREE_ACCEPTORS)}, a callable "
-                             "or 'module:attr'")
-        acceptor = import_string(acceptor)
-    if isinstance(acceptor, type):
-        acceptor = acceptor()
-    if not callable(acceptor):
-        raise ValueError(f"a tree acceptor must be callable as acceptor(tree, node_ids, node_q, target_probs, rng), "
-                         f"got {type(acceptor).__name__}")
-    return acceptor
+    if acceptor is None:
+        raise ValueError("unknown tree acceptor None: name one")
+    return make_tree_acceptor(acceptor)
 
 
 def check_tree_exactness(

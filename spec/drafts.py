@@ -35,6 +35,8 @@ from ..model.prompts import prompt_lengths
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs, one_hot, sample_categorical
 from .coupled import race
 from .protocols import DraftBase
+from .tree import DynamicTree
+from .tree_draft import compact_path, draft_dynamic, draft_static
 
 
 def _kernel(model, name: str):
@@ -99,6 +101,7 @@ class ModelDraft(DraftBase):
     deterministic = False
     can_stop_early = True
     can_couple = True
+    can_draft_trees = True
     name = "model"
 
     def __init__(self, model):
@@ -127,16 +130,21 @@ class ModelDraft(DraftBase):
     def _choose(self, q: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:  # [B, V], [B] -> [B]
         return sample_categorical(q, uniforms)
 
-    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None, noise=None):
-        B = lengths.shape[0]
-        if g == 0:
-            return _empty_proposal(B, self.vocab_size, tokens.device)
+    def _root_logits(self, tokens, lengths) -> torch.Tensor:
+        """Feed the hole and the last committed token; -> the draft's logits after it [B, V]."""
         last = lengths - 1  # [B] slot of the last committed token
         hole = int((last - self.valid).max())  # committed tokens before `last` missing from the cache
         start = (last - hole).clamp(min=0)  # [B]
         idx = start[:, None] + torch.arange(hole + 1)  # [B, T]
         ids = tokens.gather(1, idx.clamp(max=tokens.shape[1] - 1))  # [B, T]
-        logits = self.model.forward(ids, start, logits_at=(last - start)[:, None])[:, 0]  # [B, V]
+        return self.model.forward(ids, start, logits_at=(last - start)[:, None])[:, 0]  # [B, V]
+
+    def propose(self, tokens, lengths, g: int, params: SamplingParams, uniforms, keep=None, noise=None):
+        B = lengths.shape[0]
+        if g == 0:
+            return _empty_proposal(B, self.vocab_size, tokens.device)
+        last = lengths - 1  # [B] slot of the last committed token
+        logits = self._root_logits(tokens, lengths)
         draft_ids, draft_probs = [], []
         for i in range(g):
             q, ids = _draft_dist(logits, params, "draft model", _kernel(self.model, "argmax"))  # [B, V] fp32: what the draft samples from
@@ -155,6 +163,24 @@ class ModelDraft(DraftBase):
         g = len(draft_ids)
         self.valid = last + g  # slots 0 .. last + g - 1 now hold K/V (d_g was never fed)
         return torch.stack(draft_ids, 1), torch.stack(draft_probs, 1)
+
+    def propose_tree(self, tokens, lengths, shape, children: str, params: SamplingParams, gen: torch.Generator):
+        """A token tree (``spec/tree_draft.py``): the root's children from the logits after the last
+        committed token, then one forward per level with the tree's masks at slots n, n + 1, .."""
+        logits = self._root_logits(tokens, lengths)
+        self.valid = lengths.clone()  # slots 0 .. n - 1 hold K/V; the tree's slots are compacted in commit_tree
+        self._tree_n = lengths
+        prop = _draft_tree(self.model, _level_forward(self.model, lengths), logits, shape, children, params, gen,
+                           "draft model")
+        self._fed = prop.fed
+        return prop
+
+    def commit_tree(self, path, count) -> None:
+        """Move the accepted path's fed nodes next to the prefix (slots n, n + 1, ..)."""
+        src, m = compact_path(path, count, self._fed)
+        n = self._tree_n
+        self.model.kv_gather(n[:, None] + src, n, m)
+        self.valid = n + m
 
     def commit(self, accepted, lengths) -> None:
         # slots up to the last accepted draft are committed tokens; the new last token is not cached
@@ -178,6 +204,7 @@ class LayerSkipDraft(DraftBase):
     deterministic = False
     can_stop_early = True
     can_couple = True
+    can_draft_trees = True
     name = "self"
 
     def __init__(self, num_layers: int):
@@ -216,6 +243,17 @@ class LayerSkipDraft(DraftBase):
             if not _keep(self.target, keep, logits, d[:, 0], last=i == g - 1):
                 break
         return torch.stack(draft_ids, 1), torch.stack(draft_probs, 1)
+
+    def propose_tree(self, tokens, lengths, shape, children: str, params: SamplingParams, gen: torch.Generator):
+        """A token tree in the target's first N layers; the verify pass rewrites every slot the
+        tree used, and the target's kv_gather compacts all layers (no commit_tree of its own)."""
+        if self.target is None:
+            raise RuntimeError("LayerSkipDraft.propose_tree before bind(target)")
+        last = lengths - 1
+        d = tokens.gather(1, last[:, None])  # [B, 1]
+        logits = self.target.forward(d, last, num_layers=self.num_layers)[:, 0]  # [B, V]
+        level = _level_forward(self.target, lengths, num_layers=self.num_layers)
+        return _draft_tree(self.target, level, logits, shape, children, params, gen, "layer-skip draft")
 
 
 class NoDraft(DraftBase):
@@ -282,6 +320,23 @@ def _sync(model, tokens: torch.Tensor) -> torch.Tensor:
     """Tensor-parallel ranks must agree on sampled drafts (rank 0's win); no-op otherwise."""
     sync = getattr(model, "sync_tokens", None)
     return tokens if sync is None else sync(tokens)
+
+
+def _level_forward(model, lengths, **kw):
+    """A tree level's forward in ``model``: nodes at slots n + i, RoPE positions n + offset."""
+
+    def level(ids, offsets, mask, at):
+        return model.forward(ids, lengths, logits_at=at, active_mask=mask, position_ids=lengths[:, None] + offsets, **kw)
+
+    return level
+
+
+def _draft_tree(model, level, root_logits, shape, children, params, gen, who):
+    argmax = _kernel(model, "argmax")
+    sync = lambda t: _sync(model, t)  # noqa: E731
+    if isinstance(shape, DynamicTree):
+        return draft_dynamic(level, root_logits, shape, params, who, argmax, sync)
+    return draft_static(level, root_logits, shape, children, params, gen, who, argmax, sync)
 
 
 def _num_layers(model) -> int | None:

@@ -27,10 +27,12 @@ from ..model.prompts import prepare_prompts, validate_eos
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
 from .drafts import NoDraft
 from .policy import check_k_fits, default_k, validate_k
-from .protocols import AcceptorBase, check_acceptor_output, check_proposal
+from .protocols import AcceptorBase, TreeDraft, check_acceptor_output, check_proposal
 from .randomness import SpeculativeRandomness
 from .resolve import as_target, make_acceptor, make_draft, make_policy
 from .stats import SpecStats
+from .tree import DynamicTree, parse_tree
+from .tree_step import TreeSteps, resolve_tree
 
 log = logging.getLogger("verispec.spec")
 
@@ -79,7 +81,7 @@ class _Clock:
         return seconds
 
 
-class SpeculativeGenerator:
+class SpeculativeGenerator(TreeSteps):
     """Exact speculative sampling: ``draft`` proposes k-1 tokens, ``target`` scores k in one pass.
 
     draft: a model with the model interface (LlamaForSampling, toy models), ``"ngram"``,
@@ -92,15 +94,29 @@ class SpeculativeGenerator:
     measure_decode_step: time a one-token target forward at the start of each run (two
     repeats, the faster kept; the slot it writes is rewritten by the first verify pass) as the
     baseline of the measured speedup.
+    tree: token trees (tree_step.py): a branching list ``[b1, .., bd]`` (b_i children per node at
+    depth i; k may be omitted: d + 1), ``"dynamic:N"`` (N nodes grown where the draft is likeliest,
+    depth k - 1) or a ``TreeSpec``; ``acceptor`` is then a tree acceptor (tree.py: "multistep",
+    the default, "recursive", "traversal", "greedy", or a callable) and ``children`` how siblings
+    are drawn ("sample", "distinct", "top"). Combinations that are not exact are refused.
     """
 
-    def __init__(self, draft, target, k=None, acceptor=None, measure_decode_step: bool = True):
+    def __init__(self, draft, target, k=None, acceptor=None, measure_decode_step: bool = True, tree=None,
+                 children: str = "sample"):
         self.target = as_target(target)
+        self._tree = self._tree_acceptor = None
+        if tree is not None:
+            k = self._tree_k(tree, k)
+            self._tree, self._tree_acceptor = resolve_tree(tree, children, acceptor, k)
+            self._children, acceptor = children, None  # passes without drafts take the default acceptor
         self.policy = make_policy(default_k(self.target.speculation_lengths) if k is None else k)
         if draft is None and self.policy.max_k != 1:
             raise ValueError("a draft is needed for k > 1 (a model, 'ngram', 'self:N' or a provider)")
         self.draft = NoDraft() if draft is None else make_draft(draft, target)
         self.draft.bind(target)  # the model itself: a layer-skip draft runs its layers, a model draft must not be it
+        if self._tree is not None and not (isinstance(self.draft, TreeDraft) and self.draft.can_draft_trees):
+            raise TypeError(f"draft {self.draft.name!r} cannot draft token trees (it proposes one chain): use a draft "
+                            "model, 'self:N', or a provider with propose_tree")
         self.acceptor = make_acceptor(acceptor, self.target)
         self.n_positions = _limit(self.target.n_positions, self.draft.n_positions)
         self.batch_size = _limit(self.target.batch_size, self.draft.batch_size)
@@ -156,9 +172,12 @@ class SpeculativeGenerator:
         self._stats.decode_s = time.perf_counter() - t_loop - self._aside_s
 
     def step(self) -> StepTokens:
-        """One speculative step of every active row: k -> propose -> verify -> accept -> commit."""
+        """One speculative step of every active row: k -> propose -> verify -> accept -> commit (a
+        token tree's step: tree_step.py)."""
+        return self._tree_step() if self._tree is not None else self._chain_step(self._next_k())
+
+    def _chain_step(self, k: int) -> StepTokens:
         clock, stats, n = self._clock, self._stats, self._lengths  # n [B]: committed tokens, prompt included
-        k = self._next_k()
         # no row can use drafts past sequence_length, and the verify block must fit the cache
         g = min(k - 1, self._seq_len - 1 - int(n.min()), self.n_positions - int(n.max()))
         clock.start()
@@ -187,7 +206,9 @@ class SpeculativeGenerator:
 
     def _begin(self, input_ids, sequence_length, params: SamplingParams, seed, eos_token_id):
         """Check a run's inputs and set up its state (every row active); -> the prompts to prefill."""
-        if self.acceptor.lossless is False and not (params.greedy and self.acceptor.exact_when_greedy):
+        if self._tree_acceptor is not None:
+            self._check_tree_acceptor(params)
+        elif self.acceptor.lossless is False and not (params.greedy and self.acceptor.exact_when_greedy):
             log.warning("acceptor %s is LOSSY: its output is not distributed as target-only sampling",
                         self.acceptor.name)
         V = self.target.vocab_size
@@ -196,6 +217,8 @@ class SpeculativeGenerator:
         self._eos = torch.tensor(sorted(self._eos_set), dtype=torch.long)
         self._params, self._seq_len = params, sequence_length
         self._by_ids = params.greedy and self._greedy_ids_accept  # the acceptor decides from argmax ids
+        if self._tree_acceptor is not None:  # (passes without drafts decide from ids at temperature 0 too)
+            self._by_ids = params.greedy and bool(self._tree_acceptor.accepts_greedy_ids)
         self._rng = SpeculativeRandomness(seed, self.device, vocab_size=V, noise_slots=self.policy.max_k + 1)
         B = len(lengths)
         self._tokens = torch.zeros(B, sequence_length + self.policy.max_k + 1, dtype=torch.long)  # [B, W]
@@ -203,8 +226,10 @@ class SpeculativeGenerator:
         self._lengths = lengths  # [B]
         self._rows = torch.arange(B)  # [B] input row of each active row
         self._out = torch.empty(B, sequence_length, dtype=torch.long)
-        self._stats = self.last_stats = SpecStats(acceptor=self.acceptor.name, lossless=self.acceptor.lossless,
-                                                  policy=repr(self.policy), draft=self.draft.name, rows=B)
+        acc = self.acceptor if self._tree_acceptor is None else self._tree_acceptor
+        self._stats = self.last_stats = SpecStats(acceptor=acc.name, lossless=acc.lossless, policy=repr(self.policy),
+                                                  draft=self.draft.name, rows=B,
+                                                  tree="" if self._tree is None else str(self._tree))
         self._clock = _Clock(self._stats, self.device)
         # ranks agree on k and on the decisions only inside a torch.distributed job (tensor parallelism)
         self._parallel = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -394,6 +419,29 @@ class SpeculativeGenerator:
             self.draft.keep_rows(rows)
         self._tokens, self._lengths, self._rows = self._tokens[keep], self._lengths[keep], self._rows[keep]
         return None if logits is None else logits[keep.to(logits.device)]
+
+
+    @staticmethod
+    def _tree_k(tree, k):
+        """k with a tree: a static tree's depth d sets k = d + 1 (a k given must agree); a dynamic
+        tree's depth is k - 1 (k given, or the target's default)."""
+        spec = parse_tree(tree)
+        if isinstance(spec, DynamicTree):
+            return k
+        if k is not None and k != spec.max_depth + 1:
+            raise ValueError(f"tree {spec} has depth {spec.max_depth}, so {spec.max_depth + 1} tokens a pass; k={k!r} "
+                             "conflicts (omit k with a static tree)")
+        return spec.max_depth + 1
+
+    def _check_tree_acceptor(self, params: SamplingParams) -> None:
+        acc = self._tree_acceptor
+        if params.greedy and acc.exact_when_greedy:
+            return
+        if acc.lossless is False:
+            raise ValueError(f"tree acceptor {acc.name!r} is not exact at temperature {params.temperature}: it is "
+                             "exact only at temperature 0 (use 'multistep', 'recursive' or 'traversal')")
+        if acc.lossless is None:
+            log.warning("tree acceptor %s makes no exactness claim; check it with `verispec check --tree`", acc.name)
 
 
 def _limit(target_limit: int, draft_limit: int | None) -> int:

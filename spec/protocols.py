@@ -3,6 +3,7 @@
     Target    scores [last committed token, drafts] in one forward      (LlamaForSampling, toy chains)
     Draft     proposes g = k - 1 tokens and q, the law each was sampled from
     Acceptor  keeps a prefix of the drafts and emits one token after it
+    TreeDraft optional: a draft that drafts token trees (the tree acceptors' protocol: tree.py)
     KPolicy   chooses k before each step and hears how the step went
 
 Each protocol lists every member the loop (generator.py) uses; the loop calls all of them
@@ -46,6 +47,10 @@ class Target(Protocol):
 
     def keep_rows(self, rows: list[int]) -> None:
         """Continue only cache rows ``rows`` (moved to the front, in order)."""
+
+    def kv_gather(self, src_slots: torch.Tensor, dst_start: torch.Tensor, counts: torch.Tensor) -> None:
+        """Optional, for token trees: slots dst_start[b] + i (i < counts[b]) of cache row b take
+        what slots src_slots[b, i] held (src_slots [B, N], dst_start [B], counts [B] int64)."""
 
     def reset(self) -> None:
         """Optional: forget all sequences (called before each prefill)."""
@@ -91,6 +96,24 @@ class Draft(Protocol):
 
     def keep_rows(self, rows: list[int]) -> None:
         """Finished rows leave the batch (the list the target gets)."""
+
+
+@runtime_checkable
+class TreeDraft(Protocol):
+    """A draft that also drafts token trees (``SpeculativeGenerator(tree=...)``): ModelDraft and
+    LayerSkipDraft do; a user's provider does by defining these members."""
+
+    can_draft_trees: bool  # True
+
+    def propose_tree(self, tokens: torch.Tensor, lengths: torch.Tensor, shape, children: str, params: SamplingParams,
+                     gen: torch.Generator):
+        """A token tree after each row's last committed token; shape a ``TreeSpec`` or ``DynamicTree``
+        -> ``tree_draft.TreeProposal`` (trees per row, node_ids [B, N], node_q [B, N, V]: the law each
+        node was drawn from, fed [B, N]); ``gen`` is the draft's random stream."""
+
+    def commit_tree(self, path: torch.Tensor, count: torch.Tensor) -> None:
+        """After a tree step, before ``commit``: the accepted path [B, D] (node indices, -1 padded)
+        and its length [B]; a draft with a cache moves the path's K/V next to the prefix."""
 
 
 @runtime_checkable
@@ -172,6 +195,10 @@ class TargetBase:
     def sync_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens
 
+    def kv_gather(self, src_slots, dst_start, counts) -> None:
+        raise TypeError(f"target {type(self).__name__} has no kv_gather(src_slots, dst_start, counts): token trees "
+                        "need it to move the accepted path's cache entries next to the prefix")
+
 
 class DraftBase:
     """Defaults of a draft's optional members: a sampling draft (not deterministic) that can
@@ -181,10 +208,18 @@ class DraftBase:
     deterministic = False
     can_stop_early = False
     can_couple = False
+    can_draft_trees = False
     n_positions: int | None = None
     batch_size: int | None = None
 
     def bind(self, target) -> None:
+        pass
+
+    def propose_tree(self, tokens, lengths, shape, children, params, gen):
+        raise TypeError(f"draft {self.name!r} cannot draft token trees (it proposes one chain): use a draft model, "
+                        "'self:N', or a provider with propose_tree")
+
+    def commit_tree(self, path, count) -> None:
         pass
 
     def prefill(self, prompts) -> None:

@@ -161,11 +161,12 @@ class DraftAdapter(_Adapter, DraftBase):
     deterministic = _read_through("deterministic", False)
     can_stop_early = _read_through("can_stop_early", False)
     can_couple = _read_through("can_couple", False)
+    can_draft_trees = _read_through("can_draft_trees", False)
     n_positions = _read_through("n_positions", None)
     batch_size = _read_through("batch_size", None)
 
     def __init__(self, draft):
-        super().__init__(draft, ("propose", "bind", "prefill", "commit", "keep_rows"))
+        super().__init__(draft, ("propose", "bind", "prefill", "commit", "keep_rows", "propose_tree", "commit_tree"))
 
 
 class AcceptorAdapter(_Adapter, AcceptorBase):
@@ -208,4 +209,50 @@ class TargetAdapter(_Adapter, TargetBase):
     speculation_lengths = _read_through("speculation_lengths", ())
 
     def __init__(self, target):
-        super().__init__(target, ("forward", "prefill", "keep_rows", "reset", "sync_tokens"))
+        super().__init__(target, ("forward", "prefill", "keep_rows", "reset", "sync_tokens", "kv_gather"))
+
+
+# ---- token trees -------------------------------------------------------------------------------------
+
+
+class TreeAcceptorAdapter(_Adapter):
+    """A callable tree acceptor (``tree.py`` protocol) with the optional members' defaults."""
+
+    lossless = _read_through("lossless", None)
+    children_modes = _read_through("children_modes", ())
+    exact_when_greedy = _read_through("exact_when_greedy", False)
+    accepts_greedy_ids = _read_through("accepts_greedy_ids", False)
+
+    def __init__(self, acceptor):
+        super().__init__(acceptor, ())
+
+    def __call__(self, tree, node_ids, node_q, target_probs, rng):
+        return self.inner(tree, node_ids, node_q, target_probs, rng)
+
+    def accept_greedy(self, tree, node_ids, choice):
+        from .tree import accept_tree_by_ids
+
+        own = getattr(self.inner, "accept_greedy", None)
+        return own(tree, node_ids, choice) if own is not None else accept_tree_by_ids(tree, node_ids, choice)
+
+
+def make_tree_acceptor(acceptor):
+    """Resolve a tree acceptor: None ("multistep"), a name in ``tree.TREE_ACCEPTORS``, a class, a
+    callable with the tree acceptor protocol, or ``"module:attr"``."""
+    from .tree import TREE_ACCEPTORS, TreeAcceptorBase
+
+    if acceptor is None:
+        acceptor = "multistep"
+    if isinstance(acceptor, str):
+        if acceptor in TREE_ACCEPTORS:
+            return TREE_ACCEPTORS[acceptor]()
+        if ":" not in acceptor:
+            raise ValueError(f"unknown tree acceptor {acceptor!r}: use one of {sorted(TREE_ACCEPTORS)}, a callable "
+                             "or 'module:attr'")
+        acceptor = import_string(acceptor)
+    if isinstance(acceptor, type):
+        acceptor = acceptor()
+    if not callable(acceptor):
+        raise ValueError(f"a tree acceptor must be callable as acceptor(tree, node_ids, node_q, target_probs, rng), "
+                         f"got {type(acceptor).__name__}")
+    return acceptor if isinstance(acceptor, (TreeAcceptorBase, TreeAcceptorAdapter)) else TreeAcceptorAdapter(acceptor)

@@ -5,6 +5,9 @@ Counts are per row and per verify pass ("row-pass": one row in one batched step)
 * mean tokens per pass = (accepted drafts + one recovered/bonus token per row-pass) / row-passes
 * position acceptance  = P(draft i accepted | drafts before it accepted), i = 1..g
 * accepted histogram   = row-passes that kept 0, 1, ..., g drafts
+Token trees (``tree=``): mean tokens per pass is the block efficiency; the histogram is of accepted
+depths and position acceptance is per depth; also nodes per pass, and rank acceptance [d][r] =
+P(sibling r at depth d + 1 accepted | its parent reached, siblings before it rejected).
 
 Costs are measured in the run: ``decode_step_s`` is a one-token target forward at the batch
 of the first step (see SpeculativeGenerator), c = draft seconds per drafted position /
@@ -50,6 +53,11 @@ class SpecStats:
     decode_step_s: float | None = None  # measured one-token target forward
     calibration_s: float = 0.0  # k-policy timing its verify costs (not in decode_s, like the decode probe)
     policy: str = ""
+    tree: str = ""  # the tree shape of tree passes ("" for chains)
+    tree_passes: int = 0  # row-passes that verified a tree
+    tree_nodes: int = 0  # nodes verified, summed over those row-passes
+    rank_tried: list = field(default_factory=list)  # [d][r] row-passes where sibling r at depth d + 1 was judged
+    rank_kept: list = field(default_factory=list)  # [d][r] ... and accepted
 
     def record(self, k: int, accepted: torch.Tensor) -> None:
         """One batched verify pass with g = k - 1 drafts per row; accepted [B] in 0..g."""
@@ -79,6 +87,50 @@ class SpecStats:
             self.kept[i] += at_least[i + 1]
 
     # ---- derived figures ------------------------------------------------------------------------
+
+    def record_tree(self, trees: list, path: torch.Tensor, count: torch.Tensor) -> None:
+        """One tree pass: per row its tree, accepted path [B, D] and length [B]. Siblings are
+        counted as tried in order (multi-step and recursive rejection sampling try them so): the
+        accepted node's earlier siblings were judged and rejected, and all children of the path's
+        last node were judged when the path stopped before a leaf."""
+        from .tree_step import groups
+
+        for tree, rows in groups(trees):
+            p, c = path[rows].long().cpu(), count[rows].long().cpu()
+            self.tree_passes += len(rows)
+            self.tree_nodes += tree.n_nodes * len(rows)
+            n_children = torch.tensor([len(tree.children(u)) for u in range(-1, tree.n_nodes)])  # [N + 1]
+            rank = torch.zeros(tree.n_nodes + 1, dtype=torch.long)  # [node + 1]: place among its siblings
+            for u in range(-1, tree.n_nodes):
+                for j, ch in enumerate(tree.children(u)):
+                    rank[ch + 1] = j
+            at = torch.cat([torch.full((len(rows), 1), -1), p], 1)  # [r, D + 1]: the context at each depth
+            for d in range(tree.max_depth):
+                here = c >= d  # the path reached depth d (its node at depth d is at[:, d])
+                b = n_children[at[:, d].clamp(min=-1) + 1]  # children of the context
+                judged = here & (b > 0)
+                kept = judged & (c > d)
+                last = torch.where(kept, rank[p[:, d].clamp(min=0) + 1], b - 1)  # the last rank judged
+                if not bool(judged.any()):
+                    continue
+                width = int(b[judged].max())
+                while len(self.rank_tried) <= d:
+                    self.rank_tried.append([])
+                    self.rank_kept.append([])
+                for lst in (self.rank_tried[d], self.rank_kept[d]):
+                    lst.extend([0] * (width - len(lst)))
+                for r in range(width):
+                    self.rank_tried[d][r] += int((judged & (last >= r)).sum())
+                    self.rank_kept[d][r] += int((kept & (last == r)).sum())
+
+    @property
+    def nodes_per_pass(self) -> float | None:
+        return self.tree_nodes / self.tree_passes if self.tree_passes else None
+
+    @property
+    def rank_acceptance(self) -> list:
+        """[d][r]: P(sibling r at depth d + 1 accepted | its parent reached and siblings < r rejected)."""
+        return [[k / t if t else None for k, t in zip(kept, tried)] for kept, tried in zip(self.rank_kept, self.rank_tried)]
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -155,4 +207,7 @@ class SpecStats:
             "r": r,
             "predicted_speedup": self.predicted_speedup,
             "measured_speedup": self.measured_speedup,
+            "tree": self.tree,
+            "nodes_per_pass": self.nodes_per_pass,
+            "rank_acceptance": self.rank_acceptance,
         }

@@ -1,5 +1,6 @@
-"""Token trees (groundwork for issue 25; the generator does not run trees yet): the tree acceptor
-protocol, SpecInfer's multi-step speculative sampling, and the greedy tree acceptor.
+"""Token trees: the topology (``TreeSpec``, ``DynamicTree``), the sibling samplers
+(:func:`draw_children`), the tree acceptor protocol, SpecInfer's multi-step speculative sampling
+and the greedy tree acceptor. ``spec/tree_step.py`` runs trees in the generator.
 
 A pass drafts a tree of tokens after the last committed token; the target scores every node in one
 forward (each node attending to itself and its ancestors: ``TreeSpec.ancestors_mask``, at RoPE
@@ -122,6 +123,130 @@ class TreeSpec:
         """RoPE position of node i minus that of the first token after the committed prefix:
         depth - 1 (not its slot index: docs/exactness.md pitfall 9)."""
         return torch.tensor(self._depth, dtype=torch.long) - 1
+
+    def truncated(self, max_depth: int, max_nodes: int) -> "TreeSpec | None":
+        """The first nodes (breadth-first) of depth <= max_depth, at most max_nodes of them: a
+        tree again (a breadth-first prefix holds every kept node's ancestors); None if empty."""
+        keep = 0
+        while keep < min(self.n_nodes, max_nodes) and self._depth[keep] <= max_depth:
+            keep += 1
+        if keep == self.n_nodes:
+            return self
+        return TreeSpec(self.parents[:keep]) if keep else None
+
+    @property
+    def branching(self) -> list[int] | None:
+        """[b_1, .., b_d] if every node at depth i - 1 has b_i children (a static tree), else None."""
+        out = []
+        level = [-1]
+        while True:
+            counts = {len(self.children(u)) for u in level}
+            if len(counts) != 1:
+                return None
+            b = counts.pop()
+            if b == 0:
+                return out
+            out.append(b)
+            level = [c for u in level for c in self.children(u)]
+
+    def __str__(self) -> str:
+        b = self.branching
+        return "[" + ",".join(map(str, b)) + "]" if b is not None else f"tree({self.n_nodes} nodes)"
+
+
+@dataclass(frozen=True)
+class DynamicTree:
+    """``tree="dynamic:N"``: N nodes per row, grown each pass where the draft's path probability is
+    highest (EAGLE-2): every level expands the ``width`` likeliest nodes of the last level, each
+    into its ``width`` likeliest children, up to ``max_depth`` levels; the N likeliest candidates
+    (by the product of q along their path) form the row's tree. Its shape depends on q, so its
+    children must be deterministic ("top"): a shape chosen from sampled tokens would bias them."""
+
+    n_nodes: int
+    max_depth: int
+    width: int = 4
+
+    def __post_init__(self):
+        for name in ("n_nodes", "max_depth", "width"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"dynamic tree: {name} must be a positive integer, got {v!r}")
+
+    def __str__(self) -> str:
+        return f"dynamic:{self.n_nodes}"
+
+
+def parse_tree(tree, max_depth: int | None = None):
+    """``tree=`` -> a TreeSpec (a branching list [b1, .., bd], "b1,b2,..", or a TreeSpec) or a
+    DynamicTree ("dynamic:N"; depth ``max_depth``)."""
+    if isinstance(tree, (TreeSpec, DynamicTree)):
+        return tree
+    if isinstance(tree, str):
+        if tree.startswith("dynamic:"):
+            n = tree[len("dynamic:"):]
+            if not n.isdigit() or int(n) < 1:
+                raise ValueError(f"tree {tree!r}: expected dynamic:N with N a positive number of nodes")
+            return DynamicTree(int(n), max_depth or min(int(n), 5))
+        try:
+            tree = [int(x) for x in tree.strip("[] ").split(",")]
+        except ValueError:
+            raise ValueError(f"tree {tree!r}: expected a branching such as '2,2,1', a list, 'dynamic:N' or a "
+                             "TreeSpec") from None
+    if isinstance(tree, (list, tuple)):
+        return TreeSpec.from_branching(tree)
+    raise TypeError(f"tree must be a branching list such as [2, 2, 1], 'dynamic:N' or a TreeSpec, got "
+                    f"{type(tree).__name__}")
+
+
+def draw_children(q: torch.Tensor,  # [R, V] the draft's law at the parents' contexts
+                  b: int, children: str, gen: torch.Generator, exhausted: str = "top",
+                  ) -> tuple[torch.Tensor, torch.Tensor]:  # drawn [R, b] int64, laws [R, b, V] fp32
+    """b siblings per row and the law each was drawn from (``node_q``):
+
+    - "sample": i.i.d. from q (inverse CDF on uniforms from ``gen``); every law is q.
+    - "distinct": without replacement (Gumbel-top-b on Exp(1) from ``gen``); sibling j's law is q
+      with the earlier siblings' tokens removed, renormalised. Where q has fewer than b possible
+      tokens, ``exhausted="top"`` makes each later sibling the likeliest token not yet drawn, with a
+      one-hot law (still honest, so still exact: each sibling is one speculative-sampling stage),
+      ``"raise"`` refuses.
+    - "top": the b likeliest under q (ties: lowest id), one-hot laws (deterministic given q).
+    """
+    if children not in CHILDREN_MODES:
+        raise ValueError(f"children must be one of {CHILDREN_MODES}, got {children!r}")
+    R, V = q.shape
+    q = q.float()
+    if children == "sample":
+        cdf = q.double().cumsum(-1)  # [R, V]
+        u = torch.rand(R, b, generator=gen, dtype=torch.float64).to(q.device) * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, u, right=True).clamp(max=V - 1)  # [R, b]
+        last = (q > 0).long().cumsum(-1).argmax(-1, keepdim=True)  # rounding past the end: last id with mass
+        drawn = torch.where(q.gather(1, drawn) > 0, drawn, last.expand(-1, b))
+        return drawn, q[:, None].expand(R, b, V).contiguous()
+    order = torch.sort(q, dim=-1, descending=True, stable=True).indices  # [R, V]
+    if children == "top":
+        drawn = order[:, :b]
+        return drawn, torch.nn.functional.one_hot(drawn, V).float()
+    e = torch.empty(R, V, dtype=torch.float64).exponential_(generator=gen).to(q.device)
+    keys = q.double() / e  # Gumbel-top-b as an exponential race: argsort of q_v / E_v
+    possible = (q > 0).sum(-1)  # [R]
+    if exhausted == "raise" and bool((possible < b).any()):
+        raise ValueError(f"children='distinct': q has fewer than {b} possible tokens at a parent's context")
+    drawn = torch.topk(keys, min(b, V), dim=-1).indices  # [R, b]: the possible tokens first, in race order
+    laws = torch.zeros(R, b, V, dtype=torch.float32, device=q.device)
+    used = torch.zeros(R, V, dtype=torch.bool, device=q.device)
+    for j in range(b):
+        left = q.masked_fill(used, 0.0)
+        mass = left.sum(-1, keepdim=True)
+        live = mass[:, 0] > 0
+        if not bool(live.all()):  # support exhausted: the likeliest token not yet drawn, one-hot
+            first_unused = (~used.gather(1, order)).float().argmax(-1, keepdim=True)  # [R, 1] rank in q order
+            fallback = order.gather(1, first_unused)[:, 0]
+            drawn[:, j] = torch.where(live, drawn[:, j], fallback)
+        law = torch.where(live[:, None], left / mass.clamp_min(1e-30),
+                          torch.nn.functional.one_hot(drawn[:, j], V).float())
+        laws[:, j] = law
+        used[torch.arange(R), drawn[:, j]] = True
+    return drawn, laws
 
 
 def check_tree_inputs(tree: TreeSpec, node_ids, node_q, target_probs) -> tuple[int, int, int]:

@@ -321,11 +321,18 @@ def test_model_prefill_takes_a_list_or_a_square_tensor(tiny_trio):
 def test_step_fits_one_screen_and_the_loop_probes_no_optional_hooks():
     from verispec.spec import generator
 
-    step = inspect.getsource(SpeculativeGenerator.step)
-    assert len(step.splitlines()) <= 50, f"step() has {len(step.splitlines())} lines"
-    at = [step.find(stage) for stage in ("_next_k()", "_propose(", "self.target.forward(", "_accept(", "_commit(")]
-    assert -1 not in at and at == sorted(at)  # k -> propose -> verify -> accept -> commit, top to bottom
-    source = inspect.getsource(generator)
+    from verispec.spec import tree_step
+
+    dispatch = inspect.getsource(SpeculativeGenerator.step)
+    assert "_tree_step()" in dispatch and "_chain_step(self._next_k())" in dispatch
+    for fn, stages in ((SpeculativeGenerator._chain_step, ("_propose(", "self.target.forward(", "_accept(", "_commit(")),
+                       (tree_step.TreeSteps._tree_step, ("propose_tree(", "self.target.forward(", "_accept_tree(",
+                                                         "kv_gather(", "_commit("))):
+        step = inspect.getsource(fn)
+        assert len(step.splitlines()) <= 50, f"{fn.__name__}() has {len(step.splitlines())} lines"
+        at = [step.find(stage) for stage in stages]
+        assert -1 not in at and at == sorted(at)  # propose -> verify -> accept -> commit, top to bottom
+    source = inspect.getsource(generator) + inspect.getsource(tree_step)
     assert "hasattr(" not in source
     assert not re.search(r"getattr\(self\.(draft|acceptor|policy|target)", source)
     assert "kernels.cpu" not in source and not re.search(r"type\(self\.acceptor\) is\b", source)

@@ -10,6 +10,12 @@ Like a decoder it keeps a position-indexed cache (here: the token at each slot).
 cache, so a loop that leaves a stale or missing slot in a model's cache changes that model's
 distribution and is caught. Logits are a sum of per-"layer" tables, so the first N layers
 make a layer-skip self-draft (``num_layers=N``).
+
+Token trees: with ``active_mask`` [B, T, T] a token's context is the prior slots followed by the
+tokens of its forward it may see (its ancestors), so the previous token is the nearest visible one;
+``position_ids`` are checked for shape and ignored (a Markov chain has no positions).
+``kv_gather`` moves slots like the decoders' kernel, so a missed or wrong compaction changes the
+next order-2 context.
 """
 
 from __future__ import annotations
@@ -80,8 +86,6 @@ class MarkovChainLM:
         num_layers: int | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [B, T or n, V] fp32
-        if active_mask is not None or position_ids is not None:
-            raise ValueError("MarkovChainLM has no attention: active_mask and position_ids are not supported")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -95,20 +99,52 @@ class MarkovChainLM:
         ids = input_ids.long().cpu()
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
             raise ValueError(f"token id outside [0, {self.vocab_size})")
+        if position_ids is not None and tuple(position_ids.shape) != (B, T):
+            raise ValueError(f"position_ids must be [B={B}, T={T}], got {tuple(position_ids.shape)}")
         slots = positions[:, None] + torch.arange(T)  # [B, T]
         self.cache[:B].scatter_(1, slots, ids)
         if self.order == 1:
             ctx = ids
-        else:  # the previous token comes from the cache; slot 0 has the start context V
+        elif active_mask is None:  # the previous token comes from the cache; slot 0 has the start context V
             prev = self.cache[:B].gather(1, (slots - 1).clamp(min=0))
             prev = torch.where(slots == 0, self.vocab_size, prev)
             ctx = prev * self.vocab_size + ids
+        else:
+            ctx = self._tree_context(ids, positions, active_mask)
         logits = self.table(num_layers)[ctx]  # [B, T, V]
         if logits_at is not None:
             logits = logits.gather(1, logits_at.long().cpu()[:, :, None].expand(-1, -1, self.vocab_size))
         return logits
 
     __call__ = forward
+
+    def _tree_context(self, ids: torch.Tensor, positions: torch.Tensor, active_mask: torch.Tensor) -> torch.Tensor:
+        """Order-2 contexts [B, T] under a tree mask: the previous token is the latest token of the
+        forward that t sees (other than itself), else the prior slot positions - 1."""
+        B, T = ids.shape
+        mask = active_mask.bool().cpu()
+        if tuple(mask.shape) != (B, T, T):
+            raise ValueError(f"active_mask must be [B={B}, T={T}, T={T}], got {tuple(mask.shape)}")
+        before = mask & torch.ones(T, T, dtype=torch.bool).tril(-1)  # [B, T, T] seen earlier tokens
+        seen = before.any(-1)  # [B, T]
+        latest = torch.where(before, torch.arange(T), -1).max(-1).values  # [B, T]
+        prior = self.cache[:B].gather(1, (positions - 1).clamp(min=0)[:, None]).expand(B, T)
+        prior = torch.where((positions == 0)[:, None], self.vocab_size, prior)
+        prev = torch.where(seen, ids.gather(1, latest.clamp(min=0)), prior)
+        return prev * self.vocab_size + ids
+
+    def kv_gather(self, src_slots: torch.Tensor, dst_start: torch.Tensor, counts: torch.Tensor) -> None:
+        """Slots dst_start[b] + i (i < counts[b]) take what slots src_slots[b, i] held (the
+        decoders' ``kv_gather`` on this model's one-token-per-slot cache)."""
+        B, N = src_slots.shape
+        src, start, counts = src_slots.long().cpu(), dst_start.long().cpu(), counts.long().cpu()
+        used = torch.arange(N)[None] < counts[:, None]  # [B, N]
+        dst = start[:, None] + torch.arange(N)
+        if bool((used & ((src < 0) | (src >= self.n_positions) | (dst >= self.n_positions))).any()):
+            raise IndexError(f"kv_gather out of range: slots must lie in 0..{self.n_positions - 1}")
+        vals = self.cache[:B].gather(1, src.clamp(0, self.n_positions - 1))  # read every source first
+        rows = torch.arange(B)[:, None].expand(B, N)
+        self.cache[rows[used], dst[used]] = vals[used]
 
     def prefill(self, prompts) -> torch.Tensor:  # -> [B, V] last-token logits
         """prompts: a list of 1-D LongTensors, or a [B, L] LongTensor of full-length prompts."""

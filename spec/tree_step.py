@@ -1,0 +1,192 @@
+"""Token trees in the speculative loop: one step drafts a tree per row, the target scores every node
+in one forward, a tree acceptor keeps one root-to-node path, and both caches move that path next
+to the prefix (``kv_gather``).
+
+Slots and positions (n = a row's committed tokens; its cache holds slots 0 .. n - 2):
+
+    verify block   [last committed token, node 0, .., node N - 1] at slots n - 1 .. n - 1 + N
+    RoPE position  n - 1 + depth (depth 0 for the last token: position_ids, not slot order)
+    active_mask    [B, N + 1, N + 1]: the last token sees itself; node i sees the last token,
+                   its ancestors and itself (every query also sees the prefix, slots < n - 1)
+    after a path of a nodes: kv_gather moves slots n + path[0 .. a - 1] to n .. n + a - 1, so the
+    cache holds slots 0 .. n + a - 1 = 0 .. n' - 2 with n' = n + a + 1: the chain invariant.
+
+Rows may carry different trees (``tree="dynamic:N"``): masks and positions are per row, and the
+acceptor is called once per group of rows sharing a topology.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .resolve import make_tree_acceptor
+from .tree import DynamicTree, TreeSpec, parse_tree
+
+log = logging.getLogger("verispec.spec")
+
+
+def resolve_tree(tree, children: str, acceptor, max_k: int | None):
+    """Check ``tree=`` / ``children=`` / ``acceptor=`` together -> (shape, tree acceptor). Combinations
+    the acceptor does not claim exact are refused, with the reason."""
+    shape = parse_tree(tree, None if max_k is None else max(1, max_k - 1))
+    from .tree import CHILDREN_MODES
+
+    if children not in CHILDREN_MODES:
+        raise ValueError(f"children must be one of {CHILDREN_MODES}, got {children!r}")
+    if isinstance(shape, DynamicTree) and children != "top":
+        raise ValueError(f"tree={str(shape)!r} with children={children!r} is not exact: a dynamic tree's shape is "
+                         "chosen from the draft's probabilities of the tokens in it, so sampled siblings kept by "
+                         "that choice are no longer draws from q; use children='top' (EAGLE-2's deterministic "
+                         "children)")
+    acc = make_tree_acceptor(acceptor)
+    if acc.lossless and children not in acc.children_modes:
+        raise ValueError(f"tree acceptor {acc.name!r} is exact only for children in {tuple(acc.children_modes)}, "
+                         f"not {children!r} (docs/exactness.md: each rule needs the siblings drawn as it assumes)")
+    return shape, acc
+
+
+def tree_verify_inputs(trees: list, last: torch.Tensor, node_ids: torch.Tensor, n: torch.Tensor):
+    """-> (ids [B, N + 1], mask [B, N + 1, N + 1] bool, position_ids [B, N + 1]) of the verify pass."""
+    B, N = node_ids.shape
+    ids = torch.cat([last, node_ids.cpu()], 1)
+    mask = torch.zeros(B, N + 1, N + 1, dtype=torch.bool)
+    depth = torch.zeros(B, N + 1, dtype=torch.long)
+    mask[:, :, 0] = True
+    for tree, rows in groups(trees):
+        mask[rows, 1:, 1:] = tree.ancestors_mask()
+        depth[rows, 1:] = torch.tensor(tree.depth, dtype=torch.long)
+    return ids, mask, (n - 1)[:, None] + depth
+
+
+def groups(trees: list) -> list[tuple[TreeSpec, torch.Tensor]]:
+    """Rows sharing one topology (the same object, or equal parents) -> [(tree, rows [r])]."""
+    out: dict[tuple, tuple[TreeSpec, list[int]]] = {}
+    for b, t in enumerate(trees):
+        out.setdefault(t.parents, (t, []))[1].append(b)
+    return [(t, torch.tensor(rows, dtype=torch.long)) for t, rows in out.values()]
+
+
+def check_tree_output(tree: TreeSpec, path, count, emitted, R: int, V: int) -> None:
+    """A tree acceptor's (path [R, D], count [R], emitted [R]): shapes, a root-to-node chain of the
+    tree, and the emitted id in the vocabulary."""
+    D = tree.max_depth
+    if tuple(path.shape) != (R, D) or tuple(count.shape) != (R,) or tuple(emitted.shape) != (R,):
+        raise ValueError(f"tree acceptor returned path {tuple(path.shape)}, count {tuple(count.shape)}, emitted "
+                         f"{tuple(emitted.shape)}; expected [{R}, {D}], [{R}], [{R}]")
+    if path.dtype.is_floating_point or count.dtype.is_floating_point or emitted.dtype.is_floating_point:
+        raise TypeError("tree acceptor must return integer tensors")
+    if R and (int(emitted.min()) < 0 or int(emitted.max()) >= V):
+        raise ValueError(f"tree acceptor emitted a token id outside [0, {V})")
+    if R and (int(count.min()) < 0 or int(count.max()) > D):
+        raise ValueError(f"tree acceptor returned a count outside 0..{D}")
+    parents = torch.tensor(tree.parents, dtype=torch.long)
+    path, count = path.long().cpu(), count.long().cpu()
+    for i in range(D):
+        on = count > i  # [R] rows whose path has an i-th node
+        node = path[:, i]
+        prev = path[:, i - 1] if i else torch.full_like(node, -1)
+        bad = on & ((node < 0) | (node >= tree.n_nodes) | (parents[node.clamp(0, tree.n_nodes - 1)] != prev))
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            raise ValueError(f"tree acceptor returned path {path[r, :int(count[r])].tolist()} for row {r}: not a "
+                             f"root-to-node path of the tree (node {int(node[r])} is not a child of {int(prev[r])})")
+
+
+class TreeSteps:
+    """The generator's tree step (mixed into SpeculativeGenerator)."""
+
+    def _tree_room(self, n: torch.Tensor):
+        """The pass's shape within the cache and the sequence: a static tree cut to its first nodes
+        (breadth-first) that fit, a dynamic one with fewer nodes / levels; None: no room for a node."""
+        nodes = min(self.n_positions - int(n.max()), self._draft_room(n))
+        depth = self._seq_len - 1 - int(n.min())
+        shape = self._tree
+        if isinstance(shape, TreeSpec):
+            return shape.truncated(depth, nodes)
+        depth = min(depth, shape.max_depth)
+        while depth > 1 and shape.width * (depth - 1) > nodes:  # the expanded nodes are fed at slots n ..
+            depth -= 1
+        if depth < 1 or nodes < 1:
+            return None
+        return DynamicTree(min(shape.n_nodes, nodes), depth, shape.width)
+
+    def _draft_room(self, n: torch.Tensor) -> int:
+        limit = self.draft.n_positions
+        return 1 << 30 if limit is None else limit - int(n.max())
+
+    def _tree_step(self):
+        clock, stats, n = self._clock, self._stats, self._lengths
+        shape = self._tree_room(n)
+        if shape is None:  # no room for a node: a pass without drafts
+            return self._chain_step(1)
+        clock.start()
+        self._rng.acceptor.at(self._rows, n)
+        prop = self.draft.propose_tree(self._tokens, n, shape, self._children, self._params, self._rng.draft)
+        B, V = len(n), self.target.vocab_size
+        _check_tree_proposal(prop, B, V)
+        draft_s = clock.lap("draft_s")
+
+        last = self._tokens.gather(1, (n - 1)[:, None])  # [B, 1]
+        ids, mask, position_ids = tree_verify_inputs(prop.trees, last, prop.node_ids, n)
+        logits = self.target.forward(ids, n - 1, active_mask=mask, position_ids=position_ids)  # [B, N + 1, V]
+        target_out = self._target_side(logits)
+        target_s = clock.lap("target_s")
+        N = prop.node_ids.shape[1]
+        stats.target_s_by_k[N + 1] = stats.target_s_by_k.get(N + 1, 0.0) + target_s
+
+        path, count, new = self._accept_tree(prop, target_out)  # [B, D], [B], [B, D + 1]
+        clock.lap("accept_s")
+        self.target.kv_gather(n[:, None] + path.clamp(min=0), n, count)
+        self.draft.commit_tree(path, count)
+        stats.record(path.shape[1] + 1, count)
+        stats.record_tree(prop.trees, path, count)
+        self.policy.observe(path.shape[1] + 1, count, draft_s, target_s)
+        return self._commit(count, new)
+
+    def _accept_tree(self, prop, target_out):
+        """The tree acceptor per group of rows sharing a topology -> path [B, D], count [B] and the
+        committed tokens [B, D + 1] (the path's tokens, the emitted one, -1), on the CPU."""
+        node_ids = prop.node_ids.to(self.device)
+        B = node_ids.shape[0]
+        D = max(t.max_depth for t in prop.trees)
+        path = torch.full((B, D), -1, dtype=torch.long)
+        count = torch.zeros(B, dtype=torch.long)
+        emitted = torch.zeros(B, dtype=torch.long)
+        V = self.target.vocab_size
+        for tree, rows in groups(prop.trees):
+            r = rows.to(self.device)
+            N = tree.n_nodes
+            ids_r = node_ids[r, :N]
+            if self._by_ids:
+                p_r, c_r, e_r = self._tree_acceptor.accept_greedy(tree, ids_r, target_out[r, :N + 1])
+            else:
+                p_r, c_r, e_r = self._tree_acceptor(tree, ids_r, prop.node_q[r, :N].to(self.device),
+                                                    target_out[r, :N + 1], self._rng.acceptor)
+            check_tree_output(tree, p_r, c_r, e_r, len(rows), V)
+            path[rows, :tree.max_depth] = p_r.long().cpu()
+            count[rows] = c_r.long().cpu()
+            emitted[rows] = e_r.long().cpu()
+        if self._parallel:  # every rank commits rank 0's decisions
+            both = self.target.sync_tokens(torch.cat([count[:, None], emitted[:, None], path], 1))
+            count, emitted, path = both[:, 0], both[:, 1], both[:, 2:]
+        ar = torch.arange(D + 1)
+        toks = prop.node_ids.cpu().gather(1, path.clamp(min=0))  # [B, D]
+        new = torch.cat([toks, torch.zeros(B, 1, dtype=torch.long)], 1)
+        new = torch.where(ar[None] < count[:, None], new, -1)
+        new[torch.arange(B), count] = emitted
+        return path, count, new
+
+
+def _check_tree_proposal(prop, B: int, V: int) -> None:
+    ids, q = prop.node_ids, prop.node_q
+    if len(prop.trees) != B or ids.dim() != 2 or ids.shape[0] != B or tuple(q.shape) != (*ids.shape, V):
+        raise ValueError(f"draft's tree proposal has {len(prop.trees)} trees, node_ids {tuple(ids.shape)}, node_q "
+                         f"{tuple(q.shape)}; expected {B} trees, [B={B}, N] and [B, N, V={V}]")
+    if any(t.n_nodes > ids.shape[1] for t in prop.trees):
+        raise ValueError("draft's tree proposal has a tree with more nodes than node_ids holds")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise ValueError(f"draft proposed a tree token id outside [0, {V})")
+    if torch.isnan(q).any():
+        raise FloatingPointError("draft returned NaN tree probabilities")
