@@ -166,9 +166,14 @@ def check_exactness(
         max_k = make_policy(k).max_k
     else:
         from .tree import DynamicTree, parse_tree
+        from .tree_policy import auto_tree_policy
 
-        shape = parse_tree(tree, None if k is None else k - 1)
-        max_k = (k or shape.max_depth + 1) if isinstance(shape, DynamicTree) else shape.max_depth + 1
+        if tree == "auto":
+            k = auto_tree_policy(k)
+            max_k = k.max_k
+        else:
+            shape = parse_tree(tree, None if k is None else k - 1)
+            max_k = (k or shape.max_depth + 1) if isinstance(shape, DynamicTree) else shape.max_depth + 1
     # the loop runs max_k - 1 tokens past the tested window, so that no pass inside the window is
     # cut short by the sequence's end: every pass there may carry all k - 1 drafts
     run_on = max_k - 1

@@ -32,6 +32,7 @@ from .randomness import SpeculativeRandomness
 from .resolve import as_target, make_acceptor, make_draft, make_policy
 from .stats import SpecStats
 from .tree import DynamicTree, parse_tree
+from .tree_policy import auto_tree_policy
 from .tree_step import TreeSteps, resolve_tree
 
 log = logging.getLogger("verispec.spec")
@@ -96,7 +97,8 @@ class SpeculativeGenerator(TreeSteps):
     baseline of the measured speedup.
     tree: token trees (tree_step.py): a branching list ``[b1, .., bd]`` (b_i children per node at
     depth i; k may be omitted: d + 1), ``"dynamic:N"`` (N nodes grown where the draft is likeliest,
-    depth k - 1) or a ``TreeSpec``; ``acceptor`` is then a tree acceptor (tree.py: "multistep",
+    depth k - 1), a ``TreeSpec``, or ``"auto"`` (with k = "auto[:MAX]" or an AdaptiveTree: each step
+    a chain length or a tree, tree_policy.py); ``acceptor`` is then a tree acceptor (tree.py: "multistep",
     the default, "recursive", "traversal", "greedy", or a callable) and ``children`` how siblings
     are drawn ("sample", "distinct", "top"). Combinations that are not exact are refused.
     """
@@ -107,7 +109,7 @@ class SpeculativeGenerator(TreeSteps):
         self._tree = self._tree_acceptor = None
         if tree is not None:
             k = self._tree_k(tree, k)
-            self._tree, self._tree_acceptor = resolve_tree(tree, children, acceptor, k)
+            self._tree, self._tree_acceptor = resolve_tree(tree, children, acceptor, getattr(k, "max_k", k))
             self._children, acceptor = children, None  # passes without drafts take the default acceptor
         self.policy = make_policy(default_k(self.target.speculation_lengths) if k is None else k)
         if draft is None and self.policy.max_k != 1:
@@ -425,6 +427,8 @@ class SpeculativeGenerator(TreeSteps):
     def _tree_k(tree, k):
         """k with a tree: a static tree's depth d sets k = d + 1 (a k given must agree); a dynamic
         tree's depth is k - 1 (k given, or the target's default)."""
+        if tree == "auto":
+            return auto_tree_policy(k)
         spec = parse_tree(tree)
         if isinstance(spec, DynamicTree):
             return k

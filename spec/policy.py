@@ -281,11 +281,7 @@ class AdaptiveK(KPolicyBase):
     def observe(self, k: int, accepted: torch.Tensor, draft_s: float, target_s: float) -> None:
         self._learn_confidence(accepted)
         g = k - 1
-        step_s = time.perf_counter() - self._asked_at if self._asked_at is not None else None
-        self._asked_at = None
-        for i in range(len(self.reached)):  # forget old passes at a constant rate
-            self.reached[i] *= self.decay
-            self.kept[i] *= self.decay
+        self._decay_acceptance()
         counts = torch.bincount(accepted.long().cpu(), minlength=g + 1).tolist()  # [g + 1]
         at_least = 0
         for a in range(g, 0, -1):  # row-passes that accepted >= a drafts
@@ -293,8 +289,19 @@ class AdaptiveK(KPolicyBase):
             self.kept[a - 1] += at_least
         for i in range(g):
             self.reached[i] += sum(counts[i:])
-        self.costs.record(k, target_s)
-        self._verified[k] = self._step
+        self._observe_costs(k, g, draft_s, target_s)
+
+    def _decay_acceptance(self) -> None:
+        for i in range(len(self.reached)):  # forget old passes at a constant rate
+            self.reached[i] *= self.decay
+            self.kept[i] *= self.decay
+
+    def _observe_costs(self, tokens: int, g: int, draft_s: float, target_s: float) -> None:
+        """A pass that verified ``tokens`` tokens after g drafted positions (levels)."""
+        step_s = time.perf_counter() - self._asked_at if self._asked_at is not None else None
+        self._asked_at = None
+        self.costs.record(tokens, target_s)
+        self._verified[tokens] = self._step
         caught_up = not self._drafted_last  # this pass's first draft forward fed the tokens k = 1 passes skipped
         self._drafted_last = g > 0
         if g and not caught_up:

@@ -58,6 +58,7 @@ class SpecStats:
     tree_nodes: int = 0  # nodes verified, summed over those row-passes
     rank_tried: list = field(default_factory=list)  # [d][r] row-passes where sibling r at depth d + 1 was judged
     rank_kept: list = field(default_factory=list)  # [d][r] ... and accepted
+    shape_counts: dict = field(default_factory=dict)  # tree shape (str) -> steps that verified it
 
     def record(self, k: int, accepted: torch.Tensor) -> None:
         """One batched verify pass with g = k - 1 drafts per row; accepted [B] in 0..g."""
@@ -95,6 +96,8 @@ class SpecStats:
         last node were judged when the path stopped before a leaf."""
         from .tree_step import groups
 
+        name = str(trees[0])
+        self.shape_counts[name] = self.shape_counts.get(name, 0) + 1
         for tree, rows in groups(trees):
             p, c = path[rows].long().cpu(), count[rows].long().cpu()
             self.tree_passes += len(rows)
@@ -209,5 +212,6 @@ class SpecStats:
             "measured_speedup": self.measured_speedup,
             "tree": self.tree,
             "nodes_per_pass": self.nodes_per_pass,
+            "shape_counts": dict(self.shape_counts),
             "rank_acceptance": self.rank_acceptance,
         }

@@ -30,8 +30,9 @@ log = logging.getLogger("verispec.spec")
 def resolve_tree(tree, children: str, acceptor, max_k: int | None):
     """Check ``tree=`` / ``children=`` / ``acceptor=`` together -> (shape, tree acceptor). Combinations
     the acceptor does not claim exact are refused, with the reason."""
-    shape = parse_tree(tree, None if max_k is None else max(1, max_k - 1))
     from .tree import CHILDREN_MODES
+
+    shape = "auto" if tree == "auto" else parse_tree(tree, None if max_k is None else max(1, max_k - 1))
 
     if children not in CHILDREN_MODES:
         raise ValueError(f"children must be one of {CHILDREN_MODES}, got {children!r}")
@@ -102,7 +103,9 @@ class TreeSteps:
         (breadth-first) that fit, a dynamic one with fewer nodes / levels; None: no room for a node."""
         nodes = min(self.n_positions - int(n.max()), self._draft_room(n))
         depth = self._seq_len - 1 - int(n.min())
-        shape = self._tree
+        shape = self.policy.next_shape() if self._tree == "auto" else self._tree
+        if shape is None:  # the policy chose a pass without drafts
+            return None
         if isinstance(shape, TreeSpec):
             return shape.truncated(depth, nodes)
         depth = min(depth, shape.max_depth)
@@ -119,7 +122,7 @@ class TreeSteps:
     def _tree_step(self):
         clock, stats, n = self._clock, self._stats, self._lengths
         shape = self._tree_room(n)
-        if shape is None:  # no room for a node: a pass without drafts
+        if shape is None:  # no room for a node, or the policy's choice: a pass without drafts
             return self._chain_step(1)
         clock.start()
         self._rng.acceptor.at(self._rows, n)
@@ -142,7 +145,10 @@ class TreeSteps:
         self.draft.commit_tree(path, count)
         stats.record(path.shape[1] + 1, count)
         stats.record_tree(prop.trees, path, count)
-        self.policy.observe(path.shape[1] + 1, count, draft_s, target_s)
+        if self._tree == "auto":  # the shape policy learns per depth and sibling rank
+            self.policy.observe_tree(prop.trees, path, count, draft_s, target_s)
+        else:
+            self.policy.observe(path.shape[1] + 1, count, draft_s, target_s)
         return self._commit(count, new)
 
     def _accept_tree(self, prop, target_out):

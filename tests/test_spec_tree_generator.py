@@ -296,3 +296,62 @@ def test_trees_near_the_cache_end_shrink_and_stay_exact_in_length():
     assert TreeSpec.from_branching([2, 2]).truncated(1, 10).n_nodes == 2
     assert TreeSpec.from_branching([2, 2]).truncated(2, 3).parents == (-1, -1, 0)
     assert TreeSpec.from_branching([2, 2]).truncated(0, 3) is None
+
+
+# ---- k="auto" with tree="auto": the policy picks the shape ---------------------------------------------
+
+
+def test_auto_shape_is_exact_and_greedy_identical(tiny_trio):
+    report = check_exactness("multistep", "model", "auto:4", tree="auto", children="sample", order=2, vocab=4,
+                             length=3, samples=40_000, seed=4)
+    assert report.passed, report.format()
+    target = tiny_trio["target"]
+    ps = prompts((5, 11, 2))
+    expected = target.sample(ps, 11 + NEW_TOKENS, temperature=0)
+    gen = SpeculativeGenerator(tiny_trio["other"], target, "auto:5", tree="auto")
+    assert torch.equal(gen.sample(ps, 11 + NEW_TOKENS, temperature=0), expected)
+    assert gen.last_stats.tree == "auto" and sum(gen.last_stats.shape_counts.values()) > 0
+
+
+def test_auto_shape_prefers_a_tree_when_siblings_pay_and_a_chain_when_they_do_not():
+    """The rule on hand-set beliefs: flat verify costs (an accelerator) and first-child acceptance
+    0.5 with second children accepted 0.5 of the time after a rejection -> a tree; the same with
+    verify seconds growing per token (this CPU with a big target) -> a chain."""
+    from verispec.spec.tree_policy import AdaptiveTree
+
+    def policy(verify):
+        p = AdaptiveTree(max_k=4, trees=[[2, 2, 1], [3, 1, 1]], prior_acceptance=0.5, rank_prior=1.0)
+        p.costs.calibrate(verify, list(range(1, p.largest + 1)))
+        p.draft_s_per_position = 0.01
+        return p
+
+    flat = policy(lambda k: 1.0)
+    shape = flat.next_shape()
+    assert shape is not None and shape.branching in ([2, 2, 1], [3, 1, 1]), flat.last_choice
+    steep = policy(lambda k: 1.0 + 0.25 * k)
+    shape = steep.next_shape()
+    assert shape is not None and shape.branching is not None and max(shape.branching) == 1, steep.last_choice
+    # expected tokens: chain [1,1,1] at a = 0.5 is 1 + .5 + .25 + .125
+    assert abs(flat.expected_tokens(TreeSpec.chain(3)) - 1.875) < 1e-9
+    # [2, 1]: s_1 = 1 - .5 * .5 = .75, then .75 * .5
+    assert abs(flat.expected_tokens(TreeSpec.from_branching([2, 1])) - (1 + 0.75 + 0.375)) < 1e-9
+
+
+def test_auto_shape_learns_sibling_ranks_from_passes():
+    from verispec.spec.tree_policy import AdaptiveTree
+
+    p = AdaptiveTree(max_k=3, trees=[[2, 1]], rank_prior=0.5, rank_shrink=0.0)
+    tree = TreeSpec.from_branching([2, 1])  # nodes 0, 1 at depth 1; 2, 3 below them
+    p.next_shape()
+    # row 0: rank 0 rejected, rank 1 accepted, then its child accepted; row 1: both rejected
+    p.observe_tree([tree, tree], torch.tensor([[1, 3], [-1, -1]]), torch.tensor([2, 0]), 0.01, 0.02)
+    assert p.rank_reached[0][1] == 2.0 and p.rank_kept[0][1] == 1.0
+    assert p.rank_acceptance()[0][1] == 0.5
+    assert p.reached[0] == 2.0 and p.kept[0] == 0.0  # rank 0 judged twice, never kept
+    assert p.reached[1] == 1.0 and p.kept[1] == 1.0  # depth 2 via node 1: its only child kept
+    assert p.draft_s_by_shape[tree.parents] == 0.01
+
+
+def test_auto_shape_refuses_a_fixed_k():
+    with pytest.raises(ValueError, match="tree='auto' chooses the shape each step"):
+        SpeculativeGenerator(MarkovChainLM.random(4, 1), MarkovChainLM.random(4, 0), 4, tree="auto")
