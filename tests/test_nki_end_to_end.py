@@ -83,3 +83,21 @@ def test_tree_verify_then_kv_gather_then_decode(tiny_hf):
     want = plain.forward(nxt, nxt_pos)
     torch.testing.assert_close(nki.forward(nxt, nxt_pos), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ref.forward(nxt, nxt_pos), want, rtol=1e-4, atol=1e-4)
+
+
+def test_tree_steps_through_the_nki_kernels_equal_target_greedy(tiny_hf):
+    """The speculative loop with a token tree on kernel_backend="nki": draft and target verify-attention
+    with tree masks, kv_gather in both caches; at temperature 0 the text is target-only greedy."""
+    from verispec.spec import SpeculativeGenerator
+
+    path, _ = tiny_hf("llama")
+    other, _ = tiny_hf("llama", seed=1, num_hidden_layers=1)
+    kw = dict(n_positions=48, batch_size=2)
+    ref = LlamaForSampling.from_pretrained(path, kernel_backend="torch", **kw)
+    target = LlamaForSampling.from_pretrained(path, kernel_backend="nki", **kw)
+    draft = LlamaForSampling.from_pretrained(other, kernel_backend="nki", **kw)
+    prompts = [torch.tensor([5, 9, 2, 77, 3]), torch.tensor([11, 4, 8])]
+    expected = ref.sample(prompts, 5 + 8, temperature=0)
+    gen = SpeculativeGenerator(draft, target, tree=[2, 1], children="top")
+    assert torch.equal(gen.sample(prompts, 5 + 8, temperature=0), expected)
+    assert gen.last_stats.tree_passes > 0
