@@ -254,3 +254,35 @@ def test_the_c_structs_match_their_python_mirror():
             mp.setitem(abi.STRUCTS, name, wrong)
             with pytest.raises(abi.ABIMismatch, match=field.replace(".", r"\.")):
                 abi.check_layout(lib)
+
+
+def test_tree_loop_verifies_on_the_native_step_up_to_16_tokens(tiny_hf, monkeypatch):
+    """In the speculative loop with a token tree: one row's [2, 2, 1, 1] pass (15 tokens with its
+    mask and depth positions) runs the native step; three rows (45 tokens) take the module path.
+    Both give the target's greedy text."""
+    from verispec.model import LlamaForSampling
+    from verispec.spec import SpeculativeGenerator
+
+    path, _ = tiny_hf("llama")
+    other, _ = tiny_hf("llama", seed=1, num_hidden_layers=1)
+    target = LlamaForSampling.from_pretrained(path, n_positions=96, batch_size=3)
+    draft = LlamaForSampling.from_pretrained(other, n_positions=96, batch_size=3)
+    assert target.runner.native
+    seen = []
+    real = compiled.CompiledDecoder._step
+
+    def counting(self, plan, input_ids, positions, cache, position_ids, active_mask, n):
+        if self is target.runner:
+            seen.append((tuple(input_ids.shape), active_mask is not None))
+        return real(self, plan, input_ids, positions, cache, position_ids, active_mask, n)
+
+    monkeypatch.setattr(compiled.CompiledDecoder, "_step", counting)
+    g = torch.Generator().manual_seed(0)
+    for rows, native in ((1, True), (3, False)):
+        ps = [torch.randint(0, target.vocab_size, (n,), generator=g) for n in (6, 9, 4)[:rows]]
+        expected = target.sample(ps, 9 + 20, temperature=0)
+        seen.clear()
+        gen = SpeculativeGenerator(draft, target, tree=[2, 2, 1, 1], children="top")
+        assert torch.equal(gen.sample(ps, 9 + 20, temperature=0), expected)
+        tree_passes = [s for s in seen if s[1] and s[0][1] == 15]
+        assert bool(tree_passes) == native, (rows, seen)
