@@ -103,10 +103,28 @@ def test_chat_needs_a_template(models, capsys):
     (("--draft", "ngram", "--draft-quant", "int8"), "--draft-quant int8 needs a draft model"),
     (("-k", "1", "--draft-quant", "w8a8"), "--draft-quant w8a8 needs a draft model; -k 1 runs the target alone"),
     (("--draft", "none", "--draft-quant", "int8"), "--draft-quant int8 needs a draft model; the draft is 'none'"),
+    (("--tree", "2,x"), "expected a branching such as '2,2,1'"),
+    (("--tree", "dynamic:8", "--children", "sample"), "is not exact: a dynamic tree's shape"),
+    (("--tree", "2,2", "--acceptor", "recursive"), "'recursive' is exact only for children in ('distinct',)"),
 ])
 def test_bad_input_is_a_clear_error(models, capsys, extra, message):
     rc, _, err = generate(capsys, "--target", models["target"], "--draft", models["other"], *extra)
     assert rc == 1 and message in " ".join(err.split()), err
+
+
+@pytest.mark.parametrize("tree,children,acceptor", [("2,2,1", "sample", "default"), ("dynamic:6", "top", "traversal"),
+                                                    ("auto", "sample", "default"), ("3,1", "distinct", "recursive")])
+def test_tree_text_equals_target_only(models, capsys, tree, children, acceptor):
+    rc, alone, _ = generate(capsys, "--target", models["target"], "--draft", "none")
+    rc, text, table = generate(capsys, "--target", models["target"], "--draft", models["other"], "--tree", tree,
+                               "--children", children, "--acceptor", acceptor, "--draft-quant", "none")
+    assert rc == 0 and text == alone, table
+    assert "mean tokens per verify pass" in table
+
+
+def test_tree_needs_a_draft_that_drafts_trees(models, capsys):
+    rc, _, err = generate(capsys, "--target", models["target"], "--draft", "ngram", "--tree", "2,2")
+    assert rc == 1 and "--tree needs a draft that drafts trees" in err, err
 
 
 def test_vocabulary_mismatch_and_missing_model(models, capsys, tmp_path):

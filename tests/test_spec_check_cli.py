@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from spec_helpers import CountingAcceptor
 from verispec.cli import main
 
@@ -61,3 +63,20 @@ def test_check_tree_reports_a_bad_tree_in_one_line(capsys):
     assert "--tree" in err and "2,x" in err and len(err.splitlines()) == 1
     assert main(["check", "--tree", "2,0"]) == 1
     assert "positive" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tree,children,acceptor", [("2,2", "sample", "traversal"), ("3,1", "distinct", "recursive"),
+                                                    ("dynamic:5", "top", "default"), ("auto", "sample", "default")])
+def test_check_tree_loop_runs_the_generator_with_trees(capsys, tree, children, acceptor):
+    code = main(["check", "--tree", tree, "--loop", "--children", children, "--acceptor", acceptor, "--order", "2",
+                 "--samples", "20000", "--vocab", "4", "--length", "3", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["verdict"] == "PASS", report
+    assert report["speculation"]["tree"] and report["config"]["children"] == children
+
+
+def test_check_tree_loop_fails_a_biased_tree_acceptor(capsys):
+    code = main(["check", "--tree", "3,1", "--loop", "--children", "distinct", "--acceptor",
+                 "test_spec_tree:ParentLawAcceptor", "--samples", "40000", "--vocab", "4", "--length", "2",
+                 "--json"])
+    assert code == 1 and json.loads(capsys.readouterr().out)["verdict"] == "FAIL"

@@ -61,9 +61,30 @@ def check_args(args):
     validate_seed(args.seed)
     if args.kernel_backend is not None:
         check_backend_name(args.kernel_backend)
-    if args.acceptor not in (None, "default"):
+    if getattr(args, "tree", None) is not None:
+        from verispec.spec.tree_step import resolve_tree
+
+        if args.draft is not None and not is_model_draft(args.draft) and not args.draft.startswith("self:"):
+            raise ValueError(f"--tree needs a draft that drafts trees (a draft model or self:N), not {args.draft!r}")
+        resolve_tree(args.tree, args.children, tree_acceptor(args), None)  # bad trees and inexact combinations fail now
+    elif args.acceptor not in (None, "default"):
         make_acceptor(args.acceptor, None)  # unknown names and bad import strings fail now
     return k
+
+
+def tree_acceptor(args):
+    """--acceptor with --tree: 'default' is multistep."""
+    return None if args.acceptor in (None, "default") else args.acceptor
+
+
+def tree_k(args, k):
+    """k with --tree: a static tree's depth sets it (None); a dynamic tree's depth is k - 1 (5 unless
+    -k is a number); auto keeps k=auto[:MAX]."""
+    if args.tree == "auto":
+        return k
+    if str(args.tree).startswith("dynamic:"):
+        return k if isinstance(k, int) else 5
+    return None
 
 
 def is_model_draft(draft: str | None) -> bool:

@@ -62,6 +62,10 @@ def register(sub) -> None:
     p.add_argument("--tree", default=None,
                    help="check a tree acceptor on a tree of these children per level, e.g. 2,2 (L = depth + 1; "
                    "--k, --draft, --top-k, --top-p, --length, --order, --prompt, --eos do not apply)")
+    p.add_argument("--loop", action="store_true",
+                   help="with --tree: run the whole speculative loop with trees (SpeculativeGenerator(tree=...)) "
+                        "on the toy chains, so --draft, --k (a dynamic tree's depth k - 1; auto's MAX), --top-k, "
+                        "--top-p, --length, --order, --prompt and --eos apply; --tree also takes dynamic:N and auto")
     p.add_argument("--children", choices=["sample", "distinct", "top"], default="sample",
                    help="with --tree: siblings i.i.d. from q, without replacement, or the likeliest under q")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -71,19 +75,27 @@ def register(sub) -> None:
 def run(args) -> int:
     from verispec.spec.checker import check_exactness, check_tree_exactness
 
-    if args.tree is not None:
+    if args.tree is not None and args.loop:
+        tree = args.tree if args.tree == "auto" or args.tree.startswith("dynamic:") else _branching(args.tree)
+        k = f"auto:{args.k}" if tree == "auto" else args.k if isinstance(tree, str) else None
+        report = check_exactness(
+            None if args.acceptor == "default" else args.acceptor, args.draft, k, tree=tree, children=args.children,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, samples=args.samples,
+            length=args.length, vocab=args.vocab, order=args.order, prompts=args.prompt or [[0]], seed=args.seed,
+            chain_seed=args.chain_seed, eos_token_id=args.eos, threshold=args.threshold, statistic=args.statistic,
+        )
+    elif args.tree is not None:
         report = check_tree_exactness(
             "multistep" if args.acceptor == "default" else args.acceptor, _branching(args.tree), args.children,
             temperature=args.temperature, samples=args.samples, vocab=args.vocab, seed=args.seed,
             chain_seed=args.chain_seed, threshold=args.threshold, statistic=args.statistic,
         )
-        print(report.to_json() if args.json else report.format())
-        return 0 if report.passed else 1
-    report = check_exactness(
-        args.acceptor, args.draft, args.k, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        samples=args.samples, length=args.length, vocab=args.vocab, order=args.order,
-        prompts=args.prompt or [[0]], seed=args.seed, chain_seed=args.chain_seed, eos_token_id=args.eos,
-        threshold=args.threshold, statistic=args.statistic,
-    )
+    else:
+        report = check_exactness(
+            args.acceptor, args.draft, args.k, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            samples=args.samples, length=args.length, vocab=args.vocab, order=args.order,
+            prompts=args.prompt or [[0]], seed=args.seed, chain_seed=args.chain_seed, eos_token_id=args.eos,
+            threshold=args.threshold, statistic=args.statistic,
+        )
     print(report.to_json() if args.json else report.format())
     return 0 if report.passed else 1

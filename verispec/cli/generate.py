@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ._generate_plan import DEFAULT_TARGET
+from ._generate_plan import DEFAULT_TARGET, tree_acceptor, tree_k
 
 DESCRIPTION = (
     "Generate text with exact speculative decoding: the output is distributed exactly as the target's "
@@ -44,6 +44,13 @@ def register(sub) -> None:
     p.add_argument("--acceptor", default="default",
                    help="token acceptor: default (exact rejection sampling), coupled (exact; one seed, one text for "
                         "any k and draft), sample-match, greedy, typical (lossy) or module:attr")
+    p.add_argument("--tree", default=None,
+                   help="token trees: children per level (e.g. 2,2,1,1; the depth sets k), dynamic:N (N nodes "
+                        "where the draft is likeliest, depth k - 1, k 5 unless given) or auto (k=auto picks a chain "
+                        "or a tree each step); --acceptor then names a tree acceptor: multistep (default), "
+                        "recursive, traversal, greedy")
+    p.add_argument("--children", default="sample", choices=["sample", "distinct", "top"],
+                   help="with --tree: siblings i.i.d. from the draft, without replacement, or its likeliest")
     p.add_argument("--max-new-tokens", type=int, default=512,
                    help="most tokens to generate; a reply cut there (no end-of-sequence token) is said on stderr")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy")
@@ -100,7 +107,11 @@ def _generate(args, p, is_rank0: bool) -> int:
     draft = p.draft
     if p.draft_path is not None:  # replicated under TP
         draft = LlamaForSampling.from_pretrained(p.draft_path, tp_degree=1, quant=p.quant, **load)
-    gen = SpeculativeGenerator(draft, target, p.k, acceptor=args.acceptor)
+    if args.tree is None:
+        gen = SpeculativeGenerator(draft, target, p.k, acceptor=args.acceptor)
+    else:
+        gen = SpeculativeGenerator(draft, target, tree_k(args, p.k), acceptor=tree_acceptor(args), tree=args.tree,
+                                   children=args.children)
 
     eos = set(target.config.eos_token_id)
     stream = TextStream(p.tokenizer)
