@@ -9,9 +9,21 @@ per pass, speedups over target-only, measured and predicted (Leviathan's formula
 acceptance and costs of the run), k="auto" against the best and the median fixed k (measured,
 and priced at the cell's pooled pass costs), per-position acceptance, target-only's weight
 bandwidth against a bandwidth measured in the run, and at temperature 0 whether speculative
-output equals target-only output token for token. Writes NAME.json, NAME_tokens_per_s.png,
-NAME_speedup.png and NAME_acceptance.png in --out-dir ($VERISPEC_RESULTS or ./bench-results by
-default) and prints a table. How each figure is timed is in the JSON under "method".
+output equals target-only output token for token.
+
+Verification cells: ``--chain-acceptors default,block`` runs each fixed k under token-wise
+rejection sampling and block verification; ``--trees "2,2,1,1;3,2,1;dynamic:8;dynamic:16"`` runs
+each token tree under every (``--tree-acceptors``, ``--tree-children``) combination the generator
+accepts (refused ones are listed per cell under "skipped"; at T=0 each tree runs once, multistep
+with children top); ``--auto-tree`` adds k="auto", tree="auto". All interleaved like the rest.
+Each path records tokens per pass, nodes per pass, tokens/s, verify seconds per pass by tokens
+scored, and ``predicted_speedup_flat64`` (its tokens per pass on an accelerator-like flat verify
+curve, spec/simulate.py); each cell's summary compares the best token-wise chain, block chain and
+tree (``summary.verification``).
+
+Writes NAME.json, NAME_tokens_per_s.png, NAME_speedup.png, NAME_acceptance.png and
+NAME_flat64.png in --out-dir ($VERISPEC_RESULTS or ./bench-results by default) and prints a
+table. How each figure is timed is in the JSON under "method".
 """
 
 from __future__ import annotations
@@ -35,9 +47,9 @@ from .common import (
     write_json,
 )
 from .e2e_steps import fork, run_steps, speculative_stepper, target_only_stepper
-from .e2e_plots import plot_acceptance, plot_speedup, plot_tokens_per_s
-from .e2e_report import (add_bandwidth, add_predicted, add_priced, add_repeats, add_speedups, method, print_report,
-                         summarize)
+from .e2e_plots import plot_acceptance, plot_flat64, plot_speedup, plot_tokens_per_s
+from .e2e_report import (add_bandwidth, add_flat64, add_predicted, add_priced, add_repeats, add_speedups, method,
+                         print_report, summarize)
 
 WARMUP_TOKENS = 8  # new tokens of the untimed warm-up run of each path
 
@@ -74,6 +86,24 @@ def register(sub) -> None:
                    help="verispec's token acceptor (lossless ones): default = rejection sampling; coupled = "
                         "position-keyed race noise, so at T > 0 target-only (sampling on the same noise), "
                         "every k and k=auto emit the same text (the JSON records each path's divergence)")
+    p.add_argument("--chain-acceptors", default=None,
+                   help="comma-separated chain acceptors; each fixed k of --ks runs under each (default: --acceptor "
+                        "alone): default (token-wise rejection sampling), block (block verification), coupled, "
+                        "sample-match. k=auto runs under --acceptor")
+    p.add_argument("--trees", default="",
+                   help="semicolon-separated token trees, each a path per acceptor and children mode of "
+                        "--tree-acceptors x --tree-children that the generator accepts (the rest are skipped and "
+                        "listed): static branchings '2,2,1,1' or dynamic trees 'dynamic:N' (depth --tree-depth-k - "
+                        "1, children top only); at T=0 each tree runs once (multistep, children top: every exact "
+                        "acceptor decides the same there). Default: none")
+    p.add_argument("--tree-acceptors", default="multistep,recursive,traversal",
+                   help="comma-separated tree acceptors for --trees at T > 0")
+    p.add_argument("--tree-children", default="sample,distinct,top",
+                   help="comma-separated sibling draws for --trees at T > 0 (sample, distinct, top)")
+    p.add_argument("--tree-depth-k", type=int, default=5, help="k of dynamic trees (depth k - 1), >= 2")
+    p.add_argument("--auto-tree", action=argparse.BooleanOptionalAction, default=False,
+                   help="also run k='auto', tree='auto' (a policy choosing a chain length or a tree each step), "
+                        "where the generator accepts it (else it is listed as skipped)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="buffer size of the bandwidth measurement")
     p.add_argument("--name", default="e2e", help="results file stem")
@@ -113,10 +143,154 @@ def _temperatures(text: str) -> list[float]:
     return temps
 
 
-def _check_args(args) -> tuple[list, list[float], list[str]]:
+CHAIN_ACCEPTORS = ("default", "block", "coupled", "sample-match")  # the exact chain acceptors (any temperature)
+CHILDREN = ("sample", "distinct", "top")
+
+
+def _names(text: str, option: str, allowed) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    for x in names:
+        if x not in allowed:
+            raise ValueError(f"{option}: unknown {x!r}; use comma-separated names from {', '.join(allowed)}")
+    if len(set(names)) < len(names):
+        raise ValueError(f"{option} {text!r} repeats a name")
+    return names
+
+
+def _trees(text: str, depth_k: int) -> list[str]:
+    """--trees -> canonical tree names ('2,2,1,1', 'dynamic:8'), validated."""
+    from verispec.spec.tree import DynamicTree, parse_tree
+
+    out = []
+    for x in (x.strip() for x in text.split(";")):
+        if not x:
+            continue
+        try:
+            shape = parse_tree(x, max(1, depth_k - 1))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"--trees: bad tree {x!r}: {e}") from None
+        name = str(shape) if isinstance(shape, DynamicTree) else ",".join(map(str, shape.branching or []))
+        if not name:
+            raise ValueError(f"--trees: bad tree {x!r}: give a branching such as 2,2,1,1 or dynamic:N")
+        if name in out:
+            raise ValueError(f"--trees: tree {name!r} given twice")
+        out.append(name)
+    return out
+
+
+def _tree_acceptor_names() -> tuple[str, ...]:
+    import verispec.spec.tree_acceptors  # noqa: F401  (registers recursive and traversal)
+    from verispec.spec.tree import TREE_ACCEPTORS
+
+    return tuple(TREE_ACCEPTORS)
+
+
+def _plan(args) -> dict:
+    """The speculative paths asked for (before the generator's refusals): chains per k and chain
+    acceptor, k=auto, trees, the auto tree."""
     ks = _ks(args.ks)
-    specs = ks + (["auto"] if args.auto else [])
-    if not specs:
+    chain_acceptors = _names(args.chain_acceptors, "--chain-acceptors", CHAIN_ACCEPTORS) \
+        if args.chain_acceptors is not None else [args.acceptor]
+    if ks and not chain_acceptors:
+        raise ValueError("--chain-acceptors is empty")
+    if args.tree_depth_k < 2:
+        raise ValueError(f"--tree-depth-k must be >= 2 (a dynamic tree of depth k - 1 >= 1), got {args.tree_depth_k}")
+    trees = _trees(args.trees, args.tree_depth_k)
+    tree_acceptors = _names(args.tree_acceptors, "--tree-acceptors", _tree_acceptor_names())
+    tree_children = _names(args.tree_children, "--tree-children", CHILDREN)
+    if trees and not (tree_acceptors and tree_children):
+        raise ValueError("--trees needs at least one of --tree-acceptors and of --tree-children")
+    return {"ks": ks, "chain_acceptors": chain_acceptors, "auto": args.auto, "acceptor": args.acceptor,
+            "trees": trees, "tree_acceptors": tree_acceptors, "tree_children": tree_children,
+            "tree_depth_k": args.tree_depth_k, "auto_tree": args.auto_tree}
+
+
+def path_specs(plan: dict, temperature: float) -> list[dict]:
+    """One cell's speculative paths, in run order: each fixed k under each chain acceptor, k=auto,
+    each tree under each (acceptor, children) (at T=0 once: multistep, top), the auto tree."""
+    specs = [{"k": k, "acceptor": a, "tree": None, "children": None}
+             for k in plan["ks"] for a in plan["chain_acceptors"]]
+    if plan["auto"]:
+        specs.append({"k": "auto", "acceptor": plan["acceptor"], "tree": None, "children": None})
+    combos = [("multistep", "top")] if temperature == 0 else \
+        [(a, c) for a in plan["tree_acceptors"] for c in plan["tree_children"]]
+    for tree in plan["trees"]:
+        k = plan["tree_depth_k"] if tree.startswith("dynamic:") else len(tree.split(",")) + 1
+        specs += [{"k": k, "acceptor": a, "tree": tree, "children": c} for a, c in combos]
+    if plan["auto_tree"]:
+        specs.append({"k": "auto", "acceptor": None, "tree": "auto", "children": None})
+    return specs
+
+
+def spec_label(spec: dict) -> str:
+    if spec["tree"] is None:
+        return f"k={spec['k']}" + ("" if spec["acceptor"] in (None, "default") else f" {spec['acceptor']}")
+    if spec["tree"] == "auto":
+        return "k=auto tree=auto"
+    return f"tree {spec['tree']} {spec['acceptor']}/{spec['children']}"
+
+
+def _generator(draft, target, spec: dict, temperature: float, policy=None):
+    """The SpeculativeGenerator of a path spec (ValueError/TypeError: the generator refuses it,
+    at construction or, for an acceptor exact at T=0 only, at sampling time)."""
+    from verispec.spec import SpeculativeGenerator
+
+    k = spec["k"] if policy is None else policy
+    if spec["tree"] is None:
+        return SpeculativeGenerator(draft, target, k, acceptor=spec["acceptor"], measure_decode_step=False)
+    kw = {} if spec["children"] is None else {"children": spec["children"]}
+    if spec["tree"] != "auto" and not spec["tree"].startswith("dynamic:"):
+        k = None  # a static tree sets k = depth + 1
+    gen = SpeculativeGenerator(draft, target, k, acceptor=spec["acceptor"], measure_decode_step=False,
+                               tree=spec["tree"], **kw)
+    check = getattr(gen, "_check_tree_acceptor", None)
+    if check is not None and getattr(gen, "_tree_acceptor", None) is not None:
+        from verispec.model.sampling import SamplingParams
+
+        check(SamplingParams(temperature))  # e.g. the greedy tree acceptor at T > 0
+    return gen
+
+
+def _policy(spec: dict, policies: dict):
+    """The run's one policy object of a path (k=auto's AdaptiveK, the auto tree's AdaptiveTree), or None."""
+    if spec["tree"] is None:
+        return policies.get(spec["k"])
+    return policies.get("auto-tree") if spec["tree"] == "auto" else None
+
+
+def _shared_policies(plan: dict) -> dict:
+    """One k-policy per adaptive path for the whole run, as a long-lived engine keeps it (its
+    one-off calibration runs in the untimed warm-up)."""
+    from verispec.spec.policy import as_policy
+
+    policies = {"auto": as_policy("auto")} if plan["auto"] else {}
+    if plan["auto_tree"]:
+        try:
+            from verispec.spec.tree_policy import auto_tree_policy
+        except ImportError:  # no tree policy in this generator: the path is refused and listed
+            pass
+        else:
+            policies["auto-tree"] = auto_tree_policy("auto")
+    return policies
+
+
+def _accepted(draft, target, specs: list[dict], temperature: float) -> tuple[list[dict], list[dict]]:
+    """(specs the generator accepts, [{spec, label, reason}] of those it refuses)."""
+    ok, skipped = [], []
+    for spec in specs:
+        try:
+            _generator(draft, target, spec, temperature)
+        except (ValueError, TypeError) as e:
+            skipped.append({**spec, "label": spec_label(spec), "reason": str(e)})
+        else:
+            ok.append(spec)
+    return ok, skipped
+
+
+def _check_args(args) -> tuple[dict, list[float], list[str]]:
+    plan = _plan(args)
+    specs = plan["ks"] + (["auto"] if plan["auto"] else [])
+    if not specs and not plan["trees"] and not plan["auto_tree"]:
         raise ValueError("nothing speculative to run: --ks is empty and --no-auto")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -126,18 +300,36 @@ def _check_args(args) -> tuple[list, list[float], list[str]]:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.draft_quant and not is_model_draft(args.draft):
         raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; the draft is {args.draft!r}")
-    return specs, _temperatures(args.temperatures), parse_prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
+    if plan["trees"] and not is_model_draft(args.draft) and not str(args.draft).startswith("self:"):
+        raise ValueError(f"--trees needs a draft that drafts token trees (a model or 'self:N'); the draft is {args.draft!r}")
+    return plan, _temperatures(args.temperatures), parse_prompt_sets(args.prompt_sets, args.prompts, args.random_prompts)
 
 
-def _positions(prompts: dict, specs: list, new_tokens: int, max_positions: int) -> int:
-    """Cache length: the longest prompt, the new tokens and one verify block of the largest k."""
+def _max_block(plan: dict) -> int:
+    """The most tokens one verify pass of the plan may score (its cache margin)."""
+    from verispec.spec.policy import as_policy
+    from verispec.spec.tree import parse_tree
+
+    blocks = [as_policy(k).max_k for k in plan["ks"] + (["auto"] if plan["auto"] else [])]
+    for tree in plan["trees"]:
+        shape = parse_tree(tree, plan["tree_depth_k"] - 1)
+        # a dynamic tree feeds its expanded levels (width x (depth - 1) nodes) past the prefix while it grows
+        blocks += [max(shape.n_nodes, getattr(shape, "width", 0) * (shape.max_depth - 1)) + 1]
+    if plan["auto_tree"]:  # its trees are the policy's: room for a pass of AUTO_TREE_BLOCK tokens
+        blocks.append(AUTO_TREE_BLOCK)
+    return max(blocks)
+
+
+AUTO_TREE_BLOCK = 32
+
+
+def _positions(prompts: dict, plan: dict, new_tokens: int, max_positions: int) -> int:
+    """Cache length: the longest prompt, the new tokens and one verify block of the largest k or tree."""
     longest = max(len(p) for ps in prompts.values() for p in ps)
     if longest + new_tokens > max_positions:
         raise ValueError(f"longest prompt ({longest} tokens) + --max-new-tokens {new_tokens} exceeds the target's "
                          f"max_position_embeddings={max_positions}")
-    from verispec.spec.policy import as_policy
-
-    max_k = max(as_policy(k).max_k for k in specs)
+    max_k = _max_block(plan)
     n_positions = min(longest + new_tokens + max_k, max_positions)
     if max_k >= n_positions:
         raise ValueError(f"k={max_k} out of range: a verify pass of k tokens needs k < n_positions={n_positions}")
@@ -171,32 +363,39 @@ def _target_only_runner(target, new_tokens, temperature, seed, device, by_step=F
     return one, result, target_only_stepper(target, new_tokens, temperature, seed, _prompt_row, coupled)
 
 
-def _speculative_runner(draft, target, k, new_tokens, temperature, seed, device, policies, by_step=False,
-                        acceptor="default"):
-    from verispec.spec import SpeculativeGenerator
+def _speculative_runner(draft, target, spec, new_tokens, temperature, seed, device, policies, by_step=False):
+    from .e2e_steps import counted_stream
 
     if by_step:  # this path's own KV caches, so the paths can take turns step by step
         draft, target = fork(draft), fork(target)
     # no in-run decode-step probe: its two extra target forwards would be timed in wall_s.
     # k=auto uses the one AdaptiveK of the whole run (as a long-lived engine would): its one-off cost
     # calibration ran in the warm-up; the time it took is reported beside the results
-    gen = SpeculativeGenerator(draft, target, policies.get(k, k), acceptor=acceptor, measure_decode_step=False)
+    gen = _generator(draft, target, spec, temperature, _policy(spec, policies))
 
     def one(i, p):
+        toks, counts = [], {}
         _sync(device)
         t0 = time.perf_counter()
-        res = gen.generate(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)
+        for step in counted_stream(gen, gen.stream(p[None], len(p) + new_tokens, temperature=temperature,
+                                                   seed=seed + i), counts):
+            for row_tokens in step.per_row().values():
+                toks.extend(row_tokens)
         _sync(device)
         wall = time.perf_counter() - t0
-        s = res.stats
+        s = gen.last_stats
         # a k-policy's calibration, if one ran inside the call, is charged to its decode time
         row = _prompt_row(len(p), s.new_tokens, wall, s.prefill_s, s.decode_s + s.calibration_s)
-        row.update(calibration_s=s.calibration_s, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts))
-        return res.tokens[0], row, s
+        row.update(calibration_s=s.calibration_s, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts),
+                   verify_passes_by_tokens=dict(sorted(counts.items())))
+        return torch.cat([p, torch.tensor(toks, dtype=torch.long)]), row, s
 
     def result(rows, stats):
-        return {"engine": "verispec", "mode": "speculative", "k": k, **_aggregate(rows), **_acceptance(stats),
-                "calibration_s": sum(s.calibration_s for s in stats), "policy": stats[0].policy}
+        return {"engine": "verispec", "mode": "speculative", "k": spec["k"], "label": spec_label(spec),
+                "verify": "chain" if spec["tree"] is None else "tree", "acceptor": spec["acceptor"],
+                "acceptor_name": stats[0].acceptor, "tree": stats[0].tree or spec["tree"], "children": spec["children"], **_aggregate(rows),
+                **_acceptance(stats, rows), "calibration_s": sum(s.calibration_s for s in stats),
+                "policy": stats[0].policy}
 
     return one, result, speculative_stepper(gen, new_tokens, temperature, seed, _prompt_row)
 
@@ -258,9 +457,11 @@ def _aggregate(per_prompt: list[dict]) -> dict:
             "tokens_per_s": new / decode if decode else None, "per_prompt": per_prompt}
 
 
-def _acceptance(stats: list) -> dict:
-    """Acceptance over all prompts (counts summed, then divided: not a mean of ratios) and the pass
-    costs the priced reading needs (seconds and counts summed)."""
+def _acceptance(stats: list, rows: list | None = None) -> dict:
+    """Acceptance over all prompts (counts summed, then divided: not a mean of ratios), the pass
+    costs the priced reading needs (seconds and counts summed), and for token trees nodes per pass
+    and acceptance per sibling rank. ``verify_passes_by_tokens`` (from the rows) counts the passes
+    by tokens scored (a chain pass: k; a tree pass: nodes + 1)."""
     accepted = sum(s.accepted_drafts for s in stats)
     proposed = sum(s.proposed_drafts for s in stats)
     passes = sum(s.row_passes for s in stats)
@@ -272,20 +473,42 @@ def _acceptance(stats: list) -> dict:
             kept[i] += k
         for k, n in s.k_counts.items():
             k_counts[k] = k_counts.get(k, 0) + n
-            target_s_by_k[k] = target_s_by_k.get(k, 0.0) + s.target_s_by_k.get(k, 0.0)
-    return {"acceptance_rate": accepted / proposed if proposed else None,
-            "mean_tokens_per_pass": (accepted + passes) / passes if passes else None,
-            "position_acceptance": [k / r if r else None for k, r in zip(kept, reached)],
-            "k_counts": dict(sorted(k_counts.items())), "accepted_drafts": accepted, "proposed_drafts": proposed,
-            "pass_costs": {"steps": sum(s.steps for s in stats), "drafted_positions": sum(s.drafted_positions for s in stats),
-                           "draft_s": sum(s.draft_s for s in stats), "target_s": sum(s.target_s for s in stats),
-                           "target_s_by_k": dict(sorted(target_s_by_k.items()))}}
+        for k, sec in s.target_s_by_k.items():  # (a tree pass: keyed by nodes + 1, not by its k_counts key)
+            target_s_by_k[k] = target_s_by_k.get(k, 0.0) + sec
+    out = {"acceptance_rate": accepted / proposed if proposed else None,
+           "mean_tokens_per_pass": (accepted + passes) / passes if passes else None,
+           "position_acceptance": [k / r if r else None for k, r in zip(kept, reached)],
+           "k_counts": dict(sorted(k_counts.items())), "accepted_drafts": accepted, "proposed_drafts": proposed,
+           "pass_costs": {"steps": sum(s.steps for s in stats), "drafted_positions": sum(s.drafted_positions for s in stats),
+                          "draft_s": sum(s.draft_s for s in stats), "target_s": sum(s.target_s for s in stats),
+                          "target_s_by_k": dict(sorted(target_s_by_k.items()))}}
+    tree_passes = sum(s.tree_passes for s in stats)
+    out["nodes_per_pass"] = sum(s.tree_nodes for s in stats) / tree_passes if tree_passes else None
+    if tree_passes:
+        depth = max(len(s.rank_tried) for s in stats)
+        tried = [[0] * max([len(s.rank_tried[d]) for s in stats if len(s.rank_tried) > d] or [0]) for d in range(depth)]
+        got = [list(row) for row in tried]
+        for s in stats:
+            for d, (t_row, k_row) in enumerate(zip(s.rank_tried, s.rank_kept)):
+                for r, (t, k) in enumerate(zip(t_row, k_row)):
+                    tried[d][r] += t
+                    got[d][r] += k
+        out["rank_acceptance"] = [[k / t if t else None for k, t in zip(kr, tr)] for kr, tr in zip(got, tried)]
+    if rows and all("verify_passes_by_tokens" in r for r in rows):
+        counts = {}
+        for r in rows:
+            for t, n in r["verify_passes_by_tokens"].items():
+                counts[t] = counts.get(t, 0) + n
+        counts = dict(sorted(counts.items()))
+        out["verify_passes_by_tokens"] = counts
+        out["verify_s_per_pass_by_tokens"] = {t: target_s_by_k.get(t, 0.0) / n for t, n in counts.items() if n}
+    return out
 
 
 # ---- the run --------------------------------------------------------------------------------------
 
 
-def _load_all(args, specs, sets):
+def _load_all(args, plan, sets):
     from verispec.model import open_source
     from verispec.model.tokenizer import Tokenizer
 
@@ -293,7 +516,7 @@ def _load_all(args, specs, sets):
     tok = None if args.random_prompts else Tokenizer.from_pretrained(src_path)
     prompts = {s: bench_prompts(s, args.prompts, tok, config.vocab_size if args.random_prompts else None, args.seed)
                for s in sets}
-    n_positions = _positions(prompts, specs, args.max_new_tokens, config.max_position_embeddings)
+    n_positions = _positions(prompts, plan, args.max_new_tokens, config.max_position_embeddings)
     target = load_model(args.target, args, n_positions)
     draft = (load_model(args.draft, args, n_positions, quant=args.draft_quant) if is_model_draft(args.draft)
              else args.draft)
@@ -317,15 +540,18 @@ def _load_all(args, specs, sets):
 
 
 def _warm_up(prompt, target, draft, specs, hf_target, hf_draft, args, policies) -> float:
-    """One short untimed run of every path, so one-off costs (allocation, kernel selection, the
-    adaptive policy's cost calibration) are not timed; returns the calibration seconds."""
-    from verispec.spec import SpeculativeGenerator
-
+    """One short untimed run of every kind of path (the first chain of each acceptor, k=auto, each
+    tree once), so one-off costs (allocation, kernel selection, the adaptive policy's cost
+    calibration) are not timed; returns the calibration seconds."""
     seq = len(prompt) + WARMUP_TOKENS
     target.sample(prompt[None], seq, temperature=0)
     calibration_s = 0.0
-    for k in dict.fromkeys(specs[:1] + (["auto"] if "auto" in specs else [])):
-        gen = SpeculativeGenerator(draft, target, policies.get(k, k), acceptor=args.acceptor, measure_decode_step=False)
+    kinds = {}
+    for spec in specs:  # first of each kind
+        kind = (spec["k"] == "auto", spec["acceptor"]) if spec["tree"] is None else (spec["tree"],)
+        kinds.setdefault(kind, spec)
+    for spec in kinds.values():
+        gen = _generator(draft, target, spec, 0.0, _policy(spec, policies))
         calibration_s += gen.generate(prompt[None], seq, temperature=0).stats.calibration_s
     if hf_target is not None:
         from .e2e_hf import hf_generate
@@ -336,14 +562,17 @@ def _warm_up(prompt, target, draft, specs, hf_target, hf_draft, args, policies) 
 
 
 def run(args) -> int:
-    specs, temps, sets = _check_args(args)
-    prompts, target, draft, hf_target, hf_draft, hf = _load_all(args, specs, sets)
+    plan, temps, sets = _check_args(args)
+    prompts, target, draft, hf_target, hf_draft, hf = _load_all(args, plan, sets)
     bandwidth = measure_memory_bandwidth(args.device, nbytes=args.bandwidth_bytes)
     target_weight_bytes = weight_bytes(target)
-    from verispec.spec.policy import as_policy
-
-    policies = {"auto": as_policy("auto")} if "auto" in specs else {}
-    warmup_calibration_s = _warm_up(prompts[sets[0]][0], target, draft, specs, hf_target, hf_draft, args, policies)
+    policies = _shared_policies(plan)
+    cells = {t: _accepted(draft, target, path_specs(plan, t), t) for t in temps}  # (run, skipped) per temperature
+    if not any(ok for ok, _ in cells.values()):
+        raise ValueError("nothing speculative to run: the generator refuses every path asked for: "
+                         + "; ".join(f"{x['label']}: {x['reason']}" for _, sk in cells.values() for x in sk))
+    warm = [sp for ok, _ in cells.values() for sp in ok]
+    warmup_calibration_s = _warm_up(prompts[sets[0]][0], target, draft, warm, hf_target, hf_draft, args, policies)
 
     runs = []
     N = args.max_new_tokens
@@ -352,9 +581,10 @@ def run(args) -> int:
         ps = prompts[set_name] * args.repeats  # prompt i of repeat r is sampled with seed + r * prompts + i
         for temp in temps:
             by_step = args.interleave == "step"
+            specs, skipped = cells[temp]
             runners = [_target_only_runner(target, N, temp, args.seed, args.device, by_step, args.acceptor == "coupled")]
-            runners += [_speculative_runner(draft, target, k, N, temp, args.seed, args.device, policies, by_step,
-                                            args.acceptor) for k in specs]
+            runners += [_speculative_runner(draft, target, spec, N, temp, args.seed, args.device, policies, by_step)
+                        for spec in specs]
             runners += [_hf_runner(hf_target, assistant, N, temp, args.seed) for assistant in hf_assistants]
             done = run_interleaved(runners, ps, by_step, sync=lambda: _sync(args.device))
             ref_outs = done[0][0]
@@ -364,18 +594,22 @@ def run(args) -> int:
                     path["greedy_divergence"] = greedy_divergence(outs, ref_outs, ps)
                 elif temp == 0:  # same weights, same greedy rule: a check that the comparison is like for like
                     path["greedy_divergence_from_verispec_target_only"] = greedy_divergence(outs, ref_outs, ps)
-                if temp > 0 and args.acceptor == "coupled" and path["engine"] == "verispec":
-                    # one seed, one text: every speculative path should emit target-only's coupled tokens
+                if temp > 0 and args.acceptor == "coupled" and path.get("acceptor") == "coupled":
+                    # one seed, one text: every coupled speculative path should emit target-only's coupled tokens
                     path["coupled_divergence"] = greedy_divergence(outs, ref_outs, ps)
             add_speedups(paths)
             add_predicted(paths)
+            add_flat64(paths)
             add_bandwidth(paths, target_weight_bytes, bandwidth["read_GBps"])
             add_repeats(paths, args.repeats)
             add_priced(paths)
             runs.append({"prompt_set": set_name, "temperature": temp, "prompts": len(ps) // args.repeats,
-                         "repeats": args.repeats, "paths": paths, "summary": summarize(paths)})
+                         "repeats": args.repeats, "paths": paths, "skipped": skipped,
+                         "summary": summarize(paths, args.acceptor)})
             if "auto" in policies:  # what k=auto believed at the end of the cell (it carries on to the next)
                 runs[-1]["auto_policy_state"] = policies["auto"].state()
+            if "auto-tree" in policies and hasattr(policies["auto-tree"], "state"):
+                runs[-1]["auto_tree_policy_state"] = policies["auto-tree"].state()
 
     data = {
         "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
@@ -384,8 +618,10 @@ def run(args) -> int:
         "torch_threads": torch.get_num_threads(), "target_weight_bytes": target_weight_bytes,
         "memory_bandwidth": bandwidth, "method": method(args.interleave), "interleave": args.interleave, "hf": hf, "runs": runs,
         "auto_calibration_s_in_warmup": warmup_calibration_s,
+        "verification": {k: v for k, v in plan.items() if k not in ("ks", "auto", "acceptor")},
     }
     path = write_json(args.name, data, args.out_dir)
-    pngs = [plot_tokens_per_s(runs, args, data), plot_speedup(runs, args, data), plot_acceptance(runs, args)]
+    pngs = [plot_tokens_per_s(runs, args, data), plot_speedup(runs, args, data), plot_acceptance(runs, args),
+            plot_flat64(runs, args, data)]
     print_report(data, [path, *pngs])
     return 0

@@ -34,7 +34,9 @@ METHOD = {
                          "(same cell): c = draft seconds per drafted position, r_k = verify seconds per pass at "
                          "k; sum over passes of (1 - a^k)/(1 - a) over sum of c(k-1) + r_k (for a fixed k: "
                          "Leviathan's formula). The loop's seconds outside draft and verify are not in it, so it "
-                         "sits above the measured speedup by about their share",
+                         "sits above the measured speedup by about their share. Token trees: the run's own tokens "
+                         "per pass over c x drafted levels per pass + verify seconds per pass (the same units): "
+                         "the tree's acceptance has no closed form here",
     "achieved_GBps": "target-only: target weight bytes x decode tokens/s (each token reads every weight once), "
                      "and that over the read bandwidth measured at the start of the run",
     "auto_vs_fixed": "k=auto against the best and the median fixed k, by tokens_per_s; within_3pct: auto >= 0.97 x best",
@@ -51,7 +53,41 @@ METHOD = {
                            "cell and divided); new tokens / that. It keeps what a policy chose and what the texts "
                            "accepted and takes out the drift in the draft and loop costs; the verify cost at a k is "
                            "pooled over the passes at that k only (for a fixed k mostly its own), so part of the "
-                           "drift stays. The measured tokens_per_s stays the headline",
+                           "drift stays. The measured tokens_per_s stays the headline. Chains only (every "
+                           "chain acceptor pooled); token trees are not priced",
+    "verification_cells": "--chain-acceptors: each fixed k runs under each chain acceptor (default: token-wise "
+                          "rejection sampling; block: block verification); --trees: each tree under each (tree "
+                          "acceptor, children) of --tree-acceptors x --tree-children the generator accepts (the "
+                          "ones it refuses are listed per cell under 'skipped' with its reason); at T=0 each tree "
+                          "runs once, multistep acceptor with children top, since at T=0 every exact acceptor "
+                          "keeps the same path. Every path is interleaved with the others as the order says. Per "
+                          "path: acceptor, tree, children, mean_tokens_per_pass (tokens committed per verify pass, "
+                          "the block efficiency), nodes_per_pass (trees), tokens_per_s, verify_passes_by_tokens "
+                          "and verify_s_per_pass_by_tokens (passes and verify seconds per pass by tokens scored in "
+                          "the pass: k for a chain, nodes + 1 for a tree; counted per step from the generator's "
+                          "per-size verify timer). k of a static tree path is its depth + 1, of a dynamic tree "
+                          "--tree-depth-k",
+    "verification_summary": "summary.verification per cell: best token-wise chain (every chain acceptor but "
+                            "block), best block chain and best tree (auto excluded), each by tokens_per_s, by "
+                            "mean_tokens_per_pass and by predicted_speedup_flat64; block_gain[k] = block tokens "
+                            "per pass / token-wise tokens per pass at k (token-wise: the 'default' acceptor, else "
+                            "the first token-wise one); tree_vs_best_chain = best tree tokens per pass / best "
+                            "chain (token-wise or block) tokens per pass; tree_vs_same_depth_chain[tree path] = its "
+                            "tokens per pass / the best chain's at k = depth + 1 (also on each tree path)",
+    "predicted_speedup_flat64": "what the path's measured tokens per pass would buy on an accelerator-like cost "
+                                "curve: a verify pass costs one target decode step for up to 64 tokens scored "
+                                "(flat; above 64: tokens/64 steps), and a drafted level costs c = the path's draft "
+                                "seconds per drafted level (one draft forward, however wide the tree's level) "
+                                "over target-only's decode seconds per token, both measured in this run on this "
+                                "machine; levels = drafted levels per pass as run (k - 1 for a chain, the tree's "
+                                "depth for a tree, fewer near the end of a sequence); predicted speedup = "
+                                "tokens_per_pass / (c x levels + verify cost) "
+                                "(verispec.spec.simulate.predicted_speedup_flat), and "
+                                "predicted_tokens_per_s_flat64 = that x target-only's tokens_per_s. Assumes the "
+                                "draft's cost per level and the target's decode step scale alike, the tree's "
+                                "masks and the acceptor cost nothing, and no loop bookkeeping between passes; it "
+                                "reads the acceptance as measured, so it predicts nothing about texts the run did "
+                                "not decode",
 }
 
 ORDER = {
@@ -76,9 +112,13 @@ def method(interleave: str) -> dict:
 
 def _find(paths, engine, mode, k=None):
     for p in paths:
-        if p["engine"] == engine and p["mode"] == mode and (k is None or p["k"] == k):
+        if p["engine"] == engine and p["mode"] == mode and (k is None or p["k"] == k) and not p.get("tree"):
             return p
     return None
+
+
+def _is_tree(p) -> bool:
+    return p.get("verify") == "tree" or bool(p.get("tree"))
 
 
 def _ratio(a, b):
@@ -110,11 +150,40 @@ def add_predicted(paths: list[dict]) -> None:
         if p["mode"] != "speculative" or not costs or not costs["steps"] or a is None:
             continue
         c = costs["draft_s"] / costs["drafted_positions"] / step_s if costs["drafted_positions"] else 0.0
+        if _is_tree(p):  # the run's own tokens per pass over its pass cost (see METHOD)
+            cost = c * costs["drafted_positions"] / costs["steps"] + costs["target_s"] / costs["steps"] / step_s
+            p.update(c=c, predicted_speedup=p["mean_tokens_per_pass"] / cost if cost and p.get("mean_tokens_per_pass")
+                     else None)
+            continue
         r = {k: costs["target_s_by_k"].get(k, 0.0) / n / step_s for k, n in p["k_counts"].items()}
         # expected tokens over cost, pooled over the passes as run (verispec.spec.stats.predicted_speedup at one k)
         tokens = sum(n * (float(k) if a >= 1.0 else (1.0 - a**k) / (1.0 - a)) for k, n in p["k_counts"].items())
         cost = sum(n * (c * (k - 1) + r[k]) for k, n in p["k_counts"].items())
         p.update(c=c, r_by_k=r, predicted_speedup=tokens / cost if cost else None)
+
+
+def add_flat64(paths: list[dict], flat: int | None = None) -> None:
+    """``predicted_speedup_flat64`` (and its inputs, predicted_tokens_per_s_flat64) on each
+    speculative path of one cell (see METHOD)."""
+    from verispec.spec.simulate import FLAT_TOKENS, flat_verify_cost, predicted_speedup_flat
+
+    flat = flat or FLAT_TOKENS
+    base = _find(paths, "verispec", "target-only")
+    if not base or not base["decode_s"] or not base["new_tokens"]:
+        return
+    step_s = base["decode_s"] / base["new_tokens"]
+    for p in paths:
+        costs, tpp = p.get("pass_costs"), p.get("mean_tokens_per_pass")
+        if p["mode"] != "speculative" or not costs or not costs["steps"] or tpp is None:
+            continue
+        c = costs["draft_s"] / costs["drafted_positions"] / step_s if costs["drafted_positions"] else 0.0
+        levels = costs["drafted_positions"] / costs["steps"]
+        passes = p.get("verify_passes_by_tokens") or ({} if _is_tree(p) else p["k_counts"])
+        total = sum(passes.values())
+        verify = sum(n * flat_verify_cost(int(t), flat) for t, n in passes.items()) / total if total else 1.0
+        speedup = predicted_speedup_flat(tpp, c, levels, verify)
+        p.update(c_per_level=c, levels_per_pass=levels, flat64_verify_cost=verify, predicted_speedup_flat64=speedup,
+                 predicted_tokens_per_s_flat64=speedup * base["tokens_per_s"] if base["tokens_per_s"] else None)
 
 
 def add_bandwidth(paths: list[dict], weight_bytes: int, read_GBps: float) -> None:
@@ -139,7 +208,8 @@ def add_repeats(paths: list[dict], repeats: int) -> None:
 
 def add_priced(paths: list[dict]) -> None:
     """``priced_tokens_per_s`` on each speculative path of one cell (see METHOD)."""
-    spec = [p for p in paths if p["mode"] == "speculative" and p.get("pass_costs") and p["pass_costs"]["steps"]]
+    spec = [p for p in paths if p["mode"] == "speculative" and p.get("pass_costs") and p["pass_costs"]["steps"]
+            and not _is_tree(p)]
     if not spec:
         return
     count, verify = {}, {}
@@ -196,11 +266,53 @@ def _bootstrap(fixed: list[dict], auto: dict, best: dict, resamples: int = 2000,
     return {"auto_over_best_k_ci90": [q[0], q[-1]], "auto_within_3pct_share": within / resamples}
 
 
-def summarize(paths: list[dict]) -> dict:
-    """Best and median fixed k, k=auto against both (by tokens_per_s), and the speedups of the best
-    fixed k and of k=auto (call after :func:`add_speedups`)."""
-    fixed = [p for p in paths if p["mode"] == "speculative" and p["k"] != "auto"]
+def _best(paths: list[dict], key: str):
+    got = [p for p in paths if p.get(key) is not None]
+    if not got:
+        return None
+    p = max(got, key=lambda p: p[key])
+    return {"label": p.get("label"), "k": p["k"], key: p[key]}
+
+
+def compare_verification(paths: list[dict]) -> dict:
+    """Token-wise chains, block chains and trees of one cell (see METHOD["verification_summary"]);
+    sets ``tree_vs_same_depth_chain`` on each tree path."""
+    spec = [p for p in paths if p["mode"] == "speculative" and p["k"] != "auto"]
+    chains = [p for p in spec if not _is_tree(p)]
+    groups = {"token_wise": [p for p in chains if p.get("acceptor") != "block"],
+              "block": [p for p in chains if p.get("acceptor") == "block"],
+              "tree": [p for p in spec if _is_tree(p)]}
+    out = {f"best_{name}": {by: _best(ps, by) for by in ("tokens_per_s", "mean_tokens_per_pass",
+                                                           "predicted_speedup_flat64")} if ps else None
+           for name, ps in groups.items()}
+    token_wise = {}
+    for p in groups["token_wise"]:  # the 'default' acceptor's, else the first token-wise one's, at each k
+        if p["k"] not in token_wise or p.get("acceptor") == "default":
+            token_wise[p["k"]] = p
+    out["block_gain"] = {p["k"]: _ratio(p.get("mean_tokens_per_pass"), token_wise[p["k"]].get("mean_tokens_per_pass"))
+                         for p in groups["block"] if p["k"] in token_wise}
+    best_chain = _best(chains, "mean_tokens_per_pass")
+    best_tree = _best(groups["tree"], "mean_tokens_per_pass")
+    out["tree_vs_best_chain"] = _ratio(best_tree and best_tree["mean_tokens_per_pass"],
+                                       best_chain and best_chain["mean_tokens_per_pass"])
+    same = {}
+    for p in groups["tree"]:
+        # a tree path's k is its depth + 1 (a dynamic tree's depth is k - 1): the chain of the same depth
+        chain = _best([c for c in chains if c["k"] == p["k"]], "mean_tokens_per_pass")
+        p["tree_vs_same_depth_chain"] = _ratio(p.get("mean_tokens_per_pass"), chain and chain["mean_tokens_per_pass"])
+        same[p.get("label") or str(p.get("tree"))] = p["tree_vs_same_depth_chain"]
+    out["tree_vs_same_depth_chain"] = same
+    return out
+
+
+def summarize(paths: list[dict], acceptor: str | None = None) -> dict:
+    """Best and median fixed k (token-wise chains under ``acceptor``, the one k=auto runs under;
+    None: the paths that name none), k=auto against both (by tokens_per_s), the speedups of the best
+    fixed k and of k=auto (call after :func:`add_speedups`), and the verification comparison."""
     auto = _find(paths, "verispec", "speculative", "auto")
+    acceptor = acceptor if acceptor is not None else (auto or {}).get("acceptor")
+    fixed = [p for p in paths if p["mode"] == "speculative" and p["k"] != "auto" and not _is_tree(p)
+             and p.get("acceptor") == acceptor]
     out = {"best_fixed_k": None, "best_fixed_tokens_per_s": None, "median_fixed_tokens_per_s": None,
            "auto_tokens_per_s": auto["tokens_per_s"] if auto else None, "auto_k_counts": auto["k_counts"] if auto else None,
            "auto_over_best": None, "auto_within_3pct_of_best": None, "auto_beats_median": None}
@@ -219,6 +331,7 @@ def summarize(paths: list[dict]) -> dict:
         out.update(_bootstrap(fixed, auto, best))
         if len(auto.get("tokens_per_s_per_repeat", [])) > 1:
             out.update(_per_repeat(fixed, auto))
+    out["verification"] = compare_verification(paths)
     return out
 
 
@@ -228,7 +341,9 @@ def summarize(paths: list[dict]) -> dict:
 def _label(p) -> str:
     if p["engine"] == "transformers":
         return f"HF {p['mode']}"
-    return "target-only" if p["mode"] == "target-only" else f"k={p['k']}"
+    if p["mode"] == "target-only":
+        return "target-only"
+    return p.get("label") or f"k={p['k']}"
 
 
 def _fmt(v, f="{:.2f}") -> str:
@@ -238,6 +353,32 @@ def _fmt(v, f="{:.2f}") -> str:
 def _diverged(p) -> str:
     d = p.get("greedy_divergence") or p.get("greedy_divergence_from_verispec_target_only") or p.get("coupled_divergence")
     return f"{d['diverged_prompts']}/{d['prompts']}" if d else ""
+
+
+def _print_verification(console, run) -> None:
+    """Best token-wise chain, block chain and tree of a cell, the block gain and the trees' gain, and
+    the paths the generator refused."""
+    v = run["summary"].get("verification") or {}
+    where = f"{run['prompt_set']} T={run['temperature']:g}"
+    parts = []
+    for name, label in (("best_token_wise", "token-wise chain"), ("best_block", "block chain"), ("best_tree", "tree")):
+        b = v.get(name)
+        if b and b["tokens_per_s"]:
+            parts.append(f"best {label} by tok/s {b['tokens_per_s']['label']} ({b['tokens_per_s']['tokens_per_s']:.2f}), "
+                         f"by tok/pass {b['mean_tokens_per_pass']['label']} "
+                         f"({b['mean_tokens_per_pass']['mean_tokens_per_pass']:.2f})")
+    if (v.get("best_block") or v.get("best_tree")) and parts:
+        console.print(f"{where}: " + "; ".join(parts))
+        if v.get("block_gain"):
+            console.print(f"    block gain (tok/pass over token-wise): "
+                          + ", ".join(f"k={k} {_fmt(g, '{:.3f}')}" for k, g in v["block_gain"].items()))
+        if v.get("tree_vs_best_chain") is not None:
+            console.print(f"    best tree tok/pass over best chain's: {v['tree_vs_best_chain']:.3f}; over the chain of "
+                          "the same depth: " + ", ".join(f"{t} {_fmt(g, '{:.3f}')}"
+                                                         for t, g in v["tree_vs_same_depth_chain"].items()))
+    if run.get("skipped"):
+        console.print(f"{where}: skipped, refused by the generator (reasons in the JSON): "
+                      + ", ".join(x["label"] for x in run["skipped"]))
 
 
 def print_report(data: dict, written) -> None:
@@ -250,21 +391,24 @@ def print_report(data: dict, written) -> None:
     table = Table(title=f"{data['draft']} -> {data['target']}, {data['amp']}, {data['device']}, "
                         f"acceptor {data.get('acceptor', 'default')}, "
                         f"{data['max_new_tokens']} new tokens, batch 1")
-    for col in ("set", "T", "path", "accept", "tok/pass", "tok/s", "priced tok/s", "e2e tok/s", "x target",
-                "predicted", "x HF assisted", "diverged"):
+    for col in ("set", "T", "path", "accept", "tok/pass", "nodes/pass", "tok/s", "priced tok/s", "e2e tok/s", "x target",
+                "predicted", "flat64", "x HF assisted", "diverged"):
         table.add_column(col, justify="right", no_wrap=True)
     for run in data["runs"]:
         for i, p in enumerate(run["paths"]):
             table.add_row(run["prompt_set"] if i == 0 else "", _fmt(run["temperature"], "{:g}") if i == 0 else "",
                           _label(p), _fmt(p.get("acceptance_rate"), "{:.3f}"), _fmt(p.get("mean_tokens_per_pass")),
+                          _fmt(p.get("nodes_per_pass"), "{:.1f}"),
                           _fmt(p["tokens_per_s"]), _fmt(p.get("priced_tokens_per_s")), _fmt(p["e2e_tokens_per_s"]),
                           _fmt(p.get("speedup_vs_target_only")), _fmt(p.get("predicted_speedup")),
+                          _fmt(p.get("predicted_speedup_flat64")),
                           _fmt(p.get("e2e_speedup_vs_hf_assisted")), _diverged(p), end_section=i == len(run["paths"]) - 1)
     console.print(table)
     console.print("tok/s: decode only (after prefill; timing in the JSON's method.order); e2e tok/s: wall time with prefill, every engine; "
                   "priced tok/s: the same passes at the cell's pooled pass costs; "
                   "x target: tok/s over verispec target-only; predicted: Leviathan's formula with the path's acceptance and "
-                  "costs (in target-only decode steps); x HF assisted: e2e tok/s over transformers assisted; "
+                  "costs (in target-only decode steps); flat64: the path's tokens per pass on a flat verify curve "
+                  "(one decode step up to 64 tokens) with its measured draft cost per level; x HF assisted: e2e tok/s over transformers assisted; "
                   "diverged: greedy prompts whose tokens differ from verispec target-only"
                   + ("; sampled, coupled acceptor: prompts whose tokens differ from target-only's coupled sample"
                      if data.get("acceptor") == "coupled" else ""))
@@ -297,6 +441,8 @@ def print_report(data: dict, written) -> None:
                     f"{run['prompt_set']} T={run['temperature']:g}: {label}: {s[f'{name}_speedup_vs_target_only']:.2f} x "
                     f"verispec target-only (decode), {_fmt(s[f'{name}_e2e_speedup_vs_hf_assisted'])} x transformers "
                     f"assisted (end to end)")
+    for run in data["runs"]:
+        _print_verification(console, run)
     if data["hf"].get("note") and data["hf"]["note"] != "--no-hf":
         console.print(f"transformers: {data['hf']['note']}")
     bw = data["memory_bandwidth"]

@@ -63,18 +63,39 @@ def target_only_stepper(model, new_tokens: int, temperature: float, seed: int, r
 
 
 def speculative_stepper(gen, new_tokens: int, temperature: float, seed: int, row) -> Stepper:
-    """Speculative decoding by ``gen.stream`` (a SpeculativeGenerator); a k-policy calibration run
-    inside the call is in its steps' time."""
+    """Speculative decoding by ``gen.stream`` (a SpeculativeGenerator: chains or token trees); a
+    k-policy calibration run inside the call is in its steps' time. Each prompt row also gets
+    ``verify_passes_by_tokens`` (see :func:`counted_stream`)."""
+    counts = {}
+
     def begin(i, p):
-        return (s.per_row() for s in gen.stream(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i))
+        counts[i] = {}
+        stream = gen.stream(p[None], len(p) + new_tokens, temperature=temperature, seed=seed + i)
+        return (s.per_row() for s in counted_stream(gen, stream, counts[i]))
 
     def end(i, p, toks, secs):
         s = gen.last_stats
         r = row(len(p), len(toks), sum(secs), s.prefill_s, sum(secs) - s.prefill_s)
-        r.update(calibration_s=s.calibration_s, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts))
+        r.update(calibration_s=s.calibration_s, acceptance_rate=s.acceptance_rate, k_counts=dict(s.k_counts),
+                 verify_passes_by_tokens=dict(sorted(counts.pop(i).items())))
         return _output(p, toks), r, s
 
     return begin, end
+
+
+def counted_stream(gen, stream, counts: dict):
+    """``stream`` (of ``gen``) unchanged, counting its verify passes by tokens verified into
+    ``counts``: after each step, the key of ``gen.last_stats.target_s_by_k`` whose seconds grew
+    (chains key it by k = drafts + 1, tree passes by nodes + 1, while ``k_counts`` keys a tree pass
+    by depth + 1, so the passes per verify size are counted here)."""
+    before: dict = {}
+    for step in stream:
+        now = gen.last_stats.target_s_by_k
+        for key, seconds in now.items():
+            if seconds != before.get(key, 0.0):
+                counts[key] = counts.get(key, 0) + 1
+        before = dict(now)
+        yield step
 
 
 def fork(model):

@@ -233,3 +233,28 @@ def greedy_trace(target, draft, prompt: torch.Tensor, new_tokens: int, confidenc
     if not confidence:
         return trace
     return trace, logits.softmax(-1).amax(-1).cpu().tolist()
+
+
+# ---- a flat verify-cost curve (an accelerator's), for measured configurations ------------------------
+
+FLAT_TOKENS = 64  # tokens one verify pass may score at the cost of a one-token decode step
+
+
+def flat_verify_cost(tokens_verified: int, flat: int = FLAT_TOKENS) -> float:
+    """A verify pass's cost in one-token target decode steps on an accelerator-like curve: flat
+    (1 step) up to ``flat`` tokens scored in the pass, then growing in proportion (compute-bound)."""
+    if tokens_verified < 1 or flat < 1:
+        raise ValueError(f"tokens_verified and flat must be >= 1, got {tokens_verified}, {flat}")
+    return max(1.0, tokens_verified / flat)
+
+
+def predicted_speedup_flat(tokens_per_pass: float, c: float, levels: float, verify_cost: float = 1.0) -> float:
+    """Speedup over target-only decoding of a configuration whose tokens per pass were measured,
+    when a pass costs ``c`` decode steps per drafted level (``levels`` a pass: k - 1 for a chain,
+    the depth for a tree; one draft forward per level, whatever the level's width) plus
+    ``verify_cost`` decode steps for the verify pass (1 on the flat curve):
+    tokens_per_pass / (c * levels + verify_cost). Bookkeeping between passes is not in it."""
+    if tokens_per_pass < 1 or c < 0 or levels < 0 or verify_cost <= 0:
+        raise ValueError(f"need tokens_per_pass >= 1, c >= 0, levels >= 0, verify_cost > 0; got {tokens_per_pass}, "
+                         f"{c}, {levels}, {verify_cost}")
+    return tokens_per_pass / (c * levels + verify_cost)

@@ -31,7 +31,7 @@ def test_bench_e2e_every_path_json_plots_and_table(tiny_pair, tmp_path, capsys):
                "--prompt-sets", "code,prose", "--hf", "--hf-dir", str(root / "hf"), "--out-dir", str(out), *TINY_ARGS])
     assert rc == 0
     data = json.loads((out / "e2e.json").read_text())
-    for png in ("e2e_tokens_per_s.png", "e2e_speedup.png", "e2e_acceptance.png"):
+    for png in ("e2e_tokens_per_s.png", "e2e_speedup.png", "e2e_acceptance.png", "e2e_flat64.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench e2e" in data["command"] and "--ks 2,3" in data["command"]
     assert data["memory_bandwidth"]["read_GBps"] > 0 and data["machine"]["torch_threads"] == data["torch_threads"]
@@ -122,6 +122,14 @@ def test_bench_e2e_self_draft_skips_hf_assisted_and_reuses_conversion(tiny_pair,
     ("--repeats", "0", "--repeats must be >= 1"),
     ("--max-new-tokens", "0", "--max-new-tokens must be >= 1"),
     ("--max-new-tokens", "400", "exceeds the target's max_position_embeddings=256"),
+    ("--trees", "2,x", "--trees: bad tree '2,x'"),
+    ("--trees", "dynamic:0", "--trees: bad tree 'dynamic:0'"),
+    ("--trees", "2,1;dynamic:4;2,1", "tree '2,1' given twice"),
+    ("--tree-acceptors", "multistep,bogus", "--tree-acceptors: unknown 'bogus'"),
+    ("--tree-children", "sample,random", "--tree-children: unknown 'random'"),
+    ("--chain-acceptors", "default,typical", "--chain-acceptors: unknown 'typical'"),
+    ("--chain-acceptors", "block,block", "--chain-acceptors 'block,block' repeats a name"),
+    ("--tree-depth-k", "1", "--tree-depth-k must be >= 2"),
 ])
 def test_bench_e2e_bad_options(tiny_pair, tmp_path, capsys, option, value, message):
     target, draft, _ = tiny_pair
@@ -142,8 +150,8 @@ def test_bench_e2e_acceptance_and_speedup_table_without_out_dir(tiny_pair, tmp_p
     assert main(["bench", "e2e", "--target", target, "--draft", "self:1", "--ks", "2,3", "--no-auto", "--no-hf",
                  "--temperatures", "0,0.7", "--prompt-sets", "code", *TINY_ARGS]) == 0
     out = tmp_path / "bench-results"
-    assert sorted(f.name for f in out.iterdir()) == ["e2e.json", "e2e_acceptance.png", "e2e_speedup.png",
-                                                      "e2e_tokens_per_s.png"]
+    assert sorted(f.name for f in out.iterdir()) == ["e2e.json", "e2e_acceptance.png", "e2e_flat64.png",
+                                                      "e2e_speedup.png", "e2e_tokens_per_s.png"]
     data = json.loads((out / "e2e.json").read_text())
     assert data["memory_bandwidth"]["read_GBps"] > 0 and data["target_weight_bytes"] > 0
     assert [(r["temperature"], [p["k"] for p in r["paths"]]) for r in data["runs"]] == [(0.0, [None, 2, 3]),
@@ -359,3 +367,158 @@ def test_bench_e2e_coupled_acceptor_gives_every_k_the_same_sampled_text(tiny_pai
         assert d["prompts"] == 2 and d["diverged_prompts"] == 0, p["k"]
     assert "coupled_divergence" not in run["paths"][0]  # target-only is the reference
     assert "acceptor coupled" in capsys.readouterr().out
+
+
+def test_bench_e2e_trees_and_block_chains_every_combination_the_generator_accepts(tiny_pair, tmp_path, capsys):
+    """--chain-acceptors default,block runs each k under both; --trees runs each tree under every
+    (acceptor, children) the generator accepts at T > 0 and once (multistep, top) at T = 0; the
+    refused combinations are listed with their reasons; every path carries the verification fields,
+    the flat-64 prediction, and the cell's summary compares chains, block chains and trees."""
+    target, draft, _ = tiny_pair
+    assert main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2,3", "--no-auto", "--no-hf",
+                 "--chain-acceptors", "default,block", "--trees", "2,1;dynamic:4", "--tree-depth-k", "3",
+                 "--temperatures", "0,0.7", "--prompt-sets", "code", "--out-dir", str(tmp_path), *TINY_ARGS]) == 0
+    data = json.loads((tmp_path / "e2e.json").read_text())
+    assert (tmp_path / "e2e_flat64.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["verification"]["trees"] == ["2,1", "dynamic:4"] and data["verification"]["tree_depth_k"] == 3
+    assert "predicted_speedup_flat64" in data["method"] and "64" in data["method"]["predicted_speedup_flat64"]
+    chains = [("k=2", 2, "default"), ("k=2 block", 2, "block"), ("k=3", 3, "default"), ("k=3 block", 3, "block")]
+    for run in data["runs"]:
+        base, *spec = run["paths"]
+        assert base["mode"] == "target-only"
+        assert [(p["label"], p["k"], p["acceptor"]) for p in spec[:4]] == chains
+        trees = [(p["tree"], p["acceptor"], p["children"]) for p in spec[4:]]
+        skipped = {(x["tree"], x["acceptor"], x["children"]): x["reason"] for x in run["skipped"]}
+        if run["temperature"] == 0:  # one path per tree: every exact acceptor keeps the same path at T=0
+            assert trees == [("[2,1]", "multistep", "top"), ("dynamic:4", "multistep", "top")] and not skipped
+        else:
+            assert trees == [("[2,1]", a, c) for a, c in [("multistep", "sample"), ("multistep", "distinct"),
+                                                          ("multistep", "top"), ("recursive", "distinct"),
+                                                          ("traversal", "sample"), ("traversal", "distinct"),
+                                                          ("traversal", "top")]] \
+                + [("dynamic:4", "multistep", "top"), ("dynamic:4", "traversal", "top")]
+            assert set(skipped) == {("2,1", "recursive", "sample"), ("2,1", "recursive", "top")} | {
+                ("dynamic:4", a, c) for a in ("multistep", "recursive", "traversal") for c in ("sample", "distinct", "top")
+                if (a, c) not in {("multistep", "top"), ("traversal", "top")}}
+            assert "exact only for children" in skipped[("2,1", "recursive", "sample")]
+            assert "is not exact" in skipped[("dynamic:4", "multistep", "sample")]
+        for p in spec:
+            assert [r["new_tokens"] for r in p["per_prompt"]] == [6, 6]
+            assert 1 <= p["mean_tokens_per_pass"] <= p["k"] and p["tokens_per_s"] > 0
+            assert p["verify"] == ("tree" if p["tree"] else "chain")
+            counts = {int(t): n for t, n in p["verify_passes_by_tokens"].items()}
+            assert sum(counts.values()) == p["pass_costs"]["steps"]  # every pass counted once, by tokens scored
+            assert set(p["verify_s_per_pass_by_tokens"]) == set(p["verify_passes_by_tokens"])
+            assert sum(p["verify_s_per_pass_by_tokens"][t] * n for t, n in p["verify_passes_by_tokens"].items()) \
+                == pytest.approx(p["pass_costs"]["target_s"])
+            if p["tree"]:
+                assert p["nodes_per_pass"] > 1 and max(counts) == 5  # 4 nodes + the last token
+                assert "tree_vs_same_depth_chain" in p and "priced_tokens_per_s" not in p
+            else:
+                assert p["nodes_per_pass"] is None and counts == {int(k): n for k, n in p["k_counts"].items()}
+            # the flat-64 model: tokens per pass over c x levels + 1 (every pass scores < 64 tokens)
+            assert p["flat64_verify_cost"] == 1.0
+            assert p["levels_per_pass"] == pytest.approx(p["pass_costs"]["drafted_positions"] / p["pass_costs"]["steps"])
+            assert p["predicted_speedup_flat64"] == pytest.approx(
+                p["mean_tokens_per_pass"] / (p["c_per_level"] * p["levels_per_pass"] + 1))
+            if run["temperature"] == 0:
+                assert p["greedy_divergence"]["diverged_prompts"] == 0  # fp32: every tree and acceptor is exact
+        v = run["summary"]["verification"]
+        by_label = {p["label"]: p for p in spec}
+        for k in (2, 3):
+            assert v["block_gain"][str(k)] == pytest.approx(
+                by_label[f"k={k} block"]["mean_tokens_per_pass"] / by_label[f"k={k}"]["mean_tokens_per_pass"])
+        tree_paths = [p for p in spec if p["tree"]]
+        assert v["best_tree"]["tokens_per_s"]["tokens_per_s"] == max(p["tokens_per_s"] for p in tree_paths)
+        assert v["best_block"]["mean_tokens_per_pass"]["label"] in ("k=2 block", "k=3 block")
+        assert v["tree_vs_best_chain"] == pytest.approx(max(p["mean_tokens_per_pass"] for p in tree_paths)
+                                                        / max(p["mean_tokens_per_pass"] for p in spec[:4]))
+        static = [p for p in tree_paths if p["tree"] == "[2,1]"]
+        for p in static:  # depth 2: against the better chain at k = 3
+            assert p["tree_vs_same_depth_chain"] == pytest.approx(p["mean_tokens_per_pass"] / max(
+                by_label["k=3"]["mean_tokens_per_pass"], by_label["k=3 block"]["mean_tokens_per_pass"]))
+        assert run["summary"]["best_fixed_k"] in (2, 3)  # k=auto's reference: the token-wise chains of --acceptor
+    printed = capsys.readouterr().out
+    for text in ("k=3 block", "tree 2,1 traversal/sample", "block gain", "best tree tok/pass over best chain's",
+                 "skipped, refused by the generator", "tree 2,1 recursive/sample", "flat64"):
+        assert text in printed
+
+
+def test_bench_e2e_auto_tree_runs_or_is_listed_as_refused(tiny_pair, tmp_path):
+    """--auto-tree adds k='auto', tree='auto' where the generator accepts it; otherwise the cell
+    lists it as skipped, with the generator's reason, and the rest still runs."""
+    target, draft, _ = tiny_pair
+    assert main(["bench", "e2e", "--target", target, "--draft", draft, "--ks", "2", "--no-auto", "--no-hf",
+                 "--auto-tree", "--temperatures", "0.7", "--prompt-sets", "code", "--out-dir", str(tmp_path),
+                 *TINY_ARGS]) == 0
+    (run,) = json.loads((tmp_path / "e2e.json").read_text())["runs"]
+    ran = [p for p in run["paths"] if p.get("label") == "k=auto tree=auto"]
+    skipped = [x for x in run["skipped"] if x["label"] == "k=auto tree=auto"]
+    assert len(ran) + len(skipped) == 1
+    assert [p["k"] for p in run["paths"][1:2]] == [2]
+    if ran:
+        assert ran[0]["predicted_speedup_flat64"] > 0 and ran[0]["new_tokens"] == 12
+    else:
+        assert skipped[0]["reason"]
+
+
+def test_bench_e2e_trees_need_a_draft_that_drafts_trees(tiny_pair, tmp_path, capsys):
+    target, _, _ = tiny_pair
+    assert main(["bench", "e2e", "--target", target, "--draft", "ngram", "--ks", "2", "--no-auto", "--no-hf",
+                 "--trees", "2,1", "--out-dir", str(tmp_path), *TINY_ARGS]) == 1
+    assert "--trees needs a draft that drafts token trees" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_flat64_prediction_by_hand():
+    """Target-only 0.1 s a token. A chain at k=4 (3 levels a pass), 2.5 tokens a pass, draft 0.006 s
+    a level: c = 0.06, so 2.5 / (0.06 x 3 + 1) = 2.1186; a tree of depth 2 with 20 passes of 17
+    tokens (dynamic:16), 3.2 tokens a pass, draft 0.02 s a level: 3.2 / (0.2 x 2 + 1) = 2.2857; a
+    pass of 128 tokens costs 2 decode steps (flat to 64, then in proportion)."""
+    from verispec.bench.e2e_report import add_flat64
+    from verispec.spec.simulate import flat_verify_cost, predicted_speedup_flat
+
+    base = {"engine": "verispec", "mode": "target-only", "k": None, "new_tokens": 20, "decode_s": 2.0,
+            "tokens_per_s": 10.0}
+    chain = {"engine": "verispec", "mode": "speculative", "k": 4, "mean_tokens_per_pass": 2.5, "k_counts": {4: 10},
+             "verify_passes_by_tokens": {4: 10},
+             "pass_costs": {"steps": 10, "drafted_positions": 30, "draft_s": 0.18, "target_s": 1.0,
+                            "target_s_by_k": {4: 1.0}}}
+    tree = {"engine": "verispec", "mode": "speculative", "k": 3, "verify": "tree", "tree": "dynamic:16",
+            "mean_tokens_per_pass": 3.2, "k_counts": {3: 20}, "verify_passes_by_tokens": {17: 20},
+            "pass_costs": {"steps": 20, "drafted_positions": 40, "draft_s": 0.8, "target_s": 3.0,
+                           "target_s_by_k": {17: 3.0}}}
+    wide = {**tree, "verify_passes_by_tokens": {128: 10, 17: 10}}
+    add_flat64([base, chain, tree, wide])
+    assert chain["c_per_level"] == pytest.approx(0.06) and chain["levels_per_pass"] == 3
+    assert chain["predicted_speedup_flat64"] == pytest.approx(2.5 / 1.18)
+    assert chain["predicted_tokens_per_s_flat64"] == pytest.approx(10 * 2.5 / 1.18)
+    assert tree["c_per_level"] == pytest.approx(0.2) and tree["levels_per_pass"] == 2
+    assert tree["predicted_speedup_flat64"] == pytest.approx(3.2 / 1.4)
+    assert wide["flat64_verify_cost"] == pytest.approx(1.5)  # half the passes at 2 steps, half at 1
+    assert wide["predicted_speedup_flat64"] == pytest.approx(3.2 / (0.4 + 1.5))
+    assert flat_verify_cost(64) == 1.0 and flat_verify_cost(1) == 1.0 and flat_verify_cost(96) == 1.5
+    assert predicted_speedup_flat(2.5, 0.06, 3) == pytest.approx(2.5 / 1.18)
+    assert "predicted_speedup_flat64" not in base
+    with pytest.raises(ValueError):
+        predicted_speedup_flat(0.5, 0.1, 2)
+
+
+def test_compare_verification_by_hand():
+    from verispec.bench.e2e_report import compare_verification
+
+    def path(label, k, acceptor, tpp, tps, tree=None):
+        return {"engine": "verispec", "mode": "speculative", "label": label, "k": k, "acceptor": acceptor,
+                "tree": tree, "verify": "tree" if tree else "chain", "mean_tokens_per_pass": tpp, "tokens_per_s": tps}
+
+    paths = [path("k=3", 3, "default", 2.0, 30.0), path("k=5", 5, "default", 2.6, 28.0),
+             path("k=3 block", 3, "block", 2.2, 29.0), path("k=5 block", 5, "block", 3.0, 27.0),
+             path("tree a", 3, "multistep", 2.4, 25.0, "[2,1]"), path("tree b", 5, "traversal", 3.3, 26.0, "[2,2,1,1]"),
+             {**path("k=auto", "auto", "default", 2.9, 40.0)}]
+    v = compare_verification(paths)
+    assert v["best_token_wise"]["tokens_per_s"]["label"] == "k=3"
+    assert v["best_token_wise"]["mean_tokens_per_pass"]["label"] == "k=5"
+    assert v["best_block"]["tokens_per_s"]["label"] == "k=3 block"
+    assert v["best_tree"]["tokens_per_s"]["label"] == "tree b" and v["best_tree"]["mean_tokens_per_pass"]["k"] == 5
+    assert v["block_gain"] == {3: pytest.approx(1.1), 5: pytest.approx(3.0 / 2.6)}
+    assert v["tree_vs_best_chain"] == pytest.approx(3.3 / 3.0)
+    assert v["tree_vs_same_depth_chain"] == {"tree a": pytest.approx(2.4 / 2.2), "tree b": pytest.approx(3.3 / 3.0)}
