@@ -355,3 +355,24 @@ def test_auto_shape_learns_sibling_ranks_from_passes():
 def test_auto_shape_refuses_a_fixed_k():
     with pytest.raises(ValueError, match="tree='auto' chooses the shape each step"):
         SpeculativeGenerator(MarkovChainLM.random(4, 1), MarkovChainLM.random(4, 0), 4, tree="auto")
+
+
+# ---- Hypothesis: random exact configurations through the loop ------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EXACT_PAIRS = [("multistep", "sample"), ("multistep", "distinct"), ("multistep", "top"), ("recursive", "distinct"),
+               ("traversal", "sample"), ("traversal", "distinct"), ("traversal", "top")]
+
+
+@settings(derandomize=True, max_examples=10, deadline=None, database=None)
+@given(pair=st.sampled_from(EXACT_PAIRS), branching=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+       temperature=st.sampled_from([0.5, 1.0, 1.5]), top_k=st.sampled_from([None, 2]), order=st.sampled_from([1, 2]),
+       seed=st.integers(0, 1000))
+def test_random_exact_tree_configurations_pass_through_the_loop(pair, branching, temperature, top_k, order, seed):
+    acceptor, children = pair  # (top_k=2 with 3 distinct siblings: the third is the exhausted-support fallback)
+    report = check_exactness(acceptor, "model", None, tree=branching, children=children, temperature=temperature,
+                             top_k=top_k, order=order, vocab=3, length=3, samples=20_000, seed=seed,
+                             prompts=((0,), (2, 1)))
+    assert report.passed, report.format()

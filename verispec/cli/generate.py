@@ -47,8 +47,8 @@ def register(sub) -> None:
     p.add_argument("--tree", default=None,
                    help="token trees: children per level (e.g. 2,2,1,1; the depth sets k), dynamic:N (N nodes "
                         "where the draft is likeliest, depth k - 1, k 5 unless given) or auto (k=auto picks a chain "
-                        "or a tree each step); --acceptor then names a tree acceptor: multistep (default), "
-                        "recursive, traversal, greedy")
+                        "or a tree each step); --acceptor then names a tree acceptor: multistep (for 'default'), "
+                        "recursive, traversal, greedy (default: none, a chain)")
     p.add_argument("--children", default="sample", choices=["sample", "distinct", "top"],
                    help="with --tree: siblings i.i.d. from the draft, without replacement, or its likeliest")
     p.add_argument("--max-new-tokens", type=int, default=512,
