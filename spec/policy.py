@@ -304,10 +304,14 @@ class AdaptiveK(KPolicyBase):
         self._verified[tokens] = self._step
         caught_up = not self._drafted_last  # this pass's first draft forward fed the tokens k = 1 passes skipped
         self._drafted_last = g > 0
-        if g and not caught_up:
+        if g:
             per = draft_s / g
             s = self.smoothing
-            self.draft_s_per_position = per if self.draft_s_per_position is None else (1 - s) * self.draft_s_per_position + s * per
+            if caught_up:  # it fed skipped tokens too, so it may only lower the estimate: a dear estimate
+                # learned once (a slow spell) kept k at 1, and k = 1 passes followed by k = 2 ones never corrected it
+                per = min(per, self.draft_s_per_position) if self.draft_s_per_position is not None else None
+            if per is not None:
+                self.draft_s_per_position = per if self.draft_s_per_position is None else (1 - s) * self.draft_s_per_position + s * per
         if step_s is not None:
             s = self.smoothing
             self.overhead_s = (1 - s) * self.overhead_s + s * max(0.0, step_s - draft_s - target_s)

@@ -388,3 +388,24 @@ def test_calibration_rounds_alternate_and_keep_the_fastest():
     with pytest.raises(ValueError, match="calibration_rounds"):
         AdaptiveK(calibration_rounds=0)
 
+
+
+def test_a_dear_draft_estimate_is_corrected_by_passes_after_k1():
+    """A draft cost learned during a slow spell made k=auto choose k = 1, and the k = 2 passes it
+    explores always follow a k = 1 pass (their first draft forward feeds the skipped token too),
+    whose cost was never learned: the estimate stayed dear for good (measured: 65 of 97 passes at
+    k = 1 in a run). A pass after k = 1 may now lower the estimate, never raise it."""
+    import torch
+
+    from verispec.spec.policy import AdaptiveK
+
+    p = AdaptiveK(max_k=4)
+    p.observe(3, torch.tensor([2]), draft_s=2.0, target_s=0.01)  # 1 s per drafted position: a slow spell
+    assert p.draft_s_per_position == 1.0
+    for _ in range(40):
+        p.observe(1, torch.tensor([0]), draft_s=0.0, target_s=0.01)  # a k = 1 pass
+        p.observe(2, torch.tensor([1]), draft_s=0.02, target_s=0.01)  # a k = 2 pass after it: cheap
+    assert p.draft_s_per_position < 0.05
+    p.observe(1, torch.tensor([0]), draft_s=0.0, target_s=0.01)
+    p.observe(2, torch.tensor([1]), draft_s=5.0, target_s=0.01)  # a dear catch-up pass does not raise it
+    assert p.draft_s_per_position < 0.05
