@@ -162,14 +162,18 @@ class TreeSteps:
         emitted = torch.zeros(B, dtype=torch.long)
         V = self.target.vocab_size
         for tree, rows in groups(prop.trees):
-            r = rows.to(self.device)
             N = tree.n_nodes
-            ids_r = node_ids[r, :N]
-            if self._by_ids:
-                p_r, c_r, e_r = self._tree_acceptor.accept_greedy(tree, ids_r, target_out[r, :N + 1])
+            if len(rows) == B and N == node_ids.shape[1]:  # one topology for all rows: no copies
+                pick = lambda t, m: t  # noqa: E731
             else:
-                p_r, c_r, e_r = self._tree_acceptor(tree, ids_r, prop.node_q[r, :N].to(self.device),
-                                                    target_out[r, :N + 1], self._rng.acceptor)
+                r = rows.to(self.device)
+                pick = lambda t, m: t[r, :m]  # noqa: E731
+            ids_r = pick(node_ids, N)
+            if self._by_ids:
+                p_r, c_r, e_r = self._tree_acceptor.accept_greedy(tree, ids_r, pick(target_out, N + 1))
+            else:
+                p_r, c_r, e_r = self._tree_acceptor(tree, ids_r, pick(prop.node_q, N).to(self.device),
+                                                    pick(target_out, N + 1), self._rng.acceptor)
             check_tree_output(tree, p_r, c_r, e_r, len(rows), V)
             path[rows, :tree.max_depth] = p_r.long().cpu()
             count[rows] = c_r.long().cpu()
