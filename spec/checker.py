@@ -253,7 +253,7 @@ def sample_tree(tree, P: torch.Tensor, Q: torch.Tensor, rows: int, gen: torch.Ge
       one-hot at the node's token (its law given the context).
 
     -> node_ids [rows, N] int64, node_q [rows, N, V] fp32, target_probs [rows, N + 1, V] fp32."""
-    from .tree import CHILDREN_MODES
+    from .tree import CHILDREN_MODES, draw_children
 
     if children not in CHILDREN_MODES:
         raise ValueError(f"children must be one of {CHILDREN_MODES}, got {children!r}")
@@ -270,22 +270,7 @@ def sample_tree(tree, P: torch.Tensor, Q: torch.Tensor, rows: int, gen: torch.Ge
         if b > V and children != "sample":
             raise ValueError(f"children={children!r} needs at most V={V} siblings, node {u} has {b}")
         q_rows = Q[root if u < 0 else ids[:, u]]  # [rows, V]
-        if children == "sample":
-            drawn = torch.multinomial(q_rows, b, replacement=True, generator=gen)  # [rows, b]
-            laws = q_rows[:, None].expand(rows, b, V)
-        elif children == "top":
-            drawn = torch.sort(q_rows, dim=-1, descending=True, stable=True).indices[:, :b]
-            laws = torch.nn.functional.one_hot(drawn, V).to(q_rows.dtype)
-        else:  # Gumbel-top-b: the order of sequential draws without replacement
-            gumbel = -torch.empty(rows, V, dtype=torch.float64).exponential_(generator=gen).log()
-            keys, drawn = torch.topk(q_rows.double().log() + gumbel, b, dim=-1)
-            if bool(torch.isinf(keys).any()):
-                raise ValueError(f"children='distinct': q at node {u}'s context has fewer than {b} possible tokens")
-            used = torch.zeros(rows, b, V, dtype=torch.bool)  # [rows, b, V]: the tokens of earlier siblings
-            for j in range(1, b):
-                used[:, j] = used[:, j - 1].scatter(1, drawn[:, j - 1:j], True)
-            laws = q_rows[:, None].masked_fill(used, 0.0)
-            laws = laws / laws.sum(-1, keepdim=True)
+        drawn, laws = draw_children(q_rows, b, children, gen, exhausted="raise")
         for j, c in enumerate(ch):
             ids[:, c] = drawn[:, j]
             node_q[:, c] = laws[:, j].float()

@@ -31,8 +31,6 @@ from .protocols import AcceptorBase, TreeDraft, check_acceptor_output, check_pro
 from .randomness import SpeculativeRandomness
 from .resolve import as_target, make_acceptor, make_draft, make_policy
 from .stats import SpecStats
-from .tree import DynamicTree, parse_tree
-from .tree_policy import auto_tree_policy
 from .tree_step import TreeSteps, resolve_tree
 
 log = logging.getLogger("verispec.spec")
@@ -421,31 +419,6 @@ class SpeculativeGenerator(TreeSteps):
             self.draft.keep_rows(rows)
         self._tokens, self._lengths, self._rows = self._tokens[keep], self._lengths[keep], self._rows[keep]
         return None if logits is None else logits[keep.to(logits.device)]
-
-
-    @staticmethod
-    def _tree_k(tree, k):
-        """k with a tree: a static tree's depth d sets k = d + 1 (a k given must agree); a dynamic
-        tree's depth is k - 1 (k given, or the target's default)."""
-        if tree == "auto":
-            return auto_tree_policy(k)
-        spec = parse_tree(tree)
-        if isinstance(spec, DynamicTree):
-            return k
-        if k is not None and k != spec.max_depth + 1:
-            raise ValueError(f"tree {spec} has depth {spec.max_depth}, so {spec.max_depth + 1} tokens a pass; k={k!r} "
-                             "conflicts (omit k with a static tree)")
-        return spec.max_depth + 1
-
-    def _check_tree_acceptor(self, params: SamplingParams) -> None:
-        acc = self._tree_acceptor
-        if params.greedy and acc.exact_when_greedy:
-            return
-        if acc.lossless is False:
-            raise ValueError(f"tree acceptor {acc.name!r} is not exact at temperature {params.temperature}: it is "
-                             "exact only at temperature 0 (use 'multistep', 'recursive' or 'traversal')")
-        if acc.lossless is None:
-            log.warning("tree acceptor %s makes no exactness claim; check it with `verispec check --tree`", acc.name)
 
 
 def _limit(target_limit: int, draft_limit: int | None) -> int:

@@ -22,7 +22,9 @@ import logging
 import torch
 
 from .resolve import make_tree_acceptor
+from ..model.sampling import SamplingParams
 from .tree import DynamicTree, TreeSpec, parse_tree
+from .tree_policy import auto_tree_policy
 
 log = logging.getLogger("verispec.spec")
 
@@ -97,6 +99,30 @@ def check_tree_output(tree: TreeSpec, path, count, emitted, R: int, V: int) -> N
 
 class TreeSteps:
     """The generator's tree step (mixed into SpeculativeGenerator)."""
+
+    @staticmethod
+    def _tree_k(tree, k):
+        """k with a tree: a static tree's depth d sets k = d + 1 (a k given must agree); a dynamic
+        tree's depth is k - 1 (k given, or the target's default)."""
+        if tree == "auto":
+            return auto_tree_policy(k)
+        spec = parse_tree(tree)
+        if isinstance(spec, DynamicTree):
+            return k
+        if k is not None and k != spec.max_depth + 1:
+            raise ValueError(f"tree {spec} has depth {spec.max_depth}, so {spec.max_depth + 1} tokens a pass; k={k!r} "
+                             "conflicts (omit k with a static tree)")
+        return spec.max_depth + 1
+
+    def _check_tree_acceptor(self, params: SamplingParams) -> None:
+        acc = self._tree_acceptor
+        if params.greedy and acc.exact_when_greedy:
+            return
+        if acc.lossless is False:
+            raise ValueError(f"tree acceptor {acc.name!r} is not exact at temperature {params.temperature}: it is "
+                             "exact only at temperature 0 (use 'multistep', 'recursive' or 'traversal')")
+        if acc.lossless is None:
+            log.warning("tree acceptor %s makes no exactness claim; check it with `verispec check --tree`", acc.name)
 
     def _tree_room(self, n: torch.Tensor):
         """The pass's shape within the cache and the sequence: a static tree cut to its first nodes

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from spec_helpers import EXACTNESS_SAMPLES, FixedRandomness
+from test_spec_tree import awkward_inputs  # random p and q with exact zeros, one-hot rows, p = q rows
 
 from verispec.cli import main
 from verispec.spec import tree_acceptors as ta
@@ -361,27 +362,6 @@ def test_one_hot_p_and_q_decide_as_accept_tree_by_ids(seed, B, branching, V_):
 
 
 # ---- the output contract ---------------------------------------------------------------------------------------
-
-
-def awkward_inputs(tree, B, V_, gen):
-    """Random p and q with exact zeros and one-hot rows, tokens sometimes of q-probability 0, p = q rows."""
-    N = tree.n_nodes
-
-    def dist(shape):
-        w = torch.rand(shape, generator=gen)
-        w = torch.where(torch.rand(shape, generator=gen) < 0.3, 0.0, w)
-        w[..., 0] += 1e-3 * (w.sum(-1) == 0)
-        onehot = torch.rand(shape[:-1], generator=gen) < 0.15
-        w = torch.where(onehot[..., None], torch.nn.functional.one_hot(w.argmax(-1), V_).float(), w)
-        return w / w.sum(-1, keepdim=True)
-
-    q, p = dist((B, N, V_)), dist((B, N + 1, V_))
-    ids = torch.where(torch.rand(B, N, generator=gen) < 0.2, torch.randint(0, V_, (B, N), generator=gen),
-                      torch.multinomial(q.reshape(-1, V_), 1, generator=gen).reshape(B, N))
-    p[:, 1:] = torch.where((torch.rand(B, N, generator=gen) < 0.2)[..., None], q, p[:, 1:])
-    u = torch.where(torch.rand(B, N, generator=gen) < 0.05, 0.0, torch.rand(B, N, generator=gen))
-    e = torch.empty(B, V_).exponential_(generator=gen).clamp_min(1e-12)
-    return ids, q, p, u, e
 
 
 @pytest.mark.parametrize("name", ["recursive", "traversal"])
