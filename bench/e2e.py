@@ -230,14 +230,17 @@ def spec_label(spec: dict) -> str:
     return f"tree {spec['tree']} {spec['acceptor']}/{spec['children']}"
 
 
-def _generator(draft, target, spec: dict, temperature: float, policy=None):
+def _generator(draft, target, spec: dict, temperature: float, policy=None, probe: bool = False):
     """The SpeculativeGenerator of a path spec (ValueError/TypeError: the generator refuses it,
-    at construction or, for an acceptor exact at T=0 only, at sampling time)."""
-    from verispec.spec import SpeculativeGenerator
+    at construction or, for an acceptor exact at T=0 only, at sampling time). ``probe``: a chain's
+    acceptor is wrapped in PairedBlockGain (both rules' expected drafts kept from its drafts)."""
+    from verispec.spec import PairedBlockGain, SpeculativeGenerator
+    from verispec.spec.resolve import make_acceptor
 
     k = spec["k"] if policy is None else policy
     if spec["tree"] is None:
-        return SpeculativeGenerator(draft, target, k, acceptor=spec["acceptor"], measure_decode_step=False)
+        acceptor = PairedBlockGain(make_acceptor(spec["acceptor"], target)) if probe else spec["acceptor"]
+        return SpeculativeGenerator(draft, target, k, acceptor=acceptor, measure_decode_step=False)
     kw = {} if spec["children"] is None else {"children": spec["children"]}
     if spec["tree"] != "auto" and not spec["tree"].startswith("dynamic:"):
         k = None  # a static tree sets k = depth + 1
@@ -371,7 +374,10 @@ def _speculative_runner(draft, target, spec, new_tokens, temperature, seed, devi
     # no in-run decode-step probe: its two extra target forwards would be timed in wall_s.
     # k=auto uses the one AdaptiveK of the whole run (as a long-lived engine would): its one-off cost
     # calibration ran in the warm-up; the time it took is reported beside the results
-    gen = _generator(draft, target, spec, temperature, _policy(spec, policies))
+    gen = _generator(draft, target, spec, temperature, _policy(spec, policies), probe=temperature > 0)
+    from verispec.spec import PairedBlockGain
+
+    probe = gen.acceptor.summary if isinstance(gen.acceptor, PairedBlockGain) else None  # chains at T > 0
 
     def one(i, p):
         toks, counts = [], {}
@@ -395,7 +401,7 @@ def _speculative_runner(draft, target, spec, new_tokens, temperature, seed, devi
                 "verify": "chain" if spec["tree"] is None else "tree", "acceptor": spec["acceptor"],
                 "acceptor_name": stats[0].acceptor, "tree": stats[0].tree or spec["tree"], "children": spec["children"], **_aggregate(rows),
                 **_acceptance(stats, rows), "calibration_s": sum(s.calibration_s for s in stats),
-                "policy": stats[0].policy}
+                "policy": stats[0].policy, **({"paired_block_gain": probe()} if probe else {})}
 
     return one, result, speculative_stepper(gen, new_tokens, temperature, seed, _prompt_row)
 

@@ -73,7 +73,13 @@ METHOD = {
                             "per pass / token-wise tokens per pass at k (token-wise: the 'default' acceptor, else "
                             "the first token-wise one); tree_vs_best_chain = best tree tokens per pass / best "
                             "chain (token-wise or block) tokens per pass; tree_vs_same_depth_chain[tree path] = its "
-                            "tokens per pass / the best chain's at k = depth + 1 (also on each tree path)",
+                            "tokens per pass / the best chain's at k = depth + 1 (also on each tree path); "
+                            "paired_block_gain (T > 0): every chain path's acceptor is wrapped in "
+                            "PairedBlockGain, which adds at each verify pass the expected drafts block "
+                            "verification and token-wise rejection sampling keep given that pass's drafts "
+                            "(sum_i w_i and sum_i prod_{j<=i} min(1, p_j/q_j)); pooled over the cell's chain "
+                            "passes per number of drafts g: both rules' expected tokens per pass and their "
+                            "ratio (gain), free of the accept/reject noise and of the texts differing",
     "predicted_speedup_flat64": "what the path's measured tokens per pass would buy on an accelerator-like cost "
                                 "curve: a verify pass costs one target decode step for up to 64 tokens scored "
                                 "(flat; above 64: tokens/64 steps), and a drafted level costs c = the path's draft "
@@ -274,6 +280,24 @@ def _best(paths: list[dict], key: str):
     return {"label": p.get("label"), "k": p["k"], key: p[key]}
 
 
+def pool_paired(paths: list[dict]) -> dict | None:
+    """Every chain path's PairedBlockGain sums of a cell pooled per number of drafts g (row-pass
+    weighted): block and token-wise expected tokens per pass from the same drafts, and the gain."""
+    pooled = {}
+    for p in paths:
+        for g, v in p["paired_block_gain"].items():
+            n, b, t = pooled.get(g, (0, 0.0, 0.0))
+            m = v["row_passes"]
+            pooled[g] = (n + m, b + m * v["block_tokens_per_pass"], t + m * v["token_wise_tokens_per_pass"])
+    if not pooled:
+        return None
+    out = {g: {"row_passes": n, "block_tokens_per_pass": b / n, "token_wise_tokens_per_pass": t / n, "gain": b / t}
+           for g, (n, b, t) in sorted(pooled.items(), key=lambda kv: int(kv[0]))}
+    n = sum(v[0] for v in pooled.values())
+    out["all"] = {"row_passes": n, "gain": sum(v[1] for v in pooled.values()) / sum(v[2] for v in pooled.values())}
+    return out
+
+
 def compare_verification(paths: list[dict]) -> dict:
     """Token-wise chains, block chains and trees of one cell (see METHOD["verification_summary"]);
     sets ``tree_vs_same_depth_chain`` on each tree path."""
@@ -291,6 +315,7 @@ def compare_verification(paths: list[dict]) -> dict:
             token_wise[p["k"]] = p
     out["block_gain"] = {p["k"]: _ratio(p.get("mean_tokens_per_pass"), token_wise[p["k"]].get("mean_tokens_per_pass"))
                          for p in groups["block"] if p["k"] in token_wise}
+    out["paired_block_gain"] = pool_paired([p for p in paths if p.get("paired_block_gain")])
     best_chain = _best(chains, "mean_tokens_per_pass")
     best_tree = _best(groups["tree"], "mean_tokens_per_pass")
     out["tree_vs_best_chain"] = _ratio(best_tree and best_tree["mean_tokens_per_pass"],
@@ -372,6 +397,12 @@ def _print_verification(console, run) -> None:
         if v.get("block_gain"):
             console.print(f"    block gain (tok/pass over token-wise): "
                           + ", ".join(f"k={k} {_fmt(g, '{:.3f}')}" for k, g in v["block_gain"].items()))
+        paired = v.get("paired_block_gain")
+        if paired:
+            console.print("    paired block gain (same drafts, expected tok/pass): " + ", ".join(
+                f"g={g} {x['block_tokens_per_pass']:.3f}/{x['token_wise_tokens_per_pass']:.3f} = {x['gain']:.4f}"
+                for g, x in paired.items() if g != "all") + f"; all {paired['all']['gain']:.4f} "
+                f"over {paired['all']['row_passes']} row-passes")
         if v.get("tree_vs_best_chain") is not None:
             console.print(f"    best tree tok/pass over best chain's: {v['tree_vs_best_chain']:.3f}; over the chain of "
                           "the same depth: " + ", ".join(f"{t} {_fmt(g, '{:.3f}')}"

@@ -9,7 +9,7 @@ from .acceptors import (
     SampleMatchAcceptor,
     TypicalAcceptor,
 )
-from .block import BlockAcceptor
+from .block import BlockAcceptor, PairedBlockGain
 from .coupled import PositionalNoise
 from .drafts import LayerSkipDraft, ModelDraft, NGramDraft, ngram_lookup
 from .generator import GenerationResult, SpeculativeGenerator, StepTokens
@@ -26,6 +26,7 @@ __all__ = [
     "AcceptorBase",
     "AcceptorRandomness",
     "BlockAcceptor",
+    "PairedBlockGain",
     "CoupledAcceptor",
     "DefaultTokenAcceptor",
     "Draft",

@@ -50,6 +50,36 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _drafted(draft_ids: torch.Tensor, q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p_i(x_i), q_i(x_i)) of every row and draft, [B, g] each."""
+    g = draft_ids.shape[1]
+    idx = draft_ids.long()[..., None]  # [B, g, 1]
+    return torch.gather(p[:, :g], 2, idx)[..., 0], torch.gather(q, 2, idx)[..., 0]
+
+
+def _capped_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """min(1, num / den) without 0/0: num >= den gives 1 unless num = 0 (then den = 0 too: 0)."""
+    ratio = num / torch.where(den > 0, den, torch.ones_like(num))
+    return torch.where(num >= den, (num > 0).to(num.dtype), ratio)
+
+
+def block_weights(p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:  # [B, g] each -> [B, g + 1]
+    """w_0 = 1, w_i = min(1, w_{i-1} p_i(x_i) / q_i(x_i)) from the drafted tokens' probabilities."""
+    B, g = p_x.shape
+    weights = torch.ones(B, g + 1, dtype=p_x.dtype, device=p_x.device)
+    for i in range(g):  # w_{i-1} p_i(x_i) (1-based i in the module docstring) against q_i(x_i)
+        weights[:, i + 1] = _capped_ratio(weights[:, i] * p_x[:, i], q_x[:, i])
+    return weights
+
+
+def token_wise_weights(p_x: torch.Tensor, q_x: torch.Tensor) -> torch.Tensor:  # [B, g] each -> [B, g + 1]
+    """t_0 = 1, t_i = prod_{j <= i} min(1, p_j(x_j) / q_j(x_j)): the chance that token-wise rejection
+    sampling keeps x_1..x_i (the same corners as ``rejection_sample``)."""
+    B = p_x.shape[0]
+    one = torch.ones(B, 1, dtype=p_x.dtype, device=p_x.device)
+    return torch.cat([one, torch.cumprod(_capped_ratio(p_x, q_x), dim=1)], dim=1)
+
+
 def block_terms(
     draft_ids: torch.Tensor,  # [B, g] int64
     draft_probs: torch.Tensor,  # [B, g, V]: q, what each draft was sampled from
@@ -59,16 +89,9 @@ def block_terms(
     dtype = _compute_dtype(draft_probs, target_probs)
     p = target_probs.to(dtype)
     q = draft_probs.to(dtype)
-    B, g = draft_ids.shape
-    idx = draft_ids.long()[..., None]  # [B, g, 1]
-    p_x = torch.gather(p[:, :g], 2, idx)[..., 0]  # [B, g]
-    q_x = torch.gather(q, 2, idx)[..., 0]  # [B, g]
-    weights = torch.ones(B, g + 1, dtype=dtype, device=p.device)  # [B, g + 1]
-    for i in range(g):
-        num = weights[:, i] * p_x[:, i]  # [B] w_{i-1} p_i(x_i) (1-based i in the docstring)
-        # min(1, num / q) without 0/0: num >= q gives 1 unless num = 0 (then q = 0 too: weight 0)
-        ratio = num / torch.where(q_x[:, i] > 0, q_x[:, i], torch.ones_like(num))
-        weights[:, i + 1] = torch.where(num >= q_x[:, i], (num > 0).to(dtype), ratio)
+    g = draft_ids.shape[1]
+    p_x, q_x = _drafted(draft_ids, q, p)
+    weights = block_weights(p_x, q_x)  # [B, g + 1]
     # R_i for i = 0..g-1: mass of max(0, w_i p_{i+1} - q_{i+1}) (p_{i+1}, q_{i+1} sit at index i)
     residual_mass = (weights[:, :g, None] * p[:, :g] - q).clamp(min=0).sum(-1)  # [B, g]
     denom = residual_mass + (1 - weights[:, :g])  # [B, g] = E_{x ~ q_{i+1}}[1 - w_{i+1}(x)]
@@ -143,3 +166,74 @@ class BlockAcceptor(AcceptorBase):
         uniforms = rng.uniforms(B, g)  # [B, g] accept stream
         exponentials = rng.exponentials(B, target_probs.shape[-1])  # [B, V] race stream
         return block_verify(draft_ids, draft_probs, target_probs, uniforms, exponentials)
+
+
+class PairedBlockGain(AcceptorBase):
+    """Wraps any chain acceptor (it decides nothing itself) and measures, from the very drafts of
+    each verify pass, how many drafts block verification and token-wise rejection sampling keep in
+    expectation: per row, sum_i w_i and sum_i t_i (:func:`block_weights`, :func:`token_wise_weights`).
+
+    Why these are the right numbers: the drafts are sampled from q whatever the rule, and for both
+    rules P(keep >= i | the pass's context) = E_{x ~ q}[w_i] resp. E_{x ~ q}[t_i] (the induction in the
+    module docstring; for token-wise the product of the acceptance chances). So each sum is an
+    unbiased estimate of the rule's expected drafts kept at that pass, both from the same drafts, and
+    since w_i >= t_i for every draft (induction on i), the paired difference is never negative. It
+    carries no noise from the accept/reject uniforms, so a few hundred passes resolve a gain that the
+    realised tokens per pass of two separate runs (different texts at T > 0) cannot.
+
+    Costs two gathers of [B, g] per pass. At temperature 0 with a greedy-id acceptor the generator
+    calls ``accept_greedy`` (no probabilities): nothing is recorded there (both rules keep the
+    argmax-matching prefix). ``summary()`` gives the totals; ``reset()`` clears them.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.reset()
+
+    def reset(self) -> None:
+        self.by_drafts: dict[int, list] = {}  # g -> [row-passes, block expected kept, token-wise expected kept]
+
+    @property
+    def name(self):  # noqa: D401 - the wrapped acceptor's
+        return getattr(self.inner, "name", type(self.inner).__name__)
+
+    @property
+    def lossless(self):
+        return getattr(self.inner, "lossless", None)
+
+    @property
+    def exact_when_greedy(self):
+        return getattr(self.inner, "exact_when_greedy", False)
+
+    @property
+    def coupled(self):
+        return getattr(self.inner, "coupled", False)
+
+    @property
+    def accepts_greedy_ids(self):
+        return getattr(self.inner, "accepts_greedy_ids", False)
+
+    def accept_greedy(self, draft_ids, choice):
+        return self.inner.accept_greedy(draft_ids, choice)
+
+    def __call__(self, draft_ids, draft_probs, target_probs, rng):
+        B, g = draft_ids.shape
+        if g:
+            dtype = _compute_dtype(draft_probs, target_probs)
+            p_x, q_x = _drafted(draft_ids, draft_probs, target_probs)
+            p_x, q_x = p_x.to(dtype), q_x.to(dtype)
+            entry = self.by_drafts.setdefault(g, [0, 0.0, 0.0])
+            entry[0] += B
+            entry[1] += float(block_weights(p_x, q_x)[:, 1:].sum())
+            entry[2] += float(token_wise_weights(p_x, q_x)[:, 1:].sum())
+        return self.inner(draft_ids, draft_probs, target_probs, rng)
+
+    def summary(self) -> dict:
+        """Per number of drafts g (as a string key): row-passes and the expected tokens per pass
+        (drafts kept + the emitted one) of each rule, and their ratio (block over token-wise)."""
+        out = {}
+        for g, (n, block, token) in sorted(self.by_drafts.items()):
+            out[str(g)] = {"row_passes": n, "block_tokens_per_pass": 1 + block / n,
+                           "token_wise_tokens_per_pass": 1 + token / n,
+                           "gain": (1 + block / n) / (1 + token / n)}
+        return out

@@ -428,6 +428,19 @@ def test_bench_e2e_trees_and_block_chains_every_combination_the_generator_accept
         for k in (2, 3):
             assert v["block_gain"][str(k)] == pytest.approx(
                 by_label[f"k={k} block"]["mean_tokens_per_pass"] / by_label[f"k={k}"]["mean_tokens_per_pass"])
+        if run["temperature"] == 0:  # greedy ids: nothing to pair
+            assert v["paired_block_gain"] is None and not any("paired_block_gain" in p for p in spec)
+        else:  # every chain pass at T > 0 is paired, pooled per number of drafts over the cell's chains
+            paired = v["paired_block_gain"]
+            assert all("paired_block_gain" in p for p in spec[:4]) and not any("paired_block_gain" in p for p in spec[4:])
+            assert paired["all"]["row_passes"] == sum(v2["row_passes"] for g, v2 in paired.items() if g != "all")
+            assert paired["all"]["row_passes"] == sum(x["row_passes"] for p in spec[:4] for x in p["paired_block_gain"].values())
+            for g, x in paired.items():
+                if g != "all":
+                    assert x["block_tokens_per_pass"] >= x["token_wise_tokens_per_pass"] - 1e-9
+                    assert 1 <= x["token_wise_tokens_per_pass"] <= int(g) + 1
+                    if g == "1":  # one draft: the rules coincide
+                        assert x["gain"] == pytest.approx(1.0)
         tree_paths = [p for p in spec if p["tree"]]
         assert v["best_tree"]["tokens_per_s"]["tokens_per_s"] == max(p["tokens_per_s"] for p in tree_paths)
         assert v["best_block"]["mean_tokens_per_pass"]["label"] in ("k=2 block", "k=3 block")
@@ -522,3 +535,21 @@ def test_compare_verification_by_hand():
     assert v["block_gain"] == {3: pytest.approx(1.1), 5: pytest.approx(3.0 / 2.6)}
     assert v["tree_vs_best_chain"] == pytest.approx(3.3 / 3.0)
     assert v["tree_vs_same_depth_chain"] == {"tree a": pytest.approx(2.4 / 2.2), "tree b": pytest.approx(3.3 / 3.0)}
+    assert v["paired_block_gain"] is None  # no path carries the probe's sums
+
+
+def test_pool_paired_by_hand():
+    from verispec.bench.e2e_report import pool_paired
+
+    def probe(n, b, t):
+        return {"row_passes": n, "block_tokens_per_pass": b, "token_wise_tokens_per_pass": t, "gain": b / t}
+
+    pooled = pool_paired([{"paired_block_gain": {"2": probe(10, 2.2, 2.0), "4": probe(30, 3.0, 2.5)}},
+                          {"paired_block_gain": {"4": probe(10, 3.4, 2.9)}}])
+    assert pooled["2"] == {"row_passes": 10, "block_tokens_per_pass": pytest.approx(2.2),
+                           "token_wise_tokens_per_pass": pytest.approx(2.0), "gain": pytest.approx(1.1)}
+    assert pooled["4"]["row_passes"] == 40
+    assert pooled["4"]["block_tokens_per_pass"] == pytest.approx((30 * 3.0 + 10 * 3.4) / 40)
+    assert pooled["4"]["gain"] == pytest.approx((30 * 3.0 + 10 * 3.4) / (30 * 2.5 + 10 * 2.9))
+    assert pooled["all"] == {"row_passes": 50, "gain": pytest.approx((22 + 90 + 34) / (20 + 75 + 29))}
+    assert pool_paired([]) is None

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from spec_helpers import EXACTNESS_SAMPLES, FixedRandomness
 
-from verispec.spec import ACCEPTORS, BlockAcceptor, SpeculativeGenerator
+from verispec.spec import ACCEPTORS, BlockAcceptor, PairedBlockGain, SpeculativeGenerator
 from verispec.spec.acceptors import accept_by_ids
-from verispec.spec.block import block_residual, block_terms, block_verify
+from verispec.spec.block import block_residual, block_terms, block_verify, block_weights, token_wise_weights
 from verispec.spec.checker import check_exactness
 from verispec.spec.protocols import AcceptorBase, check_acceptor_output
 from verispec.testing import MarkovChainLM
@@ -439,3 +439,80 @@ def test_block_makes_more_tokens_per_pass_than_default():
     # on these chains the gain is large (measured 2.216 -> 2.541; a full pass from token 0 gains
     # 11.7% by exact enumeration): a rule that fell back to token-wise decisions fails here
     assert means["block"] > means["default"] + slack, (means, ses)
+
+
+# ---- PairedBlockGain: both rules' expected drafts kept, from the same drafts ------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("V,g", [(3, 1), (3, 3), (4, 2)])
+def test_paired_estimates_average_to_each_rules_expected_kept_by_enumeration(V, g, kind):
+    """Averaged over the drafts' law q, sum_i w_i is block's E[drafts kept] (from its stop chain, as
+    ``pass_law`` enumerates it) and sum_i t_i token-wise rejection sampling's: the probe's claim."""
+    p, q = trees(100 + V + g, V, g, kind)
+    drafts, ids, q_rows, p_rows, q_seq = verify_inputs(V, g, p, q)
+    probe = PairedBlockGain(BlockAcceptor())
+    probe(ids, q_rows, p_rows, FixedRandomness(torch.full((len(drafts), g), 0.5),
+                                               torch.ones(len(drafts), V)))
+    p_x, q_x = (torch.gather(t, 2, ids[..., None])[..., 0] for t in (p_rows[:, :g], q_rows))
+    block_est = float((q_seq * block_weights(p_x, q_x)[:, 1:].sum(1)).sum())
+    token_est = float((q_seq * token_wise_weights(p_x, q_x)[:, 1:].sum(1)).sum())
+    assert block_est == pytest.approx(pass_law(V, g, p, q)[1], abs=1e-12)
+    assert token_est == pytest.approx(tokenwise_expected_kept(V, g, p, q), abs=1e-12)
+    s = probe.summary()[str(g)]  # the probe's own sums (unweighted over the enumerated rows)
+    assert s["row_passes"] == len(drafts)
+    assert s["block_tokens_per_pass"] == pytest.approx(1 + float(block_weights(p_x, q_x)[:, 1:].sum()) / len(drafts))
+
+
+@settings(derandomize=True, max_examples=200, deadline=None, database=None)
+@given(seed=st.integers(0, 2**30), g=st.integers(0, 6), V=st.integers(1, 7))
+def test_paired_block_estimate_is_never_below_token_wise(seed, g, V):
+    """w_i >= t_i for every draft, awkward corners included (zeros, one-hot rows, q(x) = 0 drafts); equal
+    at i = 1; never NaN."""
+    draft, q, p, _, _ = awkward_case(torch.Generator().manual_seed(seed), 64, g, V)
+    p_x, q_x = (torch.gather(t, 2, draft[..., None])[..., 0] for t in (p[:, :g], q))
+    w, t = block_weights(p_x, q_x), token_wise_weights(p_x, q_x)
+    assert bool(torch.isfinite(w).all()) and bool(torch.isfinite(t).all())
+    assert bool((w >= t - 1e-12).all()) and bool(((w >= 0) & (w <= 1)).all())
+    if g:
+        assert torch.equal(w[:, 1], t[:, 1])
+
+
+def test_paired_probe_decides_as_the_wrapped_acceptor_in_the_generator():
+    """Same seed: the wrapped default acceptor emits what the plain one does; every sampled pass is
+    counted; the measured gain is >= 1 and the realised tokens per pass agree with the estimates."""
+    target = MarkovChainLM.random(6, 41, sharpness=1.0, n_positions=40, batch_size=400)
+    draft = MarkovChainLM.random(6, 42, sharpness=1.0, n_positions=40, batch_size=400)
+    prompts = torch.zeros(400, 1, dtype=torch.long)
+    plain = SpeculativeGenerator(draft, target, k=5, acceptor="default", measure_decode_step=False)
+    probe = PairedBlockGain(plain.acceptor)
+    wrapped = SpeculativeGenerator(draft, target, k=5, acceptor=probe, measure_decode_step=False)
+    assert wrapped.acceptor is probe and probe.name == "default" and probe.lossless is True
+    a = plain.generate(prompts, 1 + 20, seed=9)
+    b = wrapped.generate(prompts, 1 + 20, seed=9)
+    assert torch.equal(a.tokens, b.tokens)
+    summary = probe.summary()
+    counted = sum(v["row_passes"] for v in summary.values())  # every row-pass with drafts (k = 1 ones have none)
+    assert b.stats.row_passes - b.stats.k_counts.get(1, 0) * 400 <= counted <= b.stats.row_passes
+    s = summary["4"]  # k = 5 except near the end of the sequence
+    assert s["row_passes"] > 0.9 * b.stats.row_passes
+    assert s["gain"] >= 1.0
+    realised = (b.stats.accepted_drafts + b.stats.row_passes) / b.stats.row_passes
+    # the realised mean has the sampling noise of ~2,000 passes; the estimate is its expectation
+    assert realised == pytest.approx(s["token_wise_tokens_per_pass"], abs=0.1)
+
+
+def test_paired_probe_with_the_block_acceptor_tracks_blocks_realised_mean():
+    target = MarkovChainLM.random(6, 31, sharpness=1.0, n_positions=40, batch_size=2000)
+    draft = MarkovChainLM.random(6, 32, sharpness=1.0, n_positions=40, batch_size=2000)
+    probe = PairedBlockGain(BlockAcceptor())
+    s = SpeculativeGenerator(draft, target, k=6, acceptor=probe, measure_decode_step=False).generate(
+        torch.zeros(2000, 1, dtype=torch.long), 1 + 24, seed=5).stats
+    est = probe.summary()["5"]
+    hist = torch.tensor(s.histogram, dtype=torch.float64)
+    kept = torch.arange(len(hist), dtype=torch.float64)
+    n = float(hist.sum())
+    realised = float((hist * kept).sum()) / n + 1
+    se = float(((hist * (kept + 1 - realised) ** 2).sum() / n).sqrt()) / n ** 0.5
+    assert abs(realised - est["block_tokens_per_pass"]) < 4 * se
+    assert est["gain"] > 1.01  # these chains gain (test_block_strictly_gains_on_an_example's regime)
