@@ -553,3 +553,35 @@ def test_pool_paired_by_hand():
     assert pooled["4"]["gain"] == pytest.approx((30 * 3.0 + 10 * 3.4) / (30 * 2.5 + 10 * 2.9))
     assert pooled["all"] == {"row_passes": 50, "gain": pytest.approx((22 + 90 + 34) / (20 + 75 + 29))}
     assert pool_paired([]) is None
+
+
+def test_bench_tree_gain_pairs_trees_with_their_chains(tiny_pair, tmp_path, capsys):
+    """verispec bench tree-gain on tiny models: every accepted (tree, acceptor, children) carries the
+    tree's expected tokens per pass and, for sample/distinct, its gain over the first-child chain with
+    a standard error; refused combinations are listed; chains carry both rules' expectations."""
+    target, draft, _ = tiny_pair
+    assert main(["bench", "tree-gain", "--target", target, "--draft", draft, "--trees", "2,1;1,1",
+                 "--tree-acceptors", "recursive,traversal", "--tree-children", "sample,distinct", "--ks", "3",
+                 "--prompts", "3", "--max-new-tokens", "10", "--samples", "4", "--amp", "f32", "--random-prompts",
+                 "--out-dir", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "tree_gain.json").read_text())
+    assert (tmp_path / "tree_gain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [(r["tree"], r["acceptor"], r["children"]) for r in data["trees"]] == [
+        ("2,1", "recursive", "distinct"), ("2,1", "traversal", "sample"), ("2,1", "traversal", "distinct"),
+        ("1,1", "recursive", "distinct"), ("1,1", "traversal", "sample"), ("1,1", "traversal", "distinct")]
+    assert {(x["tree"], x["acceptor"], x["children"]) for x in data["skipped"]} == {("2,1", "recursive", "sample"),
+                                                                                 ("1,1", "recursive", "sample")}
+    for r in data["trees"]:
+        assert r["row_passes"] > 0 and 1 <= r["tree_tokens_per_pass"] <= 3
+        assert r["chain_block_tokens_per_pass"] >= r["chain_token_wise_tokens_per_pass"] - 1e-9
+        assert r["gain_over_token_wise_chain"] == pytest.approx(r["tree_tokens_per_pass"] / r["chain_token_wise_tokens_per_pass"])
+        if r["tree"] == "1,1" and r["acceptor"] == "traversal":  # a chain: traversal is block verification on it
+            assert r["gain_over_block_chain"] == pytest.approx(1.0, abs=4 * r["gain_over_block_chain_se"] + 1e-9)
+    (chain,) = data["chains"]
+    assert chain["k"] == 3 and chain["block_tokens_per_pass"] >= chain["token_wise_tokens_per_pass"] - 1e-9
+    assert data["best_chain_tokens_per_pass"] == pytest.approx(chain["block_tokens_per_pass"])
+    for argv, msg in ((["--trees", "dynamic:8"], "static trees only"), (["--tree-children", "fan"], "unknown 'fan'"),
+                      (["--ks", "1"], "must be >= 2"), (["--temperature", "0"], "must be > 0")):
+        capsys.readouterr()
+        assert main(["bench", "tree-gain", "--target", target, "--draft", draft, *argv, "--out-dir", str(tmp_path)]) != 0
+        assert msg in capsys.readouterr().err
