@@ -397,16 +397,16 @@ def _print_verification(console, run) -> None:
         if v.get("block_gain"):
             console.print(f"    block gain (tok/pass over token-wise): "
                           + ", ".join(f"k={k} {_fmt(g, '{:.3f}')}" for k, g in v["block_gain"].items()))
-        paired = v.get("paired_block_gain")
-        if paired:
-            console.print("    paired block gain (same drafts, expected tok/pass): " + ", ".join(
-                f"g={g} {x['block_tokens_per_pass']:.3f}/{x['token_wise_tokens_per_pass']:.3f} = {x['gain']:.4f}"
-                for g, x in paired.items() if g != "all") + f"; all {paired['all']['gain']:.4f} "
-                f"over {paired['all']['row_passes']} row-passes")
         if v.get("tree_vs_best_chain") is not None:
             console.print(f"    best tree tok/pass over best chain's: {v['tree_vs_best_chain']:.3f}; over the chain of "
                           "the same depth: " + ", ".join(f"{t} {_fmt(g, '{:.3f}')}"
                                                          for t, g in v["tree_vs_same_depth_chain"].items()))
+    paired = v.get("paired_block_gain")
+    if paired:  # every chain pass at T > 0, block chains in the run or not
+        console.print(f"{where}: paired block gain (same drafts, expected tok/pass block/token-wise): " + ", ".join(
+            f"g={g} {x['block_tokens_per_pass']:.3f}/{x['token_wise_tokens_per_pass']:.3f} = {x['gain']:.4f}"
+            for g, x in paired.items() if g != "all") + f"; all {paired['all']['gain']:.4f} "
+            f"over {paired['all']['row_passes']} row-passes")
     if run.get("skipped"):
         console.print(f"{where}: skipped, refused by the generator (reasons in the JSON): "
                       + ", ".join(x["label"] for x in run["skipped"]))
