@@ -179,15 +179,15 @@ def _plot(data: dict, path) -> None:
     tree_vals = [r["tree_tokens_per_pass"] for r in trees] + [c["block_tokens_per_pass"] or 0 for c in data["chains"]]
     paired_t = [r.get("chain_token_wise_tokens_per_pass") or 0 for r in trees] + \
         [c["token_wise_tokens_per_pass"] or 0 for c in data["chains"]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.5))
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], tree_vals, width=0.4, label="tree (expected) / chain block")
     ax.bar([i + 0.2 for i in x], paired_t, width=0.4, label="first-child chain token-wise / chain token-wise")
-    ax.set_xticks(list(x), labels, fontsize=7)
+    ax.set_xticks(list(x), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("tokens per verify pass")
     ax.set_title(f"{data['target']} / {data['draft']} {data['draft_quant'] or ''}, {data['prompt_set']}, "
                  f"T={data['temperature']:g}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
