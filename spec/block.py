@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 
-from .protocols import AcceptorBase
+from .protocols import AcceptorBase, read_through
 from .rejection import check_shapes
 
 
@@ -193,25 +193,11 @@ class PairedBlockGain(AcceptorBase):
     def reset(self) -> None:
         self.by_drafts: dict[int, list] = {}  # g -> [row-passes, block expected kept, token-wise expected kept]
 
-    @property
-    def name(self):  # noqa: D401 - the wrapped acceptor's
-        return getattr(self.inner, "name", type(self.inner).__name__)
-
-    @property
-    def lossless(self):
-        return getattr(self.inner, "lossless", None)
-
-    @property
-    def exact_when_greedy(self):
-        return getattr(self.inner, "exact_when_greedy", False)
-
-    @property
-    def coupled(self):
-        return getattr(self.inner, "coupled", False)
-
-    @property
-    def accepts_greedy_ids(self):
-        return getattr(self.inner, "accepts_greedy_ids", False)
+    name = read_through("name", "acceptor")  # the wrapped acceptor's members
+    lossless = read_through("lossless", None)
+    exact_when_greedy = read_through("exact_when_greedy", False)
+    coupled = read_through("coupled", False)
+    accepts_greedy_ids = read_through("accepts_greedy_ids", False)
 
     def accept_greedy(self, draft_ids, choice):
         return self.inner.accept_greedy(draft_ids, choice)

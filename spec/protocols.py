@@ -235,6 +235,12 @@ class DraftBase:
         pass
 
 
+def read_through(member: str, default):
+    """A property that reads the wrapped object's (``self.inner``) ``member`` when it has one, else
+    ``default``: for adapters and wrappers that leave an object's decisions to it."""
+    return property(lambda self: getattr(self.inner, member, default))
+
+
 class AcceptorBase:
     """Defaults of an acceptor's optional members: no exactness claim, no greedy shortcut."""
 

@@ -20,7 +20,7 @@ import importlib
 from .acceptors import ACCEPTORS, DefaultTokenAcceptor
 from .drafts import LayerSkipDraft, ModelDraft, NGramDraft
 from .policy import as_policy
-from .protocols import Acceptor, AcceptorBase, Draft, DraftBase, KPolicy, KPolicyBase, Target, TargetBase
+from .protocols import Acceptor, AcceptorBase, Draft, DraftBase, KPolicy, KPolicyBase, Target, TargetBase, read_through
 
 TARGET_REQUIRED = ("forward", "prefill", "keep_rows", "vocab_size", "batch_size", "n_positions")
 
@@ -127,11 +127,6 @@ def _check_overridden(obj, base, method: str, signature: str) -> None:
 # ---- adapters ---------------------------------------------------------------------------------------
 
 
-def _read_through(member: str, default):
-    """A property that reads the wrapped object's ``member`` when it has one, else ``default``."""
-    return property(lambda self: getattr(self.inner, member, default))
-
-
 class _Adapter:
     """Holds the user's object as ``inner``; members the adapter does not define are read from it."""
 
@@ -158,12 +153,12 @@ class _Adapter:
 class DraftAdapter(_Adapter, DraftBase):
     """A draft provider with ``propose`` and any of the optional members."""
 
-    deterministic = _read_through("deterministic", False)
-    can_stop_early = _read_through("can_stop_early", False)
-    can_couple = _read_through("can_couple", False)
-    can_draft_trees = _read_through("can_draft_trees", False)
-    n_positions = _read_through("n_positions", None)
-    batch_size = _read_through("batch_size", None)
+    deterministic = read_through("deterministic", False)
+    can_stop_early = read_through("can_stop_early", False)
+    can_couple = read_through("can_couple", False)
+    can_draft_trees = read_through("can_draft_trees", False)
+    n_positions = read_through("n_positions", None)
+    batch_size = read_through("batch_size", None)
 
     def __init__(self, draft):
         super().__init__(draft, ("propose", "bind", "prefill", "commit", "keep_rows", "propose_tree", "commit_tree"))
@@ -172,10 +167,10 @@ class DraftAdapter(_Adapter, DraftBase):
 class AcceptorAdapter(_Adapter, AcceptorBase):
     """A callable acceptor; a greedy-id shortcut only if it says ``accepts_greedy_ids = True``."""
 
-    lossless = _read_through("lossless", None)
-    exact_when_greedy = _read_through("exact_when_greedy", False)
-    coupled = _read_through("coupled", False)
-    accepts_greedy_ids = _read_through("accepts_greedy_ids", False)
+    lossless = read_through("lossless", None)
+    exact_when_greedy = read_through("exact_when_greedy", False)
+    coupled = read_through("coupled", False)
+    accepts_greedy_ids = read_through("accepts_greedy_ids", False)
 
     def __init__(self, acceptor):
         super().__init__(acceptor, ())
@@ -193,8 +188,8 @@ class AcceptorAdapter(_Adapter, AcceptorBase):
 class KPolicyAdapter(_Adapter, KPolicyBase):
     """A k-policy with ``max_k`` and ``next_k``; its other hooks where it has them."""
 
-    max_k = _read_through("max_k", None)
-    keep_drafting = _read_through("keep_drafting", None)
+    max_k = read_through("max_k", None)
+    keep_drafting = read_through("keep_drafting", None)
 
     def __init__(self, policy):
         super().__init__(policy, ("next_k", "observe", "begin_sequence", "needs_calibration", "calibrate", "set_gated"))
@@ -204,9 +199,9 @@ class TargetAdapter(_Adapter, TargetBase):
     """A model with the required members of the model interface; reset, sync_tokens, device,
     kernels and speculation_lengths where it has them."""
 
-    device = _read_through("device", TargetBase.device)
-    kernels = _read_through("kernels", None)
-    speculation_lengths = _read_through("speculation_lengths", ())
+    device = read_through("device", TargetBase.device)
+    kernels = read_through("kernels", None)
+    speculation_lengths = read_through("speculation_lengths", ())
 
     def __init__(self, target):
         super().__init__(target, ("forward", "prefill", "keep_rows", "reset", "sync_tokens", "kv_gather"))
@@ -218,10 +213,10 @@ class TargetAdapter(_Adapter, TargetBase):
 class TreeAcceptorAdapter(_Adapter):
     """A callable tree acceptor (``tree.py`` protocol) with the optional members' defaults."""
 
-    lossless = _read_through("lossless", None)
-    children_modes = _read_through("children_modes", ())
-    exact_when_greedy = _read_through("exact_when_greedy", False)
-    accepts_greedy_ids = _read_through("accepts_greedy_ids", False)
+    lossless = read_through("lossless", None)
+    children_modes = read_through("children_modes", ())
+    exact_when_greedy = read_through("exact_when_greedy", False)
+    accepts_greedy_ids = read_through("accepts_greedy_ids", False)
 
     def __init__(self, acceptor):
         super().__init__(acceptor, ())

@@ -25,6 +25,7 @@ import math
 import torch
 
 from .block import _compute_dtype, block_weights, token_wise_weights
+from .protocols import read_through
 from .tree import TreeAcceptorBase
 
 CHAIN_MODES = ("sample", "distinct")  # the first sibling is a q-sample: the first-child path is a chain draft
@@ -88,25 +89,11 @@ class PairedTreeGain(TreeAcceptorBase):
     def reset(self) -> None:
         self.rows: list[dict] = []  # one per row-pass: depth, nodes, realised, expected, chain_t, chain_w
 
-    @property
-    def name(self):
-        return getattr(self.inner, "name", type(self.inner).__name__)
-
-    @property
-    def lossless(self):
-        return getattr(self.inner, "lossless", None)
-
-    @property
-    def children_modes(self):
-        return getattr(self.inner, "children_modes", ())
-
-    @property
-    def exact_when_greedy(self):
-        return getattr(self.inner, "exact_when_greedy", False)
-
-    @property
-    def accepts_greedy_ids(self):
-        return getattr(self.inner, "accepts_greedy_ids", False)
+    name = read_through("name", "tree acceptor")  # the wrapped acceptor's members
+    lossless = read_through("lossless", None)
+    children_modes = read_through("children_modes", ())
+    exact_when_greedy = read_through("exact_when_greedy", False)
+    accepts_greedy_ids = read_through("accepts_greedy_ids", False)
 
     def accept_greedy(self, tree, node_ids, choice):
         return self.inner.accept_greedy(tree, node_ids, choice)
