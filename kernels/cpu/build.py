@@ -85,7 +85,8 @@ def _build() -> ctypes.CDLL:
     # torch is imported, so its libgomp.so.1 is loaded and this library shares that OpenMP runtime
     lib = ctypes.CDLL(str(out))
     i64, vp = ctypes.c_int64, ctypes.c_void_p
-    for name in ("verispec_gemv_bf16", "verispec_gemv_bf16_f32out", "verispec_gemv_f32"):
+    for name in ("verispec_gemv_bf16", "verispec_gemv_bf16_f32out", "verispec_gemv_bf16_tiles",
+                 "verispec_gemv_bf16_tiles_f32out", "verispec_gemv_f32"):
         fn = getattr(lib, name)
         fn.argtypes = [vp, vp, vp, vp, i64, i64, i64, ctypes.c_int]
         fn.restype = None
@@ -112,6 +113,7 @@ def _build() -> ctypes.CDLL:
     lib.verispec_softmax_at.argtypes = [vp, i64, i64, ctypes.c_int, vp, vp]
     lib.verispec_softmax_at.restype = i64
     lib.verispec_gemv_isa.restype = ctypes.c_int
+    lib.verispec_gemv_tiles_available.restype = ctypes.c_int
     lib.verispec_stream_read.argtypes = [vp, i64, ctypes.c_int]
     lib.verispec_stream_read.restype = ctypes.c_double
     return lib
@@ -152,7 +154,14 @@ def available() -> bool:
 def build_info() -> dict:
     lib = get_lib()
     isa = {2: "avx512-bf16", 1: "avx512f", 0: "scalar"}[lib.verispec_gemv_isa()] if lib else None
-    return {"available": lib is not None, "isa": isa, "error": _error}
+    return {"available": lib is not None, "isa": isa, "amx": tiles_available(), "error": _error}
+
+
+def tiles_available() -> bool:
+    """Whether bf16 products can run on AMX tiles here (``amx=True`` models): the library was built
+    for AMX-BF16 and Linux granted this process the tile state."""
+    lib = get_lib()
+    return bool(lib is not None and lib.verispec_gemv_tiles_available())
 
 
 def build_error() -> str | None:

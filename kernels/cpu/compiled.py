@@ -7,7 +7,8 @@ load and again on ``recompile()``) does three things to the decoder and returns 
 :class:`CompiledDecoder`, a callable with the decoder's forward signature:
 
 1. every plain ``nn.Linear`` becomes a :class:`SkinnyLinear` (the same parameters; its few-row
-   products stream each weight once through gemv.c), and layers that expose a ``product`` (the
+   products stream each weight once through gemv.c; a :class:`TileLinear`, on AMX tiles, for a
+   model loaded with ``amx=True``), and layers that expose a ``product`` (the
    tensor-parallel layers) get the same product;
 2. each layer's q/k/v weights (and gate/up weights) are laid out in ONE buffer, of which the
    registered parameters are views: ``named_parameters()`` and ``state_dict()`` show exactly the
@@ -45,10 +46,10 @@ from .. import reference
 from .abi import VsLayer, VsLinear, VsStep
 from .attention import MAX_T
 from .build import get_lib
-from .linear import MAX_M, SkinnyLinear, skinny_linear
+from .linear import MAX_M, SkinnyLinear, TileLinear, skinny_linear, tile_linear
 from .quant import Int8Linear, W8A8Linear
 
-_KINDS = {nn.Linear: 0, SkinnyLinear: 0, Int8Linear: 1, W8A8Linear: 2}
+_KINDS = {nn.Linear: 0, SkinnyLinear: 0, Int8Linear: 1, W8A8Linear: 2, TileLinear: 3}
 
 # ---- what changed since a plan was built ------------------------------------------------------
 
@@ -84,7 +85,7 @@ def _global_forward_hooks() -> bool:
 
 def _tensor_names(lin: nn.Module) -> list[str]:
     kind = _KINDS[type(lin)]
-    names = ["weight"] if kind == 0 else ["qweight", "scale"]
+    names = ["weight"] if kind in (0, 3) else ["qweight", "scale"]
     return names + (["bias"] if getattr(lin, "bias", None) is not None else [])
 
 
@@ -135,7 +136,7 @@ def _group(lins: list[nn.Module], dtype: torch.dtype) -> list[torch.Tensor] | No
 
 def _linear_struct(kind: int, tensors: list[torch.Tensor], has_bias: bool) -> VsLinear:
     w = tensors[0]
-    scale = tensors[1].data_ptr() if kind else None
+    scale = tensors[1].data_ptr() if kind in (1, 2) else None
     bias = tensors[-1].data_ptr() if has_bias else None
     return VsLinear(kind, w.data_ptr(), scale, bias, w.shape[0], w.shape[1])
 
@@ -148,7 +149,7 @@ def _single(lin: nn.Module, dtype: torch.dtype):
     ts = [_get(lin, n) for n in _tensor_names(lin)]
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in ts):
         return None
-    if (kind == 0 and ts[0].dtype != dtype) or (getattr(lin, "bias", None) is not None and ts[-1].dtype != dtype):
+    if (kind in (0, 3) and ts[0].dtype != dtype) or (getattr(lin, "bias", None) is not None and ts[-1].dtype != dtype):
         return None
     return kind, ts
 
@@ -218,10 +219,10 @@ def _plan(decoder: nn.Module) -> _Plan | None:
             return None
         s = VsLayer()
         s.norm_in, s.norm_post = norms[0].data_ptr(), norms[1].data_ptr()
-        s.qkv = _linear_struct(_KINDS[type(attn.q_proj)], qkv, attn.q_proj.bias is not None)
-        s.o = _linear_struct(o[0], o[1], attn.o_proj.bias is not None)
-        s.gate_up = _linear_struct(_KINDS[type(mlp.gate_proj)], gu, mlp.gate_proj.bias is not None)
-        s.down = _linear_struct(down[0], down[1], mlp.down_proj.bias is not None)
+        s.qkv = _linear_struct(_kind(attn.q_proj, dtype), qkv, attn.q_proj.bias is not None)
+        s.o = _linear_struct(_kind(attn.o_proj, dtype), o[1], attn.o_proj.bias is not None)
+        s.gate_up = _linear_struct(_kind(mlp.gate_proj, dtype), gu, mlp.gate_proj.bias is not None)
+        s.down = _linear_struct(_kind(mlp.down_proj, dtype), down[1], mlp.down_proj.bias is not None)
         s.F = mlp.gate_proj.out_features
         s.eps_in, s.eps_post, s.attn_scale = layer.input_layernorm.eps, layer.post_attention_layernorm.eps, attn.scale
         structs.append(s)
@@ -232,16 +233,24 @@ def _plan(decoder: nn.Module) -> _Plan | None:
     return _Plan(decoder, dtype, array, len(structs), modules, tensors)
 
 
-def _prepare(decoder: nn.Module) -> None:
-    """The one-off rewrite: SkinnyLinear products, and the native product for layers with a
-    ``product`` (tensor-parallel layers)."""
+def _kind(lin: nn.Module, dtype: torch.dtype) -> int:
+    """The native step's product kind of a linear: a TileLinear of an fp32 model runs the fp32
+    vector product, as its module path does."""
+    kind = _KINDS[type(lin)]
+    return 0 if kind == 3 and dtype != torch.bfloat16 else kind
+
+
+def _prepare(decoder: nn.Module, amx: bool = False) -> None:
+    """The one-off rewrite: SkinnyLinear products (TileLinear with ``amx``), and the native product
+    for layers with a ``product`` (tensor-parallel layers)."""
     if get_lib() is None:
         return
+    cls, product = (TileLinear, tile_linear) if amx else (SkinnyLinear, skinny_linear)
     for m in decoder.modules():
-        if type(m) is nn.Linear:
-            m.__class__ = SkinnyLinear
+        if type(m) in (nn.Linear, SkinnyLinear, TileLinear):
+            m.__class__ = cls
         elif hasattr(type(m), "product"):  # a layer that names its product (parallel/layers.py)
-            m.product = skinny_linear
+            m.product = product
 
 
 def _native_mask(active_mask, B: int, T: int) -> bool:
@@ -255,9 +264,10 @@ class CompiledDecoder:
     """The decoder with the ``cpu`` backend's native step (see the module docstring): call it as
     the decoder's forward; :meth:`rebuild` re-reads the model."""
 
-    def __init__(self, decoder: nn.Module):
+    def __init__(self, decoder: nn.Module, amx: bool = False):
         _install_registration_hooks()
-        _prepare(decoder)
+        _prepare(decoder, amx)
+        self.amx = amx
         self.decoder = decoder
         self._plan = None
         self._none_at = None  # the registration count when building a plan last gave None
@@ -315,8 +325,8 @@ class CompiledDecoder:
             idx = logits_at.long()
             h = torch.gather(h, 1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # [B, n, E]
         head = self.decoder.lm_head
-        if type(head) is SkinnyLinear:  # the bf16 logits widened to fp32 in the product itself
-            return skinny_linear(h, head.weight, head.bias, out_f32=True)
+        if type(head) in (SkinnyLinear, TileLinear):  # the bf16 logits widened to fp32 in the product itself
+            return skinny_linear(h, head.weight, head.bias, out_f32=True, tiles=head.tiles)
         return head(h).float()
 
     def _rope_tables(self, dtype):
@@ -385,7 +395,8 @@ class CompiledDecoder:
         return y
 
 
-def compile_decoder(decoder: nn.Module) -> CompiledDecoder:
+def compile_decoder(decoder: nn.Module, amx: bool = False) -> CompiledDecoder:
     """The ``cpu`` backend's ``compile`` extra: rewrite ``decoder`` once for the native step and
-    return the callable that runs it (see the module docstring)."""
-    return CompiledDecoder(decoder)
+    return the callable that runs it (see the module docstring). ``amx``: every bf16 product on
+    AMX tiles (TileLinear), the caller having checked ``tiles_available()``."""
+    return CompiledDecoder(decoder, amx)

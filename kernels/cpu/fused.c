@@ -31,6 +31,8 @@ int verispec_attention(const void *q, const void *k_cache, const void *v_cache, 
                        int is_bf16, int nthreads);
 void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
                         int64_t K, int64_t N, int nthreads);
+void verispec_gemv_bf16_tiles(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+                              int64_t K, int64_t N, int nthreads);
 void verispec_gemv_f32(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t K, int64_t N,
                        int nthreads);
 int verispec_gemv_i8(const void *x, int x_bf16, const int8_t *w, const float *scale, const void *bias, void *y,
@@ -61,6 +63,10 @@ static int linear(const vs_linear *L, const void *x, void *y, int64_t M, int bf1
         return verispec_gemv_i8(x, bf16, L->weight, L->scale, L->bias, y, M, L->k, L->n, nt);
     case 2:
         return verispec_gemv_w8a8(x, bf16, L->weight, L->scale, L->bias, y, M, L->k, L->n, nt);
+    case 3: /* bf16 on AMX tiles (a model loaded with amx=True) */
+        if (!bf16) return -3;
+        verispec_gemv_bf16_tiles(x, L->weight, L->bias, y, M, L->k, L->n, nt);
+        return 0;
     default:
         return -3;
     }

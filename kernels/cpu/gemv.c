@@ -46,7 +46,7 @@
 #endif
 
 
-int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
+int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar (AMX tiles: verispec_gemv_tiles_available) */
 #if defined(__AVX512BF16__)
     return 2;
 #elif defined(__AVX512F__)
@@ -86,18 +86,25 @@ int verispec_gemv_isa(void) { /* 2: AVX512-BF16, 1: AVX512F, 0: scalar */
 
 static inline int rows_per_pass(int MM) { return MM == 1 ? 2 : MM <= QUAD_M ? 4 : MM <= PAIR_M ? 2 : 1; }
 
-/* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
- * rounding. Takes the accumulator by value, so the caller's stay in registers. */
-static inline __attribute__((always_inline)) void finish1_bf16(__m512 acc, const uint16_t *w, const uint16_t *x,
-                                                               const uint16_t *bias, void *y, int yf, int64_t K,
-                                                               int64_t N, int64_t m, int64_t n) {
-    float s = _mm512_reduce_add_ps(acc);
+/* y[m, n] from the sum s of row n's first K / 32 * 32 products with activation row m: the K % 32
+ * tail, the bias, rounding. */
+static inline __attribute__((always_inline)) void finish_sum_bf16(float s, const uint16_t *w, const uint16_t *x,
+                                                                  const uint16_t *bias, void *y, int yf, int64_t K,
+                                                                  int64_t N, int64_t m, int64_t n) {
     for (int64_t j = K / 32 * 32; j < K; j++) s += bf16_to_f32(w[n * K + j]) * bf16_to_f32(x[m * K + j]);
     const uint16_t v = f32_to_bf16(s + (bias ? bf16_to_f32(bias[n]) : 0.f));
     if (yf)
         ((float *)y)[m * N + n] = bf16_to_f32(v); /* the bf16 value, widened: what .float() gives */
     else
         ((uint16_t *)y)[m * N + n] = v;
+}
+
+/* y[m, n] from row n's accumulator for activation row m: lane sum, the K % 32 tail, the bias,
+ * rounding. Takes the accumulator by value, so the caller's stay in registers. */
+static inline __attribute__((always_inline)) void finish1_bf16(__m512 acc, const uint16_t *w, const uint16_t *x,
+                                                               const uint16_t *bias, void *y, int yf, int64_t K,
+                                                               int64_t N, int64_t m, int64_t n) {
+    finish_sum_bf16(_mm512_reduce_add_ps(acc), w, x, bias, y, yf, K, N, m, n);
 }
 
 /* The same for the M accumulators of row n in acc[0 .. M). */
@@ -226,6 +233,141 @@ static const row_bf16_fn ROWS_BF16[MAX_M] = {EACH_M(REF_BF16)};
 #endif
 
 
+
+/* ---- bf16 on AMX tiles ------------------------------------------------------------------ */
+
+#if defined(CHUNKED) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+/* The tile products (verispec_gemv_bf16_tiles), for models loaded with amx=True, where the CPU has
+ * AMX-BF16 and Linux grants the process its tile state. The weights are the A operand as they lie:
+ * a tile is 16 weight rows x 32 columns of K (64 bytes of each row, the row stride 2K), so nothing
+ * is re-laid out. The activations are the B operand, x^T in pairs: B row kk holds (x[m][2kk],
+ * x[m][2kk + 1]) for the M activation rows (M columns, repacked per call: M * K values). The
+ * accumulator tile C holds 16 weight rows x M fp32 sums; TDPBF16PS adds each output's pair
+ * products of a step in the unit's fixed order, steps follow K, and column m of C reads only
+ * activation row m, so the sums do not depend on M, on the other rows, or on the thread that runs
+ * the block: a token's product in a 16-token verify pass is bitwise its one-token product, as with
+ * the vector kernel. The two kernels round differently, so a model uses one of them for all its
+ * products (a load option, not a per-call choice). The tile unit's time hardly grows with M: a
+ * 16-row product costs about what one row does (the vector kernel's time grows with M past ~8
+ * rows), while a one-row product streams its weights 10-25% slower than the vector kernel (32 row
+ * streams a block instead of two). Weight rows past the last whole tile (N % 16), and matrices
+ * with K < 32, go through the vector kernel: a given row always takes the same path. */
+#define AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+typedef struct {
+    uint8_t palette, start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed, aligned(64))) amx_config;
+
+static int amx_granted = -1; /* -1: not asked yet; 0: refused (old kernel, no AMX); 1: granted */
+
+static int amx_on(void) {
+    if (amx_granted < 0) /* ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA: once per process */
+        amx_granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return amx_granted;
+}
+
+#define AMX_BLOCK 32 /* weight rows per block: two tiles share each activation tile */
+
+
+static void gemv_bf16_amx(const uint16_t *x, const uint16_t *w, const uint16_t *bias, void *y, int yf, int64_t M,
+                          int64_t K, int64_t N, int nthreads) {
+    const int64_t K32 = K / 32 * 32, NT = N / 16 * 16, KK = K32 / 2;
+    uint32_t *xb = NULL; /* B: xb[kk * M + m] = the pair (x[m][2kk], x[m][2kk + 1]); M = 1: x itself */
+    if (M > 1) {
+        xb = (uint32_t *)aligned_alloc(64, ((size_t)(KK * M) * 4 + 63) / 64 * 64);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t kk = 0; kk < KK; kk++) {
+                uint32_t v;
+                memcpy(&v, x + m * K + 2 * kk, 4);
+                xb[kk * M + m] = v;
+            }
+    }
+    const void *bsrc = M > 1 ? (const void *)xb : (const void *)x;
+    const int64_t nblocks = (NT + AMX_BLOCK - 1) / AMX_BLOCK, tail = NT < N; /* + one block: rows NT .. N */
+    const int nreg = nthreads > 0 ? nthreads : 1;
+    steal_region regions[nreg];
+    steal_init(regions, nreg, nblocks + tail);
+#pragma omp parallel num_threads(nreg)
+    {
+        const int id = omp_get_thread_num();
+        amx_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        cfg.rows[0] = cfg.rows[1] = 16; /* C: 16 weight rows x M sums */
+        cfg.colsb[0] = cfg.colsb[1] = (uint16_t)(4 * M);
+        cfg.rows[2] = cfg.rows[3] = 16; /* A: 16 weight rows x 32 bf16 */
+        cfg.colsb[2] = cfg.colsb[3] = 64;
+        cfg.rows[4] = cfg.rows[7] = 16; /* B: 16 pairs of K x M activation rows */
+        cfg.colsb[4] = cfg.colsb[7] = (uint16_t)(4 * M);
+        cfg.rows[5] = cfg.rows[6] = 16; /* A again: odd steps load while even steps multiply */
+        cfg.colsb[5] = cfg.colsb[6] = 64;
+        _tile_loadconfig(&cfg);
+        float c[2][16 * MAX_M];
+        for (int64_t blk; (blk = steal_next(regions, nreg, id)) >= 0;) {
+            if (blk == nblocks) { /* the rows past the last whole tile */
+                PASSES_BF16[M - 1](w, x, bias, y, yf, K, N, 0, K32, NT, N, NULL);
+                continue;
+            }
+            const int64_t n0 = blk * AMX_BLOCK;
+            const uint16_t *w0 = w + n0 * K, *w1 = w0 + 16 * K;
+            const char *b = (const char *)bsrc;
+            const int two = n0 + 32 <= NT;
+            _tile_zero(0);
+            if (two) {
+                _tile_zero(1);
+                int64_t k = 0;
+                for (; k + 64 <= K32; k += 64, b += 128 * M) {
+                    _tile_loadd(4, b, 4 * M);
+                    _tile_loadd(2, w0 + k, 2 * K);
+                    _tile_loadd(3, w1 + k, 2 * K);
+                    _tile_loadd(7, b + 64 * M, 4 * M);
+                    _tile_loadd(5, w0 + k + 32, 2 * K);
+                    _tile_loadd(6, w1 + k + 32, 2 * K);
+                    _tile_dpbf16ps(0, 2, 4);
+                    _tile_dpbf16ps(1, 3, 4);
+                    _tile_dpbf16ps(0, 5, 7);
+                    _tile_dpbf16ps(1, 6, 7);
+                }
+                if (k < K32) {
+                    _tile_loadd(4, b, 4 * M);
+                    _tile_loadd(2, w0 + k, 2 * K);
+                    _tile_loadd(3, w1 + k, 2 * K);
+                    _tile_dpbf16ps(0, 2, 4);
+                    _tile_dpbf16ps(1, 3, 4);
+                }
+                _tile_stored(1, c[1], 4 * M);
+            } else {
+                for (int64_t k = 0; k < K32; k += 32, b += 64 * M) {
+                    _tile_loadd(4, b, 4 * M);
+                    _tile_loadd(2, w0 + k, 2 * K);
+                    _tile_dpbf16ps(0, 2, 4);
+                }
+            }
+            _tile_stored(0, c[0], 4 * M);
+            for (int t = 0; t <= two; t++)
+                for (int64_t i = 0; i < 16; i++)
+                    for (int64_t m = 0; m < M; m++)
+                        finish_sum_bf16(c[t][i * M + m], w, x, bias, y, yf, K, N, m, n0 + 16 * t + i);
+        }
+        _tile_release();
+    }
+    free(xb);
+}
+#endif
+
+int verispec_gemv_tiles_available(void) { /* built for AMX-BF16 and granted the tile state */
+#if defined(AMX)
+    return amx_on();
+#else
+    return 0;
+#endif
+}
+
 /* M must be in 1..MAX_M (the caller splits larger M). Whole rows: blocks of about STEAL_BYTES of
  * weights, each thread through its own range, then stealing from the back of the others' (steal.h).
  * Rows whose M activations outgrow X_L1_BYTES are cut into K-chunks: the rows go in blocks of about
@@ -290,6 +432,29 @@ static void gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias
 void verispec_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
                         int64_t K, int64_t N, int nthreads) {
     gemv_bf16(x, w, bias, y, 0, M, K, N, nthreads);
+}
+
+/* The same products on AMX tiles (see above); where the tiles are unavailable (the caller checks
+ * verispec_gemv_tiles_available first), or K < 32, or N < 16, the vector kernel's. */
+static void gemv_bf16_tiles(const uint16_t *x, const uint16_t *w, const uint16_t *bias, void *y, int yf, int64_t M,
+                            int64_t K, int64_t N, int nthreads) {
+#if defined(AMX)
+    if (K >= 32 && N >= 16 && amx_on()) {
+        gemv_bf16_amx(x, w, bias, y, yf, M, K, N, nthreads);
+        return;
+    }
+#endif
+    gemv_bf16(x, w, bias, y, yf, M, K, N, nthreads);
+}
+
+void verispec_gemv_bf16_tiles(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t M,
+                              int64_t K, int64_t N, int nthreads) {
+    gemv_bf16_tiles(x, w, bias, y, 0, M, K, N, nthreads);
+}
+
+void verispec_gemv_bf16_tiles_f32out(const uint16_t *x, const uint16_t *w, const uint16_t *bias, float *y, int64_t M,
+                                     int64_t K, int64_t N, int nthreads) {
+    gemv_bf16_tiles(x, w, bias, y, 1, M, K, N, nthreads);
 }
 
 /* The same product, each bf16 result written widened to fp32 (y [M, N] float): a bf16 model's

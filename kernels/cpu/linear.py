@@ -23,10 +23,12 @@ def _fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> b
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  out_f32: bool = False) -> torch.Tensor:
+                  out_f32: bool = False, tiles: bool = False) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x [..., K] with few rows, via gemv.c when it applies.
     ``out_f32``: return ``F.linear(...).float()``; for bf16 the native product writes each bf16
-    result widened to fp32 itself (the same values, one pass fewer over e.g. 151936 logits)."""
+    result widened to fp32 itself (the same values, one pass fewer over e.g. 151936 logits).
+    ``tiles``: bf16 products on AMX tiles (the caller checked :func:`tiles_available`): the
+    same per-row independence of M, other roundings than the vector kernel's."""
     lib = get_lib()
     K = x.shape[-1]
     rows = x.numel() // K if K else 0
@@ -37,8 +39,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2 = x if x.is_contiguous() else x.contiguous()  # [..., K] read as [M, K]
     widen = out_f32 and x.dtype == torch.bfloat16
     y = torch.empty(*x.shape[:-1], N, dtype=torch.float32 if widen else x.dtype)  # [..., N] written as [M, N]
-    fn = (lib.verispec_gemv_bf16_f32out if widen else lib.verispec_gemv_bf16) if x.dtype == torch.bfloat16 \
-        else lib.verispec_gemv_f32
+    if x.dtype != torch.bfloat16:
+        fn = lib.verispec_gemv_f32
+    elif tiles:
+        fn = lib.verispec_gemv_bf16_tiles_f32out if widen else lib.verispec_gemv_bf16_tiles
+    else:
+        fn = lib.verispec_gemv_bf16_f32out if widen else lib.verispec_gemv_bf16
     b = bias.contiguous().data_ptr() if bias is not None else None
     nt = torch.get_num_threads()
     size, ysize = x.element_size(), y.element_size()
@@ -62,9 +68,22 @@ def stream_read(buf: torch.Tensor) -> float:
 class SkinnyLinear(nn.Linear):
     """An nn.Linear whose few-row products go through gemv.c (larger ones through torch)."""
 
+    tiles = False  # TileLinear: bf16 products on AMX tiles
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return skinny_linear(x, self.weight, self.bias)
+        return skinny_linear(x, self.weight, self.bias, tiles=self.tiles)
 
     def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
         """``self(x).float()`` in one pass (the decoder's logits)."""
-        return skinny_linear(x, self.weight, self.bias, out_f32=True)
+        return skinny_linear(x, self.weight, self.bias, out_f32=True, tiles=self.tiles)
+
+
+class TileLinear(SkinnyLinear):
+    """A SkinnyLinear whose bf16 few-row products run on AMX tiles (models loaded with amx=True)."""
+
+    tiles = True
+
+
+def tile_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`skinny_linear` on AMX tiles: the product of tensor-parallel layers in amx=True models."""
+    return skinny_linear(x, weight, bias, tiles=True)

@@ -11,7 +11,7 @@
 
 /* One linear layer, y [M, n] = x [M, k] . W^T (+ bias). */
 typedef struct {
-    int64_t kind;       /* 0: weight in the activation dtype; 1: int8 weight + fp32 row scale; 2: W8A8 */
+    int64_t kind;       /* 0: weight in the activation dtype; 1: int8 weight + fp32 row scale; 2: W8A8; 3: bf16 on AMX tiles */
     const void *weight; /* [n, k] (int8 for kinds 1 and 2) */
     const float *scale; /* [n] row scales (kinds 1, 2), else NULL */
     const void *bias;   /* [n] in the activation dtype, or NULL */
