@@ -163,13 +163,13 @@ def bench_prompts(set_name: str, n: int, tokenizer=None, random_vocab: int | Non
     return out
 
 
-def load_model(path_or_name, args, n_positions: int, quant: str | None = None):
+def load_model(path_or_name, args, n_positions: int, quant: str | None = None, amx: bool = False):
     """A batch-1 LlamaForSampling with the benchmark's --amp, --kernel-backend and --device."""
     from verispec.model import LlamaForSampling
 
     return LlamaForSampling.from_pretrained(path_or_name, n_positions=n_positions, batch_size=1, amp=args.amp,
                                             kernel_backend=args.kernel_backend, device=args.device, progress=True,
-                                            quant=quant)
+                                            quant=quant, amx=amx)
 
 
 def is_model_draft(draft: str) -> bool:

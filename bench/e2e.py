@@ -76,6 +76,9 @@ def register(sub) -> None:
                         "the whole prompt in turn (see bench/e2e_steps.py)")
     p.add_argument("--random-prompts", action="store_true", help="random token prompts (models without tokenizer)")
     p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"], help="dtype of both engines")
+    p.add_argument("--target-amx", action="store_true",
+                   help="the target's bf16 products on AMX tiles (amx=True): every target path, target-only too")
+    p.add_argument("--draft-amx", action="store_true", help="the draft model's bf16 products on AMX tiles")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kernel-backend", default=None)
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True,
@@ -301,6 +304,8 @@ def _check_args(args) -> tuple[dict, list[float], list[str]]:
         raise ValueError(f"--prompts must be >= 1, got {args.prompts}")
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.draft_amx and not is_model_draft(args.draft):
+        raise ValueError(f"--draft-amx needs a draft model; the draft is {args.draft!r}")
     if args.draft_quant and not is_model_draft(args.draft):
         raise ValueError(f"--draft-quant {args.draft_quant} needs a draft model; the draft is {args.draft!r}")
     if plan["trees"] and not is_model_draft(args.draft) and not str(args.draft).startswith("self:"):
@@ -523,9 +528,9 @@ def _load_all(args, plan, sets):
     prompts = {s: bench_prompts(s, args.prompts, tok, config.vocab_size if args.random_prompts else None, args.seed)
                for s in sets}
     n_positions = _positions(prompts, plan, args.max_new_tokens, config.max_position_embeddings)
-    target = load_model(args.target, args, n_positions)
-    draft = (load_model(args.draft, args, n_positions, quant=args.draft_quant) if is_model_draft(args.draft)
-             else args.draft)
+    target = load_model(args.target, args, n_positions, amx=args.target_amx)
+    draft = (load_model(args.draft, args, n_positions, quant=args.draft_quant, amx=args.draft_amx)
+             if is_model_draft(args.draft) else args.draft)
     hf_target = hf_draft = None
     hf = {"ran": False, "note": "--no-hf"}
     if args.hf:
@@ -620,6 +625,7 @@ def run(args) -> int:
     data = {
         "command": "verispec " + " ".join(shlex.quote(a) for a in getattr(args, "argv", [])),
         "target": str(args.target), "draft": str(args.draft), "draft_quant": args.draft_quant, "amp": args.amp, "device": args.device,
+        "target_amx": args.target_amx, "draft_amx": args.draft_amx,
         "acceptor": args.acceptor, "max_new_tokens": N, "prompt_sets": sets, "random_prompts": args.random_prompts, "seed": args.seed,
         "torch_threads": torch.get_num_threads(), "target_weight_bytes": target_weight_bytes,
         "memory_bandwidth": bandwidth, "method": method(args.interleave), "interleave": args.interleave, "hf": hf, "runs": runs,

@@ -1,6 +1,7 @@
 """``verispec bench gemv``: the native CPU products (kernels/cpu/gemv.c) against the memory
 bandwidth measured in the same run, per number of activation rows M (1 = a decode step, k = a
-k-token verify pass) and weight format (bf16, int8, w8a8), on a model's real matrix shapes.
+k-token verify pass) and weight format (bf16, int8, w8a8; bf16-amx: the bf16 products on AMX tiles
+of ``amx=True`` models), on a model's real matrix shapes.
 
 Two figures per (format, M):
 - streamed: weight bytes / time over matrices far larger than the caches (what decode sees);
@@ -21,7 +22,8 @@ QWEN_1_5B_SHAPES = [(2048, 1536), (1536, 1536), (17920, 1536), (1536, 8960), (15
 def register(sub) -> None:
     p = sub.add_parser("gemv", help="native CPU products: weight GB/s by rows M and format, against read bandwidth")
     p.add_argument("--ms", default="1,2,4,5,8", help="comma-separated activation rows (1..16)")
-    p.add_argument("--formats", default="bf16,int8,w8a8", help="comma-separated: bf16, f32, int8, w8a8")
+    p.add_argument("--formats", default="bf16,int8,w8a8",
+                   help="comma-separated: bf16, bf16-amx (AMX tiles), f32, int8, w8a8")
     p.add_argument("--repeats", type=int, default=9, help="timed rounds (median reported)")
     p.add_argument("--out", default=None, help="results directory (default $VERISPEC_RESULTS or ./bench-results)")
     p.set_defaults(func=run)
@@ -48,11 +50,11 @@ def _product(fmt: str, shapes, M: int, gen):
             calls.append((fn, args, (q, scale, x, y)))
             nbytes += q.numel() + 4 * scale.numel()
         else:
-            dtype = {"bf16": torch.bfloat16, "f32": torch.float32}[fmt]
+            dtype = torch.float32 if fmt == "f32" else torch.bfloat16
             w = w.to(dtype)
             x = torch.randn(M, k, generator=gen).to(dtype)
             y = torch.empty(M, n, dtype=dtype)
-            fn = lib.verispec_gemv_bf16 if fmt == "bf16" else lib.verispec_gemv_f32
+            fn = {"bf16": lib.verispec_gemv_bf16, "bf16-amx": lib.verispec_gemv_bf16_tiles, "f32": lib.verispec_gemv_f32}[fmt]
             calls.append((fn, (x.data_ptr(), w.data_ptr(), None, y.data_ptr(), M, k, n, nt), (w, x, y)))
             nbytes += w.numel() * w.element_size()
 
@@ -65,7 +67,7 @@ def _product(fmt: str, shapes, M: int, gen):
 
 def _resident_shape(fmt: str) -> tuple[int, int]:
     """A [N, 1536] matrix of about 1.5 MB: each thread's half stays in its core's 1 MB L2."""
-    per_row = 1536 * {"bf16": 2, "f32": 4, "int8": 1, "w8a8": 1}[fmt]
+    per_row = 1536 * {"bf16": 2, "bf16-amx": 2, "f32": 4, "int8": 1, "w8a8": 1}[fmt]
     return (1536 * 1024) // per_row, 1536
 
 
@@ -82,9 +84,9 @@ def run(args) -> int:
     from rich.table import Table
 
     from verispec.kernels import cpu as native
-    from verispec.kernels.cpu.build import get_lib
+    from verispec.kernels.cpu.build import get_lib, tiles_available
 
-    from .common import measure_memory_bandwidth, write_json
+    from .common import machine_info, measure_memory_bandwidth, write_json
 
     if not native.available():
         raise RuntimeError(f"the native CPU kernels are unavailable: {native.build_info()['error']}")
@@ -92,8 +94,10 @@ def run(args) -> int:
     formats = [f for f in args.formats.split(",") if f]
     if not ms or any(not 1 <= m <= 16 for m in ms):
         raise ValueError(f"--ms must list row counts in 1..16, got {args.ms!r}")
-    if not formats or any(f not in ("bf16", "f32", "int8", "w8a8") for f in formats):
-        raise ValueError(f"--formats must list bf16, f32, int8 or w8a8, got {args.formats!r}")
+    if not formats or any(f not in ("bf16", "bf16-amx", "f32", "int8", "w8a8") for f in formats):
+        raise ValueError(f"--formats must list bf16, bf16-amx, f32, int8 or w8a8, got {args.formats!r}")
+    if "bf16-amx" in formats and not tiles_available():
+        raise RuntimeError("--formats bf16-amx needs AMX-BF16 tiles, which this CPU (or kernel) does not grant")
     if "w8a8" in formats and not get_lib().verispec_w8a8_available():
         raise RuntimeError("--formats w8a8 needs AVX512-VNNI, which this build of the native kernels lacks")
     if args.repeats < 1:
@@ -119,7 +123,8 @@ def run(args) -> int:
                          "bandwidth_runs": bws})
     command = "verispec " + " ".join(getattr(args, "argv", None) or ["bench", "gemv"])
     path = write_json("gemv", {"command": command, "shapes": QWEN_1_5B_SHAPES, "threads": torch.get_num_threads(),
-                               "isa": native.build_info()["isa"], "results": rows}, args.out)
+                               "isa": native.build_info()["isa"], "amx": tiles_available(),
+                               "machine": machine_info(), "results": rows}, args.out)
     table = Table("format", "M", "streamed GB/s", "read BW GB/s", "% of read BW", "cache-resident GB/s")
     for r in rows:
         table.add_row(r["format"], str(r["M"]), f"{r['streamed_GBps']:.1f}", f"{r['read_bandwidth_GBps']:.1f}",

@@ -246,7 +246,7 @@ def sample_tree(tree, P: torch.Tensor, Q: torch.Tensor, rows: int, gen: torch.Ge
     [rows] int64). Siblings, level by level:
 
     - "sample": i.i.d. from q = Q[parent's token]; every sibling's node_q is q.
-    - "distinct": without replacement (Gumbel-top-b from q); sibling j's node_q is the law it was
+    - "distinct": without replacement (sequential draws from q); sibling j's node_q is the law it was
       drawn from: q with the earlier siblings' tokens removed, renormalised. Needs b <= the number
       of tokens q can draw.
     - "top": the b likeliest tokens under q (ties: lowest id first), deterministic; node_q is

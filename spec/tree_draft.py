@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
-from .tree import DynamicTree, TreeSpec, draw_children
+from .tree import DynamicTree, TreeSpec, draw_children, top_ids
 
 # level(ids [B, M], offsets [B, M] (RoPE position - n), mask [B, M, M], logits_at [B, m]) -> logits [B, m, V]
 LevelForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,7 +42,7 @@ def children_of(logits: torch.Tensor, b: int, children: str, params: SamplingPar
         if b == 1:
             drawn = greedy_ids(logits, who, argmax)[:, None]
         else:
-            drawn = torch.sort(logits.float(), dim=-1, descending=True, stable=True).indices[:, :b]
+            drawn = top_ids(logits.float(), b)
         return drawn, F.one_hot(drawn, logits.shape[-1]).float()
     return draw_children(logits_to_probs(logits, params, who), b, children, gen)
 
@@ -100,7 +100,7 @@ def draft_dynamic(level: LevelForward, root_logits: torch.Tensor, spec: DynamicT
         flat = logits.reshape(B * m, V)
         logp = (logits_to_probs(flat, params, who).double().clamp_min(1e-300).log() if not params.greedy
                 else torch.log_softmax(flat.double(), -1))
-        order = torch.sort(logp, dim=-1, descending=True, stable=True).indices[:, :w]
+        order = top_ids(logp, w)
         t = sync(order.reshape(B, m * w).cpu())
         v = (parent_val[:, :, None] + logp.gather(1, order).reshape(B, m, w).cpu()).reshape(B, m * w)
         tok.append(t)

@@ -3,7 +3,7 @@ the same tree, from the same drafts.
 
 A tree drafted with ``children="sample"`` or ``"distinct"`` contains a chain: the path of first
 children. The first sibling is a draw from q(. | its parent's context) in both modes (i.i.d. draws;
-Gumbel-top-b's first pick is a q-sample), so the first-child path of depth d is distributed as the
+without replacement, the first pick is a q-sample), so the first-child path of depth d is distributed as the
 drafts of a chain with k = d + 1. For that path, given the pass's context, the expected drafts kept
 by token-wise rejection sampling are E[sum_i t_i] and by block verification E[sum_i w_i]
 (``spec/block.py``, ``PairedBlockGain``): sum_i t_i and sum_i w_i on the path are unbiased

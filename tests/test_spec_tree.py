@@ -416,3 +416,24 @@ def test_multistep_is_exact_for_every_children_mode_it_claims(children, tree):
     assert children in MultistepTreeAcceptor.children_modes
     report = check_tree_exactness("multistep", tree, children, seed=4, samples=EXACTNESS_SAMPLES)
     assert report.passed, report.format()
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(rows=st.lists(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0, float("-inf"), float("inf"), float("nan")]),
+                              min_size=1, max_size=12), min_size=1, max_size=4).filter(lambda r: len({len(x) for x in r}) == 1),
+       b=st.integers(1, 14), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_top_ids_is_the_stable_descending_sort_prefix(rows, b, dtype):
+    """top_ids (topk, a stable sort only where ties straddle the b-th value) picks what the full
+    stable sort did: the b largest, ties to the lower id, through -inf, inf and NaN."""
+    x = torch.tensor(rows, dtype=dtype)
+    want = torch.sort(x, dim=-1, descending=True, stable=True).indices[:, :b]
+    assert torch.equal(tree_mod.top_ids(x, b), want)
+
+
+def test_top_ids_on_a_vocabulary_sized_row():
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(3, 50000, generator=g), -1)
+    q[1, 7] = q[1, 9] = q[1, 3] = q[1].max() + 0.01  # ties at the top: lowest ids first
+    for b in (1, 2, 4):
+        assert torch.equal(tree_mod.top_ids(q, b), torch.sort(q, dim=-1, descending=True, stable=True).indices[:, :b])
+    assert tree_mod.top_ids(q, 3)[1].tolist() == [3, 7, 9]
