@@ -118,6 +118,10 @@ class SpeculativeGenerator(TreeSteps):
             raise TypeError(f"draft {self.draft.name!r} cannot draft token trees (it proposes one chain): use a draft "
                             "model, 'self:N', or a provider with propose_tree")
         self.acceptor = make_acceptor(acceptor, self.target)
+        # tree="auto": the chains it picks run through the chain step (drafted a token a forward, not
+        # level by level as trees are) under the tree acceptor's own rule on a chain
+        twin = self._tree_acceptor.chain_acceptor if tree == "auto" else None
+        self._auto_chain = None if twin is None else make_acceptor(twin, self.target)
         self.n_positions = _limit(self.target.n_positions, self.draft.n_positions)
         self.batch_size = _limit(self.target.batch_size, self.draft.batch_size)
         check_k_fits(self.policy.max_k, self.n_positions)
@@ -176,7 +180,7 @@ class SpeculativeGenerator(TreeSteps):
         token tree's step: tree_step.py)."""
         return self._tree_step() if self._tree is not None else self._chain_step(self._next_k())
 
-    def _chain_step(self, k: int) -> StepTokens:
+    def _chain_step(self, k: int, acceptor=None) -> StepTokens:
         clock, stats, n = self._clock, self._stats, self._lengths  # n [B]: committed tokens, prompt included
         # no row can use drafts past sequence_length, and the verify block must fit the cache
         g = min(k - 1, self._seq_len - 1 - int(n.min()), self.n_positions - int(n.max()))
@@ -196,12 +200,15 @@ class SpeculativeGenerator(TreeSteps):
         stats.target_s_by_k[g + 1] = stats.target_s_by_k.get(g + 1, 0.0) + target_s
 
         # accept: a accepted drafts, then one recovered or bonus token, per row
-        accepted, new = self._accept(draft_ids, draft_probs, target_out)  # [B], [B, g + 1]
+        accepted, new = self._accept(draft_ids, draft_probs, target_out, acceptor)  # [B], [B, g + 1]
         clock.lap("accept_s")
 
         # commit a + 1 tokens per row (cut at EOS and sequence_length); report the step
         stats.record(g + 1, accepted)
-        self.policy.observe(g + 1, accepted, draft_s, target_s)
+        if acceptor is not None and g:  # a chain tree="auto" chose: its policy learns it as that chain tree
+            self._observe_auto_chain(g, accepted, draft_s, target_s)
+        else:
+            self.policy.observe(g + 1, accepted, draft_s, target_s)
         return self._commit(accepted, new)
 
     def _begin(self, input_ids, sequence_length, params: SamplingParams, seed, eos_token_id):
@@ -303,15 +310,16 @@ class SpeculativeGenerator(TreeSteps):
             return greedy_ids(logits, "target model", self._argmax)
         return logits_to_probs(logits, self._params, "target model", self._argmax)
 
-    def _accept(self, draft_ids, draft_probs, target_out) -> tuple[torch.Tensor, torch.Tensor]:
-        """The acceptor's decisions (accepted [B], tokens [B, g + 1]) on the CPU, checked, and the
-        same on every tensor-parallel rank (rank 0's)."""
+    def _accept(self, draft_ids, draft_probs, target_out, acceptor=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The acceptor's (default: the generator's) decisions (accepted [B], tokens [B, g + 1]) on
+        the CPU, checked, and the same on every tensor-parallel rank (rank 0's)."""
         draft_ids = draft_ids.to(self.device)
         B, g = draft_ids.shape
+        acc = self.acceptor if acceptor is None else acceptor
         if self._by_ids:
-            accepted, new = self.acceptor.accept_greedy(draft_ids, target_out)
+            accepted, new = acc.accept_greedy(draft_ids, target_out)
         else:
-            accepted, new = self.acceptor(draft_ids, draft_probs.to(self.device), target_out, self._rng.acceptor)
+            accepted, new = acc(draft_ids, draft_probs.to(self.device), target_out, self._rng.acceptor)
         if self._check_ids or not self._by_ids:
             check_acceptor_output(accepted, new, draft_ids, B, g, self.target.vocab_size)
         accepted, new = accepted.long().cpu(), new.long().cpu()

@@ -384,6 +384,9 @@ class TreeAcceptorBase:
     children_modes: tuple[str, ...] = ()
     exact_when_greedy = False
     accepts_greedy_ids = False  # opt in only if accept_greedy decides as __call__ does at temperature 0
+    # the chain acceptor that is this rule on a chain (one child per node), or None: tree="auto"
+    # then runs the chains it picks through the chain step (drafted one token a forward)
+    chain_acceptor: str | None = None
 
     @property
     def name(self) -> str:
@@ -410,6 +413,7 @@ class MultistepTreeAcceptor(TreeAcceptorBase):
     and q) its decisions are those of :func:`accept_tree_by_ids`."""
 
     name = "multistep"
+    chain_acceptor = "default"  # one child per node: token-wise rejection sampling
     lossless = True
     children_modes = ("sample", "distinct", "top")
     exact_when_greedy = True
@@ -431,6 +435,7 @@ class GreedyTreeAcceptor(TreeAcceptorBase):
     sibling sampler."""
 
     name = "greedy"
+    chain_acceptor = "default"  # at temperature 0 the chain step decides from the same argmax ids
     lossless = False
     children_modes = CHILDREN_MODES
     exact_when_greedy = True

@@ -60,6 +60,7 @@ class RecursiveTreeAcceptor(TreeAcceptorBase):
     later sibling's renormalised law is empty and its one-hot ``node_q`` is used."""
 
     name = "recursive"
+    chain_acceptor = "default"  # one draft per position: token-wise rejection sampling
     lossless = True
     children_modes = ("distinct",)
     exact_when_greedy = True
@@ -238,6 +239,7 @@ class TraversalTreeAcceptor(TreeAcceptorBase):
     are those of :func:`accept_tree_by_ids`."""
 
     name = "traversal"
+    chain_acceptor = "block"  # on a chain traversal verification is block verification
     lossless = True
     children_modes = ("sample", "distinct", "top")
     exact_when_greedy = True

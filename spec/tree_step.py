@@ -150,6 +150,8 @@ class TreeSteps:
         shape = self._tree_room(n)
         if shape is None:  # no room for a node, or the policy's choice: a pass without drafts
             return self._chain_step(1)
+        if self._auto_chain is not None and shape.branching is not None and set(shape.branching) == {1}:
+            return self._chain_step(shape.max_depth + 1, self._auto_chain)  # tree="auto" chose a chain
         clock.start()
         self._rng.acceptor.at(self._rows, n)
         prop = self.draft.propose_tree(self._tokens, n, shape, self._children, self._params, self._rng.draft)
@@ -176,6 +178,15 @@ class TreeSteps:
         else:
             self.policy.observe(path.shape[1] + 1, count, draft_s, target_s)
         return self._commit(count, new)
+
+    def _observe_auto_chain(self, g: int, accepted: torch.Tensor, draft_s: float, target_s: float) -> None:
+        """tree="auto"'s policy after a chain pass of g drafts: the chain tree's path is its first
+        ``accepted`` nodes."""
+        ar = torch.arange(g)[None]
+        path = torch.where(ar < accepted[:, None], ar, -1)
+        trees = [TreeSpec.chain(g)] * len(accepted)
+        self._stats.record_tree(trees, path, accepted)
+        self.policy.observe_tree(trees, path, accepted, draft_s, target_s)
 
     def _accept_tree(self, prop, target_out):
         """The tree acceptor per group of rows sharing a topology -> path [B, D], count [B] and the

@@ -52,20 +52,18 @@ def test_tree_greedy_equals_target_greedy_on_a_tiny_decoder(tiny_trio, lengths, 
         assert s.histogram[-1] == max(s.histogram) and len(s.histogram) == d + 1
 
 
-def test_tree_greedy_through_the_greedy_id_shortcut_and_the_acceptor_agree(tiny_trio):
+def test_tree_greedy_through_the_greedy_id_shortcut_and_the_acceptor_agree(tiny_trio, monkeypatch):
     """At temperature 0 the loop decides from argmax ids (accept_tree_by_ids); running multistep on
     the one-hot distributions instead gives the same tokens and the same statistics."""
     target, ps = tiny_trio["target"], prompts((5, 11, 2), seed=2)
     runs = []
     for shortcut in (True, False):
         gen = make(tiny_trio["other"], target, [2, 2, 1], "top", "multistep")
-        if not shortcut:
-            type(gen._tree_acceptor).accepts_greedy_ids = property(lambda self: False)
-        try:
-            out = gen.sample(ps, 11 + 30, temperature=0, seed=1)
-        finally:
+        with monkeypatch.context() as mp:  # restores the class's own property afterwards
             if not shortcut:
-                del type(gen._tree_acceptor).accepts_greedy_ids
+                mp.setattr(type(gen._tree_acceptor), "accepts_greedy_ids", property(lambda self: False))
+            out = gen.sample(ps, 11 + 30, temperature=0, seed=1)
+        assert type(gen._tree_acceptor)().accepts_greedy_ids
         s = gen.last_stats
         runs.append((out, s.accepted_drafts, list(s.histogram), s.rank_kept))
     assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1:] == runs[1][1:]
@@ -311,6 +309,36 @@ def test_auto_shape_is_exact_and_greedy_identical(tiny_trio):
     gen = SpeculativeGenerator(tiny_trio["other"], target, "auto:5", tree="auto")
     assert torch.equal(gen.sample(ps, 11 + NEW_TOKENS, temperature=0), expected)
     assert gen.last_stats.tree == "auto" and sum(gen.last_stats.shape_counts.values()) > 0
+
+
+@pytest.mark.parametrize("acceptor,chain_rule", [("traversal", "block"), ("multistep", "default")])
+def test_auto_shape_runs_its_chains_through_the_chain_step(tiny_trio, monkeypatch, acceptor, chain_rule):
+    """The chains tree="auto" picks are drafted a token a forward by the chain step, under the tree
+    acceptor's rule on a chain (traversal: block verification; multistep: token-wise), and its
+    policy learns them as chain trees; the output stays exact (chi-square) and greedy-identical."""
+    report = check_exactness(acceptor, "model", "auto:4", tree="auto", children="sample", order=2, vocab=4,
+                             length=3, samples=40_000, seed=5)
+    assert report.passed, report.format()
+    target = tiny_trio["target"]
+    gen = SpeculativeGenerator(tiny_trio["other"], target, "auto:5", tree="auto", acceptor=acceptor)
+    assert gen._auto_chain is not None and gen._auto_chain.name == chain_rule
+    routes = []
+    real = SpeculativeGenerator._chain_step
+
+    def counting(self, k, acceptor=None):
+        routes.append((k, acceptor is not None and acceptor is self._auto_chain))
+        return real(self, k, acceptor)
+
+    monkeypatch.setattr(SpeculativeGenerator, "_chain_step", counting)
+    ps = prompts((5, 11, 2))
+    expected = target.sample(ps, 11 + NEW_TOKENS, temperature=0)
+    assert torch.equal(gen.sample(ps, 11 + NEW_TOKENS, temperature=0), expected)
+    gen.sample(ps, 11 + NEW_TOKENS, temperature=1.0, seed=0)
+    chains = [k for k, twin in routes if twin]
+    assert chains and min(chains) >= 2, routes
+    learned = [parents for parents in gen.policy.draft_s_by_shape if TreeSpec(parents).branching == [1] * len(parents)]
+    assert learned  # the chain passes reached the policy as chain trees
+    assert sum(gen.last_stats.shape_counts.values()) > 0
 
 
 def test_auto_shape_prefers_a_tree_when_siblings_pay_and_a_chain_when_they_do_not():
