@@ -14,8 +14,8 @@ depth i, shrunk towards ``rank_prior`` x a_i,0 (a rejected sibling leaves a resi
 next one is accepted less often). verify_s comes from the same verify-cost table as k, calibrated
 up to the largest tree; a shape's draft seconds are its depth x the draft's seconds per level until
 that shape has run, then its own online average. The choice is made before the step draws a random
-number, so every step is exact whatever it picks (the tree acceptor handles chains too: a chain is
-a tree with one child per node). Every ``explore_every`` steps the best shape not run for
+number, so every step is exact whatever it picks (a chain runs through the generator's chain step
+under the tree acceptor's ``chain_acceptor``, or, without one, as a tree with one child per node). Every ``explore_every`` steps the best shape not run for
 ``4 * explore_every`` steps among the runner-ups runs once, so its cost and acceptance stay
 measured.
 """
