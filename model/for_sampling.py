@@ -64,7 +64,7 @@ def open_source(path_or_name: str | os.PathLike, progress: bool = False) -> tupl
     )
 
 
-def _check_amx(kernels: KernelSet, amp: str, quant: str | None, tp_degree: int) -> None:
+def check_amx(kernels: KernelSet, amp: str, quant: str | None, tp_degree: int) -> None:
     """amx=True needs bf16 weights and activations, the cpu backend's native products and a CPU
     (and kernel) that grant AMX tiles."""
     if kernels.name != "cpu":
@@ -159,7 +159,7 @@ class LlamaForSampling:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         kernels = get_backend(kernel_backend, device=str(device))  # chosen once, here
         if amx:
-            _check_amx(kernels, amp, quant, tp_degree)
+            check_amx(kernels, amp, quant, tp_degree)
         quantize = kernels.get("quantize")  # the backend's weight quantizer (the cpu backend's int8 products)
         if quant is not None and (quantize is None or quant not in getattr(quantize, "modes", ())):
             raise ValueError(f"quant={quant!r} needs the cpu kernel backend, which is unavailable here "

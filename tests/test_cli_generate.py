@@ -106,6 +106,7 @@ def test_chat_needs_a_template(models, capsys):
     (("--tree", "2,x"), "expected a branching such as '2,2,1'"),
     (("--tree", "dynamic:8", "--children", "sample"), "is not exact: a dynamic tree's shape"),
     (("--tree", "2,2", "--acceptor", "recursive"), "'recursive' is exact only for children in ('distinct',)"),
+    (("--target-amx",), "amx=True multiplies bf16 weights; use amp='bf16' (got amp='f32')"),
 ])
 def test_bad_input_is_a_clear_error(models, capsys, extra, message):
     rc, _, err = generate(capsys, "--target", models["target"], "--draft", models["other"], *extra)
@@ -132,3 +133,25 @@ def test_vocabulary_mismatch_and_missing_model(models, capsys, tmp_path):
     assert rc == 1 and "vocabulary mismatch" in err
     rc, _, err = generate(capsys, "--target", str(tmp_path / "nowhere"))
     assert rc == 1 and "nowhere" in err and "not a registered model name" in err
+
+
+def test_target_on_amx_tiles_keeps_the_greedy_text(models, capsys):
+    """--target-amx: the target's products on AMX tiles; its speculative text is its own target-only
+    text (both on the tiles); refused with the reason where the tiles are unavailable."""
+    from verispec.kernels.cpu.build import tiles_available
+
+    def run(*extra):
+        rc = main(["generate", PROMPT, "--amp", "bf16", "--max-new-tokens", "20", "--target", models["target"],
+                   "--target-amx", *extra])
+        out = capsys.readouterr()
+        return rc, out.out, out.err
+
+    if not tiles_available():
+        rc, _, err = run("--draft", "none")
+        assert rc == 1 and "AMX tiles are unavailable here" in err, err
+        return
+    rc, alone, _ = run("--draft", "none")
+    assert rc == 0 and len(alone.split()) == 20
+    for extra in (("-k", "6"), ("--tree", "2,2,1,1", "--children", "top")):
+        rc, text, table = run("--draft", models["other"], "--draft-quant", "none", *extra)
+        assert rc == 0 and text == alone, (extra, table)

@@ -225,6 +225,11 @@ def plan(args, progress: bool = True, with_prompt: bool = True) -> Plan:
         raise ValueError(f"layer-skip draft {draft!r} asks for more layers than the target has ({config.num_hidden_layers})")
     p = Plan(target_path=target_path, config=config, k=k, max_k=as_policy(k).max_k, draft=draft, notes=notes)
     p.quant, p.quant_label, p.quant_row = resolve_quant(args.draft_quant, draft, args.amp)
+    if getattr(args, "target_amx", False):  # before any weights load: the same checks as from_pretrained's
+        from verispec.kernels import get_backend
+        from verispec.model.for_sampling import check_amx
+
+        check_amx(get_backend(args.kernel_backend, device="cpu"), args.amp, None, args.tp_degree)
     if is_model_draft(draft):
         from verispec.model import hub
 
