@@ -61,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("--amp", default="bf16", choices=["f32", "bf16", "f16"], help="dtype of weights and activations")
     p.add_argument("--target-amx", action="store_true",
                    help="the target's bf16 products on Intel AMX tiles: verify passes of up to 16 tokens (long "
-                        "chains, trees) cost about a one-token step; one-token steps ~10%% slower (--amp bf16)")
+                        "chains, trees) cost about a one-token step; one-token steps 2-10%% slower (--amp bf16)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the target's chat template")
     p.add_argument("--n-positions", type=int, default=None,
                    help="KV-cache length (default: what the run needs, prompt + --max-new-tokens)")
