@@ -140,7 +140,7 @@ class LlamaForSampling:
         also rounds the activations to int8 (blocks of 64) for integer dot products: faster still.
         ``amx=True`` runs every bf16 product of few rows on Intel AMX tiles (cpu backend, amp="bf16",
         no quant): a verify pass of up to 16 tokens then costs about what a one-token step does,
-        while a one-token step streams its weights 10-25% slower than the default vector kernels.
+        while a one-token step streams its weights 2-10% slower than the default vector kernels.
         The two kernels round differently (each is exact to its bf16 outputs); a model uses one for
         all its products, so its verify passes reproduce its own decode steps bit for bit."""
         dtype = amp_dtype(amp)

@@ -253,7 +253,8 @@ def sample_tree(tree, P: torch.Tensor, Q: torch.Tensor, rows: int, gen: torch.Ge
       one-hot at the node's token (its law given the context).
 
     -> node_ids [rows, N] int64, node_q [rows, N, V] fp32, target_probs [rows, N + 1, V] fp32."""
-    from .tree import CHILDREN_MODES, draw_children
+    from .tree import CHILDREN_MODES
+    from .tree_children import draw_children
 
     if children not in CHILDREN_MODES:
         raise ValueError(f"children must be one of {CHILDREN_MODES}, got {children!r}")

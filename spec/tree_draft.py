@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model.sampling import SamplingParams, greedy_ids, logits_to_probs
-from .tree import DynamicTree, TreeSpec, draw_children, top_ids
+from .tree import DynamicTree, TreeSpec
+from .tree_children import draw_children, top_ids
 
 # level(ids [B, M], offsets [B, M] (RoPE position - n), mask [B, M, M], logits_at [B, m]) -> logits [B, m, V]
 LevelForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

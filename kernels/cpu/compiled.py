@@ -267,7 +267,6 @@ class CompiledDecoder:
     def __init__(self, decoder: nn.Module, amx: bool = False):
         _install_registration_hooks()
         _prepare(decoder, amx)
-        self.amx = amx
         self.decoder = decoder
         self._plan = None
         self._none_at = None  # the registration count when building a plan last gave None
